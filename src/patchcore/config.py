@@ -1,0 +1,169 @@
+"""Typed, validated configuration of a PatchCore model.
+
+Every option is checked once, when its dataclass is built; code further down trusts it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from patchcore.errors import ConfigurationError
+
+SAMPLER_NAMES = ("identity", "greedy_coreset", "approx_greedy_coreset")
+DISTANCES = ("squared_l2", "l2")
+SEARCH_BACKENDS = ("faiss", "torch")
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigurationError(message)
+
+
+@dataclass(frozen=True)
+class PreprocessingConfig:
+    """Image preprocessing: shorter side resized to `resize`, then centre crop to `imagesize`."""
+
+    resize: int = 256
+    imagesize: int = 224
+
+    def __post_init__(self) -> None:
+        _require(self.resize >= 1, f"--resize must be a positive integer, got {self.resize}")
+        _require(
+            1 <= self.imagesize <= self.resize,
+            f"--imagesize must be between 1 and --resize ({self.resize}), got {self.imagesize}",
+        )
+
+
+@dataclass(frozen=True)
+class SamplerConfig:
+    """Memory-bank subsampling.
+
+    `percentage` is the fraction of training patch features kept; the greedy samplers
+    project features to `projection_dimension` with a random bias-free linear map first.
+    """
+
+    name: str = "approx_greedy_coreset"
+    percentage: float = 0.1
+    projection_dimension: int = 128
+    num_starting_points: int = 10
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _require(
+            self.name in SAMPLER_NAMES,
+            f"sampler must be one of {', '.join(SAMPLER_NAMES)}, got '{self.name}'",
+        )
+        _require(
+            0.0 < self.percentage <= 1.0,
+            f"sampler --percentage must be in (0, 1], got {self.percentage}",
+        )
+        _require(self.projection_dimension >= 1, "sampler projection dimension must be >= 1")
+        _require(self.num_starting_points >= 1, "sampler number of starting points must be >= 1")
+
+
+@dataclass(frozen=True)
+class PatchCoreConfig:
+    """Everything that defines one PatchCore model (one backbone).
+
+    `distance` is what the anomaly score is measured in: `squared_l2` (the reference
+    implementation, FAISS IndexFlatL2) or `l2` (the paper's notation).
+    `score_reweighting` enables the paper's Eq. 7 image-score re-weighting, using the
+    `reweighting_neighbours` nearest memory-bank neighbours of the closest bank feature.
+    """
+
+    backbone_name: str = "wideresnet50"
+    layers: tuple[str, ...] = ("layer2", "layer3")
+    pretrained: bool = True
+    pretrain_embed_dimension: int = 1024
+    target_embed_dimension: int = 1024
+    patchsize: int = 3
+    patchstride: int = 1
+    num_nn: int = 1
+    distance: str = "squared_l2"
+    score_reweighting: bool = False
+    reweighting_neighbours: int = 9
+    preprocessing: PreprocessingConfig = field(default_factory=PreprocessingConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _require(bool(self.backbone_name), "backbone name must not be empty")
+        _require(len(self.layers) >= 1, "at least one layer to extract from is required")
+        _require(
+            len(set(self.layers)) == len(self.layers),
+            f"layers to extract from must be distinct, got {list(self.layers)}",
+        )
+        _require(
+            self.pretrain_embed_dimension >= 1,
+            f"--pretrain_embed_dimension must be >= 1, got {self.pretrain_embed_dimension}",
+        )
+        _require(
+            self.target_embed_dimension >= 1,
+            f"--target_embed_dimension must be >= 1, got {self.target_embed_dimension}",
+        )
+        _require(
+            self.patchsize >= 1 and self.patchsize % 2 == 1,
+            f"--patchsize must be an odd integer >= 1, got {self.patchsize}",
+        )
+        _require(self.patchstride >= 1, f"patch stride must be >= 1, got {self.patchstride}")
+        _require(self.num_nn >= 1, f"--anomaly_scorer_num_nn must be >= 1, got {self.num_nn}")
+        _require(
+            self.distance in DISTANCES,
+            f"distance must be one of {', '.join(DISTANCES)}, got '{self.distance}'",
+        )
+        _require(
+            self.reweighting_neighbours >= 1,
+            f"re-weighting neighbours must be >= 1, got {self.reweighting_neighbours}",
+        )
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    """How nearest neighbours are searched at run time (not part of the saved model)."""
+
+    backend: str = "faiss"
+    faiss_on_gpu: bool = False
+    faiss_num_workers: int = 4
+    query_chunk_size: int = 4096
+
+    def __post_init__(self) -> None:
+        _require(
+            self.backend in SEARCH_BACKENDS,
+            f"nearest-neighbour backend must be one of {', '.join(SEARCH_BACKENDS)}, "
+            f"got '{self.backend}'",
+        )
+        _require(self.faiss_num_workers >= 1, "--faiss_num_workers must be >= 1")
+        _require(self.query_chunk_size >= 1, "query chunk size must be >= 1")
+
+
+DATASET_NAMES = ("mvtec", "folder")
+
+
+@dataclass(frozen=True)
+class DatasetConfig:
+    """Which data a run uses and how it is loaded."""
+
+    name: str
+    data_path: str
+    categories: tuple[str, ...]
+    train_val_split: float = 1.0
+    batch_size: int = 2
+    num_workers: int = 8
+    preprocessing: PreprocessingConfig = field(default_factory=PreprocessingConfig)
+
+    def __post_init__(self) -> None:
+        _require(
+            self.name in DATASET_NAMES,
+            f"dataset must be one of {', '.join(DATASET_NAMES)}, got '{self.name}'",
+        )
+        _require(len(self.categories) >= 1, "dataset needs at least one -d/--subdatasets")
+        _require(
+            0.0 < self.train_val_split <= 1.0,
+            f"--train_val_split must be in (0, 1], got {self.train_val_split}",
+        )
+        _require(self.batch_size >= 1, f"--batch_size must be >= 1, got {self.batch_size}")
+        _require(self.num_workers >= 0, f"--num_workers must be >= 0, got {self.num_workers}")
+
+    def run_name(self, category: str) -> str:
+        """Name of one evaluated dataset in results and folders, e.g. `mvtec_bottle`."""
+        return f"{self.name}_{category}"

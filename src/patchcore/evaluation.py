@@ -1,0 +1,109 @@
+"""Running models over a test set: predictions, ensemble combination, metrics, overlays."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import tqdm
+
+from patchcore.config import DatasetConfig
+from patchcore.datasets import ImageDataset, list_samples
+from patchcore.ensemble import combine_members
+from patchcore.metrics import compute_metrics
+from patchcore.model import PatchCore, Prediction
+
+LOGGER = logging.getLogger(__name__)
+
+
+@dataclass
+class TestSetResult:
+    """Everything known about one evaluated dataset, image by image."""
+
+    name: str
+    metrics: dict[str, float]
+    scores: torch.Tensor  # [N]
+    maps: torch.Tensor  # [N, H, W]
+    labels: torch.Tensor  # [N], 1 = defective
+    masks: torch.Tensor  # [N, H, W] bool
+    has_mask: list[bool]
+    image_names: list[str]
+    image_paths: list[str]
+    images: torch.Tensor | None  # [N, 3, H, W] in [0, 1], kept only when asked
+
+
+def make_loader(
+    dataset: torch.utils.data.Dataset, config: DatasetConfig, device: torch.device
+) -> torch.utils.data.DataLoader:
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_size=config.batch_size,
+        shuffle=False,
+        num_workers=config.num_workers,
+        pin_memory=device.type == "cuda",
+    )
+
+
+def split_loader(
+    config: DatasetConfig, category: str, split: str, device: torch.device
+) -> torch.utils.data.DataLoader | None:
+    """Loader of one split of a category; None for an empty validation split."""
+    samples = list_samples(
+        Path(config.data_path),
+        category,
+        split,
+        config.train_val_split,
+        masks_required=config.name == "mvtec",
+    )
+    if not samples:
+        return None
+    return make_loader(ImageDataset(samples, config.preprocessing), config, device)
+
+
+def evaluate_models(
+    models: list[PatchCore],
+    loader: torch.utils.data.DataLoader,
+    name: str,
+    normalisation: str = "test_minmax",
+    keep_images: bool = False,
+) -> TestSetResult:
+    """Predicts every test image with every member (one pass over the data) and scores it."""
+    member_parts: list[list[Prediction]] = [[] for _ in models]
+    labels, masks, has_mask, names, paths, images = [], [], [], [], [], []
+    for batch in tqdm.tqdm(loader, desc=f"Evaluating {name}", leave=False):
+        for parts, model in zip(member_parts, models):
+            parts.append(model.predict(batch["image"]))
+        labels.append(torch.as_tensor(batch["is_anomaly"]))
+        masks.append(batch["mask"][:, 0] > 0.5)
+        has_mask.extend(bool(flag) for flag in batch["has_mask"])
+        names.extend(batch["image_name"])
+        paths.extend(batch["image_path"])
+        if keep_images:
+            images.append(batch["image"])
+    predictions = [Prediction.concatenate(parts) for parts in member_parts]
+    scores, maps = combine_members(
+        predictions, normalisation, [model.normal_statistics for model in models]
+    )
+    all_masks = torch.cat(masks)
+    all_labels = torch.cat(labels)
+    if all(has_mask):
+        metrics = compute_metrics(scores, all_labels, maps, all_masks)
+    else:
+        LOGGER.warning("%s: some defective images have no mask; pixel metrics are left empty", name)
+        metrics = compute_metrics(scores, all_labels)
+    for key, value in metrics.items():
+        LOGGER.info("%s %s: %.4f", name, key, value)
+    return TestSetResult(
+        name=name,
+        metrics=metrics,
+        scores=scores,
+        maps=maps,
+        labels=all_labels,
+        masks=all_masks,
+        has_mask=has_mask,
+        image_names=names,
+        image_paths=paths,
+        images=torch.cat(images) if keep_images else None,
+    )

@@ -1,0 +1,86 @@
+import urllib.error
+
+import pytest
+import torch
+
+from patchcore.backbones import (
+    EFFICIENTNET_LITE_MEAN,
+    IMAGENET_MEAN,
+    load_backbone,
+    split_seeded_name,
+)
+from patchcore.errors import BackboneError
+from patchcore.feature_extraction import FeatureExtractor
+
+
+def test_reference_names_map_to_torchvision_architectures():
+    backbone = load_backbone("wideresnet50", pretrained=False)
+    assert backbone.network.layer2[0].conv2.out_channels == 256  # wide: 2 x 128
+    assert backbone.mean == IMAGENET_MEAN
+    assert type(load_backbone("resnext101", pretrained=False).network).__name__ == "ResNet"
+
+
+def test_random_initialisation_is_reproducible_from_its_seed():
+    first = load_backbone("resnet18", pretrained=False, init_seed=4).network.conv1.weight
+    second = load_backbone("resnet18", pretrained=False, init_seed=4).network.conv1.weight
+    third = load_backbone("resnet18", pretrained=False, init_seed=5).network.conv1.weight
+    assert torch.equal(first, second) and not torch.equal(first, third)
+
+
+def test_efficientnet_lite0_has_real_imagenet_weights_offline():
+    backbone = load_backbone("efficientnet_lite0")
+    assert backbone.pretrained and backbone.mean == EFFICIENTNET_LITE_MEAN
+    # Trained batch-norm statistics are not the initial zeros/ones.
+    assert backbone.network._bn0.running_var.std() > 0.01
+    extractor = FeatureExtractor(backbone, ("_blocks.4", "_blocks.10"))
+    maps = extractor(torch.rand(2, 3, 224, 224))
+    assert [tuple(m.shape) for m in maps] == [(2, 40, 28, 28), (2, 112, 14, 14)]
+
+
+def test_extractor_stops_at_the_last_requested_layer():
+    extractor = FeatureExtractor(load_backbone("resnet18", pretrained=False), ("layer2",))
+    module_names = {name.split(".")[0] for name, _ in extractor.graph.named_modules() if name}
+    assert "layer2" in module_names and "layer3" not in module_names and "fc" not in module_names
+    (layer2,) = extractor(torch.rand(1, 3, 64, 64))
+    assert layer2.shape == (1, 128, 8, 8)
+
+
+def test_unknown_backbone_and_layer_are_named_in_the_error():
+    with pytest.raises(BackboneError, match="unknown backbone 'resnet9000'"):
+        load_backbone("resnet9000", pretrained=False)
+    with pytest.raises(BackboneError, match="layer 'layer7' does not exist in backbone 'resnet18'"):
+        FeatureExtractor(load_backbone("resnet18", pretrained=False), ("layer2", "layer7"))
+
+
+def test_missing_weights_offline_say_which_file_and_where(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+
+    def no_network(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", no_network)
+    with pytest.raises(BackboneError) as error:
+        load_backbone("wideresnet50")
+    message = str(error.value)
+    assert "wide_resnet50_2-" in message and str(tmp_path / "hub" / "checkpoints") in message
+    assert "\n" not in message
+
+
+def test_weights_in_the_torch_cache_load_without_network(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    reference = load_backbone("resnet18", pretrained=False, init_seed=9).network
+    import torchvision
+
+    url = torchvision.models.ResNet18_Weights.IMAGENET1K_V1.url
+    cache = tmp_path / "hub" / "checkpoints"
+    cache.mkdir(parents=True)
+    torch.save(reference.state_dict(), cache / url.rsplit("/", 1)[-1])
+    loaded = load_backbone("resnet18", pretrained=True).network
+    assert torch.equal(loaded.conv1.weight, reference.conv1.weight)
+
+
+def test_seeded_backbone_names():
+    assert split_seeded_name("wideresnet50.seed-3") == ("wideresnet50", 3)
+    assert split_seeded_name("resnet18") == ("resnet18", None)
+    with pytest.raises(BackboneError, match="must be an integer"):
+        split_seeded_name("resnet18.seed-x")

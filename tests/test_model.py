@@ -1,0 +1,193 @@
+"""PatchCore fit/predict mechanics, save/load, and the model folder format."""
+
+import json
+import pickle
+
+import pytest
+import torch
+
+from conftest import small_config
+from patchcore.config import SearchConfig
+from patchcore.errors import ModelFormatError
+from patchcore.model import PatchCore
+from patchcore.model_io import (
+    INDEX_FILE,
+    META_FILE,
+    PARAMS_FILE,
+    load_model,
+    load_models,
+    member_prefixes,
+    save_models,
+)
+
+
+@pytest.fixture
+def fitted(random_images):
+    model = PatchCore(small_config())
+    model.fit([random_images[:3], {"image": random_images[3:]}])
+    return model
+
+
+def test_fit_builds_a_coreset_bank_and_predict_returns_scores_and_maps(fitted):
+    # resnet18 layer2 of a 64 px image is an 8 x 8 grid: 6 images x 64 patches, 25 % kept.
+    assert fitted.memory_bank.shape == (int(6 * 64 * 0.25), 48)
+    prediction = fitted.predict(torch.rand(2, 3, 64, 64))
+    assert prediction.scores.shape == (2,)
+    assert prediction.maps.shape == (2, 64, 64)
+    assert prediction.patch_scores.shape == (2, 8, 8)
+    flat = prediction.patch_scores.reshape(2, -1)
+    assert torch.equal(prediction.scores, flat.max(dim=1).values)
+
+
+def test_patch_score_is_mean_squared_distance_to_k_nearest(random_images):
+    for num_nn in (1, 4):
+        model = PatchCore(small_config(num_nn=num_nn))
+        model.fit([random_images])
+        query = torch.rand(1, 3, 64, 64)
+        features, _ = model.embed(query)
+        squared = torch.cdist(features.double(), model.memory_bank.double()).square()
+        expected = squared.topk(num_nn, dim=1, largest=False).values.mean(dim=1)
+        got = model.predict(query).patch_scores.reshape(-1).double()
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_l2_distance_option_takes_square_roots(random_images):
+    squared_model = PatchCore(small_config())
+    squared_model.fit([random_images])
+    l2_model = PatchCore(small_config(distance="l2"))
+    l2_model.set_memory_bank(squared_model.memory_bank)
+    query = torch.rand(1, 3, 64, 64)
+    torch.testing.assert_close(
+        l2_model.predict(query).patch_scores, squared_model.predict(query).patch_scores.sqrt()
+    )
+
+
+def test_score_reweighting_scales_the_image_score_by_a_weight_in_0_1(random_images):
+    plain = PatchCore(small_config())
+    plain.fit([random_images])
+    reweighted = PatchCore(small_config(score_reweighting=True, reweighting_neighbours=3))
+    reweighted.set_memory_bank(plain.memory_bank)
+    query = torch.rand(3, 3, 64, 64)
+    base, weighted = plain.predict(query), reweighted.predict(query)
+    assert torch.equal(base.maps, weighted.maps)
+    ratio = weighted.scores / base.scores
+    assert torch.all(ratio > 0) and torch.all(ratio <= 1)
+    # Independent computation of Eq. 7 for the first image.
+    features, _ = plain.embed(query[:1])
+    bank = plain.memory_bank
+    test_feature = features[base.patch_scores[0].reshape(-1).argmax()]
+    nearest = torch.cdist(test_feature[None], bank)[0].argmin()
+    neighbourhood = torch.cdist(bank[nearest][None], bank)[0].topk(3, largest=False).indices
+    distances = torch.linalg.vector_norm(bank[neighbourhood] - test_feature, dim=1).double()
+    star = torch.linalg.vector_norm(bank[nearest] - test_feature).double()
+    expected = 1 - torch.exp(star) / torch.exp(distances).sum()
+    torch.testing.assert_close(ratio[0].double(), expected, rtol=1e-4, atol=1e-6)
+
+
+def test_torch_and_faiss_backends_give_the_same_predictions(fitted):
+    torch_model = PatchCore(fitted.config, search=SearchConfig(backend="torch"))
+    torch_model.set_memory_bank(fitted.memory_bank)
+    query = torch.rand(2, 3, 64, 64)
+    torch.testing.assert_close(torch_model.predict(query).maps, fitted.predict(query).maps,
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_save_and_load_give_identical_predictions(tmp_path, fitted, random_images):
+    fitted.calibrate([random_images[:2]])
+    save_models(tmp_path / "model", [fitted])
+    assert sorted(p.name for p in (tmp_path / "model").iterdir()) == sorted(
+        [PARAMS_FILE, INDEX_FILE, META_FILE]
+    )
+    loaded = load_model(tmp_path / "model")
+    query = torch.rand(2, 3, 64, 64)
+    first, second = fitted.predict(query), loaded.predict(query)
+    assert torch.equal(first.scores, second.scores) and torch.equal(first.maps, second.maps)
+    assert loaded.config == fitted.config
+    assert loaded.normal_statistics == fitted.normal_statistics
+    meta = json.loads((tmp_path / "model" / META_FILE).read_text())
+    for key in ("format_version", "library_version", "config", "normalisation"):
+        assert key in meta
+    assert meta["config"]["num_nn"] == 1 and meta["config"]["preprocessing"]["imagesize"] == 64
+
+
+def test_ensemble_members_are_saved_with_reference_prefixes(tmp_path, fitted, random_images):
+    second = PatchCore(small_config(backbone_name="resnet34"))
+    second.fit([random_images])
+    save_models(tmp_path / "ensemble", [fitted, second])
+    assert member_prefixes(tmp_path / "ensemble") == ["Ensemble-1-2_", "Ensemble-2-2_"]
+    loaded = load_models(tmp_path / "ensemble")
+    assert [m.config.backbone_name for m in loaded] == ["resnet18", "resnet34"]
+
+
+def test_saving_over_a_folder_replaces_it_and_a_failed_save_leaves_the_old_one(
+    tmp_path, fitted, monkeypatch
+):
+    target = tmp_path / "model"
+    save_models(target, [fitted])
+    before = (target / INDEX_FILE).read_bytes()
+
+    def broken_write(bank, path):
+        path.write_bytes(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr("patchcore.model_io.write_memory_bank", broken_write)
+    with pytest.raises(OSError, match="disk full"):
+        save_models(target, [fitted])
+    assert (target / INDEX_FILE).read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no staging leftovers
+
+
+def test_reference_format_folder_loads(tmp_path, random_images):
+    """A folder as the reference writes it: params pickle + faiss index, no meta file.
+
+    The reference records no weights flag (its backbones are always pretrained), so this
+    uses efficientnet_lite0, whose real weights are available offline."""
+    config = small_config(backbone_name="efficientnet_lite0", pretrained=True,
+                          layers=("_blocks.4", "_blocks.10"))
+    original = PatchCore(config)
+    original.fit([random_images])
+    folder = tmp_path / "reference"
+    save_models(folder, [original])
+    (folder / META_FILE).unlink()
+    params = pickle.loads((folder / PARAMS_FILE).read_bytes())
+    assert set(params) == {
+        "backbone.name", "layers_to_extract_from", "input_shape", "pretrain_embed_dimension",
+        "target_embed_dimension", "patchsize", "patchstride", "anomaly_scorer_num_nn",
+    }  # fmt: skip
+    model = load_model(folder, reference_resize=72)
+    assert model.config.preprocessing.imagesize == 64
+    assert model.config.preprocessing.resize == 72
+    assert torch.equal(model.memory_bank, original.memory_bank)
+    query = torch.rand(1, 3, 64, 64)
+    assert torch.equal(model.predict(query).maps, original.predict(query).maps)
+
+
+def test_pickles_that_would_run_code_are_refused(tmp_path, fitted):
+    folder = tmp_path / "evil"
+    save_models(folder, [fitted])
+
+    class Payload:
+        def __reduce__(self):
+            return (print, ("this must never run",))
+
+    (folder / PARAMS_FILE).write_bytes(pickle.dumps(Payload()))
+    with pytest.raises(ModelFormatError, match="refusing to load 'builtins.print'"):
+        load_model(folder)
+
+
+def test_newer_format_version_fails_clearly(tmp_path, fitted):
+    folder = tmp_path / "future"
+    save_models(folder, [fitted])
+    meta = json.loads((folder / META_FILE).read_text())
+    meta["format_version"] = 99
+    (folder / META_FILE).write_text(json.dumps(meta))
+    with pytest.raises(ModelFormatError, match="format version 99 is newer"):
+        load_model(folder)
+
+
+def test_missing_folder_and_empty_folder_fail_clearly(tmp_path):
+    with pytest.raises(ModelFormatError, match="does not exist"):
+        load_models(tmp_path / "nothing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelFormatError, match="no patchcore_params.pkl"):
+        load_models(tmp_path / "empty")
