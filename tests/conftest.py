@@ -43,6 +43,8 @@ def synthetic_root(tmp_path_factory) -> Path:
     from patchcore.synthetic import SyntheticSpec, generate_dataset
 
     root = tmp_path_factory.mktemp("synthetic")
-    generate_dataset(root, spec=SyntheticSpec(num_train=12, num_test_good=4,
-                                              num_test_defective_per_type=3, seed=3))
+    generate_dataset(
+        root,
+        spec=SyntheticSpec(num_train=12, num_test_good=4, num_test_defective_per_type=3, seed=3),
+    )
     return root

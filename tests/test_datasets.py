@@ -23,8 +23,10 @@ def layout(tmp_path):
     root = tmp_path / "data"
     category = root / "widget"
     for index in range(5):
-        write_image(category / "train" / "good" / f"img_{index}.png",
-                    np.full((48, 60, 3), 40 * index, np.uint8))
+        write_image(
+            category / "train" / "good" / f"img_{index}.png",
+            np.full((48, 60, 3), 40 * index, np.uint8),
+        )
     write_image(category / "test" / "good" / "ok_1.jpg", np.full((48, 60), 90, np.uint8))
     # Stems whose sort order differs from the mask-file sort order.
     for stem, left in (("b_10", True), ("b_9", False)):
@@ -92,7 +94,8 @@ def test_corrupt_image_and_wrong_size_mask_name_the_file(layout):
     names = [s.image_path.name for s in dataset.samples]
     with pytest.raises(DataError, match="b_10.png: cannot read image"):
         dataset[names.index("b_10.png")]
-    write_image(layout / "widget" / "ground_truth" / "dent" / "b_9_mask.png",
-                np.zeros((10, 10), np.uint8))
+    write_image(
+        layout / "widget" / "ground_truth" / "dent" / "b_9_mask.png", np.zeros((10, 10), np.uint8)
+    )
     with pytest.raises(DataError, match="b_9_mask.png: mask is 10x10 but its image"):
         dataset[names.index("b_9.png")]

@@ -97,10 +97,12 @@ def random_maps(rng: np.random.Generator, masks: np.ndarray, decimals: int | Non
 # -------------------------------------------------------------------------- AUROC
 
 
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
 @pytest.mark.parametrize("decimals", [None, 1, 0])
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_instance_auroc_matches_sklearn(seed: int, decimals: int | None) -> None:
+def test_instance_auroc_matches_sklearn(seed: int, decimals: int | None, dtype: type) -> None:
     scores, labels = random_instances(np.random.default_rng(seed), 157, decimals)
+    scores = scores.astype(dtype)
     expected = roc_auc_score(labels, scores)
     assert instance_auroc(scores, labels) == pytest.approx(expected, abs=EXACT)
 
@@ -116,6 +118,32 @@ def test_pixel_aurocs_match_sklearn(decimals: int | None) -> None:
     expected_anomaly = roc_auc_score(masks[defective].ravel(), maps[defective].ravel())
     assert anomaly_pixel_auroc(maps, masks) == pytest.approx(expected_anomaly, abs=EXACT)
     assert expected_anomaly != pytest.approx(expected_full, abs=1e-6)  # the subset matters
+
+
+def test_float32_ranking_handles_signs_zeros_and_infinities() -> None:
+    # float32 maps are ranked through integer codes of their bits: check negative
+    # values, -0.0 tied with +0.0, infinities and heavy ties against scikit-learn and
+    # against the float64 (argsort) path, which float64 values with 3 decimals take.
+    rng = np.random.default_rng(12)
+    masks = region_masks()
+    maps = random_maps(rng, masks, 1).astype(np.float32)
+    maps[0, 0, :4] = [-0.0, 0.0, np.inf, -np.inf]
+    maps[1, 5, :3] = [0.0, -0.0, -np.inf]
+    assert np.signbit(maps).any() and (maps == 0).sum() > 10
+    finite = np.clip(maps, maps[np.isfinite(maps)].min() - 1, maps[np.isfinite(maps)].max() + 1)
+    expected = roc_auc_score(masks.ravel(), finite.ravel())  # sklearn refuses infinities
+    assert full_pixel_auroc(maps, masks) == pytest.approx(expected, abs=EXACT)
+    # The same ranking in float64 that float32 cannot hold (-1e300 rounds to -inf), so
+    # it takes the argsort path: both paths must give identical curves.
+    nudged = np.where(np.isneginf(maps), -1e300, maps.astype(np.float64))
+    for max_fpr in (0.3, 0.05):
+        assert pro(maps, masks, max_fpr) == pytest.approx(
+            reference_pro(maps.astype(np.float64), masks, max_fpr), abs=EXACT
+        )
+    assert pixel_f1max(maps, masks) == pytest.approx(pixel_f1max(nudged, masks), abs=EXACT)
+    assert compute_metrics(maps.max(axis=(1, 2)), [0, 1, 1, 0], maps, masks) == pytest.approx(
+        compute_metrics(maps.max(axis=(1, 2)), [0, 1, 1, 0], nudged, masks), abs=EXACT
+    )
 
 
 def test_float32_and_torch_inputs_give_the_same_values() -> None:

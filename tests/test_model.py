@@ -88,8 +88,9 @@ def test_torch_and_faiss_backends_give_the_same_predictions(fitted):
     torch_model = PatchCore(fitted.config, search=SearchConfig(backend="torch"))
     torch_model.set_memory_bank(fitted.memory_bank)
     query = torch.rand(2, 3, 64, 64)
-    torch.testing.assert_close(torch_model.predict(query).maps, fitted.predict(query).maps,
-                               rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(
+        torch_model.predict(query).maps, fitted.predict(query).maps, rtol=1e-4, atol=1e-4
+    )
 
 
 def test_save_and_load_give_identical_predictions(tmp_path, fitted, random_images):
@@ -142,8 +143,9 @@ def test_reference_format_folder_loads(tmp_path, random_images):
 
     The reference records no weights flag (its backbones are always pretrained), so this
     uses efficientnet_lite0, whose real weights are available offline."""
-    config = small_config(backbone_name="efficientnet_lite0", pretrained=True,
-                          layers=("_blocks.4", "_blocks.10"))
+    config = small_config(
+        backbone_name="efficientnet_lite0", pretrained=True, layers=("_blocks.4", "_blocks.10")
+    )
     original = PatchCore(config)
     original.fit([random_images])
     folder = tmp_path / "reference"

@@ -20,8 +20,10 @@ def test_torch_and_faiss_find_the_brute_force_neighbours(bank_and_queries, k):
     bank, queries = bank_and_queries
     expected = torch.cdist(queries.double(), bank.double()).square()
     expected_distances, expected_indices = expected.topk(k, dim=1, largest=False)
-    for index in (TorchNearestNeighbours(torch.device("cpu"), query_chunk_size=64),
-                  FaissNearestNeighbours()):
+    for index in (
+        TorchNearestNeighbours(torch.device("cpu"), query_chunk_size=64),
+        FaissNearestNeighbours(),
+    ):
         index.fit(bank)
         distances, indices = index.search(queries, k)
         assert distances.shape == indices.shape == (300, k)

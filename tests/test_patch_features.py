@@ -19,8 +19,9 @@ def straightforward_patch_features(maps, patchsize, pretrain_dim, target_dim):
         if grid is None:
             grid = (height, width)
         else:
-            neighbourhoods = F.interpolate(neighbourhoods, size=grid, mode="bilinear",
-                                           align_corners=False)
+            neighbourhoods = F.interpolate(
+                neighbourhoods, size=grid, mode="bilinear", align_corners=False
+            )
         flat = neighbourhoods.permute(0, 2, 3, 1).reshape(-1, channels * patchsize * patchsize)
         per_layer.append(F.adaptive_avg_pool1d(flat[:, None, :], pretrain_dim)[:, 0])
     stacked = torch.stack(per_layer, dim=1).reshape(len(per_layer[0]), 1, -1)
@@ -29,9 +30,13 @@ def straightforward_patch_features(maps, patchsize, pretrain_dim, target_dim):
 
 def test_matches_reference_order_of_operations():
     generator = torch.Generator().manual_seed(1)
-    maps = [torch.randn(2, 12, 8, 8, generator=generator),
-            torch.randn(2, 20, 4, 4, generator=generator)]
-    aggregator = PatchFeatureAggregator(3, 1, pretrain_embed_dimension=16, target_embed_dimension=10)
+    maps = [
+        torch.randn(2, 12, 8, 8, generator=generator),
+        torch.randn(2, 20, 4, 4, generator=generator),
+    ]
+    aggregator = PatchFeatureAggregator(
+        3, 1, pretrain_embed_dimension=16, target_embed_dimension=10
+    )
     features, grid = aggregator(maps)
     expected, expected_grid = straightforward_patch_features(maps, 3, 16, 10)
     assert grid == expected_grid == (8, 8)

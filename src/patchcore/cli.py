@@ -10,6 +10,7 @@ instead of silently ignoring them.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 from dataclasses import dataclass
@@ -122,7 +123,16 @@ def _refuse_non_default(option: str, value, default, reason: str) -> None:
         raise click.UsageError(f"{option} {value} is not supported: {reason}")
 
 
-def _configure_logging() -> None:
+@contextlib.contextmanager
+def _as_usage_errors():
+    """Invalid option values found while building configurations become usage errors."""
+    try:
+        yield
+    except ConfigurationError as error:
+        raise click.UsageError(str(error)) from error
+
+
+def configure_logging() -> None:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -153,6 +163,10 @@ seed_option = click.option("--seed", type=int, default=0, show_default=True)
 segmentation_option = click.option(
     "--save_segmentation_images", is_flag=True, help="Write an overlay PNG per test image."
 )
+predictions_option = click.option(
+    "--save_predictions", is_flag=True,
+    help="Write per-image scores, maps and masks under predictions/ (for the dashboard).",
+)  # fmt: skip
 normalisation_option = click.option(
     "--ensemble_normalisation", type=click.Choice(NORMALISATIONS), default="test_minmax",
     show_default=True, help="How ensemble members' scores are rescaled before averaging.",
@@ -161,9 +175,7 @@ normalisation_option = click.option(
 
 def _search_options(function):
     function = click.option("--faiss_on_gpu", is_flag=True)(function)
-    function = click.option("--faiss_num_workers", type=int, default=8, show_default=True)(
-        function
-    )
+    function = click.option("--faiss_num_workers", type=int, default=8, show_default=True)(function)
     return click.option(
         "--nn_backend", type=click.Choice(SEARCH_BACKENDS), default="faiss", show_default=True,
         help="Exact nearest-neighbour search with FAISS or with torch matrix products.",
@@ -189,17 +201,19 @@ def _dataset_command(group: click.Group, training: bool):
         name, data_path, subdatasets, train_val_split, batch_size, num_workers, resize,
         imagesize, augment,
     ):  # fmt: skip
+        """NAME (mvtec or folder), DATA_PATH, -d categories, and loading options."""
         _refuse_non_default("--augment", augment, False, "PatchCore trains on unaugmented images")
         request = PreprocessingRequest(resize, imagesize)
-        config = DatasetConfig(
-            name=name,
-            data_path=data_path,
-            categories=tuple(subdatasets),
-            train_val_split=train_val_split,
-            batch_size=batch_size,
-            num_workers=num_workers,
-            preprocessing=request.for_training() if training else PreprocessingConfig(),
-        )
+        with _as_usage_errors():
+            config = DatasetConfig(
+                name=name,
+                data_path=data_path,
+                categories=tuple(subdatasets),
+                train_val_split=train_val_split,
+                batch_size=batch_size,
+                num_workers=num_workers,
+                preprocessing=request.for_training() if training else PreprocessingConfig(),
+            )
         return "dataset", (config, request)
 
     return dataset
@@ -213,6 +227,7 @@ def _dataset_command(group: click.Group, training: bool):
 @click.option("--log_group", type=str, default="group", show_default=True)
 @click.option("--log_project", type=str, default="project", show_default=True)
 @segmentation_option
+@predictions_option
 @click.option("--save_patchcore_model", is_flag=True, help="Save each category's model.")
 @normalisation_option
 @click.option(
@@ -226,7 +241,7 @@ def train_cli(**_options):
 @train_cli.result_callback()
 def _train(
     commands, results_path, gpu, seed, log_group, log_project, save_segmentation_images,
-    save_patchcore_model, ensemble_normalisation, threshold_quantile,
+    save_predictions, save_patchcore_model, ensemble_normalisation, threshold_quantile,
 ):  # fmt: skip
     parts = dict(commands)
     missing = [name for name in ("patch_core", "sampler", "dataset") if name not in parts]
@@ -238,9 +253,12 @@ def _train(
         dataset, _ = parts["dataset"]
         configs = model_options.configs(parts["sampler"], seed)
         output = OutputOptions(
-            save_segmentation_images, save_patchcore_model, ensemble_normalisation,
-            threshold_quantile,
-        )  # fmt: skip
+            save_segmentation_images=save_segmentation_images,
+            save_models=save_patchcore_model,
+            save_predictions=save_predictions,
+            ensemble_normalisation=ensemble_normalisation,
+            threshold_quantile=threshold_quantile,
+        )
         device = select_device(gpu)
         run_folder = create_run_folder(Path(results_path), log_project, log_group)
         LOGGER.info("Writing to %s", run_folder)
@@ -251,26 +269,54 @@ def _train(
 
 
 @train_cli.command("patch_core")
-@click.option("--backbone_names", "-b", type=str, multiple=True, default=["wideresnet50"],
-              show_default=True, help="Repeat for an ensemble; 'name.seed-N' seeds a member.")
-@click.option("--layers_to_extract_from", "-le", type=str, multiple=True, default=[],
-              help="Layer names; 'i.layer' with several backbones. Default: layer2, layer3.")
+@click.option(
+    "--backbone_names",
+    "-b",
+    type=str,
+    multiple=True,
+    default=["wideresnet50"],
+    show_default=True,
+    help="Repeat for an ensemble; 'name.seed-N' seeds a member.",
+)
+@click.option(
+    "--layers_to_extract_from",
+    "-le",
+    type=str,
+    multiple=True,
+    default=[],
+    help="Layer names; 'i.layer' with several backbones. Default: layer2, layer3.",
+)
 @click.option("--pretrain_embed_dimension", type=int, default=1024, show_default=True)
 @click.option("--target_embed_dimension", type=int, default=1024, show_default=True)
 @click.option("--preprocessing", type=click.Choice(["mean", "conv"]), default="mean")
 @click.option("--aggregation", type=click.Choice(["mean", "mlp"]), default="mean")
-@click.option("--anomaly_scorer_num_nn", type=int, default=1, show_default=True,
-              help="k: a patch's score is its mean distance to its k nearest bank features.")
+@click.option(
+    "--anomaly_scorer_num_nn",
+    type=int,
+    default=1,
+    show_default=True,
+    help="k: a patch's score is its mean distance to its k nearest bank features.",
+)
 @click.option("--patchsize", type=int, default=3, show_default=True)
 @click.option("--patchscore", type=str, default="max", show_default=True)
 @click.option("--patchoverlap", type=float, default=0.0, show_default=True)
 @click.option("--patchsize_aggregate", "-pa", type=int, multiple=True, default=[])
-@click.option("--distance", type=click.Choice(DISTANCES), default="squared_l2", show_default=True,
-              help="Score unit: squared L2 (reference) or L2 (paper).")
-@click.option("--score_reweighting", is_flag=True,
-              help="Re-weight image scores by the paper's Eq. 7.")
-@click.option("--random_backbone_weights", is_flag=True, hidden=True,
-              help="Random backbone initialisation (tests of mechanics only).")
+@click.option(
+    "--distance",
+    type=click.Choice(DISTANCES),
+    default="squared_l2",
+    show_default=True,
+    help="Score unit: squared L2 (reference) or L2 (paper).",
+)
+@click.option(
+    "--score_reweighting", is_flag=True, help="Re-weight image scores by the paper's Eq. 7."
+)
+@click.option(
+    "--random_backbone_weights",
+    is_flag=True,
+    hidden=True,
+    help="Random backbone initialisation (tests of mechanics only).",
+)
 @_search_options
 def _patch_core(
     backbone_names, layers_to_extract_from, pretrain_embed_dimension, target_embed_dimension,
@@ -278,15 +324,24 @@ def _patch_core(
     patchsize_aggregate, distance, score_reweighting, random_backbone_weights, faiss_on_gpu,
     faiss_num_workers, nn_backend,
 ):  # fmt: skip
-    _refuse_non_default("--preprocessing", preprocessing, "mean",
-                        "features are reduced by adaptive average pooling only")
-    _refuse_non_default("--aggregation", aggregation, "mean",
-                        "layers are merged by adaptive average pooling only")
-    _refuse_non_default("--patchscore", patchscore, "max",
-                        "the image score is the maximum patch score")
+    """Backbone(s), layers and patch-feature dimensions; nearest-neighbour search."""
+    _refuse_non_default(
+        "--preprocessing",
+        preprocessing,
+        "mean",
+        "features are reduced by adaptive average pooling only",
+    )
+    _refuse_non_default(
+        "--aggregation", aggregation, "mean", "layers are merged by adaptive average pooling only"
+    )
+    _refuse_non_default(
+        "--patchscore", patchscore, "max", "the image score is the maximum patch score"
+    )
     _refuse_non_default("--patchoverlap", patchoverlap, 0.0, "patches use stride 1")
     _refuse_non_default("--patchsize_aggregate", tuple(patchsize_aggregate), (),
                         "multi-size patch aggregation is not implemented")  # fmt: skip
+    with _as_usage_errors():
+        search = _search_config(nn_backend, faiss_on_gpu, faiss_num_workers)
     options = ModelOptions(
         backbones=tuple(backbone_names),
         layers=tuple(layers_to_extract_from),
@@ -297,7 +352,7 @@ def _patch_core(
         distance=distance,
         score_reweighting=score_reweighting,
         random_backbone_weights=random_backbone_weights,
-        search=_search_config(nn_backend, faiss_on_gpu, faiss_num_workers),
+        search=search,
     )
     return "patch_core", options
 
@@ -306,7 +361,9 @@ def _patch_core(
 @click.argument("name", type=click.Choice(SAMPLER_NAMES))
 @click.option("--percentage", "-p", type=float, default=0.1, show_default=True)
 def _sampler(name, percentage):
-    return "sampler", SamplerConfig(name=name, percentage=percentage)
+    """Memory-bank subsampling: NAME, and -p, the fraction of patch features kept."""
+    with _as_usage_errors():
+        return "sampler", SamplerConfig(name=name, percentage=percentage)
 
 
 _dataset_command(train_cli, training=True)
@@ -318,13 +375,17 @@ _dataset_command(train_cli, training=True)
 @gpu_option
 @seed_option
 @segmentation_option
+@predictions_option
 @normalisation_option
 def evaluate_cli(**_options):
     """Evaluate saved PatchCore models on each dataset."""
 
 
 @evaluate_cli.result_callback()
-def _evaluate(commands, results_path, gpu, seed, save_segmentation_images, ensemble_normalisation):
+def _evaluate(
+    commands, results_path, gpu, seed, save_segmentation_images, save_predictions,
+    ensemble_normalisation,
+):  # fmt: skip
     parts = dict(commands)
     missing = [name for name in ("patch_core_loader", "dataset") if name not in parts]
     if missing:
@@ -333,7 +394,11 @@ def _evaluate(commands, results_path, gpu, seed, save_segmentation_images, ensem
     def job() -> None:
         loader: LoaderOptions = parts["patch_core_loader"]
         dataset, request = parts["dataset"]
-        output = OutputOptions(save_segmentation_images, False, ensemble_normalisation)
+        output = OutputOptions(
+            save_segmentation_images=save_segmentation_images,
+            save_predictions=save_predictions,
+            ensemble_normalisation=ensemble_normalisation,
+        )
         device = select_device(gpu)
         folder = Path(results_path)
         folder.mkdir(parents=True, exist_ok=True)
@@ -347,11 +412,19 @@ def _evaluate(commands, results_path, gpu, seed, save_segmentation_images, ensem
 
 
 @evaluate_cli.command("patch_core_loader")
-@click.option("--patch_core_paths", "-p", type=click.Path(exists=True, file_okay=False),
-              multiple=True, required=True, help="Model folder(s): one per dataset, or one.")
+@click.option(
+    "--patch_core_paths",
+    "-p",
+    type=click.Path(exists=True, file_okay=False),
+    multiple=True,
+    required=True,
+    help="Model folder(s): one per dataset, or one.",
+)
 @_search_options
 def _patch_core_loader(patch_core_paths, faiss_on_gpu, faiss_num_workers, nn_backend):
-    search = _search_config(nn_backend, faiss_on_gpu, faiss_num_workers)
+    """Saved model folder(s) to evaluate; nearest-neighbour search."""
+    with _as_usage_errors():
+        search = _search_config(nn_backend, faiss_on_gpu, faiss_num_workers)
     return "patch_core_loader", LoaderOptions(tuple(patch_core_paths), search)
 
 
@@ -359,12 +432,9 @@ _dataset_command(evaluate_cli, training=False)
 
 
 def _main(group: click.Group) -> None:
-    _configure_logging()
+    configure_logging()
     LOGGER.info("Command line: %s", " ".join(sys.argv))
-    try:
-        group(standalone_mode=True)
-    except ConfigurationError as error:  # raised while sub-commands build their options
-        raise SystemExit(f"Error: {error}") from error
+    group()
 
 
 def train_main() -> None:

@@ -6,6 +6,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import tqdm
 
@@ -14,6 +15,7 @@ from patchcore.datasets import ImageDataset, list_samples
 from patchcore.ensemble import combine_members
 from patchcore.metrics import compute_metrics
 from patchcore.model import PatchCore, Prediction
+from patchcore.prediction_records import DatasetPredictions
 
 LOGGER = logging.getLogger(__name__)
 
@@ -31,7 +33,26 @@ class TestSetResult:
     has_mask: list[bool]
     image_names: list[str]
     image_paths: list[str]
+    defect_types: list[str]
+    patch_grid: tuple[int, int]
     images: torch.Tensor | None  # [N, 3, H, W] in [0, 1], kept only when asked
+
+    def records(self, threshold: float | None) -> DatasetPredictions:
+        """The per-image results in their saved form."""
+        return DatasetPredictions(
+            name=self.name,
+            image_names=self.image_names,
+            image_paths=self.image_paths,
+            defect_types=self.defect_types,
+            is_anomaly=self.labels.numpy().astype(bool),
+            has_mask=np.array(self.has_mask, dtype=bool),
+            scores=self.scores.numpy(),
+            maps=self.maps.numpy(),
+            masks=self.masks.numpy(),
+            metrics=self.metrics,
+            threshold=threshold,
+            patch_grid=self.patch_grid,
+        )
 
 
 def make_loader(
@@ -71,7 +92,7 @@ def evaluate_models(
 ) -> TestSetResult:
     """Predicts every test image with every member (one pass over the data) and scores it."""
     member_parts: list[list[Prediction]] = [[] for _ in models]
-    labels, masks, has_mask, names, paths, images = [], [], [], [], [], []
+    labels, masks, has_mask, names, paths, defects, images = [], [], [], [], [], [], []
     for batch in tqdm.tqdm(loader, desc=f"Evaluating {name}", leave=False):
         for parts, model in zip(member_parts, models):
             parts.append(model.predict(batch["image"]))
@@ -80,6 +101,7 @@ def evaluate_models(
         has_mask.extend(bool(flag) for flag in batch["has_mask"])
         names.extend(batch["image_name"])
         paths.extend(batch["image_path"])
+        defects.extend(batch["defect_type"])
         if keep_images:
             images.append(batch["image"])
     predictions = [Prediction.concatenate(parts) for parts in member_parts]
@@ -105,5 +127,7 @@ def evaluate_models(
         has_mask=has_mask,
         image_names=names,
         image_paths=paths,
+        defect_types=defects,
+        patch_grid=tuple(predictions[0].patch_scores.shape[-2:]),
         images=torch.cat(images) if keep_images else None,
     )

@@ -1,17 +1,21 @@
 """Image- and pixel-level evaluation metrics: ROC AUC, F1-max and MVTec AD's PRO.
 
-Every metric is computed from one ranking of the scores (a single argsort, highest
-first) followed by cumulative sums, so 300 maps of 224x224 pixels take about a
-second. Thresholds follow scikit-learn's conventions: a sample is predicted positive
-when its score is >= the threshold, and the curves have one point per distinct score
-value (the last position of each run of tied scores in the ranking). AUROC values
-equal `sklearn.metrics.roc_auc_score`, F1-max values equal the best F1 along
+Every metric is computed from one ranking of the scores (a single sort, highest first)
+followed by cumulative sums, with no loop over thresholds. Thresholds follow
+scikit-learn's conventions: a sample is predicted positive when its score is >= the
+threshold, and the curves have one point per distinct score value (the last position
+of each run of tied scores in the ranking). AUROC values equal
+`sklearn.metrics.roc_auc_score`, F1-max values equal the best F1 along
 `sklearn.metrics.precision_recall_curve`; scikit-learn is not needed at run time.
 
-Inputs may be numpy arrays or torch tensors. float32 maps are ranked as float32
-(exact, and about twice as fast to sort as float64); other values become float64.
-A metric that is undefined for its input (a single class, no defect region) is NaN,
-with a logged warning, rather than an exception.
+Speed: float32 scores (and any scores that float32 holds exactly) are ranked by sorting
+64-bit keys that pack an order-preserving code of the score with a 32-bit payload (the
+pixel's label or defect region). numpy sorts such plain integers with SIMD code, several
+times faster than an argsort (ten times on an AVX-512 CPU), and the payloads come out in
+ranked order without a gather. Other scores (float64 that float32 would round) fall back to an argsort.
+
+Inputs may be numpy arrays or torch tensors. A metric that is undefined for its input
+(a single class, no defect region) is NaN, with a logged warning, rather than an error.
 """
 
 from __future__ import annotations
@@ -43,8 +47,7 @@ METRIC_NAMES = (
 # Long per-threshold arrays are reduced in slices of this many elements, so that the
 # float64 temporaries stay small however many pixels are evaluated.
 _CHUNK = 1 << 22
-# 8-connectivity: pixels touching only at a corner belong to the same defect region.
-_EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
+_SIGN_BIT = np.uint32(1 << 31)
 
 
 # --------------------------------------------------------------------------- inputs
@@ -55,16 +58,25 @@ def _to_numpy(array: Array) -> np.ndarray:
     if isinstance(array, torch.Tensor):
         array = array.detach().cpu()
         if array.is_floating_point() and array.dtype not in (torch.float32, torch.float64):
-            array = array.double()  # float16 / bfloat16 have no lossless numpy twin
+            array = array.float()  # float16 / bfloat16: exact in float32
         return array.numpy()
     return np.asarray(array)
 
 
+def _narrowed_if_exact(values: NDArray[np.float64]) -> NDArray[np.floating]:
+    """`values` as float32 when that loses nothing (float32 ranks much faster)."""
+    with np.errstate(over="ignore", invalid="ignore"):  # such values just stay float64
+        narrowed = values.astype(np.float32)
+    return narrowed if np.array_equal(narrowed, values) else values
+
+
 def _as_values(array: Array, name: str) -> NDArray[np.floating]:
-    """Scores or maps as float32 (kept when already float32) or float64, without NaN."""
+    """Scores or maps without NaN, as float32 when that is exact, else as float64."""
     values = _to_numpy(array)
-    if values.dtype != np.float32:
-        values = values.astype(np.float64, copy=False)
+    if np.can_cast(values.dtype, np.float32):
+        values = values.astype(np.float32, copy=False)
+    else:
+        values = _narrowed_if_exact(values.astype(np.float64, copy=False))
     if np.isnan(values).any():
         raise ValueError(f"{name} contains NaN values; every score must be a number")
     return values
@@ -100,22 +112,28 @@ def _check_pixels(maps: np.ndarray, masks: np.ndarray) -> None:
         )
 
 
+def _check_max_fpr(max_fpr: float) -> None:
+    if not 0.0 < max_fpr <= 1.0:
+        raise ValueError(f"max_fpr is {max_fpr} but must be in (0, 1]")
+
+
 # -------------------------------------------------------------------------- ranking
 
 
 @dataclass(frozen=True)
 class _Ranking:
-    """Samples sorted by decreasing score, with the end of each run of tied scores marked.
+    """Per-sample payloads sorted by decreasing score.
 
     Attributes:
-        order: sample indices, highest score first (order among ties is arbitrary).
-        sorted_values: the scores in that order.
-        tie_ends: True at the last position of every run of equal sorted values; these
-            are the positions where a curve point (one distinct threshold) is taken.
+        sort_keys: the scores in ranked order, or uint32 codes with the same order and
+            the same ties; only compared for equality.
+        payloads: each sample's uint32 payload (a label, a region id...), in ranked order.
+        tie_ends: True at the last position of every run of equal scores; each of these
+            positions is one curve point (one distinct threshold).
     """
 
-    order: NDArray[np.intp]
-    sorted_values: NDArray[np.floating]
+    sort_keys: np.ndarray
+    payloads: NDArray[np.uint32]
     tie_ends: NDArray[np.bool_]
 
 
@@ -138,20 +156,50 @@ class _Counts:
         return int(self.false_positives[-1])
 
 
-def _tie_ends(sorted_values: NDArray[np.floating]) -> NDArray[np.bool_]:
+def _tie_ends(sorted_keys: np.ndarray) -> NDArray[np.bool_]:
     """True at the last position of every run of equal values in a sorted array."""
-    ends = np.empty(sorted_values.shape, dtype=bool)
-    np.not_equal(sorted_values[1:], sorted_values[:-1], out=ends[:-1])
+    ends = np.empty(sorted_keys.shape, dtype=bool)
+    np.not_equal(sorted_keys[1:], sorted_keys[:-1], out=ends[:-1])
     ends[-1] = True
     return ends
 
 
-def _rank(values: NDArray[np.floating]) -> _Ranking:
-    """Rank flattened `values` from highest to lowest with one argsort."""
-    flat = values.reshape(-1)
-    order = np.argsort(flat)[::-1]
-    sorted_values = flat[order]
-    return _Ranking(order, sorted_values, _tie_ends(sorted_values))
+def _order_codes(values: NDArray[np.float32]) -> NDArray[np.uint32]:
+    """uint32 codes whose unsigned order is the order of the float32 values.
+
+    Equal values get equal codes (-0.0 is first turned into +0.0). Positive floats keep
+    their bits with the sign bit set; negative floats get all their bits inverted.
+    """
+    codes = (values + np.float32(0.0)).view(np.uint32)
+    negative = codes >= _SIGN_BIT
+    np.invert(codes, out=codes, where=negative)
+    np.bitwise_or(codes, _SIGN_BIT, out=codes, where=~negative)
+    return codes
+
+
+def _sort_packed(
+    values: NDArray[np.float32], payloads: NDArray[np.uint32]
+) -> tuple[NDArray[np.uint32], NDArray[np.uint32]]:
+    """Score codes and payloads, highest score first, from one sort of 64-bit keys."""
+    keys = _order_codes(values).astype(np.uint64)
+    keys <<= np.uint64(32)
+    keys |= payloads
+    keys.sort()
+    keys = keys[::-1]
+    sorted_payloads = keys.astype(np.uint32)  # the low 32 bits
+    keys >>= np.uint64(32)
+    return keys.astype(np.uint32), sorted_payloads
+
+
+def _rank(values: NDArray[np.floating], payloads: NDArray[np.uint32]) -> _Ranking:
+    """Rank the flattened `values` from highest to lowest, carrying one payload each."""
+    flat, payloads = values.reshape(-1), payloads.reshape(-1)
+    if flat.dtype == np.float32:
+        sort_keys, sorted_payloads = _sort_packed(flat, payloads)
+    else:
+        order = np.argsort(flat)[::-1]  # the order among tied scores does not matter
+        sort_keys, sorted_payloads = flat[order], payloads[order]
+    return _Ranking(sort_keys, sorted_payloads, _tie_ends(sort_keys))
 
 
 def _count_dtype(size: int) -> type[np.integer]:
@@ -169,8 +217,8 @@ def _counts(sorted_flags: NDArray[np.bool_], tie_ends: NDArray[np.bool_]) -> _Co
 
 def _rank_and_count(values: NDArray[np.floating], flags: NDArray[np.bool_]) -> _Counts:
     """Counts along the ranking of `values`, with `flags` marking the positives."""
-    ranking = _rank(values)
-    return _counts(flags.reshape(-1)[ranking.order], ranking.tie_ends)
+    ranking = _rank(values, flags.astype(np.uint32))
+    return _counts(ranking.payloads != 0, ranking.tie_ends)
 
 
 # ------------------------------------------------------------------ curve reductions
@@ -240,16 +288,35 @@ def _area_up_to(x: np.ndarray, y: np.ndarray, x_max: float) -> float:
 # ---------------------------------------------------------------------------- PRO
 
 
-def _region_ids(masks: NDArray[np.bool_]) -> NDArray[np.int32]:
-    """Flat ids of the 8-connected defect regions of all masks: 0 = defect-free, 1..R."""
-    ids = np.zeros(masks.shape, dtype=np.int32)
+@dataclass(frozen=True)
+class _Regions:
+    """The 8-connected defect regions of a stack of masks.
+
+    Attributes:
+        ids: [N*H*W] region id of each pixel: 0 = defect-free, 1..R over all images.
+        sizes: [R + 1] pixels per id; sizes[0] counts the defect-free pixels.
+    """
+
+    ids: NDArray[np.uint32]
+    sizes: NDArray[np.int64]
+
+
+def _find_regions(masks: NDArray[np.bool_]) -> _Regions:
+    """Label the defect regions of each mask, numbering them on across images."""
+    eight_connected = np.ones((3, 3), dtype=bool)  # corner contact joins two pixels
+    ids = np.zeros(masks.shape, dtype=np.uint32)
+    sizes = [np.zeros(1, dtype=np.int64)]
     offset = 0
     for image_mask, image_ids in zip(masks, ids):
-        if image_mask.any():
-            found = ndimage.label(image_mask, structure=_EIGHT_CONNECTED, output=image_ids)
-            image_ids[image_mask] += offset
-            offset += found
-    return ids.reshape(-1)
+        if not image_mask.any():
+            continue
+        found = ndimage.label(image_mask, structure=eight_connected, output=image_ids)
+        sizes.append(np.bincount(image_ids.reshape(-1), minlength=found + 1)[1:])
+        image_ids[image_mask] += np.uint32(offset)
+        offset += found
+    region_sizes = np.concatenate(sizes)
+    region_sizes[0] = masks.size - region_sizes.sum()
+    return _Regions(ids.reshape(-1), region_sizes)
 
 
 def _curve_prefix(
@@ -270,9 +337,20 @@ def _curve_prefix(
     return stop, negatives_so_far[:stop]
 
 
-def _pro_from_ranking(ranking: _Ranking, region_ids: NDArray[np.int32], max_fpr: float) -> float:
-    """Normalised area under the PRO-vs-FPR curve up to `max_fpr` (see `pro`)."""
-    sizes = np.bincount(region_ids)
+def _pro_from_ranking(
+    sorted_ids: NDArray[np.uint32],
+    tie_ends: NDArray[np.bool_],
+    sizes: NDArray[np.int64],
+    max_fpr: float,
+) -> float:
+    """Normalised area under the PRO-vs-FPR curve up to `max_fpr` (see `pro`).
+
+    Args:
+        sorted_ids: region id of each pixel (0 = defect-free), highest map value first.
+        tie_ends: the ranking's tie ends.
+        sizes: pixels per region id, as in `_Regions`.
+        max_fpr: upper FPR limit of the integration.
+    """
     num_regions, num_defect_free = len(sizes) - 1, int(sizes[0])
     if num_regions == 0:
         LOGGER.warning("pro: the masks hold no defect region, so PRO is NaN")
@@ -280,11 +358,8 @@ def _pro_from_ranking(ranking: _Ranking, region_ids: NDArray[np.int32], max_fpr:
     if num_defect_free == 0:
         LOGGER.warning("pro: every pixel is defective, so the FPR and PRO are undefined")
         return math.nan
-    sorted_ids = region_ids[ranking.order]
-    stop, negatives_so_far = _curve_prefix(
-        sorted_ids == 0, ranking.tie_ends, max_fpr * num_defect_free
-    )
-    ends = ranking.tie_ends[:stop]
+    stop, negatives_so_far = _curve_prefix(sorted_ids == 0, tie_ends, max_fpr * num_defect_free)
+    ends = tie_ends[:stop]
     # Each region pixel weighs 1 / (its region's size * number of regions), so the
     # running sum is the mean over regions of the fraction of each region detected.
     weights = np.zeros(len(sizes), dtype=np.float64)
@@ -294,11 +369,6 @@ def _pro_from_ranking(ranking: _Ranking, region_ids: NDArray[np.int32], max_fpr:
     fpr = np.concatenate(([0.0], negatives_so_far[ends] / num_defect_free))
     mean_overlap = np.concatenate(([0.0], overlap[ends]))
     return _area_up_to(fpr, mean_overlap, max_fpr) / max_fpr
-
-
-def _check_max_fpr(max_fpr: float) -> None:
-    if not 0.0 < max_fpr <= 1.0:
-        raise ValueError(f"max_fpr is {max_fpr} but must be in (0, 1]")
 
 
 # ---------------------------------------------------------------------- public API
@@ -369,7 +439,9 @@ def pro(maps: Array, masks: Array, max_fpr: float = DEFAULT_MAX_FPR) -> float:
     _check_max_fpr(max_fpr)
     values, flags = _as_values(maps, "maps"), _as_flags(masks)
     _check_pixels(values, flags)
-    return _pro_from_ranking(_rank(values), _region_ids(flags), max_fpr)
+    regions = _find_regions(flags)
+    ranking = _rank(values, regions.ids)
+    return _pro_from_ranking(ranking.payloads, ranking.tie_ends, regions.sizes, max_fpr)
 
 
 def instance_f1max(scores: Array, labels: Array) -> float:
@@ -409,35 +481,73 @@ def _no_defect_nan(what: str) -> float:
     return math.nan
 
 
+def _pixel_payloads(regions: _Regions, defective: NDArray[np.bool_]) -> NDArray[np.uint32]:
+    """Per pixel, (region id << 1) | (its image has a defect), to carry through a ranking.
+
+    One uint32 then holds the pixel's label (region id != 0), its region for PRO and its
+    membership in the anomalous-image subset.
+    """
+    payloads = regions.ids << 1
+    payloads |= np.repeat(defective, regions.ids.size // len(defective))
+    return payloads
+
+
+def _subset_auroc(
+    ranking: _Ranking, sorted_flags: NDArray[np.bool_], in_subset: NDArray[np.bool_]
+) -> float:
+    """ROC AUC over the ranked samples where `in_subset` holds.
+
+    Restricting a ranking to a subset keeps it sorted, so this needs no second sort.
+    """
+    tie_ends = _tie_ends(ranking.sort_keys[in_subset])
+    return _auroc_from_counts(_counts(sorted_flags[in_subset], tie_ends), "anomaly_pixel_auroc")
+
+
 def _pixel_metrics(
     maps: NDArray[np.floating], masks: NDArray[np.bool_], max_fpr: float
 ) -> dict[str, float]:
     """full/anomaly pixel AUROC, PRO and pixel F1-max, all from one ranking of the maps.
 
-    Each metric is reduced to a number before the next one's arrays are built, which
-    keeps the peak memory near that of the ranking itself.
+    Each metric is reduced to a number before the next one's arrays are built, to bound
+    the peak memory.
     """
     defective = _defective_images(masks)
     if not defective.any():
         nan = _no_defect_nan("pixel metrics")
-        names = ("full_pixel_auroc", "anomaly_pixel_auroc", "pro", "pixel_f1max")
-        return dict.fromkeys(names, nan)
-    ranking = _rank(maps)
-    sorted_flags = masks.reshape(-1)[ranking.order]
+        return dict.fromkeys(("full_pixel_auroc", "anomaly_pixel_auroc", "pro", "pixel_f1max"), nan)
+    regions = _find_regions(masks)
+    ranking = _rank(maps, _pixel_payloads(regions, defective))
+    sorted_ids = ranking.payloads >> 1
+    sorted_flags = sorted_ids != 0
     all_pixels = _counts(sorted_flags, ranking.tie_ends)
-    results = {
-        "full_pixel_auroc": _auroc_from_counts(all_pixels, "full_pixel_auroc"),
-        "pixel_f1max": _f1max_from_counts(all_pixels, "pixel_f1max"),
-    }
+    full_auroc = _auroc_from_counts(all_pixels, "full_pixel_auroc")
+    f1max = _f1max_from_counts(all_pixels, "pixel_f1max")
     del all_pixels
-    # Restricting a ranking to a subset of the pixels keeps it sorted: no second sort.
-    in_subset = np.repeat(defective, maps[0].size)[ranking.order]
-    subset = _counts(sorted_flags[in_subset], _tie_ends(ranking.sorted_values[in_subset]))
-    del in_subset, sorted_flags
-    results["anomaly_pixel_auroc"] = _auroc_from_counts(subset, "anomaly_pixel_auroc")
-    del subset
-    results["pro"] = _pro_from_ranking(ranking, _region_ids(masks), max_fpr)
-    return results
+    anomaly_auroc = _subset_auroc(ranking, sorted_flags, (ranking.payloads & 1).astype(bool))
+    del sorted_flags
+    return {
+        "full_pixel_auroc": full_auroc,
+        "anomaly_pixel_auroc": anomaly_auroc,
+        "pro": _pro_from_ranking(sorted_ids, ranking.tie_ends, regions.sizes, max_fpr),
+        "pixel_f1max": f1max,
+    }
+
+
+def _pixel_inputs(
+    maps: Array | None, masks: Array | None, num_images: int
+) -> tuple[NDArray[np.floating], NDArray[np.bool_]] | None:
+    """Converted and checked maps and masks of `num_images` images; None if one is missing."""
+    if maps is None or masks is None:
+        if maps is not None or masks is not None:
+            LOGGER.warning("only one of maps and masks was given; pixel metrics are NaN")
+        return None
+    map_values, mask_flags = _as_values(maps, "maps"), _as_flags(masks)
+    _check_pixels(map_values, mask_flags)
+    if len(map_values) != num_images:
+        raise ValueError(
+            f"maps has {len(map_values)} images but scores has {num_images}; they must match"
+        )
+    return map_values, mask_flags
 
 
 def compute_metrics(
@@ -462,24 +572,16 @@ def compute_metrics(
         no mask has a defective pixel; any metric undefined for its input is NaN.
 
     Raises:
-        ValueError: an argument has the wrong shape, or holds NaN.
+        ValueError: an argument has the wrong shape or holds NaN (checked before any work).
     """
     _check_max_fpr(max_fpr)
     score_values, label_flags = _as_values(scores, "scores"), _as_flags(labels)
     _check_instances(score_values, label_flags)
-    instance_counts = _rank_and_count(score_values, label_flags)
+    pixels = _pixel_inputs(maps, masks, len(score_values))
     results = dict.fromkeys(METRIC_NAMES, math.nan)
+    instance_counts = _rank_and_count(score_values, label_flags)
     results["instance_auroc"] = _auroc_from_counts(instance_counts, "instance_auroc")
     results["instance_f1max"] = _f1max_from_counts(instance_counts, "instance_f1max")
-    if maps is None or masks is None:
-        if maps is not None or masks is not None:
-            LOGGER.warning("only one of maps and masks was given; pixel metrics are NaN")
-        return results
-    map_values, mask_flags = _as_values(maps, "maps"), _as_flags(masks)
-    _check_pixels(map_values, mask_flags)
-    if len(map_values) != len(score_values):
-        raise ValueError(
-            f"maps has {len(map_values)} images but scores has {len(score_values)}; they must match"
-        )
-    results.update(_pixel_metrics(map_values, mask_flags, max_fpr))
+    if pixels is not None:
+        results.update(_pixel_metrics(*pixels, max_fpr))
     return results

@@ -76,7 +76,9 @@ class FaissNearestNeighbours:
         faiss.omp_set_num_threads(num_workers)
         self.on_gpu = on_gpu and faiss_has_gpu()
         if on_gpu and not self.on_gpu:
-            LOGGER.warning("--faiss_on_gpu given but this faiss has no GPU support; searching on CPU")
+            LOGGER.warning(
+                "--faiss_on_gpu given but this faiss has no GPU support; searching on CPU"
+            )
         self._gpu_resources = faiss.StandardGpuResources() if self.on_gpu else None
         self.index = None
         self.bank = torch.empty(0, 0)

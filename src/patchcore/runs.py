@@ -17,6 +17,7 @@ from patchcore.errors import ConfigurationError
 from patchcore.evaluation import TestSetResult, evaluate_models, split_loader
 from patchcore.model import DEFAULT_THRESHOLD_QUANTILE, PatchCore
 from patchcore.model_io import load_models, save_models
+from patchcore.prediction_records import write_predictions
 from patchcore.reporting import write_results_csv
 from patchcore.visualization import save_segmentation_images
 
@@ -31,6 +32,7 @@ class OutputOptions:
 
     save_segmentation_images: bool = False
     save_models: bool = False
+    save_predictions: bool = False
     ensemble_normalisation: str = "test_minmax"
     threshold_quantile: float = DEFAULT_THRESHOLD_QUANTILE
 
@@ -117,8 +119,11 @@ def _finish_dataset(
         output.ensemble_normalisation,
         keep_images=output.save_segmentation_images,
     )
+    threshold = _single_threshold(models)
     if output.save_segmentation_images:
-        _write_overlays(run_folder, result, _single_threshold(models))
+        _write_overlays(run_folder, result, threshold)
+    if output.save_predictions:
+        write_predictions(run_folder / "predictions" / name, result.records(threshold))
     return result.metrics
 
 

@@ -1,0 +1,118 @@
+"""Per-image results of an evaluated dataset, saved for later inspection (e.g. the dashboard).
+
+    <run>/predictions/<dataset>/predictions.csv   one row per image: name, path, defect type,
+                                                   label, whether it has a mask, score
+    <run>/predictions/<dataset>/arrays.npz         anomaly maps (float16), masks (bool)
+    <run>/predictions/<dataset>/summary.json       metrics, threshold, image size, patch grid
+
+Arrays load with `allow_pickle=False`; all files are written atomically.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from patchcore.errors import DataError
+
+CSV_FILE = "predictions.csv"
+ARRAYS_FILE = "arrays.npz"
+SUMMARY_FILE = "summary.json"
+CSV_COLUMNS = ("image_name", "image_path", "defect_type", "is_anomaly", "has_mask", "score")
+
+
+@dataclass
+class DatasetPredictions:
+    """Everything the evaluation knows per image of one dataset."""
+
+    name: str
+    image_names: list[str]
+    image_paths: list[str]
+    defect_types: list[str]
+    is_anomaly: np.ndarray  # [N] bool
+    has_mask: np.ndarray  # [N] bool
+    scores: np.ndarray  # [N] float
+    maps: np.ndarray  # [N, H, W] float
+    masks: np.ndarray  # [N, H, W] bool
+    metrics: dict[str, float]
+    threshold: float | None
+    patch_grid: tuple[int, int]
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            stream.write(data)
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+
+
+def write_predictions(folder: Path, predictions: DatasetPredictions) -> Path:
+    """Writes the three files of one dataset into `folder` (created if needed)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    table = io.StringIO()
+    writer = csv.writer(table)
+    writer.writerow(CSV_COLUMNS)
+    for row in zip(
+        predictions.image_names,
+        predictions.image_paths,
+        predictions.defect_types,
+        predictions.is_anomaly.astype(int),
+        predictions.has_mask.astype(int),
+        (repr(float(score)) for score in predictions.scores),
+    ):
+        writer.writerow(row)
+    _atomic_write(folder / CSV_FILE, table.getvalue().encode())
+    arrays = io.BytesIO()
+    np.savez_compressed(
+        arrays, maps=predictions.maps.astype(np.float16), masks=predictions.masks.astype(bool)
+    )
+    _atomic_write(folder / ARRAYS_FILE, arrays.getvalue())
+    summary = {
+        "name": predictions.name,
+        "metrics": {key: (None if np.isnan(v) else v) for key, v in predictions.metrics.items()},
+        "threshold": predictions.threshold,
+        "image_size": list(predictions.maps.shape[-2:]),
+        "patch_grid": list(predictions.patch_grid),
+    }
+    _atomic_write(folder / SUMMARY_FILE, json.dumps(summary, indent=2).encode())
+    return folder
+
+
+def read_predictions(folder: Path) -> DatasetPredictions:
+    """Reads what `write_predictions` wrote."""
+    folder = Path(folder)
+    for file_name in (CSV_FILE, ARRAYS_FILE, SUMMARY_FILE):
+        if not (folder / file_name).is_file():
+            raise DataError(f"{folder / file_name} is missing; re-run with --save_predictions")
+    with open(folder / CSV_FILE, newline="") as stream:
+        rows = list(csv.DictReader(stream))
+    summary = json.loads((folder / SUMMARY_FILE).read_text())
+    with np.load(folder / ARRAYS_FILE, allow_pickle=False) as arrays:
+        maps = arrays["maps"].astype(np.float32)
+        masks = arrays["masks"]
+    return DatasetPredictions(
+        name=summary["name"],
+        image_names=[row["image_name"] for row in rows],
+        image_paths=[row["image_path"] for row in rows],
+        defect_types=[row["defect_type"] for row in rows],
+        is_anomaly=np.array([row["is_anomaly"] == "1" for row in rows]),
+        has_mask=np.array([row["has_mask"] == "1" for row in rows]),
+        scores=np.array([float(row["score"]) for row in rows]),
+        maps=maps,
+        masks=masks,
+        metrics={k: (float("nan") if v is None else v) for k, v in summary["metrics"].items()},
+        threshold=summary["threshold"],
+        patch_grid=tuple(summary["patch_grid"]),
+    )
