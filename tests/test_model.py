@@ -9,7 +9,7 @@ import torch
 from conftest import small_config
 from patchcore.config import SearchConfig
 from patchcore.errors import ModelFormatError
-from patchcore.model import PatchCore
+from patchcore.model import PatchCore, gather_rows
 from patchcore.model_io import (
     INDEX_FILE,
     META_FILE,
@@ -19,6 +19,7 @@ from patchcore.model_io import (
     member_prefixes,
     save_models,
 )
+from patchcore.samplers import build_sampler
 
 
 @pytest.fixture
@@ -193,3 +194,17 @@ def test_missing_folder_and_empty_folder_fail_clearly(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ModelFormatError, match="no patchcore_params.pkl"):
         load_models(tmp_path / "empty")
+
+
+def test_gather_rows_equals_indexing_the_concatenation():
+    chunks = [torch.randn(5, 3), torch.randn(1, 3), torch.randn(7, 3)]
+    indices = torch.tensor([12, 0, 5, 6, 4, 11])
+    assert torch.equal(gather_rows(chunks, indices), torch.cat(chunks)[indices])
+
+
+def test_streaming_fit_selects_the_same_bank_as_sampling_all_features(random_images):
+    model = PatchCore(small_config())
+    model.fit([random_images[:2], random_images[2:5], random_images[5:]])
+    features = model.embed(random_images)[0]
+    expected = features[build_sampler(model.config.sampler).select(features)]
+    torch.testing.assert_close(model.memory_bank, expected)

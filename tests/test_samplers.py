@@ -12,6 +12,8 @@ from patchcore.samplers import (
     GreedyCoresetSampler,
     IdentitySampler,
     build_sampler,
+    farthest_point_selection,
+    pruned_farthest_point_selection,
 )
 
 
@@ -118,3 +120,19 @@ def test_projection_skipped_when_already_low_dimensional():
 def test_percentage_outside_unit_interval_is_refused(percentage):
     with pytest.raises(ConfigurationError, match="percentage"):
         SamplerConfig(percentage=percentage)
+
+
+@pytest.mark.parametrize("duplicates", [False, True])
+def test_pruned_selection_equals_the_full_sweep(duplicates):
+    generator = torch.Generator().manual_seed(11)
+    latent = torch.randn(3000, 6, generator=generator)
+    features = latent @ torch.randn(6, 32, generator=generator) + 0.05 * torch.randn(
+        3000, 32, generator=generator
+    )
+    if duplicates:  # identical rows (flat image regions) make exact ties
+        features[1000:1400] = features[7]
+    norms = features.square().sum(dim=1)
+    start = torch.cdist(features, features[:5]).mean(dim=1).square()
+    full = farthest_point_selection(features, norms, start.clone(), 400)
+    pruned = pruned_farthest_point_selection(features, norms, start.clone(), 400, chunk_size=32)
+    assert torch.equal(full, pruned)

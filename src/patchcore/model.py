@@ -7,6 +7,7 @@ Images enter in [0, 1] (the backbone normalises them) at the preprocessing's ima
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -61,6 +62,22 @@ class NormalStatistics:
     num_images: int
 
 
+def gather_rows(chunks: list[torch.Tensor], indices: torch.Tensor) -> torch.Tensor:
+    """Rows `indices` of the row-wise concatenation of `chunks`, without concatenating them."""
+    sizes = torch.tensor([len(chunk) for chunk in chunks])
+    ends = torch.cumsum(sizes, 0)
+    indices = indices.cpu()
+    chunk_of_row = torch.searchsorted(ends, indices, right=True)
+    offsets = indices - (ends - sizes)[chunk_of_row]
+    rows = torch.empty(len(indices), chunks[0].shape[1], dtype=chunks[0].dtype,
+                       device=chunks[0].device)  # fmt: skip
+    for position, chunk in enumerate(chunks):
+        wanted = torch.nonzero(chunk_of_row == position)[:, 0]
+        if len(wanted):
+            rows[wanted.to(rows.device)] = chunk[offsets[wanted].to(chunk.device)]
+    return rows
+
+
 def images_of(batch) -> torch.Tensor:
     """A data-loader batch is either an image tensor or a dict holding one under 'image'."""
     return batch["image"] if isinstance(batch, dict) else batch
@@ -88,6 +105,7 @@ class PatchCore:
         self.index = build_index(search or SearchConfig(), self.device)
         self.memory_bank: torch.Tensor | None = None
         self.normal_statistics: NormalStatistics | None = None
+        self.fit_seconds: dict[str, float] = {}
 
     # ----------------------------------------------------------------- features
     @torch.inference_mode()
@@ -101,23 +119,38 @@ class PatchCore:
     # ---------------------------------------------------------------------- fit
     @torch.inference_mode()
     def fit(self, batches: Iterable) -> None:
-        """Builds the memory bank from batches of normal training images."""
-        features = [
-            self.embed(images_of(batch))[0]
-            for batch in tqdm.tqdm(batches, desc="Extracting training features", leave=False)
-        ]
-        if not features:
+        """Builds the memory bank from batches of normal training images.
+
+        One streaming pass: each batch's patch features are kept once, in chunks (never
+        concatenated), and projected for the sampler as they come; the bank is gathered
+        from the chunks after selection.
+        """
+        sampler = build_sampler(self.config.sampler)
+        chunks, projected = [], []
+        start = time.perf_counter()
+        for batch in tqdm.tqdm(batches, desc="Extracting training features", leave=False):
+            features = self.embed(images_of(batch))[0]
+            chunks.append(features)
+            projected.append(sampler.project(features))
+        if not chunks:
             raise DataError("no training images: the memory bank would be empty")
-        all_features = torch.cat(features)
-        del features
-        selected = build_sampler(self.config.sampler).select(all_features)
-        self.set_memory_bank(all_features[selected])
+        extracted = time.perf_counter()
+        selected = sampler.select_projected(torch.cat(projected))
+        del projected
+        self.set_memory_bank(gather_rows(chunks, selected))
+        self.fit_seconds = {
+            "extraction": extracted - start,
+            "subsampling": time.perf_counter() - extracted,
+        }
         LOGGER.info(
-            "Memory bank: %d of %d patch features (%s, dimension %d)",
+            "Memory bank: %d of %d patch features (%s, dimension %d); extraction %.1f s, "
+            "subsampling %.1f s",
             len(selected),
-            len(all_features),
+            sum(len(chunk) for chunk in chunks),
             self.config.sampler.name,
-            all_features.shape[1],
+            chunks[0].shape[1],
+            self.fit_seconds["extraction"],
+            self.fit_seconds["subsampling"],
         )
 
     def set_memory_bank(self, bank: torch.Tensor) -> None:

@@ -1,0 +1,486 @@
+"""What the dashboard shows, computed without Streamlit so that it can be tested directly.
+
+A *run* is a folder holding `results.csv` (e.g. `RESULTS/<project>/<group>`); with
+`--save_predictions` it also has `predictions/<dataset>/` (scores, maps, masks, summary) and
+with `--save_patchcore_model` `models/<dataset>/`. Decisions follow the rest of the toolkit:
+an image is rejected when its score is strictly above the threshold. Defective images are the
+positive class, so a *true reject* is a caught defect, a *false reject* a good image thrown
+out, a *true accept* a good image passed and a *false accept* an escaped defect.
+
+Images are shown as the model saw them: resized and centre-cropped with the saved model's
+preprocessing when the run has the model, otherwise resized to the anomaly maps' size.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+from scipy import ndimage
+
+from patchcore.config import PreprocessingConfig
+from patchcore.datasets import ImageDataset, Sample, image_files, open_image
+from patchcore.ensemble import combine_members
+from patchcore.errors import ConfigurationError, DataError, ModelFormatError
+from patchcore.model import DEFAULT_THRESHOLD_QUANTILE, PatchCore
+from patchcore.model_io import META_FILE, member_prefixes
+from patchcore.prediction_records import SUMMARY_FILE, DatasetPredictions
+from patchcore.runs import RESULTS_FILE
+from patchcore.visualization import HEATMAP_ALPHA, HEATMAP_CMAP, shared_colour_range
+
+LOGGER = logging.getLogger(__name__)
+
+PREDICTIONS_FOLDER = "predictions"
+MODELS_FOLDER = "models"
+# Folders inside a run that never hold another run: not searched, so discovery stays fast.
+_RUN_CONTENT_FOLDERS = frozenset({PREDICTIONS_FOLDER, MODELS_FOLDER, "segmentation_images"})
+
+FILTERS = ("all", "rejected", "accepted")
+SORT_ORDERS = ("score, highest first", "score, lowest first", "name")
+
+GROUND_TRUTH_COLOUR = (255, 0, 255)  # magenta: not in the jet colour map
+BOX_COLOUR = (255, 255, 255)
+BOX_SHADOW = (0, 0, 0)
+MISSING_IMAGE_GREY = 128
+
+
+# ----------------------------------------------------------------------------- runs
+@dataclass(frozen=True)
+class RunInfo:
+    """One run folder: where it is, its name relative to the results folder, when written."""
+
+    folder: Path
+    label: str
+    modified: float
+
+    @property
+    def has_predictions(self) -> bool:
+        return bool(list_categories(self.folder))
+
+
+def find_runs(results_dir: Path) -> list[RunInfo]:
+    """Folders under `results_dir` (itself included) holding results.csv, newest first."""
+    results_dir = Path(results_dir)
+    if not results_dir.is_dir():
+        return []
+    runs = []
+    for folder, subfolders, files in os.walk(results_dir):
+        subfolders[:] = sorted(
+            name for name in subfolders if name not in _RUN_CONTENT_FOLDERS and name[0] != "."
+        )
+        if RESULTS_FILE in files:
+            path = Path(folder)
+            label = path.relative_to(results_dir).as_posix()
+            modified = (path / RESULTS_FILE).stat().st_mtime
+            runs.append(RunInfo(path, label, modified))
+    return sorted(runs, key=lambda run: (-run.modified, run.label))
+
+
+def list_categories(run_folder: Path) -> list[str]:
+    """Datasets with saved predictions in a run (sorted); empty without --save_predictions."""
+    folder = Path(run_folder) / PREDICTIONS_FOLDER
+    if not folder.is_dir():
+        return []
+    return sorted(path.name for path in folder.iterdir() if (path / SUMMARY_FILE).is_file())
+
+
+def predictions_folder(run_folder: Path, category: str) -> Path:
+    return Path(run_folder) / PREDICTIONS_FOLDER / category
+
+
+def model_folder(run_folder: Path, category: str) -> Path | None:
+    """The saved model folder of a dataset, or None when the run did not save it."""
+    folder = Path(run_folder) / MODELS_FOLDER / category
+    try:
+        member_prefixes(folder)
+    except ModelFormatError:
+        return None
+    return folder
+
+
+def folder_stamp(folder: Path) -> float:
+    """Latest modification time of the files directly in `folder` (0 when absent): a cache key."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return 0.0
+    times = [path.stat().st_mtime for path in folder.iterdir() if path.is_file()]
+    return max(times, default=folder.stat().st_mtime)
+
+
+def saved_preprocessing(folder: Path | None) -> PreprocessingConfig | None:
+    """Resize/crop recorded in a saved model's meta file; None without one."""
+    if folder is None:
+        return None
+    meta_path = Path(folder) / f"{member_prefixes(folder)[0]}{META_FILE}"
+    if not meta_path.is_file():
+        LOGGER.info("%s has no %s: images are resized to the map size", folder, META_FILE)
+        return None
+    config = json.loads(meta_path.read_text())["config"]["preprocessing"]
+    return PreprocessingConfig(**config)
+
+
+# ------------------------------------------------------------------------ decisions
+@dataclass(frozen=True)
+class Confusion:
+    """Decision counts at one threshold (defective = positive, reject = positive call)."""
+
+    true_reject: int
+    false_reject: int
+    true_accept: int
+    false_accept: int
+
+    @property
+    def good(self) -> int:
+        return self.false_reject + self.true_accept
+
+    @property
+    def defective(self) -> int:
+        return self.true_reject + self.false_accept
+
+    @property
+    def rejected(self) -> int:
+        return self.true_reject + self.false_reject
+
+    @property
+    def accepted(self) -> int:
+        return self.true_accept + self.false_accept
+
+    @property
+    def false_reject_rate(self) -> float:
+        """Share of good images rejected (NaN without good images)."""
+        return _ratio(self.false_reject, self.good)
+
+    @property
+    def false_accept_rate(self) -> float:
+        """Share of defective images accepted, i.e. escapes (NaN without defective images)."""
+        return _ratio(self.false_accept, self.defective)
+
+    @property
+    def accuracy(self) -> float:
+        return _ratio(self.true_reject + self.true_accept, self.good + self.defective)
+
+
+def _ratio(part: int, whole: int) -> float:
+    return part / whole if whole else math.nan
+
+
+def rejected_mask(scores: np.ndarray, threshold: float) -> np.ndarray:
+    """True where an image is rejected: score strictly above the threshold."""
+    return np.asarray(scores, dtype=np.float64) > threshold
+
+
+def confusion_counts(scores: np.ndarray, is_anomaly: np.ndarray, threshold: float) -> Confusion:
+    rejected = rejected_mask(scores, threshold)
+    defective = np.asarray(is_anomaly, dtype=bool)
+    return Confusion(
+        true_reject=int(np.sum(rejected & defective)),
+        false_reject=int(np.sum(rejected & ~defective)),
+        true_accept=int(np.sum(~rejected & ~defective)),
+        false_accept=int(np.sum(~rejected & defective)),
+    )
+
+
+def initial_threshold(
+    saved: float | None, scores: np.ndarray, is_anomaly: np.ndarray
+) -> tuple[float, str]:
+    """Where the threshold slider starts, and a sentence saying where that value comes from."""
+    if saved is not None and math.isfinite(saved):
+        return float(saved), "the threshold saved with the model (calibrated on normal images)"
+    good = np.asarray(scores, dtype=np.float64)[~np.asarray(is_anomaly, dtype=bool)]
+    if good.size:
+        percent = 100 * DEFAULT_THRESHOLD_QUANTILE
+        return float(np.quantile(good, DEFAULT_THRESHOLD_QUANTILE)), (
+            f"no threshold was saved with this run; starting at the {percent:.0f}th percentile "
+            "of the good test images' scores"
+        )
+    scores = np.asarray(scores, dtype=np.float64)
+    return float((scores.min() + scores.max()) / 2), (
+        "no threshold was saved and there are no good test images; starting at the midpoint "
+        "of the score range"
+    )
+
+
+@dataclass(frozen=True)
+class SliderRange:
+    low: float
+    high: float
+    step: float
+    format: str
+
+
+def slider_range(scores: np.ndarray, threshold: float, steps: int = 1000) -> SliderRange:
+    """A range covering every score and the threshold with a small margin, and its display."""
+    values = np.append(np.asarray(scores, dtype=np.float64), threshold)
+    low, high = float(values.min()), float(values.max())
+    margin = max((high - low) * 0.02, abs(high) * 1e-3, 1e-6)
+    low, high = low - margin, high + margin
+    step = (high - low) / steps
+    decimals = max(0, 1 - math.floor(math.log10(step)))
+    return SliderRange(low, high, step, f"%.{decimals}f")
+
+
+def select_images(scores: np.ndarray, threshold: float, which: str) -> np.ndarray:
+    """Indices of the images a filter keeps: all, rejected or accepted."""
+    if which not in FILTERS:
+        raise ConfigurationError(f"filter must be one of {', '.join(FILTERS)}, got '{which}'")
+    rejected = rejected_mask(scores, threshold)
+    keep = {"all": np.ones_like(rejected), "rejected": rejected, "accepted": ~rejected}[which]
+    return np.flatnonzero(keep)
+
+
+def sort_images(
+    indices: np.ndarray, scores: np.ndarray, names: Sequence[str], order: str
+) -> np.ndarray:
+    """`indices` ordered by score (ties by name) or by name."""
+    if order not in SORT_ORDERS:
+        raise ConfigurationError(f"order must be one of {', '.join(SORT_ORDERS)}, got '{order}'")
+    indices = np.asarray(indices, dtype=int)
+    ranks = np.argsort(np.argsort(np.asarray(names, dtype=object)[indices], kind="stable"))
+    chosen = np.asarray(scores, dtype=np.float64)[indices]
+    if order == "name":
+        keys: tuple[np.ndarray, ...] = (ranks,)
+    elif order == SORT_ORDERS[0]:
+        keys = (ranks, -chosen)
+    else:
+        keys = (ranks, chosen)
+    return indices[np.lexsort(keys)]
+
+
+def true_label(is_anomaly: bool, defect_type: str) -> str:
+    return f"defective ({defect_type})" if is_anomaly else "good"
+
+
+def decision_text(score: float, threshold: float) -> str:
+    return "reject" if score > threshold else "accept"
+
+
+# ------------------------------------------------------------------------- overlays
+def colour_range(maps: np.ndarray) -> tuple[float, float]:
+    """One colour scale for a category: min and max over all its maps, widened if flat."""
+    low, high = shared_colour_range(np.asarray(maps))
+    if high > low:
+        return low, high
+    half_width = max(abs(low) * 1e-3, 0.5)
+    return low - half_width, high + half_width
+
+
+def heatmap_rgb(anomaly_map: np.ndarray, scale: tuple[float, float]) -> np.ndarray:
+    """An anomaly map coloured with the overlays' colour map on the fixed scale, uint8 HxWx3."""
+    low, high = scale
+    normalised = np.clip((np.asarray(anomaly_map, dtype=np.float64) - low) / (high - low), 0, 1)
+    colours = matplotlib.colormaps[HEATMAP_CMAP](normalised)[..., :3]
+    return np.round(colours * 255).astype(np.uint8)
+
+
+def mask_outline(mask: np.ndarray, thickness: int = 1) -> np.ndarray:
+    """The inner boundary of a binary mask, `thickness` pixels wide."""
+    mask = np.asarray(mask, dtype=bool)
+    if not mask.any():
+        return np.zeros_like(mask)
+    return mask & ~ndimage.binary_erosion(mask, iterations=thickness)
+
+
+def overlay(
+    image: np.ndarray,
+    anomaly_map: np.ndarray,
+    scale: tuple[float, float],
+    mask: np.ndarray | None = None,
+) -> np.ndarray:
+    """The heat map blended over the image, with the ground-truth outline when a mask is given."""
+    heat = heatmap_rgb(anomaly_map, scale).astype(np.float64)
+    blended = (1 - HEATMAP_ALPHA) * image.astype(np.float64) + HEATMAP_ALPHA * heat
+    result = np.round(blended).astype(np.uint8)
+    if mask is not None:
+        thickness = max(1, round(min(mask.shape) / 150))
+        result[mask_outline(mask, thickness)] = GROUND_TRUTH_COLOUR
+    return result
+
+
+def side_by_side(*images: np.ndarray, gap: int = 4) -> np.ndarray:
+    """Images of equal height next to each other on a white background."""
+    height = max(image.shape[0] for image in images)
+    width = sum(image.shape[1] for image in images) + gap * (len(images) - 1)
+    canvas = np.full((height, width, 3), 255, dtype=np.uint8)
+    left = 0
+    for image in images:
+        canvas[: image.shape[0], left : left + image.shape[1]] = image
+        left += image.shape[1] + gap
+    return canvas
+
+
+def placeholder_image(size: tuple[int, int]) -> np.ndarray:
+    """A grey image standing in for an input image that cannot be read."""
+    return np.full((*size, 3), MISSING_IMAGE_GREY, dtype=np.uint8)
+
+
+# ---------------------------------------------------------------- suspicious patch
+@dataclass(frozen=True)
+class SuspiciousPatch:
+    """The patch-grid cell holding the anomaly map's maximum.
+
+    `peak` is the (row, column) pixel of the maximum, `cell` the (row, column) of its grid
+    cell, `box` the cell's pixel bounds (top, left, bottom, right; bottom/right exclusive)
+    and `score` the map value at the peak.
+    """
+
+    peak: tuple[int, int]
+    cell: tuple[int, int]
+    box: tuple[int, int, int, int]
+    score: float
+
+
+def most_suspicious_patch(anomaly_map: np.ndarray, patch_grid: tuple[int, int]) -> SuspiciousPatch:
+    """Locates the maximum of a map and the patch cell (image size / patch grid) around it."""
+    anomaly_map = np.asarray(anomaly_map, dtype=np.float64)
+    height, width = anomaly_map.shape
+    grid_h, grid_w = (int(value) for value in patch_grid)
+    peak_y, peak_x = np.unravel_index(int(np.nanargmax(anomaly_map)), anomaly_map.shape)
+    row = min(peak_y * grid_h // height, grid_h - 1)
+    col = min(peak_x * grid_w // width, grid_w - 1)
+    box = (
+        round(row * height / grid_h),
+        round(col * width / grid_w),
+        round((row + 1) * height / grid_h),
+        round((col + 1) * width / grid_w),
+    )
+    score = float(anomaly_map[peak_y, peak_x])
+    return SuspiciousPatch((int(peak_y), int(peak_x)), (int(row), int(col)), box, score)
+
+
+def draw_box(image: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:
+    """A copy of `image` with the box outlined in white over a black shadow line."""
+    top, left, bottom, right = box
+    picture = Image.fromarray(np.ascontiguousarray(image))
+    pen = ImageDraw.Draw(picture)
+    pen.rectangle((left - 1, top - 1, right, bottom), outline=BOX_SHADOW, width=1)
+    pen.rectangle((left, top, right - 1, bottom - 1), outline=BOX_COLOUR, width=1)
+    return np.asarray(picture)
+
+
+def zoom_crop(
+    image: np.ndarray, box: tuple[int, int, int, int], context: int = 3, size: int = 240
+) -> np.ndarray:
+    """A window `context` cells wide around the box, kept inside the image, upscaled to `size`."""
+    top, left, bottom, right = box
+    height, width = image.shape[:2]
+    window_h = min(height, (bottom - top) * context)
+    window_w = min(width, (right - left) * context)
+    start_y = int(np.clip((top + bottom - window_h) // 2, 0, height - window_h))
+    start_x = int(np.clip((left + right - window_w) // 2, 0, width - window_w))
+    crop = image[start_y : start_y + window_h, start_x : start_x + window_w]
+    factor = max(1, size // max(window_h, window_w))
+    return np.repeat(np.repeat(crop, factor, axis=0), factor, axis=1)
+
+
+# ------------------------------------------------------------------------- images
+def to_uint8_image(tensor: torch.Tensor) -> np.ndarray:
+    """[3, H, W] in [0, 1] -> uint8 [H, W, 3]."""
+    array = tensor.detach().cpu().clamp(0, 1).permute(1, 2, 0).numpy()
+    return np.round(array * 255).astype(np.uint8)
+
+
+def load_view_image(
+    path: Path, preprocessing: PreprocessingConfig | None, size: tuple[int, int]
+) -> np.ndarray:
+    """An input image as the model saw it (uint8 HxWx3 of the map `size`); DataError if unreadable.
+
+    With the saved model's preprocessing the image is resized and centre-cropped exactly as the
+    data loader does; without it, it is resized to `size`.
+    """
+    picture = open_image(Path(path), "RGB")
+    if preprocessing is not None:
+        transform = ImageDataset([], preprocessing).image_transform
+        array = to_uint8_image(transform(picture))
+        if array.shape[:2] == tuple(size):
+            return array
+        LOGGER.warning("%s: preprocessed to %s, maps are %s; resizing", path, array.shape, size)
+        picture = Image.fromarray(array)
+    return np.asarray(picture.resize((size[1], size[0]), Image.Resampling.BILINEAR))
+
+
+def image_caption(predictions: DatasetPredictions, index: int, threshold: float) -> str:
+    score = float(predictions.scores[index])
+    label = true_label(bool(predictions.is_anomaly[index]), predictions.defect_types[index])
+    return (
+        f"{predictions.image_names[index]} · score {score:.4g} · "
+        f"{decision_text(score, threshold)} · {label}"
+    )
+
+
+# ------------------------------------------------------------------ new images
+@dataclass
+class ScoredImages:
+    """Scores of a folder of new images; files that could not be read are listed apart."""
+
+    paths: list[str]
+    scores: np.ndarray  # [N]
+    maps: np.ndarray  # [N, H, W]
+    images: np.ndarray  # [N, H, W, 3] uint8, as the model saw them
+    unreadable: list[tuple[str, str]]
+
+
+def _load_batch(dataset: ImageDataset, start: int, stop: int, unreadable: list) -> tuple:
+    tensors, paths = [], []
+    for index in range(start, stop):
+        path = str(dataset.samples[index].image_path)
+        try:
+            tensors.append(dataset[index]["image"])
+        except DataError as error:
+            LOGGER.warning("Skipping %s", error)
+            unreadable.append((path, str(error)))
+            continue
+        paths.append(path)
+    return tensors, paths
+
+
+def _predict(models: list[PatchCore], images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    predictions = [model.predict(images) for model in models]
+    statistics = [model.normal_statistics for model in models]
+    return combine_members(predictions, "normal_stats", statistics)
+
+
+def score_images(
+    models: list[PatchCore], paths: Sequence[Path], batch_size: int = 8
+) -> ScoredImages:
+    """Scores image files with a loaded model (or ensemble, combined with normal statistics)."""
+    preprocessing = models[0].config.preprocessing
+    samples = [Sample(Path(path), None, "new", False) for path in paths]
+    dataset = ImageDataset(samples, preprocessing)
+    size = preprocessing.imagesize
+    kept, scores, maps, images, unreadable = [], [], [], [], []
+    for start in range(0, len(samples), batch_size):
+        tensors, batch_paths = _load_batch(
+            dataset, start, min(start + batch_size, len(samples)), unreadable
+        )
+        if not tensors:
+            continue
+        batch = torch.stack(tensors)
+        batch_scores, batch_maps = _predict(models, batch)
+        kept.extend(batch_paths)
+        scores.append(batch_scores.numpy())
+        maps.append(batch_maps.numpy())
+        images.extend(to_uint8_image(image) for image in batch)
+    return ScoredImages(
+        paths=kept,
+        scores=np.concatenate(scores) if scores else np.zeros(0),
+        maps=np.concatenate(maps) if maps else np.zeros((0, size, size)),
+        images=np.stack(images) if images else np.zeros((0, size, size, 3), dtype=np.uint8),
+        unreadable=unreadable,
+    )
+
+
+def folder_images(folder: Path, recursive: bool = False) -> list[Path]:
+    """Image files of a folder to score; DataError when it is not a folder."""
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise DataError(f"{folder} is not a folder")
+    return image_files(folder, recursive=recursive)
