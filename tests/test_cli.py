@@ -164,3 +164,52 @@ def test_bin_scripts_are_thin_entry_points():
         completed = subprocess.run([sys.executable, str(REPO / "bin" / script), "--help"],
                                    capture_output=True, text=True, check=False)  # fmt: skip
         assert completed.returncode == 0 and "RESULTS_PATH" in completed.stdout
+
+
+SMALL_RANDOM = ["-b", "resnet18", "--random_backbone_weights", "--pretrain_embed_dimension", "64",
+                "--target_embed_dimension", "64"]  # fmt: skip
+
+
+def copy_category(source: Path, target_root: Path, name: str) -> Path:
+    import shutil
+
+    shutil.copytree(source, target_root / name)
+    return target_root / name
+
+
+def test_folder_dataset_without_masks_reports_image_metrics_and_empty_pixel_cells(
+    tmp_path, synthetic_root
+):
+    category = copy_category(synthetic_root / "texture", tmp_path / "data", "own_parts")
+    import shutil
+
+    shutil.rmtree(category / "ground_truth")
+    (category / "train" / "good").rename(category / "train" / "batch_2024")
+    outcome = run(train_cli, [
+        "--gpu", "-1", tmp_path / "results", "patch_core", *SMALL_RANDOM,
+        "sampler", "-p", "0.1", "approx_greedy_coreset",
+        "dataset", *SMALL_DATA, "-d", "own_parts", "folder", tmp_path / "data",
+    ])  # fmt: skip
+    assert outcome.exit_code == 0, outcome.output
+    csv_text = (tmp_path / "results" / "project" / "group" / "results.csv").read_text()
+    row = csv_text.splitlines()[1].split(",")
+    assert row[0] == "folder_own_parts" and 0.0 <= float(row[1]) <= 1.0
+    assert row[2] == row[3] == row[4] == "" and row[6] == ""
+
+
+def test_dataset_without_defective_images_gives_empty_cells_not_a_crash(tmp_path, synthetic_root):
+    import shutil
+
+    category = copy_category(synthetic_root / "texture", tmp_path / "data", "only_good")
+    for folder in (category / "test").iterdir():
+        if folder.name != "good":
+            shutil.rmtree(folder)
+    shutil.rmtree(category / "ground_truth")
+    outcome = run(train_cli, [
+        "--gpu", "-1", tmp_path / "results", "patch_core", *SMALL_RANDOM,
+        "sampler", "-p", "0.1", "approx_greedy_coreset",
+        "dataset", *SMALL_DATA, "-d", "only_good", "mvtec", tmp_path / "data",
+    ])  # fmt: skip
+    assert outcome.exit_code == 0, outcome.output
+    lines = (tmp_path / "results" / "project" / "group" / "results.csv").read_text().splitlines()
+    assert lines[1] == "mvtec_only_good" + "," * 6

@@ -129,13 +129,17 @@ def test_overlay_outlines_the_ground_truth_and_crops_stay_inside():
     outline = data.mask_outline(mask)
     assert outline.sum() == 2 * 10 + 2 * 20 - 4 and not outline[12:18, 12:28].any()
     drawn = data.overlay(image, np.zeros((40, 40)), (0.0, 1.0), mask)
+    outline = data.mask_outline(mask, thickness=2)  # small images get a 2-pixel outline
     assert (drawn[outline] == data.GROUND_TRUTH_COLOUR).all()
     assert not (drawn[~outline] == data.GROUND_TRUTH_COLOUR).all(axis=-1).any()
     boxed = data.draw_box(image, (0, 0, 8, 8))
     assert tuple(boxed[0, 3]) == data.BOX_COLOUR and tuple(boxed[4, 4]) == (0, 0, 0)
-    crop = data.zoom_crop(boxed, (0, 0, 8, 8), context=3, size=240)
+    assert data.zoom_window((16, 16, 24, 24), (40, 40), context=3) == (8, 8, 32, 32)
+    assert data.zoom_window((0, 32, 8, 40), (40, 40), context=3) == (0, 16, 24, 40)
+    crop = data.zoomed_patch(image, (0, 0, 8, 8), context=3, size=240)
     assert crop.shape == (240, 240, 3)  # a 24 x 24 window at the corner, enlarged 10 times
-    assert (crop[:10, :40] == data.BOX_COLOUR).all()
+    assert (crop[:2, :80] == data.BOX_COLOUR).all() and (crop[2:78, 2:78] == 0).all()
+    assert (crop[82:, 82:] == 0).all()  # outside the box and its shadow line
     assert data.side_by_side(image, image, gap=4).shape == (40, 84, 3)
 
 

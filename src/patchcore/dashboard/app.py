@@ -370,7 +370,7 @@ def show_patch(view: View, index: int, rejected: bool) -> None:
         else "**Highest-scoring patch (below the threshold)**"
     )
     zoomed = data.side_by_side(
-        data.zoom_crop(boxed_image, patch.box), data.zoom_crop(boxed_heat, patch.box)
+        data.zoomed_patch(image, patch.box), data.zoomed_patch(heat, patch.box)
     )
     st.image(zoomed, caption="3 × 3 patch cells around it, enlarged", width="stretch")
     st.metric("Patch score (anomaly-map peak)", f"{patch.score:.5g}")

@@ -300,7 +300,7 @@ def overlay(
     blended = (1 - HEATMAP_ALPHA) * image.astype(np.float64) + HEATMAP_ALPHA * heat
     result = np.round(blended).astype(np.uint8)
     if mask is not None:
-        thickness = max(1, round(min(mask.shape) / 150))
+        thickness = max(2, math.ceil(min(mask.shape) / 112))
         result[mask_outline(mask, thickness)] = GROUND_TRUTH_COLOUR
     return result
 
@@ -356,29 +356,40 @@ def most_suspicious_patch(anomaly_map: np.ndarray, patch_grid: tuple[int, int]) 
     return SuspiciousPatch((int(peak_y), int(peak_x)), (int(row), int(col)), box, score)
 
 
-def draw_box(image: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:
-    """A copy of `image` with the box outlined in white over a black shadow line."""
+def draw_box(image: np.ndarray, box: tuple[int, int, int, int], width: int = 1) -> np.ndarray:
+    """A copy of `image` with the box outlined in white, `width` pixels, inside a black line."""
     top, left, bottom, right = box
     picture = Image.fromarray(np.ascontiguousarray(image))
     pen = ImageDraw.Draw(picture)
-    pen.rectangle((left - 1, top - 1, right, bottom), outline=BOX_SHADOW, width=1)
-    pen.rectangle((left, top, right - 1, bottom - 1), outline=BOX_COLOUR, width=1)
+    pen.rectangle((left - width, top - width, right - 1 + width, bottom - 1 + width),
+                  outline=BOX_SHADOW, width=width)  # fmt: skip
+    pen.rectangle((left, top, right - 1, bottom - 1), outline=BOX_COLOUR, width=width)
     return np.asarray(picture)
 
 
-def zoom_crop(
-    image: np.ndarray, box: tuple[int, int, int, int], context: int = 3, size: int = 240
-) -> np.ndarray:
-    """A window `context` cells wide around the box, kept inside the image, upscaled to `size`."""
+def zoom_window(
+    box: tuple[int, int, int, int], shape: tuple[int, ...], context: int = 3
+) -> tuple[int, int, int, int]:
+    """A window `context` boxes wide centred on the box, moved to lie inside the image."""
     top, left, bottom, right = box
-    height, width = image.shape[:2]
+    height, width = shape[:2]
     window_h = min(height, (bottom - top) * context)
     window_w = min(width, (right - left) * context)
     start_y = int(np.clip((top + bottom - window_h) // 2, 0, height - window_h))
     start_x = int(np.clip((left + right - window_w) // 2, 0, width - window_w))
-    crop = image[start_y : start_y + window_h, start_x : start_x + window_w]
-    factor = max(1, size // max(window_h, window_w))
-    return np.repeat(np.repeat(crop, factor, axis=0), factor, axis=1)
+    return start_y, start_x, start_y + window_h, start_x + window_w
+
+
+def zoomed_patch(
+    image: np.ndarray, box: tuple[int, int, int, int], context: int = 3, size: int = 240
+) -> np.ndarray:
+    """The window around the box enlarged (nearest neighbour) to about `size`, box outlined."""
+    top, left, bottom, right = zoom_window(box, image.shape, context)
+    crop = image[top:bottom, left:right]
+    factor = max(1, size // max(crop.shape[:2]))
+    enlarged = np.repeat(np.repeat(crop, factor, axis=0), factor, axis=1)
+    inner = tuple(factor * (edge - origin) for edge, origin in zip(box, (top, left, top, left)))
+    return draw_box(enlarged, inner, width=max(1, factor // 4))
 
 
 # ------------------------------------------------------------------------- images

@@ -28,7 +28,7 @@ def streamlit_command(results: Path, port: int, address: str, headless: bool) ->
         sys.executable, "-m", "streamlit", "run", str(APP_SCRIPT),
         "--server.port", str(port), "--server.address", address,
         "--server.headless", "true" if headless else "false",
-        "--browser.gatherUsageStats", "false",
+        "--browser.gatherUsageStats", "false", "--client.toolbarMode", "minimal",
         "--", "--results", str(results),
     ]  # fmt: skip
 
