@@ -1,6 +1,7 @@
 """Both command lines end to end on synthetic data, and their errors."""
 
 import logging
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,8 @@ from patchcore.reporting import read_results_csv
 
 REPO = Path(__file__).resolve().parents[1]
 SAME_LOADING = ["--num_workers", "0", "--batch_size", "4"]  # same batches: bit-identical maps
+SMALL_RANDOM = ["-b", "resnet18", "--random_backbone_weights", "--pretrain_embed_dimension", "64",
+                "--target_embed_dimension", "64"]  # fmt: skip
 SMALL_DATA = ["--resize", "144", "--imagesize", "128", *SAME_LOADING]
 
 
@@ -22,12 +25,13 @@ def run(cli, arguments):
     return result
 
 
-def train(results, data, backbone_args, extra_main=(), categories=("texture",)):
+def train(results, data, backbone_args, extra_main=(), categories=("texture",),
+          dataset_kind="mvtec"):  # fmt: skip
     subsets = [flag for category in categories for flag in ("-d", category)]
     return run(train_cli, [
         "--gpu", "-1", *extra_main, results, "patch_core", *backbone_args,
         "sampler", "-p", "0.1", "approx_greedy_coreset",
-        "dataset", *SMALL_DATA, *subsets, "mvtec", data,
+        "dataset", *SMALL_DATA, *subsets, dataset_kind, data,
     ])  # fmt: skip
 
 
@@ -120,10 +124,8 @@ def test_two_backbone_ensemble_saves_members_and_reloads(tmp_path, synthetic_roo
 
 def test_existing_run_folder_is_never_overwritten(tmp_path, synthetic_root, caplog):
     caplog.set_level(logging.INFO)
-    small = ["-b", "resnet18", "--random_backbone_weights", "--pretrain_embed_dimension", "64",
-             "--target_embed_dimension", "64"]  # fmt: skip
     for _ in range(2):
-        assert train(tmp_path, synthetic_root, small).exit_code == 0
+        assert train(tmp_path, synthetic_root, SMALL_RANDOM).exit_code == 0
     assert sorted(p.name for p in (tmp_path / "project").iterdir()) == ["group", "group_0"]
     assert "Running on CPU" in caplog.text
 
@@ -166,50 +168,36 @@ def test_bin_scripts_are_thin_entry_points():
         assert completed.returncode == 0 and "RESULTS_PATH" in completed.stdout
 
 
-SMALL_RANDOM = ["-b", "resnet18", "--random_backbone_weights", "--pretrain_embed_dimension", "64",
-                "--target_embed_dimension", "64"]  # fmt: skip
+def category_copy(synthetic_root: Path, tmp_path: Path, name: str) -> Path:
+    """A copy of the synthetic texture category, named `name`, under tmp_path/data."""
+    target = tmp_path / "data" / name
+    shutil.copytree(synthetic_root / "texture", target)
+    return target
 
 
-def copy_category(source: Path, target_root: Path, name: str) -> Path:
-    import shutil
-
-    shutil.copytree(source, target_root / name)
-    return target_root / name
+def results_lines_after_training(tmp_path: Path, name: str, kind: str) -> list[str]:
+    outcome = train(tmp_path / "results", tmp_path / "data", SMALL_RANDOM, categories=(name,),
+                    dataset_kind=kind)  # fmt: skip
+    assert outcome.exit_code == 0, outcome.output
+    return (tmp_path / "results" / "project" / "group" / "results.csv").read_text().splitlines()
 
 
 def test_folder_dataset_without_masks_reports_image_metrics_and_empty_pixel_cells(
     tmp_path, synthetic_root
 ):
-    category = copy_category(synthetic_root / "texture", tmp_path / "data", "own_parts")
-    import shutil
-
+    category = category_copy(synthetic_root, tmp_path, "own_parts")
     shutil.rmtree(category / "ground_truth")
     (category / "train" / "good").rename(category / "train" / "batch_2024")
-    outcome = run(train_cli, [
-        "--gpu", "-1", tmp_path / "results", "patch_core", *SMALL_RANDOM,
-        "sampler", "-p", "0.1", "approx_greedy_coreset",
-        "dataset", *SMALL_DATA, "-d", "own_parts", "folder", tmp_path / "data",
-    ])  # fmt: skip
-    assert outcome.exit_code == 0, outcome.output
-    csv_text = (tmp_path / "results" / "project" / "group" / "results.csv").read_text()
-    row = csv_text.splitlines()[1].split(",")
+    row = results_lines_after_training(tmp_path, "own_parts", "folder")[1].split(",")
     assert row[0] == "folder_own_parts" and 0.0 <= float(row[1]) <= 1.0
     assert row[2] == row[3] == row[4] == "" and row[6] == ""
 
 
 def test_dataset_without_defective_images_gives_empty_cells_not_a_crash(tmp_path, synthetic_root):
-    import shutil
-
-    category = copy_category(synthetic_root / "texture", tmp_path / "data", "only_good")
+    category = category_copy(synthetic_root, tmp_path, "only_good")
     for folder in (category / "test").iterdir():
         if folder.name != "good":
             shutil.rmtree(folder)
     shutil.rmtree(category / "ground_truth")
-    outcome = run(train_cli, [
-        "--gpu", "-1", tmp_path / "results", "patch_core", *SMALL_RANDOM,
-        "sampler", "-p", "0.1", "approx_greedy_coreset",
-        "dataset", *SMALL_DATA, "-d", "only_good", "mvtec", tmp_path / "data",
-    ])  # fmt: skip
-    assert outcome.exit_code == 0, outcome.output
-    lines = (tmp_path / "results" / "project" / "group" / "results.csv").read_text().splitlines()
+    lines = results_lines_after_training(tmp_path, "only_good", "mvtec")
     assert lines[1] == "mvtec_only_good" + "," * 6

@@ -208,3 +208,11 @@ def test_streaming_fit_selects_the_same_bank_as_sampling_all_features(random_ima
     features = model.embed(random_images)[0]
     expected = features[build_sampler(model.config.sampler).select(features)]
     torch.testing.assert_close(model.memory_bank, expected)
+
+
+def test_corrupt_meta_file_fails_clearly(tmp_path, fitted):
+    folder = tmp_path / "corrupt"
+    save_models(folder, [fitted])
+    (folder / META_FILE).write_text("{ not json")
+    with pytest.raises(ModelFormatError, match="patchcore_meta.json: not valid JSON"):
+        load_model(folder)

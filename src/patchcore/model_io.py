@@ -147,6 +147,16 @@ def member_prefixes(folder: Path) -> list[str]:
     return sorted(prefixes, key=lambda prefix: int(_ENSEMBLE_PREFIX.match(prefix).group(1)))
 
 
+def _read_meta(path: Path) -> dict:
+    try:
+        meta = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ModelFormatError(f"{path}: not valid JSON ({error})") from error
+    if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict):
+        raise ModelFormatError(f"{path}: no 'config' object; not a {FORMAT_NAME} meta file")
+    return meta
+
+
 def _config_from_meta(meta: dict, path: Path) -> PatchCoreConfig:
     if meta.get("format") != FORMAT_NAME:
         raise ModelFormatError(f"{path}: not a {FORMAT_NAME} meta file")
@@ -204,7 +214,7 @@ def load_model(
     if not isinstance(params, dict):
         raise ModelFormatError(f"{params_path}: expected a dict of parameters")
     if meta_path.is_file():
-        meta = json.loads(meta_path.read_text())
+        meta = _read_meta(meta_path)
         config = _config_from_meta(meta, meta_path)
     else:
         LOGGER.info("%s has no %s: reading it as a reference-format model", folder, META_FILE)
