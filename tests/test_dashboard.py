@@ -85,6 +85,12 @@ def test_filters_and_sort_orders():
         data.select_images(SCORES, 0.5, "maybe")
 
 
+def test_scores_are_written_without_exponents():
+    assert [data.score_text(v) for v in (0.29590277, 13413.2, 2.5, 0.0)] == [
+        "0.2959", "13413", "2.500", "0"]  # fmt: skip
+    assert data.score_text(0.000123456, 5) == "0.00012346"
+
+
 def test_initial_threshold_and_slider_range():
     assert data.initial_threshold(0.42, SCORES, DEFECTIVE)[0] == 0.42
     value, note = data.initial_threshold(None, SCORES, DEFECTIVE)
@@ -173,6 +179,15 @@ def test_runs_are_found_newest_first_with_their_categories(dashboard_run):
     assert data.find_runs(results / "nowhere") == []
 
 
+def test_a_damaged_model_meta_file_falls_back_to_the_map_size(tmp_path):
+    (tmp_path / "patchcore_params.pkl").write_bytes(b"")
+    (tmp_path / "patchcore_meta.json").write_text("{not json")
+    assert data.saved_preprocessing(tmp_path) is None
+    (tmp_path / "patchcore_meta.json").write_text('{"config": {"preprocessing": {"resize": 0}}}')
+    assert data.saved_preprocessing(tmp_path) is None
+    assert data.saved_preprocessing(None) is None
+
+
 def test_scoring_new_images_lists_unreadable_files(dashboard_run, synthetic_root, tmp_path):
     _, run_folder = dashboard_run
     models = load_models(run_folder / "models" / CATEGORY, "cpu")
@@ -191,11 +206,12 @@ def test_scoring_new_images_lists_unreadable_files(dashboard_run, synthetic_root
 # ------------------------------------------------------------------ the app
 @pytest.fixture
 def app(dashboard_run, monkeypatch):
-    from streamlit.testing.v1 import AppTest
-
+    app_test = pytest.importorskip(
+        "streamlit.testing.v1", reason='Streamlit is not installed (pip install -e ".[dashboard]")'
+    )
     results, _ = dashboard_run
     monkeypatch.setenv("PATCHCORE_RESULTS", str(results))
-    test = AppTest.from_file(str(APP), default_timeout=60).run()
+    test = app_test.AppTest.from_file(str(APP), default_timeout=60).run()
     assert not test.exception, test.exception
     return test
 
@@ -228,7 +244,7 @@ def test_app_shows_metrics_counts_and_grid_at_the_saved_threshold(app, dashboard
     best = int(np.argmax(saved.scores))
     assert captions[0].startswith(saved.image_names[best])
     patch = data.most_suspicious_patch(saved.maps[best], saved.patch_grid)
-    assert metric(app, "Patch score (anomaly-map peak)") == f"{patch.score:.5g}"
+    assert metric(app, "Patch score (anomaly-map peak)") == data.score_text(patch.score, 5)
 
 
 def test_threshold_filter_and_detail_view_respond(app, dashboard_run):
@@ -253,7 +269,7 @@ def test_threshold_filter_and_detail_view_respond(app, dashboard_run):
     assert saved.image_names[lowest_rejected] in detail and "**rejected**" in detail
     assert any(m.value.startswith("**Most suspicious patch") for m in app.markdown)
     patch = data.most_suspicious_patch(saved.maps[lowest_rejected], saved.patch_grid)
-    assert metric(app, "Patch score (anomaly-map peak)") == f"{patch.score:.5g}"
+    assert metric(app, "Patch score (anomaly-map peak)") == data.score_text(patch.score, 5)
 
     app.slider[0].set_value(float(saved.scores.max()) + 1e-3).run()
     assert any("No image is rejected" in info.value for info in app.info)
@@ -283,10 +299,19 @@ def test_scoring_a_folder_of_new_images(app, synthetic_root, tmp_path):
     assert any(m.value.startswith(f"**3 scored, {rejected} rejected") for m in app.markdown)
 
 
-def test_dashboard_command_builds_the_streamlit_command_line(tmp_path):
-    from patchcore.dashboard.launch import streamlit_command
+def test_dashboard_command_runs_streamlit_on_the_app(tmp_path, monkeypatch):
+    from patchcore.dashboard import launch
 
-    command = streamlit_command(tmp_path, 8600, "127.0.0.1", headless=True)
+    commands = []
+    monkeypatch.setattr(launch.subprocess, "call", lambda command: commands.append(command) or 0)
+    outcome = CliRunner().invoke(
+        launch.dashboard_cli, ["--results", str(tmp_path), "--port", "8600", "--headless"]
+    )
+    assert outcome.exit_code == 0, outcome.output
+    (command,) = commands
     assert command[1:4] == ["-m", "streamlit", "run"] and Path(command[4]) == APP
     assert command[command.index("--server.port") + 1] == "8600"
-    assert command[-3:] == ["--", "--results", str(tmp_path)]
+    assert command[command.index("--server.address") + 1] == "127.0.0.1"
+    assert command[-3:] == ["--", "--results", str(tmp_path.resolve())]
+    missing = CliRunner().invoke(launch.dashboard_cli, ["--results", str(tmp_path / "absent")])
+    assert missing.exit_code == 2 and "does not exist" in missing.output

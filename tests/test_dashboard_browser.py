@@ -56,6 +56,15 @@ def find_chromium() -> str | None:
     return None
 
 
+pytest.importorskip(
+    "streamlit", reason='Streamlit is not installed (pip install -e ".[dashboard]")'
+)
+pytestmark = pytest.mark.skipif(
+    find_chromium() is None,
+    reason="no Chromium binary on PATH (Debian: apt-get install -y chromium)",
+)
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.bind(("127.0.0.1", 0))
@@ -212,10 +221,7 @@ def served_dashboard(dashboard_run, tmp_path):
 
 
 def test_page_renders_in_headless_chromium(served_dashboard, tmp_path):
-    chromium = find_chromium()
-    if chromium is None:
-        pytest.skip("no Chromium binary on PATH (Debian: apt-get install -y chromium)")
-    browser = DevToolsPipe(chromium, tmp_path / "profile")
+    browser = DevToolsPipe(find_chromium(), tmp_path / "profile")
     try:
         session = browser.open_page(served_dashboard)
         state = wait_for_render(browser, session, RENDER_TIMEOUT)

@@ -35,6 +35,7 @@ RESULTS_ENVIRONMENT_VARIABLE = "PATCHCORE_RESULTS"
 PAGE_SIZE = 24
 GRID_COLUMNS = 2
 GRID_HEIGHT = 1100
+GRID_ROWS_WITHOUT_SCROLL = 4
 TOP_NEW_IMAGES = 6
 HEADLINE_METRICS = (
     ("instance_auroc", "Image AUROC"),
@@ -68,7 +69,6 @@ class View:
 class Controls:
     threshold: float
     saved_threshold: float | None
-    threshold_note: str
     which: str
     order: str
 
@@ -149,6 +149,12 @@ def image_and_overlay(view: View, index: int) -> tuple[np.ndarray, np.ndarray, b
 
 
 # --------------------------------------------------------------------------- sidebar
+def _keep_valid(key: str, options: list) -> None:
+    """Drops a stored widget value that is no longer among the options."""
+    if key in st.session_state and st.session_state[key] not in options:
+        st.session_state[key] = options[0]
+
+
 def choose_run(results_dir: str) -> data.RunInfo | None:
     runs = data.find_runs(Path(results_dir)) if results_dir else []
     if not runs:
@@ -158,6 +164,7 @@ def choose_run(results_dir: str) -> data.RunInfo | None:
         )
         return None
     labels = {run.label: run for run in runs}
+    _keep_valid("run", list(labels))
     label = st.sidebar.selectbox(
         "Run (newest first)",
         list(labels),
@@ -176,7 +183,9 @@ def choose_category(run: data.RunInfo) -> str | None:
     categories = data.list_categories(run.folder)
     if not categories:
         return None
-    return st.sidebar.selectbox("Category", categories, key=f"category:{run.label}")
+    key = f"category:{run.label}"
+    _keep_valid(key, categories)
+    return st.sidebar.selectbox("Category", categories, key=key)
 
 
 def _reset_threshold(key: str, value: float) -> None:
@@ -194,13 +203,13 @@ def choose_controls(view: View) -> Controls:
         "Decision threshold (reject if score >)", bounds.low, bounds.high, start, bounds.step,
         format=bounds.format, key=key,
     )  # fmt: skip
-    st.sidebar.caption(f"Starts at {start:.5g}: {note}.")
+    st.sidebar.caption(f"Starts at {data.score_text(start, 5)}: {note}.")
     st.sidebar.button(
         "Reset threshold", key=f"reset:{view.key}", on_click=_reset_threshold, args=(key, start)
     )
     which = st.sidebar.radio("Show", data.FILTERS, key=f"filter:{view.key}", horizontal=True)
     order = st.sidebar.selectbox("Sort", data.SORT_ORDERS, key=f"order:{view.key}")
-    return Controls(float(threshold), predictions.threshold, note, which, order)
+    return Controls(float(threshold), predictions.threshold, which, order)
 
 
 # --------------------------------------------------------------------------- overview
@@ -256,7 +265,7 @@ def confusion_text(confusion: data.Confusion, threshold: float) -> str:
         return "—" if math.isnan(value) else f"{100 * value:.1f} %"
 
     return (
-        f"At threshold {threshold:.5g}: {confusion.rejected} rejected, {confusion.accepted} "
+        f"At threshold {data.score_text(threshold, 5)}: {confusion.rejected} rejected, {confusion.accepted} "
         f"accepted of {confusion.good + confusion.defective} images. "
         f"False-reject rate {rate(confusion.false_reject_rate)} "
         f"({confusion.false_reject} of {confusion.good} good); "
@@ -295,12 +304,6 @@ def _select(key: str, index: int) -> None:
     st.session_state[key] = index
 
 
-def _keep_valid(key: str, options: list) -> None:
-    """Drops a stored widget value that is no longer among the options."""
-    if key in st.session_state and st.session_state[key] not in options:
-        st.session_state[key] = options[0]
-
-
 def page_of(view: View, order: np.ndarray) -> np.ndarray:
     pages = max(1, math.ceil(len(order) / PAGE_SIZE))
     if pages == 1:
@@ -317,7 +320,9 @@ def page_of(view: View, order: np.ndarray) -> np.ndarray:
 
 def show_grid(view: View, controls: Controls, order: np.ndarray, selected_key: str) -> None:
     shown = page_of(view, order)
-    with st.container(height=GRID_HEIGHT, border=False):
+    rows = math.ceil(len(shown) / GRID_COLUMNS)
+    height = GRID_HEIGHT if rows > GRID_ROWS_WITHOUT_SCROLL else "content"
+    with st.container(height=height, border=False):
         for start in range(0, len(shown), GRID_COLUMNS):
             columns = st.columns(GRID_COLUMNS)
             for column, index in zip(columns, shown[start : start + GRID_COLUMNS], strict=False):
@@ -325,12 +330,26 @@ def show_grid(view: View, controls: Controls, order: np.ndarray, selected_key: s
                     show_tile(view, controls, int(index), selected_key)
 
 
+@st.cache_data(max_entries=2048, show_spinner=False)
+def tile_png(
+    view_identity: tuple[str, float, tuple[int, int] | None, tuple[float, float]],
+    index: int,
+    image_mtime: float,
+    _view: View,
+) -> tuple[bytes, bool]:
+    """Image beside overlay as PNG bytes (encoded once), and whether the image was found."""
+    image, heat, found = image_and_overlay(_view, index)
+    return data.png_bytes(data.side_by_side(image, heat)), found
+
+
 def show_tile(view: View, controls: Controls, index: int, selected_key: str) -> None:
-    image, heat, found = image_and_overlay(view, index)
+    identity = (view.folder, view.stamp, view.resize_crop, view.scale)
+    mtime = file_mtime(view.predictions.image_paths[index])
+    png, found = tile_png(identity, index, mtime, view)
     caption = data.image_caption(view.predictions, index, controls.threshold)
     if not found:
         caption += " · image file not found"
-    st.image(data.side_by_side(image, heat), caption=caption, width="stretch")
+    st.image(png, caption=caption, width="stretch")
     st.button(
         "Inspect", key=f"inspect:{view.key}:{index}", on_click=_select, args=(selected_key, index)
     )
@@ -342,14 +361,15 @@ def show_detail(view: View, controls: Controls, order: np.ndarray, selected_key:
     _keep_valid(selected_key, options)
     index = st.selectbox(
         "Image", options, key=selected_key,
-        format_func=lambda i: f"{predictions.image_names[i]} ({predictions.scores[i]:.4g})",
+        format_func=lambda i: f"{predictions.image_names[i]} ({data.score_text(predictions.scores[i])})",
     )  # fmt: skip
     score = float(predictions.scores[index])
     rejected = score > controls.threshold
     label = data.true_label(bool(predictions.is_anomaly[index]), predictions.defect_types[index])
     st.markdown(
-        f"**{predictions.image_names[index]}** · score **{score:.5g}** · "
-        f"**{'rejected' if rejected else 'accepted'}** at {controls.threshold:.5g} · "
+        f"**{predictions.image_names[index]}** · score **{data.score_text(score, 5)}** · "
+        f"**{'rejected' if rejected else 'accepted'}** at {data.score_text(controls.threshold, 5)}"
+        " · "
         f"true label: {label}"
     )
     st.caption(predictions.image_paths[index])
@@ -369,11 +389,13 @@ def show_patch(view: View, index: int, rejected: bool) -> None:
         if rejected
         else "**Highest-scoring patch (below the threshold)**"
     )
+    mask = predictions.masks[index] if predictions.has_mask[index] else None
+    thin = data.overlay(image, predictions.maps[index], view.scale, mask, outline_thickness=1)
     zoomed = data.side_by_side(
-        data.zoomed_patch(image, patch.box), data.zoomed_patch(heat, patch.box)
+        data.zoomed_patch(image, patch.box), data.zoomed_patch(thin, patch.box)
     )
     st.image(zoomed, caption="3 × 3 patch cells around it, enlarged", width="stretch")
-    st.metric("Patch score (anomaly-map peak)", f"{patch.score:.5g}")
+    st.metric("Patch score (anomaly-map peak)", data.score_text(patch.score, 5))
     st.caption(patch_text(view, index, patch))
 
 
@@ -386,8 +408,12 @@ def patch_text(view: View, index: int, patch: data.SuspiciousPatch) -> str:
         f"grid; pixels x {left}–{right - 1}, y {top}–{bottom - 1}."
     )
     if predictions.has_mask[index] and predictions.is_anomaly[index]:
-        inside = bool(predictions.masks[index][patch.peak])
-        text += " The peak lies " + ("inside" if inside else "outside") + " the ground truth."
+        covered = float(predictions.masks[index][top:bottom, left:right].mean())
+        text += (
+            f" {100 * covered:.0f} % of the cell is ground-truth defect."
+            if covered
+            else " The cell does not touch the ground-truth defect."
+        )
     return text
 
 
@@ -403,7 +429,8 @@ def show_browser(view: View, controls: Controls) -> None:
         return
     st.caption(
         "Each image beside its anomaly map (one colour scale for the whole category: "
-        f"{view.scale[0]:.4g} blue to {view.scale[1]:.4g} red); ground truth outlined in magenta."
+        f"{data.score_text(view.scale[0])} blue to {data.score_text(view.scale[1])} red); "
+        "ground truth outlined in magenta."
     )
     selected_key = f"selected:{view.key}"
     grid_column, detail_column = st.columns([3, 2], gap="medium")
@@ -426,8 +453,10 @@ def show_scoring(view: View, controls: Controls) -> None:
             return
         path = st.text_input("Folder of images", key=f"new-folder:{view.key}")
         recursive = st.checkbox("Include sub-folders", key=f"new-recursive:{view.key}")
-        if st.button("Score images", key=f"score:{view.key}") and path:
-            scored = score_folder(folder, Path(path), recursive)
+        if st.button("Score images", key=f"score:{view.key}"):
+            scored = score_folder(folder, Path(path), recursive) if path else None
+            if not path:
+                st.warning("Give the folder of the images to score first.")
             if scored is not None:
                 st.session_state[state_key] = scored
         if state_key in st.session_state:
@@ -458,11 +487,11 @@ def show_scored(view: View, controls: Controls, scored: data.ScoredImages) -> No
     table = pd.DataFrame({"path": scored.paths, "score": scored.scores, "decision": decisions})
     st.markdown(
         f"**{len(scored.paths)} scored, {decisions.count('reject')} rejected at "
-        f"{controls.threshold:.5g}**"
+        f"{data.score_text(controls.threshold, 5)}**"
     )
     st.dataframe(table.sort_values("score", ascending=False), hide_index=True, width="stretch")
     if scored.unreadable:
-        lines = "\n".join(f"- `{path}`: {reason}" for path, reason in scored.unreadable)
+        lines = "\n".join(f"- {reason}" for _, reason in scored.unreadable)
         st.warning(f"{len(scored.unreadable)} file(s) could not be read:\n{lines}")
     show_new_rejects(view, controls, scored)
 
@@ -481,7 +510,9 @@ def show_new_rejects(view: View, controls: Controls, scored: data.ScoredImages) 
     columns = st.columns(3)
     for position, index in enumerate(top):
         heat = data.overlay(scored.images[index], scored.maps[index], view.scale)
-        caption = f"{Path(scored.paths[index]).name} · score {scored.scores[index]:.4g}"
+        caption = (
+            f"{Path(scored.paths[index]).name} · score {data.score_text(scored.scores[index])}"
+        )
         columns[position % 3].image(
             data.side_by_side(scored.images[index], heat), caption=caption, width="stretch"
         )

@@ -13,6 +13,7 @@ preprocessing when the run has the model, otherwise resized to the anomaly maps'
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
@@ -124,8 +125,13 @@ def saved_preprocessing(folder: Path | None) -> PreprocessingConfig | None:
     if not meta_path.is_file():
         LOGGER.info("%s has no %s: images are resized to the map size", folder, META_FILE)
         return None
-    config = json.loads(meta_path.read_text())["config"]["preprocessing"]
-    return PreprocessingConfig(**config)
+    try:
+        config = json.loads(meta_path.read_text())["config"]["preprocessing"]
+        return PreprocessingConfig(**config)
+    except (ValueError, KeyError, TypeError) as error:  # JSON, missing keys, bad values
+        LOGGER.warning("%s: unreadable preprocessing (%r); images are resized to the map size",
+                       meta_path, error)  # fmt: skip
+        return None
 
 
 # ------------------------------------------------------------------------ decisions
@@ -255,6 +261,15 @@ def sort_images(
     return indices[np.lexsort(keys)]
 
 
+def score_text(value: float, digits: int = 4) -> str:
+    """A score with about `digits` significant digits and never an exponent (0.2959, 13413)."""
+    value = float(value)
+    if value == 0 or not math.isfinite(value):
+        return f"{value:g}"
+    decimals = max(0, digits - 1 - math.floor(math.log10(abs(value))))
+    return f"{value:.{decimals}f}"
+
+
 def true_label(is_anomaly: bool, defect_type: str) -> str:
     return f"defective ({defect_type})" if is_anomaly else "good"
 
@@ -294,13 +309,17 @@ def overlay(
     anomaly_map: np.ndarray,
     scale: tuple[float, float],
     mask: np.ndarray | None = None,
+    outline_thickness: int | None = None,
 ) -> np.ndarray:
-    """The heat map blended over the image, with the ground-truth outline when a mask is given."""
+    """The heat map blended over the image, with the ground-truth outline when a mask is given.
+
+    The outline is `outline_thickness` pixels wide; by default 2 px per 224 px of image side.
+    """
     heat = heatmap_rgb(anomaly_map, scale).astype(np.float64)
     blended = (1 - HEATMAP_ALPHA) * image.astype(np.float64) + HEATMAP_ALPHA * heat
     result = np.round(blended).astype(np.uint8)
     if mask is not None:
-        thickness = max(2, math.ceil(min(mask.shape) / 112))
+        thickness = outline_thickness or max(2, math.ceil(min(mask.shape) / 112))
         result[mask_outline(mask, thickness)] = GROUND_TRUTH_COLOUR
     return result
 
@@ -315,6 +334,13 @@ def side_by_side(*images: np.ndarray, gap: int = 4) -> np.ndarray:
         canvas[: image.shape[0], left : left + image.shape[1]] = image
         left += image.shape[1] + gap
     return canvas
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    """An RGB uint8 image encoded as PNG."""
+    buffer = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(image)).save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def placeholder_image(size: tuple[int, int]) -> np.ndarray:
@@ -422,7 +448,7 @@ def image_caption(predictions: DatasetPredictions, index: int, threshold: float)
     score = float(predictions.scores[index])
     label = true_label(bool(predictions.is_anomaly[index]), predictions.defect_types[index])
     return (
-        f"{predictions.image_names[index]} · score {score:.4g} · "
+        f"{predictions.image_names[index]} · score {score_text(score)} · "
         f"{decision_text(score, threshold)} · {label}"
     )
 

@@ -29,6 +29,7 @@ def streamlit_command(results: Path, port: int, address: str, headless: bool) ->
         "--server.port", str(port), "--server.address", address,
         "--server.headless", "true" if headless else "false",
         "--browser.gatherUsageStats", "false", "--client.toolbarMode", "minimal",
+        "--server.fileWatcherType", "none",
         "--", "--results", str(results),
     ]  # fmt: skip
 
