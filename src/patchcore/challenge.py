@@ -38,9 +38,9 @@ import tqdm
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
-from patchcore.cli import configure_logging
+from patchcore.cli_support import configure_logging, run_guarded
 from patchcore.datasets import Sample, list_samples, open_image
-from patchcore.deploy import ALTERNATIVE_SUFFIX, WEIGHTS_SUFFIX, run_guarded
+from patchcore.deploy import ALTERNATIVE_SUFFIX, WEIGHTS_SUFFIX
 from patchcore.errors import ConfigurationError, DataError, ModelFormatError
 from patchcore.metrics import full_pixel_auroc, instance_auroc, instance_f1max, pixel_f1max
 from patchcore.reporting import format_results_table, write_results_csv
@@ -52,12 +52,6 @@ MAX_ROTATION_DEGREES = 20.0
 JITTER = 0.1
 BLUR_SIGMA_RANGE = (0.1, 2.0)
 COLOUR_ADJUSTMENTS = ("brightness", "contrast", "saturation", "hue")
-METRICS = {
-    "instance_auroc": instance_auroc,
-    "full_pixel_auroc": full_pixel_auroc,
-    "instance_f1max": instance_f1max,
-    "pixel_f1max": pixel_f1max,
-}
 MAP_KEYS = ("anomaly_maps", "anomaly_map")
 
 
@@ -76,6 +70,8 @@ class ChallengeOptions:
     device: torch.device
 
     def __post_init__(self) -> None:
+        if self.seed < 0:
+            raise ConfigurationError(f"--seed must be >= 0, got {self.seed}")
         if not self.weights_path.is_dir():
             raise ConfigurationError(f"--weights_path {self.weights_path}: not a folder")
         if not self.dataset_path.is_dir():
@@ -159,7 +155,8 @@ def apply_drift(
     image = _geometric(image, parameters, InterpolationMode.BILINEAR)
     mask = _geometric(mask, parameters, InterpolationMode.NEAREST)
     image = _colour(image, parameters)
-    image = TF.gaussian_blur(image, [parameters.blur_kernel_size], [parameters.blur_sigma])
+    size, sigma = parameters.blur_kernel_size, parameters.blur_sigma
+    image = TF.gaussian_blur(image, [size, size], [sigma, sigma])
     return image.clamp(0.0, 1.0), mask
 
 

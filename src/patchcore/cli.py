@@ -19,6 +19,7 @@ from pathlib import Path
 import click
 
 from patchcore.backbones import default_layers, split_seeded_name
+from patchcore.cli_support import configure_logging, run_guarded
 from patchcore.config import (
     DATASET_NAMES,
     DISTANCES,
@@ -31,7 +32,7 @@ from patchcore.config import (
     SearchConfig,
 )
 from patchcore.ensemble import NORMALISATIONS
-from patchcore.errors import ConfigurationError, PatchCoreError
+from patchcore.errors import ConfigurationError
 from patchcore.reporting import format_results_table
 from patchcore.runs import (
     OutputOptions,
@@ -132,26 +133,9 @@ def _as_usage_errors():
         raise click.UsageError(str(error)) from error
 
 
-def configure_logging() -> None:
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
-
-
 def _show_results(rows: dict[str, dict[str, float]], folder: Path) -> None:
     click.echo("\n" + format_results_table(rows))
     click.echo(f"\nResults: {folder / 'results.csv'}")
-
-
-def _run_guarded(job) -> None:
-    """Runs `job`; a PatchCoreError becomes one line on stderr and exit code 1."""
-    try:
-        job()
-    except PatchCoreError as error:
-        # Errors raised in DataLoader workers arrive wrapped; their last line is ours.
-        message = str(error).strip().splitlines()[-1] if str(error).strip() else repr(error)
-        raise click.ClickException(message) from error
 
 
 # ------------------------------------------------------------------ shared options
@@ -265,7 +249,7 @@ def _train(
         rows = train_run(run_folder, configs, dataset, device, model_options.search, output)
         _show_results(rows, run_folder)
 
-    _run_guarded(job)
+    run_guarded(job)
 
 
 @train_cli.command("patch_core")
@@ -408,7 +392,7 @@ def _evaluate(
         )  # fmt: skip
         _show_results(rows, folder)
 
-    _run_guarded(job)
+    run_guarded(job)
 
 
 @evaluate_cli.command("patch_core_loader")

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import click
 
-from patchcore.cli import configure_logging, train_cli
+from patchcore.cli import train_cli
+from patchcore.cli_support import configure_logging
 from patchcore.synthetic import SYNTHETIC_CATEGORIES, SyntheticSpec, generate_dataset
 
 LOGGER = logging.getLogger(__name__)

@@ -32,10 +32,7 @@ import dataclasses
 import json
 import logging
 import math
-import os
-import tempfile
-import typing
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import click
@@ -47,11 +44,13 @@ from torchvision.transforms.v2 import functional as TF
 from patchcore import __version__
 from patchcore.anomaly_maps import DEFAULT_SIGMA, patch_scores_to_maps
 from patchcore.backbones import EFFICIENTNET_LITE0, TORCHVISION_ALIASES, load_backbone
+from patchcore.cli_support import run_guarded
 from patchcore.config import DATASET_NAMES, PatchCoreConfig, PreprocessingConfig, SearchConfig
-from patchcore.errors import ConfigurationError, DataError, ModelFormatError, PatchCoreError
+from patchcore.errors import ConfigurationError, DataError, ModelFormatError
 from patchcore.feature_extraction import FeatureExtractor
-from patchcore.model import NormalStatistics, PatchCore
-from patchcore.model_io import PARAMS_FILE, load_models
+from patchcore.files import atomic_write
+from patchcore.model import NormalStatistics, PatchCore, reweighting_factor
+from patchcore.model_io import PARAMS_FILE, config_from_meta, load_models
 from patchcore.nearest_neighbours import TorchNearestNeighbours
 from patchcore.patch_features import PatchFeatureAggregator
 
@@ -90,28 +89,6 @@ def decode_json(tensor: torch.Tensor) -> dict:
     return data
 
 
-def dataclass_from_dict(cls: type, data: dict):
-    """Builds dataclass `cls` from `dataclasses.asdict` output, nested dataclasses included.
-
-    Lists become tuples where the field is a tuple; fields missing from `data` keep their
-    defaults (files from older versions); unknown fields are an error.
-    """
-    hints = typing.get_type_hints(cls)
-    names = {field.name for field in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise ModelFormatError(f"unknown {cls.__name__} fields {unknown}")
-    values = {}
-    for name, value in data.items():
-        hint = hints[name]
-        if dataclasses.is_dataclass(hint) and isinstance(value, dict):
-            value = dataclass_from_dict(hint, value)
-        elif typing.get_origin(hint) is tuple and isinstance(value, list):
-            value = tuple(value)
-        values[name] = value
-    return cls(**values)
-
-
 def config_blob(config: PatchCoreConfig) -> dict:
     """The self-description stored under CONFIG_KEY."""
     return {
@@ -125,17 +102,7 @@ def config_blob(config: PatchCoreConfig) -> dict:
 
 def config_from_blob(blob: dict) -> PatchCoreConfig:
     """The model configuration in a CONFIG_KEY blob, after checking its format version."""
-    if blob.get("format") != FORMAT_NAME:
-        raise ModelFormatError(f"state dict entry '{CONFIG_KEY}' is not a {FORMAT_NAME} blob")
-    version = blob.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise ModelFormatError(
-            f"weights of format version {version} are newer than this library understands "
-            f"(up to {FORMAT_VERSION}, patchcore {__version__}); upgrade patchcore"
-        )
-    if not isinstance(blob.get("config"), dict):
-        raise ModelFormatError(f"state dict entry '{CONFIG_KEY}' holds no configuration")
-    return dataclass_from_dict(PatchCoreConfig, blob["config"])
+    return config_from_meta(blob, f"state dict entry '{CONFIG_KEY}'", FORMAT_NAME, FORMAT_VERSION)
 
 
 def statistics_tensor(statistics: NormalStatistics | None) -> torch.Tensor:
@@ -207,30 +174,6 @@ def build_feature_extractor(config: PatchCoreConfig) -> FeatureExtractor:
     """The backbone graph of `config` with placeholder weights (never downloads)."""
     backbone = load_backbone(config.backbone_name, pretrained=False, init_seed=config.seed)
     return FeatureExtractor(backbone, config.layers)
-
-
-def reweighting_factor(
-    features: torch.Tensor,
-    neighbours: torch.Tensor,
-    worst_patch: torch.Tensor,
-    index: TorchNearestNeighbours,
-    neighbourhood_size: int,
-) -> torch.Tensor:
-    """The paper's Eq. 7 weight per image, as `PatchCore.predict` applies it.
-
-    features [B, P, D] and neighbours [B, P, k] (bank indices, nearest first) of each
-    image's patches; worst_patch [B] the most anomalous patch. m* is the bank feature
-    nearest to that patch; the weight is 1 - softmax of L2 distances over the
-    `neighbourhood_size` nearest bank features of m*, taken at m*.
-    """
-    rows = torch.arange(len(worst_patch), device=features.device)
-    test_features = features[rows, worst_patch]
-    nearest = neighbours[rows, worst_patch, 0]
-    bank = index.bank
-    _, neighbourhood = index.search(bank[nearest], neighbourhood_size)
-    distances = torch.linalg.vector_norm(bank[neighbourhood] - test_features[:, None], dim=-1)
-    nearest_distance = torch.linalg.vector_norm(bank[nearest] - test_features, dim=-1)
-    return 1.0 - torch.exp(nearest_distance - torch.logsumexp(distances, dim=1))
 
 
 class PatchCoreModule(torch.nn.Module):
@@ -361,9 +304,13 @@ class PatchCoreModule(torch.nn.Module):
             )
         return patch_scores, image_scores
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        """images float [B, 3, H, W] in [0, 1] -> pred_score, anomaly_maps/anomaly_map [B, H, W]."""
+        """images float [B, 3, H, W] in [0, 1] -> pred_score, anomaly_maps/anomaly_map [B, H, W].
+
+        Runs without autograd, but not in inference mode, so callers may modify the returned
+        tensors in place.
+        """
         config = self._require_config()
         if images.ndim != 4 or images.shape[1] != 3 or not images.is_floating_point():
             raise DataError(
@@ -438,19 +385,6 @@ def requirements_text(configs: Sequence[PatchCoreConfig]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Calls write(temporary path) in path's folder, then moves the result to `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(descriptor)
-    temporary = Path(name)
-    try:
-        write(temporary)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
-
-
 def load_single_model(folder: Path) -> PatchCore:
     """The model of a folder on the CPU; ensembles are refused."""
     models = load_models(folder, "cpu", SearchConfig(backend="torch"))
@@ -504,15 +438,6 @@ def export_challenge_models(
 
 
 # --------------------------------------------------------------------------- CLI
-def run_guarded(job: Callable[[], None]) -> None:
-    """Runs `job`; a PatchCoreError becomes a one-line click error (exit code 1)."""
-    try:
-        job()
-    except PatchCoreError as error:
-        lines = str(error).strip().splitlines()
-        raise click.ClickException(lines[-1] if lines else repr(error)) from error
-
-
 @click.command()
 @click.argument(
     "sources",
@@ -540,6 +465,8 @@ def export_cli(sources: tuple[Path, ...], output_folder: Path, also_pt: bool) ->
 
 def export_main() -> None:
     """Entry point of `patchcore-export-challenge` and bin/export_challenge_models.py."""
+    # Imported here: patchcore.cli pulls in matplotlib and scipy, which evaluators that only
+    # import PatchCoreModule (see requirements_text) need not have.
     from patchcore.cli import configure_logging
 
     configure_logging()

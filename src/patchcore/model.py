@@ -78,6 +78,33 @@ def gather_rows(chunks: list[torch.Tensor], indices: torch.Tensor) -> torch.Tens
     return rows
 
 
+def reweighting_factor(
+    features: torch.Tensor,
+    neighbours: torch.Tensor,
+    worst_patch: torch.Tensor,
+    index,
+    neighbourhood_size: int,
+) -> torch.Tensor:
+    """The paper's Eq. 7 weight per image: 1 - softmax over the neighbourhood of m*, at m*.
+
+    features [B, P, D] and neighbours [B, P, k] (bank indices, nearest first) of each image's
+    patches; worst_patch [B], each image's most anomalous patch. m* is the bank feature
+    nearest to that patch; its neighbourhood is its `neighbourhood_size` nearest bank
+    features (m* included), searched with `index`. Distances here are L2, as in the paper.
+    """
+    device = features.device
+    rows = torch.arange(len(worst_patch), device=device)
+    test_features = features[rows, worst_patch]  # [B, D]
+    nearest = neighbours[rows, worst_patch, 0]  # [B]
+    bank = index.bank.to(device)
+    _, neighbourhood = index.search(bank[nearest], neighbourhood_size)
+    neighbourhood_distances = torch.linalg.vector_norm(
+        bank[neighbourhood.to(device)] - test_features[:, None, :], dim=-1
+    )  # [B, b]
+    nearest_distance = torch.linalg.vector_norm(bank[nearest] - test_features, dim=-1)
+    return 1.0 - torch.exp(nearest_distance - torch.logsumexp(neighbourhood_distances, dim=1))
+
+
 def images_of(batch) -> torch.Tensor:
     """A data-loader batch is either an image tensor or a dict holding one under 'image'."""
     return batch["image"] if isinstance(batch, dict) else batch
@@ -176,35 +203,15 @@ class PatchCore:
         flat = patch_scores.reshape(batch, -1)
         image_scores, worst_patch = flat.max(dim=1)
         if self.config.score_reweighting:
-            image_scores = image_scores * self._reweighting_factor(
+            image_scores = image_scores * reweighting_factor(
                 features.reshape(batch, grid_h * grid_w, -1),
                 neighbours.to(self.device).reshape(batch, grid_h * grid_w, -1),
                 worst_patch,
+                self.index,
+                self.config.reweighting_neighbours,
             )
         maps = patch_scores_to_maps(patch_scores, tuple(images.shape[-2:]), DEFAULT_SIGMA)
         return Prediction(image_scores.cpu(), maps.cpu(), patch_scores.cpu())
-
-    def _reweighting_factor(
-        self, features: torch.Tensor, neighbours: torch.Tensor, worst_patch: torch.Tensor
-    ) -> torch.Tensor:
-        """The paper's Eq. 7 weight, 1 - softmax over the neighbourhood of m*, at m*.
-
-        m* is the bank feature nearest to the most anomalous test patch; its neighbourhood is
-        its `reweighting_neighbours` nearest bank features (m* itself included). Distances
-        here are L2, as in the paper.
-        """
-        rows = torch.arange(len(worst_patch), device=self.device)
-        test_features = features[rows, worst_patch]  # [B, D]
-        nearest = neighbours[rows, worst_patch, 0]  # [B]
-        bank = self.memory_bank.to(self.device)
-        _, neighbourhood = self.index.search(bank[nearest], self.config.reweighting_neighbours)
-        neighbourhood = neighbourhood.to(self.device)
-        neighbourhood_distances = torch.linalg.vector_norm(
-            bank[neighbourhood] - test_features[:, None, :], dim=-1
-        )  # [B, b]
-        nearest_distance = torch.linalg.vector_norm(bank[nearest] - test_features, dim=-1)
-        log_ratio = nearest_distance - torch.logsumexp(neighbourhood_distances, dim=1)
-        return 1.0 - torch.exp(log_ratio)
 
     def predict_batches(self, batches: Iterable, description: str = "Inferring") -> Prediction:
         """Predicts every batch of an iterable (e.g. a DataLoader) and concatenates."""

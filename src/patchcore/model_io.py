@@ -152,20 +152,27 @@ def _read_meta(path: Path) -> dict:
         meta = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ModelFormatError(f"{path}: not valid JSON ({error})") from error
-    if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict):
-        raise ModelFormatError(f"{path}: no 'config' object; not a {FORMAT_NAME} meta file")
+    if not isinstance(meta, dict):
+        raise ModelFormatError(f"{path}: not a {FORMAT_NAME} description")
     return meta
 
 
-def _config_from_meta(meta: dict, path: Path) -> PatchCoreConfig:
-    if meta.get("format") != FORMAT_NAME:
-        raise ModelFormatError(f"{path}: not a {FORMAT_NAME} meta file")
+def config_from_meta(
+    meta: dict, where: str, format_name: str = FORMAT_NAME, format_version: int = FORMAT_VERSION
+) -> PatchCoreConfig:
+    """The configuration in a self-description (`patchcore_meta.json`, or an exported
+    module's state dict with its own format name), after checking the format name and
+    version; `where` names the description in errors."""
+    if meta.get("format") != format_name:
+        raise ModelFormatError(f"{where}: not a {format_name} description")
     version = meta.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
+    if not isinstance(version, int) or version > format_version:
         raise ModelFormatError(
-            f"{path}: model format version {version} is newer than this library understands "
-            f"(up to {FORMAT_VERSION}, patchcore {__version__}); upgrade patchcore"
+            f"{where}: model format version {version} is newer than this library understands "
+            f"(up to {format_version}, patchcore {__version__}); upgrade patchcore"
         )
+    if not isinstance(meta.get("config"), dict):
+        raise ModelFormatError(f"{where}: holds no configuration")
     fields = dict(meta["config"])
     fields["layers"] = tuple(fields["layers"])
     fields["preprocessing"] = PreprocessingConfig(**fields["preprocessing"])
@@ -173,7 +180,7 @@ def _config_from_meta(meta: dict, path: Path) -> PatchCoreConfig:
     known = {field.name for field in dataclasses.fields(PatchCoreConfig)}
     unknown = sorted(set(fields) - known)
     if unknown:
-        raise ModelFormatError(f"{path}: unknown configuration fields {unknown}")
+        raise ModelFormatError(f"{where}: unknown configuration fields {unknown}")
     return PatchCoreConfig(**fields)
 
 
@@ -215,7 +222,7 @@ def load_model(
         raise ModelFormatError(f"{params_path}: expected a dict of parameters")
     if meta_path.is_file():
         meta = _read_meta(meta_path)
-        config = _config_from_meta(meta, meta_path)
+        config = config_from_meta(meta, str(meta_path))
     else:
         LOGGER.info("%s has no %s: reading it as a reference-format model", folder, META_FILE)
         meta = {}

@@ -1,7 +1,8 @@
 """Scoring new images with a saved model: accept/reject decisions, heat maps and masks.
 
     predict_patchcore.py MODEL_DIR INPUT... [--output predictions.csv|.jsonl]
-                         [--heatmaps DIR] [--masks DIR] [--threshold T] [--gpu N]
+                         [--heatmaps DIR] [--masks DIR [--mask_threshold P]]
+                         [--threshold T] [--gpu N] [--batch_size B] [--num_workers W]
 
 INPUTs are image files, folders (searched recursively) or glob patterns. Images go
 through the model's own preprocessing (shorter side resized, centre crop), exactly as in
@@ -17,8 +18,11 @@ onto the whole image as `patchcore.deploy.uncrop_maps` does; outside the crop th
 crop-edge value is used). Every heat map uses the same colour scale, fixed by the model:
 from the lowest pixel score of its held-out normal images (0 without statistics) up to the
 value that puts the threshold in the middle of the colour bar; values outside are clipped.
-A mask marks the pixels whose anomaly-map value is above the image threshold. The map never
-exceeds its image score (without score re-weighting), so accepted images get empty masks.
+A mask marks the pixels whose anomaly-map value is above the decision threshold (or
+`--mask_threshold`). The map never exceeds its image score (without score re-weighting), so
+accepted images get empty masks; the Gaussian smoothing lowers narrow peaks, so a rejected
+image whose anomaly is a single patch may get an empty mask too (a lower `--mask_threshold`
+then shows it).
 
 Unreadable files are logged, skipped and counted; the run goes on.
 """
@@ -32,6 +36,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -45,11 +50,12 @@ import tqdm
 from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
-from patchcore.cli import configure_logging
+from patchcore.cli_support import configure_logging, run_guarded
 from patchcore.config import SEARCH_BACKENDS, PreprocessingConfig, SearchConfig
 from patchcore.datasets import IMAGE_EXTENSIONS, ImageDataset, image_files, open_image
-from patchcore.deploy import atomic_write, run_guarded, uncrop_maps
+from patchcore.deploy import uncrop_maps
 from patchcore.errors import ConfigurationError, DataError
+from patchcore.files import atomic_write
 from patchcore.model import NormalStatistics, PatchCore
 from patchcore.model_io import load_models
 from patchcore.runs import select_device
@@ -72,6 +78,7 @@ class PredictOptions:
     heatmaps: Path | None = None
     masks: Path | None = None
     threshold: float | None = None
+    mask_threshold: float | None = None
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     batch_size: int = 8
     num_workers: int = 4
@@ -84,8 +91,12 @@ class PredictOptions:
             raise ConfigurationError(f"--batch_size must be >= 1, got {self.batch_size}")
         if self.num_workers < 0:
             raise ConfigurationError(f"--num_workers must be >= 0, got {self.num_workers}")
-        if self.threshold is not None and not math.isfinite(self.threshold):
-            raise ConfigurationError(f"--threshold must be a finite number, got {self.threshold}")
+        for option, value in (
+            ("--threshold", self.threshold),
+            ("--mask_threshold", self.mask_threshold),
+        ):
+            if value is not None and not math.isfinite(value):
+                raise ConfigurationError(f"{option} must be a finite number, got {value}")
 
     @property
     def json_lines(self) -> bool:
@@ -198,11 +209,9 @@ class ResultWriter:
     def __init__(self, path: Path, json_lines: bool) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        descriptor, name = tempfile.mkstemp(
-            prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent
-        )
-        self.temporary = Path(name)
-        self.handle = os.fdopen(descriptor, "w", newline="", encoding="utf-8")
+        self.staging = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.", dir=self.path.parent))
+        self.temporary = self.staging / self.path.name
+        self.handle = self.temporary.open("x", newline="", encoding="utf-8")
         self.csv = None if json_lines else csv.writer(self.handle)
         if self.csv is not None:
             self.csv.writerow(COLUMNS)
@@ -221,9 +230,9 @@ class ResultWriter:
         os.replace(self.temporary, self.path)
 
     def discard(self) -> None:
-        """Closes and removes the temporary file; nothing to do after `commit`."""
+        """Closes and removes the temporary folder (all that is left of it after `commit`)."""
         self.handle.close()
-        self.temporary.unlink(missing_ok=True)
+        shutil.rmtree(self.staging, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -268,7 +277,7 @@ class ImageOutputs:
 
     heatmaps: Path | None
     masks: Path | None
-    threshold: float
+    mask_threshold: float
     colour_range: tuple[float, float]
     preprocessing: PreprocessingConfig
 
@@ -282,7 +291,7 @@ class ImageOutputs:
                 self.heatmaps / f"{stem}.png", heatmap_overlay(image, full_map, self.colour_range)
             )
         if self.masks is not None:
-            mask = (full_map > self.threshold).astype(np.uint8) * 255
+            mask = (full_map > self.mask_threshold).astype(np.uint8) * 255
             write_png(self.masks / f"{stem}.png", mask)
 
 
@@ -363,7 +372,7 @@ def run_prediction(options: PredictOptions) -> PredictionSummary:
     images = ImageOutputs(
         options.heatmaps,
         options.masks,
-        threshold,
+        threshold if options.mask_threshold is None else options.mask_threshold,
         heatmap_colour_range(threshold, model.normal_statistics),
         model.config.preprocessing,
     )
@@ -399,7 +408,12 @@ def run_prediction(options: PredictOptions) -> PredictionSummary:
 @click.option(
     "--masks",
     type=click.Path(file_okay=False, path_type=Path),
-    help="Folder for one binary mask PNG per image (map > threshold).",
+    help="Folder for one binary mask PNG per image (anomaly map > mask threshold).",
+)
+@click.option(
+    "--mask_threshold",
+    type=float,
+    help="Pixel threshold of --masks; default: the decision threshold.",
 )
 @click.option(
     "--threshold",
@@ -423,8 +437,8 @@ def run_prediction(options: PredictOptions) -> PredictionSummary:
     help="Exact nearest-neighbour search with FAISS or torch.",
 )
 def predict_cli(
-    model_dir, inputs, output, heatmaps, masks, threshold, gpu, batch_size, num_workers,
-    nn_backend,
+    model_dir, inputs, output, heatmaps, masks, mask_threshold, threshold, gpu, batch_size,
+    num_workers, nn_backend,
 ):  # fmt: skip
     """Score new images (INPUTS: files, folders, glob patterns) with the model in MODEL_DIR."""
 
@@ -436,6 +450,7 @@ def predict_cli(
             heatmaps=heatmaps,
             masks=masks,
             threshold=threshold,
+            mask_threshold=mask_threshold,
             device=select_device((gpu,)),
             batch_size=batch_size,
             num_workers=num_workers,

@@ -13,14 +13,13 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from patchcore.errors import DataError
+from patchcore.files import atomic_write_bytes
 
 CSV_FILE = "predictions.csv"
 ARRAYS_FILE = "arrays.npz"
@@ -46,17 +45,6 @@ class DatasetPredictions:
     patch_grid: tuple[int, int]
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            stream.write(data)
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-
-
 def write_predictions(folder: Path, predictions: DatasetPredictions) -> Path:
     """Writes the three files of one dataset into `folder` (created if needed)."""
     folder = Path(folder)
@@ -73,12 +61,12 @@ def write_predictions(folder: Path, predictions: DatasetPredictions) -> Path:
         (repr(float(score)) for score in predictions.scores),
     ):
         writer.writerow(row)
-    _atomic_write(folder / CSV_FILE, table.getvalue().encode())
+    atomic_write_bytes(folder / CSV_FILE, table.getvalue().encode())
     arrays = io.BytesIO()
     np.savez_compressed(
         arrays, maps=predictions.maps.astype(np.float16), masks=predictions.masks.astype(bool)
     )
-    _atomic_write(folder / ARRAYS_FILE, arrays.getvalue())
+    atomic_write_bytes(folder / ARRAYS_FILE, arrays.getvalue())
     summary = {
         "name": predictions.name,
         "metrics": {key: (None if np.isnan(v) else v) for key, v in predictions.metrics.items()},
@@ -86,7 +74,7 @@ def write_predictions(folder: Path, predictions: DatasetPredictions) -> Path:
         "image_size": list(predictions.maps.shape[-2:]),
         "patch_grid": list(predictions.patch_grid),
     }
-    _atomic_write(folder / SUMMARY_FILE, json.dumps(summary, indent=2).encode())
+    atomic_write_bytes(folder / SUMMARY_FILE, json.dumps(summary, indent=2).encode())
     return folder
 
 

@@ -16,9 +16,10 @@ import csv
 import logging
 import math
 import os
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
+
+from patchcore.files import atomic_write
 
 LOGGER = logging.getLogger(__name__)
 
@@ -106,27 +107,20 @@ def _csv_records(rows: Rows) -> list[list[str]]:
 def write_results_csv(path: Path, rows: Rows) -> Path:
     """Write `rows` (dataset -> metric -> fraction) to `path` atomically; return the path.
 
-    The file is written to a temporary file in the same folder and moved into place with
-    `os.replace`, so readers never see a partial file; on failure the temporary file is
-    removed and the error propagates. Parent folders are created as needed.
+    Readers never see a partial file: on failure nothing is written and the error
+    propagates. Parent folders are created as needed.
     """
     _check_rows(rows)
     path = Path(path)
     records = _csv_records(rows)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary_name = tempfile.mkstemp(
-        prefix=f".{path.name}.", suffix=".tmp", dir=path.parent
-    )
-    temporary = Path(temporary_name)
-    try:
-        with os.fdopen(descriptor, "w", newline="", encoding="utf-8") as handle:
+
+    def write(temporary: Path) -> None:
+        with open(temporary, "w", newline="", encoding="utf-8") as handle:
             csv.writer(handle).writerows(records)
             handle.flush()
             os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
+
+    atomic_write(path, write)
     LOGGER.info("Wrote results of %d dataset(s) to %s", len(rows), path)
     return path
 

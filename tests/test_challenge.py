@@ -1,0 +1,167 @@
+"""Challenge-style evaluation of exported modules, with and without seeded drift."""
+
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from patchcore.challenge import (
+    ChallengeOptions,
+    DriftParameters,
+    apply_drift,
+    challenge_cli,
+    drift_generator,
+    load_module_class,
+    load_test_pair,
+    run_challenge,
+    sample_drift,
+)
+from patchcore.datasets import list_samples
+from patchcore.deploy import PatchCoreModule, export_challenge_models
+from patchcore.errors import ConfigurationError
+from patchcore.model_io import save_models
+from patchcore.reporting import read_results_csv
+from test_deploy import REPO, fit_small_model, run_script_help
+
+DEPLOY_FILE = REPO / "src" / "patchcore" / "deploy.py"
+NO_CHANGE = DriftParameters(
+    horizontal_flip=False, vertical_flip=False, angle=0.0, brightness=1.0, contrast=1.0,
+    saturation=1.0, hue=0.0, colour_order=(0, 1, 2, 3), blur_sigma=0.1,
+)  # fmt: skip
+COLUMNS = ["instance_auroc", "full_pixel_auroc", "instance_f1max", "pixel_f1max"]
+
+
+@pytest.fixture(scope="module")
+def weights(synthetic_root, tmp_path_factory) -> Path:
+    """Exported <category>.pth files of small models trained on both synthetic categories."""
+    run = tmp_path_factory.mktemp("challenge_run")
+    for category in ("texture", "object"):
+        model = fit_small_model(synthetic_root, category)
+        save_models(run / "models" / f"mvtec_{category}", [model])
+    export_challenge_models([run], run / "weights")
+    return run / "weights"
+
+
+def options(weights: Path, root: Path, output: Path, **changes) -> ChallengeOptions:
+    fields = {
+        "module_path": "patchcore.deploy",
+        "class_name": "PatchCoreModule",
+        "weights_path": weights,
+        "dataset_path": root,
+        "categories": ("texture",),
+        "seed": 42,
+        "drift": True,
+        "output": output,
+        "device": torch.device("cpu"),
+    }
+    fields.update(changes)
+    return ChallengeOptions(**fields)
+
+
+def test_command_line_writes_rows_per_category_and_the_mean(weights, synthetic_root, tmp_path):
+    output = tmp_path / "challenge.csv"
+    outcome = CliRunner().invoke(challenge_cli, [
+        "--module_path", str(DEPLOY_FILE), "--class_name", "PatchCoreModule",
+        "--weights_path", str(weights), "--dataset_path", str(synthetic_root),
+        "--output", str(output), "--device", "cpu",
+    ])  # fmt: skip
+    assert outcome.exit_code == 0, outcome.output
+    rows = read_results_csv(output)
+    assert list(rows) == ["object", "texture", "Mean"]
+    assert list(rows["texture"]) == COLUMNS
+    assert all(0.0 <= value <= 1.0 for row in rows.values() for value in row.values())
+    assert rows["texture"]["instance_auroc"] >= 0.7  # random-weight backbone, visible defects
+    assert "image AUROC" in outcome.output and "pixel F1max" in outcome.output
+    assert [p.name for p in tmp_path.iterdir()] == ["challenge.csv"]  # written atomically
+
+
+def test_same_seed_gives_the_same_numbers_and_drift_changes_them(weights, synthetic_root, tmp_path):
+    def evaluate(**changes) -> dict:
+        return run_challenge(options(weights, synthetic_root, tmp_path / "r.csv", **changes))
+
+    first = evaluate()
+    assert evaluate() == first
+    assert evaluate(drift=False) != first  # other seeds: test_drift_parameters_depend_only_...
+
+
+def test_drift_moves_the_mask_with_the_image():
+    image = torch.zeros(3, 256, 256)
+    image[:, 40:80, 150:210] = 1.0
+    mask = (image[:1] > 0.5).float()
+    for parameters in (
+        replace(NO_CHANGE, horizontal_flip=True),
+        replace(NO_CHANGE, vertical_flip=True),
+    ):
+        moved_image, moved_mask = apply_drift(image, mask, parameters)
+        assert torch.equal(moved_mask[0] > 0.5, moved_image.mean(dim=0) > 0.5)
+        assert not torch.equal(moved_mask, mask)
+    rotated = replace(NO_CHANGE, angle=17.0, horizontal_flip=True)
+    moved_image, moved_mask = apply_drift(image, mask, rotated)
+    in_image, in_mask = moved_image.mean(dim=0) > 0.5, moved_mask[0] > 0.5
+    overlap = (in_image & in_mask).sum() / (in_image | in_mask).sum()
+    assert overlap > 0.95
+    assert set(moved_mask.unique().tolist()) <= {0.0, 1.0}  # nearest: still binary
+
+
+def test_colour_and_blur_change_the_image_only():
+    image = torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(0))
+    mask = (torch.rand(1, 64, 64) > 0.5).float()
+    jittered = replace(NO_CHANGE, brightness=1.1, hue=0.05, blur_sigma=1.5)
+    new_image, new_mask = apply_drift(image, mask, jittered)
+    assert torch.equal(new_mask, mask)
+    assert not torch.allclose(new_image, image, atol=1e-3)
+    assert new_image.min() >= 0.0 and new_image.max() <= 1.0
+
+
+def test_drift_parameters_depend_only_on_seed_and_index():
+    draws = [sample_drift(drift_generator(42, index)) for index in range(40)]
+    assert draws[3] == sample_drift(drift_generator(42, 3))
+    assert draws[3] != sample_drift(drift_generator(43, 3))
+    assert len(set(draws)) == len(draws)
+    assert all(-20.0 <= d.angle <= 20.0 and 0.1 <= d.blur_sigma <= 2.0 for d in draws)
+    assert all(0.9 <= d.brightness <= 1.1 and -0.1 <= d.hue <= 0.1 for d in draws)
+    assert {d.horizontal_flip for d in draws} == {True, False}
+    assert all(sorted(d.colour_order) == [0, 1, 2, 3] for d in draws)
+
+
+def test_test_images_are_256_pixels_with_binary_masks(synthetic_root):
+    sample = next(s for s in list_samples(synthetic_root, "object", "test") if s.is_anomaly)
+    image, mask = load_test_pair(sample)
+    assert image.shape == (3, 256, 256) and image.dtype == torch.float32
+    assert mask.shape == (1, 256, 256) and set(mask.unique().tolist()) == {0.0, 1.0}
+
+
+def test_class_loads_from_a_file_or_a_module_name():
+    assert load_module_class("patchcore.deploy", "PatchCoreModule") is PatchCoreModule
+    from_file = load_module_class(str(DEPLOY_FILE), "PatchCoreModule")
+    assert from_file.__name__ == "PatchCoreModule" and callable(from_file)
+    with pytest.raises(ConfigurationError, match="--class_name Nope: no such class"):
+        load_module_class("patchcore.deploy", "Nope")
+    with pytest.raises(ConfigurationError, match="--module_path missing.py: file does not exist"):
+        load_module_class("missing.py", "PatchCoreModule")
+
+
+def test_bad_arguments_give_one_line_errors(weights, synthetic_root, tmp_path):
+    base = ["--weights_path", str(weights), "--dataset_path", str(synthetic_root),
+            "--output", str(tmp_path / "r.csv"), "--device", "cpu"]  # fmt: skip
+    outcome = CliRunner().invoke(challenge_cli, [*base, "--category", "carpet"])
+    assert outcome.exit_code == 1
+    assert f"Error: --category carpet: no carpet.pth in {weights}" in outcome.output
+    outcome = CliRunner().invoke(challenge_cli, [*base, "--module_path", "no_such_module_xyz"])
+    assert outcome.exit_code == 1 and "neither a Python file nor an importable" in outcome.output
+
+
+def test_unloadable_weights_name_the_file(weights, synthetic_root, tmp_path):
+    (tmp_path / "texture.pth").write_bytes(b"not a weights file")
+    outcome = CliRunner().invoke(challenge_cli, [
+        "--weights_path", str(tmp_path), "--dataset_path", str(synthetic_root),
+        "--output", str(tmp_path / "r.csv"), "--device", "cpu",
+    ])  # fmt: skip
+    assert outcome.exit_code == 1
+    assert f"Error: {tmp_path / 'texture.pth'}: cannot read weights" in outcome.output
+
+
+def test_challenge_script_is_a_thin_entry_point(monkeypatch, capsys):
+    assert "--weights_path" in run_script_help("evaluate_challenge.py", monkeypatch, capsys)

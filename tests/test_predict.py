@@ -1,0 +1,218 @@
+"""Prediction on new images: decisions, outputs, unreadable files, errors."""
+
+import csv
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+from patchcore.datasets import ImageDataset, list_samples
+from patchcore.model import PatchCore
+from patchcore.model_io import save_models
+from patchcore.predict import (
+    COLUMNS,
+    heatmap_colour_range,
+    output_stems,
+    predict_cli,
+    streamed_results,
+)
+from test_deploy import fit_small_model, run_script_help
+
+
+@pytest.fixture(scope="module")
+def models(synthetic_root, tmp_path_factory) -> dict:
+    """A calibrated model folder, the same model without a threshold, and the threshold."""
+    folder = tmp_path_factory.mktemp("predict_models")
+    model = fit_small_model(synthetic_root, "texture")
+    save_models(folder / "calibrated", [model])
+    uncalibrated = PatchCore(model.config)
+    uncalibrated.set_memory_bank(model.memory_bank)
+    save_models(folder / "uncalibrated", [uncalibrated])
+    return {
+        "calibrated": folder / "calibrated",
+        "uncalibrated": folder / "uncalibrated",
+        "threshold": model.normal_statistics.threshold,
+        "model": model,
+    }
+
+
+def predict(model_dir: Path, inputs: list, output: Path, *options) -> tuple[int, str]:
+    arguments = [model_dir, *inputs, "--output", output, "--gpu", "-1", "--num_workers", "0",
+                 *options]  # fmt: skip
+    outcome = CliRunner().invoke(predict_cli, [str(argument) for argument in arguments])
+    return outcome.exit_code, outcome.output
+
+
+def read_rows(path: Path) -> list[dict]:
+    with path.open(newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_every_image_gets_a_row_with_a_decision_against_the_saved_threshold(
+    models, synthetic_root, tmp_path
+):
+    test_folder = synthetic_root / "texture" / "test"
+    code, output = predict(models["calibrated"], [test_folder], tmp_path / "out.csv")
+    assert code == 0, output
+    rows = read_rows(tmp_path / "out.csv")
+    expected_paths = sorted(str(path) for path in test_folder.glob("*/*.png"))
+    assert [row["path"] for row in rows] == expected_paths
+    assert list(rows[0]) == list(COLUMNS)
+    for row in rows:
+        assert float(row["threshold"]) == models["threshold"]
+        rejected = float(row["score"]) > models["threshold"]
+        assert row["decision"] == ("reject" if rejected else "accept")
+    rejected = sum(row["decision"] == "reject" for row in rows)
+    assert f"{len(rows)} scored: {rejected} rejected, {len(rows) - rejected} accepted; " in output
+    assert "0 unreadable" in output
+
+
+def test_scores_equal_the_library_on_the_same_images(models, synthetic_root, tmp_path):
+    samples = list_samples(synthetic_root, "texture", "test")[:3]
+    paths = [sample.image_path for sample in samples]
+    code, output = predict(models["calibrated"], paths, tmp_path / "out.csv")
+    assert code == 0, output
+    model = models["model"]
+    dataset = ImageDataset(samples, model.config.preprocessing)
+    expected = model.predict(torch.stack([dataset[i]["image"] for i in range(3)]))
+    scores = [float(row["score"]) for row in read_rows(tmp_path / "out.csv")]
+    np.testing.assert_allclose(scores, expected.scores.numpy(), rtol=1e-4)
+
+
+@pytest.mark.parametrize(("threshold", "decision"), [("-1", "reject"), ("1e9", "accept")])
+def test_threshold_option_overrides_the_saved_one(
+    models, synthetic_root, tmp_path, threshold, decision
+):
+    pattern = str(synthetic_root / "texture" / "test" / "*" / "00[01].png")
+    code, output = predict(
+        models["calibrated"], [pattern], tmp_path / "out.csv", "--threshold", threshold
+    )
+    assert code == 0, output
+    rows = read_rows(tmp_path / "out.csv")
+    assert len(rows) == 8  # good has 000-003, each defect type 000-002
+    assert {row["decision"] for row in rows} == {decision}
+    assert {float(row["threshold"]) for row in rows} == {float(threshold)}
+
+
+def test_unreadable_files_are_skipped_counted_and_named(models, synthetic_root, tmp_path, caplog):
+    caplog.set_level(logging.WARNING)
+    folder = tmp_path / "incoming"
+    folder.mkdir()
+    for path in sorted((synthetic_root / "texture" / "test" / "good").glob("*.png"))[:3]:
+        shutil.copy(path, folder / path.name)
+    (folder / "broken.png").write_bytes(b"this is not an image")
+    (folder / "truncated.png").write_bytes((folder / "000.png").read_bytes()[:200])
+    code, output = predict(
+        models["calibrated"], [folder], tmp_path / "out.csv", "--num_workers", "2",
+        "--batch_size", "2",
+    )  # fmt: skip
+    assert code == 0, output
+    assert len(read_rows(tmp_path / "out.csv")) == 3
+    assert "3 scored" in output and "2 unreadable" in output
+    assert f"Skipping unreadable file: {folder / 'broken.png'}: cannot read image" in caplog.text
+    assert str(folder / "truncated.png") in caplog.text
+
+
+def test_json_lines_output(models, synthetic_root, tmp_path):
+    inputs = sorted((synthetic_root / "texture" / "test" / "hole").glob("*.png"))
+    code, output = predict(models["calibrated"], inputs, tmp_path / "out.jsonl")
+    assert code == 0, output
+    records = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [record["path"] for record in records] == [str(path) for path in inputs]
+    assert all(set(record) == set(COLUMNS) for record in records)
+    assert all(isinstance(record["score"], float) for record in records)
+
+
+def test_heat_maps_and_masks_are_written_at_the_input_size(models, synthetic_root, tmp_path):
+    test_folder = synthetic_root / "texture" / "test"
+    inputs = [test_folder / "good" / "000.png", test_folder / "scratch" / "000.png"]
+    code, output = predict(
+        models["calibrated"], inputs, tmp_path / "out.csv",
+        "--heatmaps", tmp_path / "heat", "--masks", tmp_path / "masks",
+    )  # fmt: skip
+    assert code == 0, output
+    names = ["good_000.png", "scratch_000.png"]
+    assert sorted(p.name for p in (tmp_path / "heat").iterdir()) == names
+    assert sorted(p.name for p in (tmp_path / "masks").iterdir()) == names
+    rows = {Path(row["path"]).parent.name: row for row in read_rows(tmp_path / "out.csv")}
+    for name in names:
+        heat = np.asarray(Image.open(tmp_path / "heat" / name))
+        original = np.asarray(Image.open(test_folder / name.replace("_", "/", 1)).convert("RGB"))
+        assert heat.shape == original.shape == (256, 256, 3)
+        assert not np.array_equal(heat, original)
+        mask = np.asarray(Image.open(tmp_path / "masks" / name))
+        assert mask.shape == (256, 256) and set(np.unique(mask)) <= {0, 255}
+        if rows[name.split("_")[0]]["decision"] == "accept":
+            assert not mask.any()  # the map never exceeds the image score
+
+
+def test_mask_threshold_sets_the_pixel_threshold(models, synthetic_root, tmp_path):
+    image = synthetic_root / "texture" / "test" / "good" / "001.png"
+    for mask_threshold, expected in (("-1", 255), ("1e9", 0)):
+        code, output = predict(
+            models["calibrated"], [image], tmp_path / "out.csv", "--masks", tmp_path / "m",
+            "--mask_threshold", mask_threshold,
+        )  # fmt: skip
+        assert code == 0, output
+        assert set(np.unique(np.asarray(Image.open(tmp_path / "m" / "001.png")))) == {expected}
+
+
+def test_missing_threshold_is_an_error_naming_both_fixes(models, synthetic_root, tmp_path):
+    image = synthetic_root / "texture" / "test" / "good" / "000.png"
+    code, output = predict(models["uncalibrated"], [image], tmp_path / "out.csv")
+    assert code == 1
+    assert "no saved threshold and no --threshold was given; pass --threshold T" in output
+    assert "--save_patchcore_model" in output
+    assert not (tmp_path / "out.csv").exists()
+    code, output = predict(
+        models["uncalibrated"], [image], tmp_path / "out.csv", "--threshold", "0.5"
+    )
+    assert code == 0, output
+
+
+def test_bad_inputs_and_ensembles_are_one_line_errors(models, synthetic_root, tmp_path):
+    code, output = predict(models["calibrated"], [tmp_path / "nope" / "*.png"], tmp_path / "o.csv")
+    assert code == 1
+    assert f"Error: {tmp_path / 'nope' / '*.png'}: no such file or folder" in output
+    model = models["model"]
+    save_models(tmp_path / "pair", [model, model])
+    image = synthetic_root / "texture" / "test" / "good" / "000.png"
+    code, output = predict(tmp_path / "pair", [image], tmp_path / "o.csv")
+    assert code == 1 and "an ensemble of 2 models; prediction supports single" in output
+
+
+def test_output_stems_are_unique_relative_paths(tmp_path):
+    paths = [tmp_path / "a" / "x.png", tmp_path / "b" / "x.png", tmp_path / "a b" / "x.png",
+             tmp_path / "a_b" / "x.png"]  # fmt: skip
+    assert output_stems(paths) == ["a_x", "b_x", "a_b_x", "a_b_x-2"]
+
+
+def test_results_stream_to_a_temporary_file_and_appear_at_the_end(tmp_path):
+    target = tmp_path / "out.csv"
+    with streamed_results(target, json_lines=False) as writer:
+        writer.write({"path": "p", "score": 1.5, "threshold": 1.0, "decision": "reject"})
+        assert "p,1.5,1.0,reject" in writer.temporary.read_text()
+        assert not target.exists()
+    assert target.read_text().splitlines() == ["path,score,threshold,decision", "p,1.5,1.0,reject"]
+    assert [p.name for p in tmp_path.iterdir()] == ["out.csv"]
+    with pytest.raises(KeyboardInterrupt), streamed_results(tmp_path / "x.csv", False) as writer:
+        writer.write({"path": "q", "score": 0.5, "threshold": 1.0, "decision": "accept"})
+        raise KeyboardInterrupt
+    assert [p.name for p in tmp_path.iterdir()] == ["out.csv"]
+
+
+def test_heat_map_colour_scale_centres_the_threshold(models):
+    statistics = models["model"].normal_statistics
+    low, high = heatmap_colour_range(2.0, statistics)
+    assert low == statistics.pixel_score_min and (low + high) / 2 == pytest.approx(2.0)
+    assert heatmap_colour_range(1.0, None) == (0.0, 2.0)
+
+
+def test_predict_script_is_a_thin_entry_point(monkeypatch, capsys):
+    assert "MODEL_DIR" in run_script_help("predict_patchcore.py", monkeypatch, capsys)
