@@ -17,8 +17,8 @@ Timings do not depend on the backbone's weights, so random weights are used unle
 `--pretrained` is given; AUROCs are only meaningful with pretrained weights.
 
 Printed per variant: feature extraction, coreset and fit seconds, inference ms per image
-(batch 1), images/s, peak RSS, coverage radius (largest distance from a training feature,
-of a fixed random sample of 10,000, to its nearest bank feature, in the full feature space),
+(batch 1), images/s, peak RSS, coverage radius (largest distance from a feature of the
+first 16 training images to its nearest bank feature, in the full feature space),
 image and pixel AUROC, and the ratios against the baseline measured in the same run.
 """
 
@@ -36,6 +36,7 @@ from pathlib import Path
 
 import torch
 
+from patchcore.cli_support import configure_process
 from patchcore.config import PatchCoreConfig, PreprocessingConfig, SamplerConfig
 from patchcore.datasets import ImageDataset, list_samples
 from patchcore.metrics import compute_metrics
@@ -44,7 +45,7 @@ from patchcore.samplers import build_sampler, farthest_point_selection
 from patchcore.synthetic import SyntheticSpec, generate_category
 
 VARIANTS = ("baseline", "patchcore", "anomalib")
-COVERAGE_SAMPLE = 10_000
+COVERAGE_IMAGES = 16
 
 
 def baseline_fit(model: PatchCore, loader) -> tuple[float, float]:
@@ -126,12 +127,13 @@ def _figures(variant, train_images, extract_s, coreset_s, infer_s, radius, bank,
     }  # fmt: skip
 
 
-def coverage_radius(model: PatchCore, loader) -> float:
-    """Largest distance from a fixed sample of training features to the memory bank."""
+def coverage_radius(model: PatchCore, train: ImageDataset) -> float:
+    """Largest distance from the features of the first COVERAGE_IMAGES training images
+    to the memory bank, in the full feature space."""
+    subset = torch.utils.data.Subset(train, range(min(COVERAGE_IMAGES, len(train))))
+    loader = torch.utils.data.DataLoader(subset, batch_size=8)
     features = torch.cat([model.embed(batch["image"])[0] for batch in loader])
-    sample = torch.randperm(len(features), generator=torch.Generator().manual_seed(0))
-    queries = features[sample[:COVERAGE_SAMPLE]]
-    squared, _ = model.index.search(queries, 1)
+    squared, _ = model.index.search(features, 1)
     return float(squared.max().sqrt())
 
 
@@ -163,7 +165,7 @@ def run_variant(variant: str, data_root: str, category: str, backbone: str, pret
         torch.cat([p.maps for p in predictions]),
         torch.stack([item["mask"][0] > 0.5 for item in items]),
     )
-    radius = coverage_radius(model, loader)
+    radius = coverage_radius(model, train)
     return _figures(variant, len(train), extract_s, coreset_s, infer_s, radius,
                     len(model.memory_bank), metrics)  # fmt: skip
 
@@ -216,6 +218,8 @@ def main() -> None:
     parser.add_argument("--pretrained", action="store_true")
     parser.add_argument("--test-images", type=int, default=20)
     parser.add_argument("--real", nargs=2, metavar=("ROOT", "CATEGORY"))
+    parser.add_argument("--anomalib-sizes", type=int, nargs="*", default=[50],
+                        help="sizes at which anomalib is measured (its coreset is slow)")  # fmt: skip
     parser.add_argument(
         "--variants",
         nargs="+",
@@ -231,6 +235,7 @@ def main() -> None:
         if not with_anomalib:
             print("anomalib is not installed: its PatchCore is not measured", flush=True)
     if args.worker:
+        configure_process()  # the same process set-up as the command-line programs
         variant, root, category = args.worker
         if variant == "anomalib":
             result = run_anomalib(Path(root), category, args.pretrained, args.test_images)
@@ -244,12 +249,13 @@ def main() -> None:
         for size in args.sizes:
             spec = SyntheticSpec(num_train=size, num_test_good=10, num_test_defective_per_type=4)
             generate_category(Path(temporary) / f"n{size}", "texture", spec)
-            datasets.append(("synthetic", Path(temporary) / f"n{size}", "texture"))
+            datasets.append(("synthetic", Path(temporary) / f"n{size}", "texture", size))
         if args.real:
-            datasets.append((args.real[1], Path(args.real[0]), args.real[1]))
+            datasets.append((args.real[1], Path(args.real[0]), args.real[1], None))
         rows = []
-        for name, root, category in datasets:
-            measured = {v: measure_in_subprocess(v, root, category, args) for v in args.variants}
+        for name, root, category, size in datasets:
+            variants = [v for v in args.variants if v != "anomalib" or size in args.anomalib_sizes]
+            measured = {v: measure_in_subprocess(v, root, category, args) for v in variants}
             reference = measured.get("baseline", next(iter(measured.values())))
             for row in measured.values():
                 rows.append({"data": name, **with_ratios(reference, row)})

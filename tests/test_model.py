@@ -9,7 +9,8 @@ import torch
 from conftest import small_config
 from patchcore.config import SearchConfig
 from patchcore.errors import ModelFormatError
-from patchcore.model import PatchCore, gather_rows
+from patchcore.feature_store import InMemoryFeatureStore, SpilledFeatureStore, gather_rows
+from patchcore.model import PatchCore
 from patchcore.model_io import (
     INDEX_FILE,
     META_FILE,
@@ -196,10 +197,16 @@ def test_missing_folder_and_empty_folder_fail_clearly(tmp_path):
         load_models(tmp_path / "empty")
 
 
-def test_gather_rows_equals_indexing_the_concatenation():
+def test_feature_stores_return_the_rows_of_the_concatenation():
     chunks = [torch.randn(5, 3), torch.randn(1, 3), torch.randn(7, 3)]
     indices = torch.tensor([12, 0, 5, 6, 4, 11])
-    assert torch.equal(gather_rows(chunks, indices), torch.cat(chunks)[indices])
+    expected = torch.cat(chunks)[indices]
+    assert torch.equal(gather_rows(chunks, indices), expected)
+    for store in (InMemoryFeatureStore(), SpilledFeatureStore()):
+        for chunk in chunks:
+            store.append(chunk)
+        assert len(store) == 13 and torch.equal(store.gather(indices), expected)
+        store.close()
 
 
 def test_streaming_fit_selects_the_same_bank_as_sampling_all_features(random_images):

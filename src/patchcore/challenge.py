@@ -38,7 +38,7 @@ import tqdm
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
-from patchcore.cli_support import configure_logging, run_guarded
+from patchcore.cli_support import configure_process, run_guarded
 from patchcore.datasets import Sample, list_samples, open_image
 from patchcore.deploy import ALTERNATIVE_SUFFIX, WEIGHTS_SUFFIX
 from patchcore.errors import ConfigurationError, DataError, ModelFormatError
@@ -385,5 +385,5 @@ def challenge_cli(
 
 def challenge_main() -> None:
     """Entry point of `patchcore-challenge` and bin/evaluate_challenge.py."""
-    configure_logging()
+    configure_process()
     challenge_cli()

@@ -19,7 +19,7 @@ from pathlib import Path
 import click
 
 from patchcore.backbones import default_layers, split_seeded_name
-from patchcore.cli_support import configure_logging, run_guarded
+from patchcore.cli_support import configure_process, run_guarded
 from patchcore.config import (
     DATASET_NAMES,
     DISTANCES,
@@ -416,7 +416,7 @@ _dataset_command(evaluate_cli, training=False)
 
 
 def _main(group: click.Group) -> None:
-    configure_logging()
+    configure_process()
     LOGGER.info("Command line: %s", " ".join(sys.argv))
     group()
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 
 from patchcore.cli import train_cli
-from patchcore.cli_support import configure_logging
+from patchcore.cli_support import configure_process
 from patchcore.synthetic import SYNTHETIC_CATEGORIES, SyntheticSpec, generate_dataset
 
 LOGGER = logging.getLogger(__name__)
@@ -61,5 +61,5 @@ def demo_cli(results: Path, data: Path, gpu: int, seed: int) -> None:
 
 def main() -> None:
     """Entry point of `patchcore-demo`."""
-    configure_logging()
+    configure_process()
     demo_cli()

@@ -44,7 +44,7 @@ from torchvision.transforms.v2 import functional as TF
 from patchcore import __version__
 from patchcore.anomaly_maps import DEFAULT_SIGMA, patch_scores_to_maps
 from patchcore.backbones import EFFICIENTNET_LITE0, TORCHVISION_ALIASES, load_backbone
-from patchcore.cli_support import run_guarded
+from patchcore.cli_support import configure_process, run_guarded
 from patchcore.config import DATASET_NAMES, PatchCoreConfig, PreprocessingConfig, SearchConfig
 from patchcore.errors import ConfigurationError, DataError, ModelFormatError
 from patchcore.feature_extraction import FeatureExtractor
@@ -465,9 +465,5 @@ def export_cli(sources: tuple[Path, ...], output_folder: Path, also_pt: bool) ->
 
 def export_main() -> None:
     """Entry point of `patchcore-export-challenge` and bin/export_challenge_models.py."""
-    # Imported here: patchcore.cli pulls in matplotlib and scipy, which evaluators that only
-    # import PatchCoreModule (see requirements_text) need not have.
-    from patchcore.cli import configure_logging
-
-    configure_logging()
+    configure_process()
     export_cli()

@@ -19,6 +19,7 @@ from patchcore.backbones import load_backbone
 from patchcore.config import PatchCoreConfig, SearchConfig
 from patchcore.errors import DataError
 from patchcore.feature_extraction import FeatureExtractor
+from patchcore.feature_store import feature_store_for
 from patchcore.nearest_neighbours import build_index
 from patchcore.patch_features import PatchFeatureAggregator
 from patchcore.samplers import build_sampler
@@ -60,22 +61,6 @@ class NormalStatistics:
     threshold: float
     threshold_quantile: float
     num_images: int
-
-
-def gather_rows(chunks: list[torch.Tensor], indices: torch.Tensor) -> torch.Tensor:
-    """Rows `indices` of the row-wise concatenation of `chunks`, without concatenating them."""
-    sizes = torch.tensor([len(chunk) for chunk in chunks])
-    ends = torch.cumsum(sizes, 0)
-    indices = indices.cpu()
-    chunk_of_row = torch.searchsorted(ends, indices, right=True)
-    offsets = indices - (ends - sizes)[chunk_of_row]
-    rows = torch.empty(len(indices), chunks[0].shape[1], dtype=chunks[0].dtype,
-                       device=chunks[0].device)  # fmt: skip
-    for position, chunk in enumerate(chunks):
-        wanted = torch.nonzero(chunk_of_row == position)[:, 0]
-        if len(wanted):
-            rows[wanted.to(rows.device)] = chunk[offsets[wanted].to(chunk.device)]
-    return rows
 
 
 def reweighting_factor(
@@ -148,23 +133,29 @@ class PatchCore:
     def fit(self, batches: Iterable) -> None:
         """Builds the memory bank from batches of normal training images.
 
-        One streaming pass: each batch's patch features are kept once, in chunks (never
-        concatenated), and projected for the sampler as they come; the bank is gathered
-        from the chunks after selection.
+        One streaming pass: each batch's patch features go to a feature store (spilled to a
+        temporary file on the CPU) and are projected for the sampler as they come; the bank
+        is read back from the store after selection.
         """
         sampler = build_sampler(self.config.sampler)
-        chunks, projected = [], []
+        store = feature_store_for(self.device)
+        projected = []
         start = time.perf_counter()
-        for batch in tqdm.tqdm(batches, desc="Extracting training features", leave=False):
-            features = self.embed(images_of(batch))[0]
-            chunks.append(features)
-            projected.append(sampler.project(features))
-        if not chunks:
-            raise DataError("no training images: the memory bank would be empty")
-        extracted = time.perf_counter()
-        selected = sampler.select_projected(torch.cat(projected))
-        del projected
-        self.set_memory_bank(gather_rows(chunks, selected))
+        try:
+            for batch in tqdm.tqdm(batches, desc="Extracting training features", leave=False):
+                features = self.embed(images_of(batch))[0]
+                store.append(features)
+                projected.append(sampler.project(features))
+            if not projected:
+                raise DataError("no training images: the memory bank would be empty")
+            dimension = features.shape[1]
+            extracted = time.perf_counter()
+            selected = sampler.select_projected(torch.cat(projected))
+            del projected
+            num_features = len(store)
+            self.set_memory_bank(store.gather(selected).to(self.device))
+        finally:
+            store.close()
         self.fit_seconds = {
             "extraction": extracted - start,
             "subsampling": time.perf_counter() - extracted,
@@ -173,9 +164,9 @@ class PatchCore:
             "Memory bank: %d of %d patch features (%s, dimension %d); extraction %.1f s, "
             "subsampling %.1f s",
             len(selected),
-            sum(len(chunk) for chunk in chunks),
+            num_features,
             self.config.sampler.name,
-            chunks[0].shape[1],
+            dimension,
             self.fit_seconds["extraction"],
             self.fit_seconds["subsampling"],
         )

@@ -50,7 +50,7 @@ import tqdm
 from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
-from patchcore.cli_support import configure_logging, run_guarded
+from patchcore.cli_support import configure_process, run_guarded
 from patchcore.config import SEARCH_BACKENDS, PreprocessingConfig, SearchConfig
 from patchcore.datasets import IMAGE_EXTENSIONS, ImageDataset, image_files, open_image
 from patchcore.deploy import uncrop_maps
@@ -463,5 +463,5 @@ def predict_cli(
 
 def predict_main() -> None:
     """Entry point of `patchcore-predict` and bin/predict_patchcore.py."""
-    configure_logging()
+    configure_process()
     predict_cli()

@@ -152,6 +152,9 @@ def farthest_point_selection(
     return selected
 
 
+_BLOCK = 16384  # rows per block where a full-size temporary would be needed otherwise
+
+
 class _ChunkedFeatures:
     """Features regrouped into spatially compact chunks of at most `chunk_size` rows.
 
@@ -176,19 +179,25 @@ class _ChunkedFeatures:
         slot_of_row = position_in_cluster % chunk_size
         num_chunks = int(chunks_per_cluster.sum())
         dimension = features.shape[1]
+        # Chunk and slot of each row in original order (no reordered copy of the features).
+        chunk_of = torch.empty_like(chunk_of_row).index_copy_(0, order, chunk_of_row)
+        slot_of = torch.empty_like(slot_of_row).index_copy_(0, order, slot_of_row)
         self.rows = torch.full((num_chunks, chunk_size), -1, dtype=torch.long)
-        self.rows[chunk_of_row, slot_of_row] = order
+        self.rows[chunk_of, slot_of] = torch.arange(len(order))
         self.features = torch.zeros(num_chunks, chunk_size, dimension)
-        self.features[chunk_of_row, slot_of_row] = features[order]
+        self.features[chunk_of, slot_of] = features
         self.squared_norms = torch.zeros(num_chunks, chunk_size)
-        self.squared_norms[chunk_of_row, slot_of_row] = squared_norms[order]
+        self.squared_norms[chunk_of, slot_of] = squared_norms
         self.min_squared = torch.full((num_chunks, chunk_size), -math.inf)
-        self.min_squared[chunk_of_row, slot_of_row] = min_squared[order]
+        self.min_squared[chunk_of, slot_of] = min_squared
         chunk_cluster = torch.repeat_interleave(torch.arange(len(centres)), chunks_per_cluster)
         self.pivots = centres[chunk_cluster]
-        offsets = torch.linalg.vector_norm(features[order] - centres[sorted_assignment], dim=1)
+        offsets = torch.cat([
+            torch.linalg.vector_norm(block - centres[cluster], dim=1)
+            for block, cluster in zip(features.split(_BLOCK), assignment.split(_BLOCK))
+        ])  # fmt: skip
         self.radii = torch.zeros(num_chunks).scatter_reduce_(
-            0, chunk_of_row, offsets, "amax", include_self=True
+            0, chunk_of, offsets, "amax", include_self=True
         )
         self.radii = self.radii * (1 + 1e-5) + 1e-6  # float rounding margin
         self.chunk_max, positions = self.min_squared.max(dim=1)
@@ -208,8 +217,10 @@ def _kmeans(features: torch.Tensor, count: int, seed: int, steps: int = 4, sampl
         used = torch.unique(assignment)
         centres = torch.zeros(len(centres), features.shape[1]).index_add_(0, assignment, subset)
         centres = centres[used] / torch.bincount(assignment)[used][:, None]
-    squared = torch.cdist(features, centres, compute_mode="use_mm_for_euclid_dist")
-    assignment = squared.argmin(dim=1)
+    assignment = torch.cat([
+        torch.cdist(block, centres, compute_mode="use_mm_for_euclid_dist").argmin(dim=1)
+        for block in features.split(_BLOCK)
+    ])  # fmt: skip
     used, assignment = torch.unique(assignment, return_inverse=True)
     return assignment, centres[used]
 
@@ -237,6 +248,9 @@ def pruned_farthest_point_selection(
     # Absolute slack for the rounding of squared distances expanded as |x|^2 - 2xc + |c|^2.
     slack = 1e-5 * 2 * float(squared_norms.max())
     selected = torch.empty(num_samples, dtype=torch.long)
+    # Reused every iteration: no large allocation (and page faults) inside the loop.
+    block_buffer = torch.empty_like(chunks.features)
+    product_buffer = torch.empty(chunks.features.shape[:2])
     for step in tqdm.trange(num_samples, desc="Coreset subsampling", leave=False):
         best = chunks.chunk_max.max()
         index = chunks.chunk_argmax[chunks.chunk_max == best].min()
@@ -244,8 +258,9 @@ def pruned_farthest_point_selection(
         point = features[index]
         lower = torch.linalg.vector_norm(chunks.pivots - point, dim=1) - chunks.radii
         active = torch.nonzero((lower <= 0) | (lower * lower <= chunks.chunk_max + slack))[:, 0]
-        block = chunks.features.index_select(0, active)
-        distances = (chunks.squared_norms.index_select(0, active) - 2.0 * (block @ point)
+        block = torch.index_select(chunks.features, 0, active, out=block_buffer[: len(active)])
+        products = torch.matmul(block, point, out=product_buffer[: len(active)])
+        distances = (chunks.squared_norms.index_select(0, active) - 2.0 * products
                      + squared_norms[index]).clamp_min_(0.0)  # fmt: skip
         updated = torch.minimum(chunks.min_squared.index_select(0, active), distances)
         chunks.min_squared.index_copy_(0, active, updated)
