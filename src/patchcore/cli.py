@@ -19,12 +19,11 @@ from pathlib import Path
 import click
 
 from patchcore.backbones import default_layers, split_seeded_name
-from patchcore.cli_support import configure_process, run_guarded
+from patchcore.cli_support import configure_process, nn_backend_option, run_guarded
 from patchcore.config import (
     DATASET_NAMES,
     DISTANCES,
     SAMPLER_NAMES,
-    SEARCH_BACKENDS,
     DatasetConfig,
     PatchCoreConfig,
     PreprocessingConfig,
@@ -160,10 +159,7 @@ normalisation_option = click.option(
 def _search_options(function):
     function = click.option("--faiss_on_gpu", is_flag=True)(function)
     function = click.option("--faiss_num_workers", type=int, default=8, show_default=True)(function)
-    return click.option(
-        "--nn_backend", type=click.Choice(SEARCH_BACKENDS), default="faiss", show_default=True,
-        help="Exact nearest-neighbour search with FAISS or with torch matrix products.",
-    )(function)  # fmt: skip
+    return nn_backend_option(function)
 
 
 def _search_config(nn_backend: str, faiss_on_gpu: bool, faiss_num_workers: int) -> SearchConfig:

@@ -9,7 +9,13 @@ from collections.abc import Callable
 
 import click
 
+from patchcore.config import SEARCH_BACKENDS
 from patchcore.errors import PatchCoreError
+
+nn_backend_option = click.option(
+    "--nn_backend", type=click.Choice(SEARCH_BACKENDS), default="faiss", show_default=True,
+    help="Exact nearest-neighbour search with FAISS or with torch matrix products.",
+)  # fmt: skip
 
 GLIBC_M_TRIM_THRESHOLD = -1
 GLIBC_M_MMAP_THRESHOLD = -3

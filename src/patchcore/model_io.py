@@ -147,7 +147,8 @@ def member_prefixes(folder: Path) -> list[str]:
     return sorted(prefixes, key=lambda prefix: int(_ENSEMBLE_PREFIX.match(prefix).group(1)))
 
 
-def _read_meta(path: Path) -> dict:
+def read_meta(path: Path) -> dict:
+    """The JSON object of a meta file; ModelFormatError when it is not one."""
     try:
         meta = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
@@ -221,7 +222,7 @@ def load_model(
     if not isinstance(params, dict):
         raise ModelFormatError(f"{params_path}: expected a dict of parameters")
     if meta_path.is_file():
-        meta = _read_meta(meta_path)
+        meta = read_meta(meta_path)
         config = config_from_meta(meta, str(meta_path))
     else:
         LOGGER.info("%s has no %s: reading it as a reference-format model", folder, META_FILE)

@@ -43,15 +43,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import click
-import matplotlib
 import numpy as np
 import torch
 import tqdm
 from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
-from patchcore.cli_support import configure_process, run_guarded
-from patchcore.config import SEARCH_BACKENDS, PreprocessingConfig, SearchConfig
+from patchcore.cli_support import configure_process, nn_backend_option, run_guarded
+from patchcore.config import PreprocessingConfig, SearchConfig
 from patchcore.datasets import IMAGE_EXTENSIONS, ImageDataset, image_files, open_image
 from patchcore.deploy import uncrop_maps
 from patchcore.errors import ConfigurationError, DataError
@@ -59,7 +58,7 @@ from patchcore.files import atomic_write
 from patchcore.model import NormalStatistics, PatchCore
 from patchcore.model_io import load_models
 from patchcore.runs import select_device
-from patchcore.visualization import HEATMAP_ALPHA, HEATMAP_CMAP, sanitise_file_stem
+from patchcore.visualization import blend_heatmap, sanitise_file_stem
 
 LOGGER = logging.getLogger(__name__)
 
@@ -255,17 +254,6 @@ def heatmap_colour_range(
     return (low, high) if high > low else (low, low + 1.0)
 
 
-def heatmap_overlay(
-    image: np.ndarray, anomaly_map: np.ndarray, colour_range: tuple[float, float]
-) -> np.ndarray:
-    """image uint8 [H, W, 3] and map [H, W] -> uint8 [H, W, 3], the map blended over it."""
-    low, high = colour_range
-    scaled = np.clip((anomaly_map - low) / (high - low), 0.0, 1.0)
-    colours = matplotlib.colormaps[HEATMAP_CMAP](scaled)[..., :3]
-    blended = (1.0 - HEATMAP_ALPHA) * (image / 255.0) + HEATMAP_ALPHA * colours
-    return np.round(blended * 255.0).astype(np.uint8)
-
-
 def write_png(path: Path, array: np.ndarray) -> None:
     """Writes a uint8 [H, W] or [H, W, 3] array as a PNG, atomically."""
     atomic_write(path, lambda temporary: Image.fromarray(array).save(temporary, format="PNG"))
@@ -288,7 +276,7 @@ class ImageOutputs:
         if self.heatmaps is not None:
             image = original.permute(1, 2, 0).numpy()
             write_png(
-                self.heatmaps / f"{stem}.png", heatmap_overlay(image, full_map, self.colour_range)
+                self.heatmaps / f"{stem}.png", blend_heatmap(image, full_map, self.colour_range)
             )
         if self.masks is not None:
             mask = (full_map > self.mask_threshold).astype(np.uint8) * 255
@@ -429,13 +417,7 @@ def run_prediction(options: PredictOptions) -> PredictionSummary:
 )
 @click.option("--batch_size", type=int, default=8, show_default=True)
 @click.option("--num_workers", type=int, default=4, show_default=True)
-@click.option(
-    "--nn_backend",
-    type=click.Choice(SEARCH_BACKENDS),
-    default="faiss",
-    show_default=True,
-    help="Exact nearest-neighbour search with FAISS or torch.",
-)
+@nn_backend_option
 def predict_cli(
     model_dir, inputs, output, heatmaps, masks, mask_threshold, threshold, gpu, batch_size,
     num_workers, nn_backend,

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import matplotlib
 import numpy as np
 import torch
 from matplotlib.axes import Axes
@@ -89,12 +90,28 @@ def shared_colour_range(anomaly_maps: ArrayLike) -> tuple[float, float]:
     return float(finite.min()), float(finite.max())
 
 
-def _drawable_range(vmin: float, vmax: float) -> tuple[float, float]:
+def drawable_range(vmin: float, vmax: float) -> tuple[float, float]:
     """A colour range with positive width: a flat range is widened symmetrically."""
     if vmax > vmin:
         return vmin, vmax
     half_width = max(abs(vmin) * 1e-3, 0.5)
     return vmin - half_width, vmax + half_width
+
+
+def heatmap_rgb(anomaly_map: np.ndarray, colour_range: tuple[float, float]) -> np.ndarray:
+    """An anomaly map [H, W] coloured with the overlays' colour map on a fixed scale, uint8 HxWx3."""
+    low, high = colour_range
+    scaled = np.clip((np.asarray(anomaly_map, dtype=np.float64) - low) / (high - low), 0.0, 1.0)
+    return np.round(matplotlib.colormaps[HEATMAP_CMAP](scaled)[..., :3] * 255).astype(np.uint8)
+
+
+def blend_heatmap(
+    image: np.ndarray, anomaly_map: np.ndarray, colour_range: tuple[float, float]
+) -> np.ndarray:
+    """image uint8 [H, W, 3] and map [H, W] -> uint8 [H, W, 3], the coloured map blended over it."""
+    heat = heatmap_rgb(anomaly_map, colour_range).astype(np.float64)
+    blended = (1.0 - HEATMAP_ALPHA) * image.astype(np.float64) + HEATMAP_ALPHA * heat
+    return np.round(blended).astype(np.uint8)
 
 
 def _check_colour_range(colour_range: tuple[float, float]) -> tuple[float, float]:
@@ -236,7 +253,7 @@ def save_segmentation_images(
     if count == 0:
         return []
     if colour_range is None:
-        vmin, vmax = _drawable_range(*shared_colour_range(map_array))
+        vmin, vmax = drawable_range(*shared_colour_range(map_array))
     else:
         vmin, vmax = _check_colour_range(colour_range)
     norm = Normalize(vmin=vmin, vmax=vmax)

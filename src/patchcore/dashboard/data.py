@@ -14,7 +14,6 @@ preprocessing when the run has the model, otherwise resized to the anomaly maps'
 from __future__ import annotations
 
 import io
-import json
 import logging
 import math
 import os
@@ -22,7 +21,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import matplotlib
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
@@ -33,10 +31,15 @@ from patchcore.datasets import ImageDataset, Sample, image_files, open_image
 from patchcore.ensemble import combine_members
 from patchcore.errors import ConfigurationError, DataError, ModelFormatError
 from patchcore.model import DEFAULT_THRESHOLD_QUANTILE, PatchCore
-from patchcore.model_io import META_FILE, member_prefixes
+from patchcore.model_io import META_FILE, config_from_meta, member_prefixes, read_meta
 from patchcore.prediction_records import SUMMARY_FILE, DatasetPredictions
 from patchcore.runs import RESULTS_FILE
-from patchcore.visualization import HEATMAP_ALPHA, HEATMAP_CMAP, shared_colour_range
+from patchcore.visualization import (
+    blend_heatmap,
+    drawable_range,
+    heatmap_rgb,  # noqa: F401  (re-exported: the dashboard's colours)
+    shared_colour_range,
+)
 
 LOGGER = logging.getLogger(__name__)
 
@@ -126,10 +129,9 @@ def saved_preprocessing(folder: Path | None) -> PreprocessingConfig | None:
         LOGGER.info("%s has no %s: images are resized to the map size", folder, META_FILE)
         return None
     try:
-        config = json.loads(meta_path.read_text())["config"]["preprocessing"]
-        return PreprocessingConfig(**config)
-    except (ValueError, KeyError, TypeError) as error:  # JSON, missing keys, bad values
-        LOGGER.warning("%s: unreadable preprocessing (%r); images are resized to the map size",
+        return config_from_meta(read_meta(meta_path), str(meta_path)).preprocessing
+    except (ModelFormatError, ConfigurationError, TypeError) as error:
+        LOGGER.warning("%s: unreadable preprocessing (%s); images are resized to the map size",
                        meta_path, error)  # fmt: skip
         return None
 
@@ -281,19 +283,7 @@ def decision_text(score: float, threshold: float) -> str:
 # ------------------------------------------------------------------------- overlays
 def colour_range(maps: np.ndarray) -> tuple[float, float]:
     """One colour scale for a category: min and max over all its maps, widened if flat."""
-    low, high = shared_colour_range(np.asarray(maps))
-    if high > low:
-        return low, high
-    half_width = max(abs(low) * 1e-3, 0.5)
-    return low - half_width, high + half_width
-
-
-def heatmap_rgb(anomaly_map: np.ndarray, scale: tuple[float, float]) -> np.ndarray:
-    """An anomaly map coloured with the overlays' colour map on the fixed scale, uint8 HxWx3."""
-    low, high = scale
-    normalised = np.clip((np.asarray(anomaly_map, dtype=np.float64) - low) / (high - low), 0, 1)
-    colours = matplotlib.colormaps[HEATMAP_CMAP](normalised)[..., :3]
-    return np.round(colours * 255).astype(np.uint8)
+    return drawable_range(*shared_colour_range(np.asarray(maps)))
 
 
 def mask_outline(mask: np.ndarray, thickness: int = 1) -> np.ndarray:
@@ -315,9 +305,7 @@ def overlay(
 
     The outline is `outline_thickness` pixels wide; by default 2 px per 224 px of image side.
     """
-    heat = heatmap_rgb(anomaly_map, scale).astype(np.float64)
-    blended = (1 - HEATMAP_ALPHA) * image.astype(np.float64) + HEATMAP_ALPHA * heat
-    result = np.round(blended).astype(np.uint8)
+    result = blend_heatmap(image, anomaly_map, scale)
     if mask is not None:
         thickness = outline_thickness or max(2, math.ceil(min(mask.shape) / 112))
         result[mask_outline(mask, thickness)] = GROUND_TRUTH_COLOUR
