@@ -36,13 +36,13 @@ from pathlib import Path
 
 import torch
 
-from patchcore.cli_support import configure_process
+from patchcore.cli.common import CommonOptions, configure_process
 from patchcore.config import PatchCoreConfig, PreprocessingConfig, SamplerConfig
-from patchcore.datasets import ImageDataset, list_samples
-from patchcore.metrics import compute_metrics
-from patchcore.model import PatchCore
-from patchcore.samplers import build_sampler, farthest_point_selection
-from patchcore.synthetic import SyntheticSpec, generate_category
+from patchcore.data.datasets import ImageDataset, list_samples
+from patchcore.evaluation.metrics import compute_metrics
+from patchcore.model.patchcore import PatchCore
+from patchcore.model.samplers import build_sampler, farthest_point_selection
+from patchcore.data.synthetic import SyntheticSpec, generate_category
 
 VARIANTS = ("baseline", "patchcore", "anomalib")
 COVERAGE_IMAGES = 16
@@ -235,7 +235,7 @@ def main() -> None:
         if not with_anomalib:
             print("anomalib is not installed: its PatchCore is not measured", flush=True)
     if args.worker:
-        configure_process()  # the same process set-up as the command-line programs
+        configure_process(CommonOptions())  # the same process set-up as the commands
         variant, root, category = args.worker
         if variant == "anomalib":
             result = run_anomalib(Path(root), category, args.pretrained, args.test_images)

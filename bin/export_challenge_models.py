@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Export saved models as self-contained challenge weights files (<category>.pth); see --help."""
 
-from patchcore.deploy import export_main
+from patchcore.cli.export import export_main
 
 if __name__ == "__main__":
     export_main()

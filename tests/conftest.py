@@ -40,7 +40,7 @@ def random_images() -> torch.Tensor:
 @pytest.fixture(scope="session")
 def synthetic_root(tmp_path_factory) -> Path:
     """A small synthetic MVTec-layout dataset with both categories (generated once)."""
-    from patchcore.synthetic import SyntheticSpec, generate_dataset
+    from patchcore.data.synthetic import SyntheticSpec, generate_dataset
 
     root = tmp_path_factory.mktemp("synthetic")
     generate_dataset(

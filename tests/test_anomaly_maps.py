@@ -2,7 +2,7 @@ import numpy as np
 import scipy.ndimage
 import torch
 
-from patchcore.anomaly_maps import gaussian_blur, patch_scores_to_maps
+from patchcore.model.scoring import gaussian_blur, patch_scores_to_maps
 
 
 def test_gaussian_blur_equals_scipy_including_maps_smaller_than_the_kernel():

@@ -3,14 +3,14 @@ import urllib.error
 import pytest
 import torch
 
-from patchcore.backbones import (
+from patchcore.model.backbones import (
     EFFICIENTNET_LITE_MEAN,
     IMAGENET_MEAN,
     load_backbone,
-    split_seeded_name,
 )
-from patchcore.errors import BackboneError
-from patchcore.feature_extraction import FeatureExtractor
+from patchcore.config import split_seeded_name
+from patchcore.errors import BackboneError, ConfigurationError
+from patchcore.model.features import FeatureExtractor
 
 
 def test_reference_names_map_to_torchvision_architectures():
@@ -82,5 +82,5 @@ def test_weights_in_the_torch_cache_load_without_network(tmp_path, monkeypatch):
 def test_seeded_backbone_names():
     assert split_seeded_name("wideresnet50.seed-3") == ("wideresnet50", 3)
     assert split_seeded_name("resnet18") == ("resnet18", None)
-    with pytest.raises(BackboneError, match="must be an integer"):
+    with pytest.raises(ConfigurationError, match="must be an integer"):
         split_seeded_name("resnet18.seed-x")

@@ -7,25 +7,26 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from patchcore.challenge import (
+from patchcore.apps.challenge import (
     ChallengeOptions,
     DriftParameters,
     apply_drift,
-    challenge_cli,
     drift_generator,
     load_module_class,
     load_test_pair,
     run_challenge,
     sample_drift,
 )
-from patchcore.datasets import list_samples
-from patchcore.deploy import PatchCoreModule, export_challenge_models
+from patchcore.cli.challenge import challenge_cli
+from patchcore.data.datasets import list_samples
+from patchcore.apps.export import export_challenge_models
+from patchcore.model.module import PatchCoreModule
 from patchcore.errors import ConfigurationError
-from patchcore.model_io import save_models
-from patchcore.reporting import read_results_csv
+from patchcore.model.serialization import save_models
+from patchcore.evaluation.reporting import read_results_csv
 from test_deploy import REPO, fit_small_model, run_script_help
 
-DEPLOY_FILE = REPO / "src" / "patchcore" / "deploy.py"
+MODULE_FILE = REPO / "src" / "patchcore" / "model" / "module.py"
 NO_CHANGE = DriftParameters(
     horizontal_flip=False, vertical_flip=False, angle=0.0, brightness=1.0, contrast=1.0,
     saturation=1.0, hue=0.0, colour_order=(0, 1, 2, 3), blur_sigma=0.1,
@@ -46,7 +47,7 @@ def weights(synthetic_root, tmp_path_factory) -> Path:
 
 def options(weights: Path, root: Path, output: Path, **changes) -> ChallengeOptions:
     fields = {
-        "module_path": "patchcore.deploy",
+        "module_path": "patchcore.model.module",
         "class_name": "PatchCoreModule",
         "weights_path": weights,
         "dataset_path": root,
@@ -63,7 +64,7 @@ def options(weights: Path, root: Path, output: Path, **changes) -> ChallengeOpti
 def test_command_line_writes_rows_per_category_and_the_mean(weights, synthetic_root, tmp_path):
     output = tmp_path / "challenge.csv"
     outcome = CliRunner().invoke(challenge_cli, [
-        "--module_path", str(DEPLOY_FILE), "--class_name", "PatchCoreModule",
+        "--module_path", str(MODULE_FILE), "--class_name", "PatchCoreModule",
         "--weights_path", str(weights), "--dataset_path", str(synthetic_root),
         "--output", str(output), "--device", "cpu",
     ])  # fmt: skip
@@ -134,11 +135,11 @@ def test_test_images_are_256_pixels_with_binary_masks(synthetic_root):
 
 
 def test_class_loads_from_a_file_or_a_module_name():
-    assert load_module_class("patchcore.deploy", "PatchCoreModule") is PatchCoreModule
-    from_file = load_module_class(str(DEPLOY_FILE), "PatchCoreModule")
+    assert load_module_class("patchcore.model.module", "PatchCoreModule") is PatchCoreModule
+    from_file = load_module_class(str(MODULE_FILE), "PatchCoreModule")
     assert from_file.__name__ == "PatchCoreModule" and callable(from_file)
     with pytest.raises(ConfigurationError, match="--class_name Nope: no such class"):
-        load_module_class("patchcore.deploy", "Nope")
+        load_module_class("patchcore.model.module", "Nope")
     with pytest.raises(ConfigurationError, match="--module_path missing.py: file does not exist"):
         load_module_class("missing.py", "PatchCoreModule")
 

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from patchcore.cli import evaluate_cli, train_cli
-from patchcore.prediction_records import read_predictions
-from patchcore.reporting import read_results_csv
+from patchcore.cli.runs import evaluate_cli, train_cli
+from patchcore.evaluation.records import read_predictions
+from patchcore.evaluation.reporting import read_results_csv
 
 REPO = Path(__file__).resolve().parents[1]
 SAME_LOADING = ["--num_workers", "0", "--batch_size", "4"]  # same batches: bit-identical maps
@@ -127,7 +127,7 @@ def test_existing_run_folder_is_never_overwritten(tmp_path, synthetic_root, capl
     for _ in range(2):
         assert train(tmp_path, synthetic_root, SMALL_RANDOM).exit_code == 0
     assert sorted(p.name for p in (tmp_path / "project").iterdir()) == ["group", "group_0"]
-    assert "Running on CPU" in caplog.text
+    assert "Running on the CPU" in caplog.text
 
 
 @pytest.mark.parametrize(

@@ -21,7 +21,7 @@ def test_invalid_model_options_name_the_option(changes, message):
 
 
 def test_other_configurations_are_validated_once_on_construction():
-    with pytest.raises(ConfigurationError, match="--imagesize must be between 1 and --resize"):
+    with pytest.raises(ConfigurationError, match="--imagesize must be between 32 and --resize"):
         PreprocessingConfig(resize=200, imagesize=224)
     with pytest.raises(ConfigurationError, match="backend must be one of faiss, torch"):
         SearchConfig(backend="annoy")

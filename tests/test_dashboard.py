@@ -11,14 +11,15 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from patchcore.cli import train_cli
+from patchcore.cli.runs import train_cli
 from patchcore.config import PreprocessingConfig
-from patchcore.dashboard import data
-from patchcore.datasets import ImageDataset, Sample
+from patchcore.apps.dashboard import data
+from patchcore.evaluation.visualization import heatmap_rgb
+from patchcore.data.datasets import ImageDataset, Sample
 from patchcore.errors import ConfigurationError, DataError
-from patchcore.model_io import load_models
-from patchcore.prediction_records import read_predictions
-from patchcore.reporting import write_results_csv
+from patchcore.model.serialization import load_models
+from patchcore.evaluation.records import read_predictions
+from patchcore.evaluation.reporting import write_results_csv
 
 APP = Path(data.__file__).with_name("app.py")
 CATEGORY = "mvtec_object"
@@ -120,10 +121,10 @@ def test_one_colour_scale_for_all_maps_of_a_category():
     maps[1, 0, 0] = 2.0
     scale = data.colour_range(maps)
     assert scale == (1.0, 3.0)
-    first, second = (data.heatmap_rgb(anomaly_map, scale) for anomaly_map in maps)
+    first, second = (heatmap_rgb(anomaly_map, scale) for anomaly_map in maps)
     assert (first == first[0, 0]).all() and tuple(first[0, 0]) != tuple(second[1, 1])
     # The same value has the same colour wherever it appears.
-    same = data.heatmap_rgb(np.array([[2.0]]), scale)
+    same = heatmap_rgb(np.array([[2.0]]), scale)
     assert tuple(same[0, 0]) == tuple(second[0, 0])
     assert data.colour_range(np.ones((2, 3, 3))) == pytest.approx((0.5, 1.5))
 
@@ -197,7 +198,8 @@ def test_scoring_new_images_lists_unreadable_files(dashboard_run, synthetic_root
     scored = data.score_images(models, [good[0], broken, good[1]], batch_size=2)
     assert scored.paths == [str(good[0]), str(good[1])]
     assert [path for path, _ in scored.unreadable] == [str(broken)]
-    assert scored.maps.shape == (2, 128, 128) and scored.images.shape == (2, 128, 128, 3)
+    assert [m.shape for m in scored.maps] == [(128, 128)] * 2
+    assert [i.shape for i in scored.images] == [(128, 128, 3)] * 2
     saved = read_predictions(run_folder / "predictions" / CATEGORY)
     for path, score in zip(scored.paths, scored.scores, strict=True):
         assert score == pytest.approx(saved.scores[saved.image_paths.index(path)], rel=1e-4)
@@ -300,18 +302,19 @@ def test_scoring_a_folder_of_new_images(app, synthetic_root, tmp_path):
 
 
 def test_dashboard_command_runs_streamlit_on_the_app(tmp_path, monkeypatch):
-    from patchcore.dashboard import launch
+    from patchcore.apps.dashboard import launch
+    from patchcore.cli.dashboard import dashboard_cli
 
     commands = []
     monkeypatch.setattr(launch.subprocess, "call", lambda command: commands.append(command) or 0)
     outcome = CliRunner().invoke(
-        launch.dashboard_cli, ["--results", str(tmp_path), "--port", "8600", "--headless"]
+        dashboard_cli, ["--results", str(tmp_path), "--port", "8600", "--headless", "--gpu", "-1"]
     )
     assert outcome.exit_code == 0, outcome.output
     (command,) = commands
     assert command[1:4] == ["-m", "streamlit", "run"] and Path(command[4]) == APP
     assert command[command.index("--server.port") + 1] == "8600"
     assert command[command.index("--server.address") + 1] == "127.0.0.1"
-    assert command[-3:] == ["--", "--results", str(tmp_path.resolve())]
-    missing = CliRunner().invoke(launch.dashboard_cli, ["--results", str(tmp_path / "absent")])
+    assert command[-5:] == ["--", "--results", str(tmp_path.resolve()), "--device", "cpu"]
+    missing = CliRunner().invoke(dashboard_cli, ["--results", str(tmp_path / "absent")])
     assert missing.exit_code == 2 and "does not exist" in missing.output

@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from patchcore.dashboard.launch import streamlit_command
+from patchcore.apps.dashboard.launch import streamlit_command
 from test_dashboard import make_dashboard_run
 
 CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")

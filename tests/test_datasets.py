@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 from patchcore.config import PreprocessingConfig
-from patchcore.datasets import ImageDataset, list_samples
+from patchcore.data.datasets import ImageDataset, list_samples
 from patchcore.errors import DataError
 
 PRE = PreprocessingConfig(resize=40, imagesize=32)
@@ -58,7 +58,10 @@ def test_grayscale_becomes_rgb_and_images_are_resized_and_cropped(layout):
     item = dataset[[s.defect_type for s in dataset.samples].index("good")]
     assert item["image"].shape == (3, 32, 32) and item["image"].dtype == torch.float32
     assert torch.allclose(item["image"], torch.full_like(item["image"], 90 / 255), atol=1e-3)
-    assert set(torch.unique(dataset[0]["mask"]).tolist()) <= {0.0, 1.0}
+    reference_mask = dataset[0]["mask"]
+    assert 0.0 <= reference_mask.min() and reference_mask.max() <= 1.0
+    binary = ImageDataset(dataset.samples, PRE, mask_rule="binary")
+    assert set(torch.unique(binary[0]["mask"]).tolist()) <= {0.0, 1.0}
 
 
 def test_train_val_split_holds_out_the_last_normal_images(layout):

@@ -12,24 +12,25 @@ from torchvision.transforms.v2 import functional as TF
 
 from conftest import small_config
 from patchcore.config import PatchCoreConfig, PreprocessingConfig, SamplerConfig, SearchConfig
-from patchcore.datasets import ImageDataset, list_samples, open_image
-from patchcore.deploy import (
+from patchcore.apps.export import category_name, export_challenge_models, requirements_text
+from patchcore.cli.export import export_cli
+from patchcore.data.datasets import ImageDataset, list_samples
+from patchcore.data.preprocessing import (
+    crop_offsets,
+    map_to_input_frame,
+    open_image,
+    resized_size,
+)
+from patchcore.model.module import (
     CONFIG_KEY,
     PatchCoreModule,
-    category_name,
     config_blob,
-    crop_offsets,
     decode_json,
     encode_json,
-    export_challenge_models,
-    export_cli,
-    requirements_text,
-    resized_size,
-    uncrop_maps,
 )
 from patchcore.errors import ConfigurationError, ModelFormatError
-from patchcore.model import PatchCore
-from patchcore.model_io import load_models, save_models
+from patchcore.model.patchcore import PatchCore
+from patchcore.model.serialization import load_models, save_models
 
 REPO = Path(__file__).resolve().parents[1]
 FULL_SIZE = PreprocessingConfig(resize=256, imagesize=224)
@@ -128,10 +129,24 @@ def test_round_trip_through_a_weights_file_is_exact(small_model, tmp_path):
     got["anomaly_maps"].mul_(2.0)  # evaluators may edit outputs in place
 
 
+def test_version_1_files_with_their_key_names_still_load(small_model):
+    module = PatchCoreModule.from_patchcore(small_model)
+    state = module.state_dict()
+    old = {
+        key.replace("embedder.extractor.", "feature_extractor.", 1): value
+        for key, value in state.items()
+    }
+    old[CONFIG_KEY] = encode_json(dict(decode_json(state[CONFIG_KEY]), format_version=1))
+    restored = PatchCoreModule()
+    restored.load_state_dict(old)
+    images = torch.rand(1, 3, 80, 80, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(restored(images)["anomaly_map"], module(images)["anomaly_map"])
+
+
 def test_backbone_weights_come_from_the_file(small_model):
     module = PatchCoreModule.from_patchcore(small_model)
     state = module.state_dict()
-    conv = "feature_extractor.graph.conv1.weight"
+    conv = "embedder.extractor.graph.conv1.weight"
     state[conv] = state[conv] * 1.5
     restored = PatchCoreModule()
     restored.load_state_dict(state)
@@ -168,8 +183,8 @@ def test_no_threshold_means_no_predicted_label(small_model):
         ),
         (lambda state: state.pop(CONFIG_KEY), f'Missing key(s) in state_dict: "{CONFIG_KEY}"'),
         (
-            lambda state: state.pop("feature_extractor.graph.conv1.weight"),
-            '"feature_extractor.graph.conv1.weight"',
+            lambda state: state.pop("embedder.extractor.graph.conv1.weight"),
+            '"embedder.extractor.graph.conv1.weight"',
         ),
     ],
 )
@@ -238,9 +253,9 @@ def test_crop_geometry_follows_torchvision(size, crop):
 
 def test_uncrop_is_the_identity_on_the_crop_region_without_resizing():
     maps = torch.rand(2, 80, 80)
-    full = uncrop_maps(maps, (96, 96), PreprocessingConfig(resize=96, imagesize=80))
+    full = map_to_input_frame(maps, (96, 96), PreprocessingConfig(resize=96, imagesize=80))
     torch.testing.assert_close(full[:, 8:88, 8:88], maps)
-    torch.testing.assert_close(uncrop_maps(maps, (80, 80), PreprocessingConfig(80, 80)), maps)
+    torch.testing.assert_close(map_to_input_frame(maps, (80, 80), PreprocessingConfig(80, 80)), maps)
 
 
 def test_efficientnet_lite0_model_round_trips(tmp_path):
@@ -255,7 +270,7 @@ def test_efficientnet_lite0_model_round_trips(tmp_path):
     restored.load_state_dict(torch.load(tmp_path / "lite.pth"))
     images = torch.rand(1, 3, 72, 72)
     assert torch.equal(restored(images)["anomaly_map"], module(images)["anomaly_map"])
-    torch.testing.assert_close(restored.feature_extractor.mean, torch.full((1, 3, 1, 1), 0.5))
+    torch.testing.assert_close(restored.embedder.extractor.mean, torch.full((1, 3, 1, 1), 0.5))
     assert "efficientnet-lite-pytorch" in requirements_text([config])
     assert "efficientnet" not in requirements_text([small_config()])
 

@@ -12,9 +12,9 @@ import torch
 
 from conftest import SHARED_MAGNETIC_TILE
 from patchcore.config import PatchCoreConfig, PreprocessingConfig, SamplerConfig
-from patchcore.datasets import ImageDataset, list_samples
-from patchcore.metrics import compute_metrics
-from patchcore.model import PatchCore
+from patchcore.data.datasets import ImageDataset, list_samples
+from patchcore.evaluation.metrics import compute_metrics
+from patchcore.model.patchcore import PatchCore
 
 LITE0_LAYERS = ("_blocks.4", "_blocks.10")
 

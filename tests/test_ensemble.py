@@ -1,9 +1,10 @@
 import pytest
 import torch
 
-from patchcore.ensemble import combine_members
+from patchcore.evaluation.ensemble import combine_members
 from patchcore.errors import ConfigurationError
-from patchcore.model import NormalStatistics, Prediction
+from patchcore.model.calibration import NormalStatistics
+from patchcore.model.scoring import Prediction
 
 
 def prediction(scores, maps):

@@ -11,7 +11,7 @@ import torch
 from scipy import ndimage
 from sklearn.metrics import precision_recall_curve, roc_auc_score
 
-from patchcore.metrics import (
+from patchcore.evaluation.metrics import (
     METRIC_NAMES,
     anomaly_pixel_auroc,
     compute_metrics,

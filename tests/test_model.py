@@ -9,9 +9,9 @@ import torch
 from conftest import small_config
 from patchcore.config import SearchConfig
 from patchcore.errors import ModelFormatError
-from patchcore.feature_store import InMemoryFeatureStore, SpilledFeatureStore, gather_rows
-from patchcore.model import PatchCore
-from patchcore.model_io import (
+from patchcore.model.feature_store import InMemoryFeatureStore, SpilledFeatureStore, gather_rows
+from patchcore.model.patchcore import PatchCore
+from patchcore.model.serialization import (
     INDEX_FILE,
     META_FILE,
     PARAMS_FILE,
@@ -20,7 +20,7 @@ from patchcore.model_io import (
     member_prefixes,
     save_models,
 )
-from patchcore.samplers import build_sampler
+from patchcore.model.samplers import build_sampler
 
 
 @pytest.fixture
@@ -133,7 +133,7 @@ def test_saving_over_a_folder_replaces_it_and_a_failed_save_leaves_the_old_one(
         path.write_bytes(b"partial")
         raise OSError("disk full")
 
-    monkeypatch.setattr("patchcore.model_io.write_memory_bank", broken_write)
+    monkeypatch.setattr("patchcore.model.serialization.write_memory_bank", broken_write)
     with pytest.raises(OSError, match="disk full"):
         save_models(target, [fitted])
     assert (target / INDEX_FILE).read_bytes() == before

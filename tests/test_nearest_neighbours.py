@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from patchcore.nearest_neighbours import (
+from patchcore.model.search import (
     FaissNearestNeighbours,
     TorchNearestNeighbours,
     read_memory_bank,

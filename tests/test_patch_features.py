@@ -3,7 +3,7 @@
 import torch
 import torch.nn.functional as F
 
-from patchcore.patch_features import PatchFeatureAggregator, patch_grid_size
+from patchcore.model.features import PatchFeatureAggregator, patch_grid_size
 
 
 def straightforward_patch_features(maps, patchsize, pretrain_dim, target_dim):

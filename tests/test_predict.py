@@ -12,16 +12,12 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from patchcore.datasets import ImageDataset, list_samples
-from patchcore.model import PatchCore
-from patchcore.model_io import save_models
-from patchcore.predict import (
-    COLUMNS,
-    heatmap_colour_range,
-    output_stems,
-    predict_cli,
-    streamed_results,
-)
+from patchcore.data.datasets import ImageDataset, list_samples
+from patchcore.model.patchcore import PatchCore
+from patchcore.model.serialization import save_models
+from patchcore.apps.predict import COLUMNS, output_stems, streamed_results
+from patchcore.cli.predict import predict_cli
+from patchcore.model.calibration import colour_range
 from test_deploy import fit_small_model, run_script_help
 
 
@@ -39,6 +35,7 @@ def models(synthetic_root, tmp_path_factory) -> dict:
         "uncalibrated": folder / "uncalibrated",
         "threshold": model.normal_statistics.threshold,
         "model": model,
+        "uncalibrated_model": uncalibrated,
     }
 
 
@@ -184,7 +181,12 @@ def test_bad_inputs_and_ensembles_are_one_line_errors(models, synthetic_root, tm
     save_models(tmp_path / "pair", [model, model])
     image = synthetic_root / "texture" / "test" / "good" / "000.png"
     code, output = predict(tmp_path / "pair", [image], tmp_path / "o.csv")
-    assert code == 1 and "an ensemble of 2 models; prediction supports single" in output
+    assert code == 1 and "the model has no saved threshold and no --threshold" in output
+    code, output = predict(tmp_path / "pair", [image], tmp_path / "o.csv", "--threshold", "0.5")
+    assert code == 0 and "1 scored" in output
+    save_models(tmp_path / "uncalibrated_pair", [models["uncalibrated_model"]] * 2)
+    code, output = predict(tmp_path / "uncalibrated_pair", [image], tmp_path / "o.csv")
+    assert code == 1 and "an ensemble without normal-image statistics cannot score" in output
 
 
 def test_output_stems_are_unique_relative_paths(tmp_path):
@@ -209,9 +211,9 @@ def test_results_stream_to_a_temporary_file_and_appear_at_the_end(tmp_path):
 
 def test_heat_map_colour_scale_centres_the_threshold(models):
     statistics = models["model"].normal_statistics
-    low, high = heatmap_colour_range(2.0, statistics)
+    low, high = colour_range(2.0, statistics)
     assert low == statistics.pixel_score_min and (low + high) / 2 == pytest.approx(2.0)
-    assert heatmap_colour_range(1.0, None) == (0.0, 2.0)
+    assert colour_range(1.0, None) == (0.0, 2.0)
 
 
 def test_predict_script_is_a_thin_entry_point(monkeypatch, capsys):

@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from patchcore import reporting
-from patchcore.reporting import (
-    METRIC_COLUMNS,
+from patchcore.evaluation import reporting
+from patchcore.evaluation.metrics import METRIC_NAMES as METRIC_COLUMNS
+from patchcore.evaluation.reporting import (
     format_results_table,
     read_results_csv,
     result_columns,

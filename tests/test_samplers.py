@@ -7,7 +7,7 @@ import torch
 
 from patchcore.config import SamplerConfig
 from patchcore.errors import ConfigurationError
-from patchcore.samplers import (
+from patchcore.model.samplers import (
     ApproximateGreedyCoresetSampler,
     GreedyCoresetSampler,
     IdentitySampler,

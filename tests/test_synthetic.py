@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import subprocess
 import sys
@@ -12,13 +11,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from patchcore.synthetic import (
+from click.testing import CliRunner
+
+from patchcore.cli.synthetic import synthetic_cli
+from patchcore.data.synthetic import (
     SYNTHETIC_CATEGORIES,
     SyntheticSpec,
     defect_types,
     generate_category,
     generate_dataset,
-    main,
     make_sample,
     sample_rng,
 )
@@ -77,7 +78,7 @@ def test_same_seed_is_byte_identical_and_other_seed_differs(tmp_path: Path) -> N
 
 def test_seeding_does_not_depend_on_the_process(tmp_path: Path) -> None:
     script = (
-        "import sys; from pathlib import Path; from patchcore.synthetic import *; "
+        "import sys; from pathlib import Path; from patchcore.data.synthetic import *; "
         "generate_dataset(Path(sys.argv[1]), spec=SyntheticSpec(image_size=32, num_train=1, "
         "num_test_good=1, num_test_defective_per_type=1, seed=5))"
     )
@@ -170,18 +171,17 @@ def test_unknown_defect_type_is_rejected() -> None:
         make_sample("object", "scratch", 64, sample_rng(0, "object", 0, 0))
 
 
-def test_cli_writes_dataset_and_logs_summary(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    argv = [str(tmp_path), "--categories", "texture", "--image-size", "48", "--num-train", "2"]
-    argv += ["--num-test-good", "1", "--num-defective", "1", "--seed", "3"]
-    with caplog.at_level(logging.INFO, logger="patchcore.synthetic"):
-        assert main(argv) == 0
+def test_cli_writes_dataset_and_reports_it(tmp_path: Path) -> None:
+    argv = [str(tmp_path), "--categories", "texture", "--image_size", "48", "--num_train", "2"]
+    argv += ["--num_test_good", "1", "--num_defective", "1", "--seed", "3"]
+    outcome = CliRunner().invoke(synthetic_cli, argv)
+    assert outcome.exit_code == 0, outcome.output
     assert len(list((tmp_path / "texture" / "train" / "good").glob("*.png"))) == 2
     assert not (tmp_path / "object").exists()
-    assert "texture" in caplog.text and str(tmp_path) in caplog.text
+    assert "texture" in outcome.output and str(tmp_path) in outcome.output
 
 
 def test_cli_reports_bad_arguments(tmp_path: Path) -> None:
-    with pytest.raises(SystemExit):
-        main([str(tmp_path), "--num-train", "0"])
+    outcome = CliRunner().invoke(synthetic_cli, [str(tmp_path), "--num_train", "0"])
+    assert outcome.exit_code == 1
+    assert "num_train must be an integer >= 1" in outcome.output

@@ -9,13 +9,16 @@ import pytest
 import torch
 from PIL import Image
 
-from patchcore import visualization
-from patchcore.visualization import (
-    safe_file_stems,
-    sanitise_file_stem,
+from patchcore.evaluation import visualization
+from patchcore.evaluation.visualization import (
     save_segmentation_images,
-    shared_colour_range,
 )
+from patchcore.files import safe_file_stem, unique_file_stems
+from patchcore.model.calibration import colour_range
+
+
+def shared_colour_range(maps):
+    return colour_range(None, None, maps)
 
 COUNT, HEIGHT, WIDTH = 3, 32, 40
 
@@ -102,7 +105,7 @@ def test_shared_colour_range_is_global_min_max() -> None:
 def test_shared_colour_range_ignores_non_finite_values() -> None:
     maps = np.array([[[1.0, np.nan], [np.inf, 4.0]], [[-2.0, 0.0], [0.5, -np.inf]]])
     assert shared_colour_range(maps) == (-2.0, 4.0)
-    with pytest.raises(ValueError, match="anomaly_maps"):
+    with pytest.raises(ValueError, match="anomaly maps"):
         shared_colour_range(np.full((1, 2, 2), np.nan))
 
 
@@ -112,11 +115,11 @@ def test_default_colour_range_comes_from_shared_helper(
     inputs = _inputs()
     calls = []
 
-    def recording_range(maps: np.ndarray) -> tuple[float, float]:
+    def recording_range(threshold, statistics, maps) -> tuple[float, float]:
         calls.append(maps.shape)
-        return shared_colour_range(maps)
+        return colour_range(threshold, statistics, maps)
 
-    monkeypatch.setattr(visualization, "shared_colour_range", recording_range)
+    monkeypatch.setattr(visualization, "default_colour_range", recording_range)
     save_segmentation_images(tmp_path, **inputs)
     assert calls == [(COUNT, HEIGHT, WIDTH)]  # once, over all maps together
 
@@ -124,10 +127,10 @@ def test_default_colour_range_comes_from_shared_helper(
 def test_explicit_colour_range_is_used_and_not_recomputed(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def unexpected(maps: np.ndarray) -> tuple[float, float]:
+    def unexpected(*arguments) -> tuple[float, float]:
         raise AssertionError("colour range should not be recomputed")
 
-    monkeypatch.setattr(visualization, "shared_colour_range", unexpected)
+    monkeypatch.setattr(visualization, "default_colour_range", unexpected)
     paths = save_segmentation_images(tmp_path, **_inputs(), colour_range=(0.0, 10.0))
     assert len(paths) == COUNT
 
@@ -148,24 +151,23 @@ def test_constant_maps_do_not_crash(tmp_path: Path) -> None:
     assert len(save_segmentation_images(tmp_path, **inputs)) == COUNT
 
 
-def test_names_are_sanitised(tmp_path: Path) -> None:
+def test_names_are_sanitised_keeping_letters_of_any_script(tmp_path: Path) -> None:
     inputs = _inputs()
     inputs["names"] = ["good/000", "crack 001", "cräck:002.x"]
     paths = save_segmentation_images(tmp_path, **inputs)
-    assert [p.name for p in paths] == ["good_000.png", "crack_001.png", "cr_ck_002.x.png"]
-    assert sanitise_file_stem("a-b_c.d9") == "a-b_c.d9"
+    assert [p.name for p in paths] == ["good_000.png", "crack_001.png", "cräck_002.x.png"]
+    assert safe_file_stem("a-b_c.d9") == "a-b_c.d9"
+    assert safe_file_stem("傷") == "傷" and safe_file_stem("") == "_"
 
 
-def test_names_colliding_after_sanitising_raise(tmp_path: Path) -> None:
+def test_names_colliding_after_sanitising_get_distinct_files(tmp_path: Path) -> None:
     inputs = _inputs()
     inputs["names"] = ["crack/000", "ok", "crack_000"]
-    with pytest.raises(ValueError, match="crack_000"):
-        save_segmentation_images(tmp_path, **inputs)
-    assert list(tmp_path.iterdir()) == []
-    with pytest.raises(ValueError, match="Crack"):
-        safe_file_stems(["crack", "Crack"])
-    with pytest.raises(ValueError, match="names"):
-        safe_file_stems(["a", ""])
+    paths = save_segmentation_images(tmp_path, **inputs)
+    assert [p.name for p in paths] == ["crack_000.png", "ok.png", "crack_000-2.png"]
+    assert unique_file_stems(["crack", "Crack", "bild äöü", "bild öäü", "傷痕", "傷痕"]) == [
+        "crack", "Crack-2", "bild_äöü", "bild_öäü", "傷痕", "傷痕-2",
+    ]  # fmt: skip
 
 
 @pytest.mark.parametrize(

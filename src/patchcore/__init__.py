@@ -1,3 +1,27 @@
-"""PatchCore: anomaly detection and segmentation from defect-free images only."""
+"""PatchCore: anomaly detection and segmentation from defect-free images only.
 
-__version__ = "0.1.0"
+The package reads as the pipeline (see the README's module map):
+- `patchcore.data`: datasets, preprocessing (image or mask to tensor), synthetic data;
+- `patchcore.model`: backbones, patch features, samplers, search, the scorer, the
+  `PatchCore` estimator, calibration (decisions) and saving/loading;
+- `patchcore.evaluation`: metrics, ensembles, results tables, overlays, per-image records;
+- `patchcore.apps`: the jobs behind the commands (train/evaluate runs, predict, export,
+  challenge evaluation, the dashboard);
+- `patchcore.cli`: every command line, with one shared set of options.
+"""
+
+from patchcore.exports import lazy_exports
+
+__version__ = "0.2.0"
+
+__all__ = ["PatchCore", "PatchCoreConfig", "save_models", "load_models", "__version__"]
+
+__getattr__, __dir__ = lazy_exports(
+    __name__,
+    {
+        "PatchCore": "patchcore.model.patchcore",
+        "PatchCoreConfig": "patchcore.config",
+        "save_models": "patchcore.model.serialization",
+        "load_models": "patchcore.model.serialization",
+    },
+)

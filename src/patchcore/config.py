@@ -12,6 +12,14 @@ from patchcore.errors import ConfigurationError
 SAMPLER_NAMES = ("identity", "greedy_coreset", "approx_greedy_coreset")
 DISTANCES = ("squared_l2", "l2")
 SEARCH_BACKENDS = ("faiss", "torch")
+NORMALISATIONS = ("test_minmax", "normal_stats")
+
+EFFICIENTNET_LITE0 = "efficientnet_lite0"
+# Sensible layers for each backbone family when a user gives none: mid-level stages.
+EFFICIENTNET_LITE0_LAYERS = ("_blocks.4", "_blocks.10")
+DENSENET_LAYERS = ("features.denseblock2", "features.denseblock3")
+RESNET_LAYERS = ("layer2", "layer3")
+SEED_SUFFIX = ".seed-"
 
 
 def _require(condition: bool, message: str) -> None:
@@ -19,18 +27,79 @@ def _require(condition: bool, message: str) -> None:
         raise ConfigurationError(message)
 
 
+def default_layers(backbone_name: str) -> tuple[str, ...]:
+    """Layers to use when none are given: the paper's mid-level stages."""
+    if backbone_name == EFFICIENTNET_LITE0:
+        return EFFICIENTNET_LITE0_LAYERS
+    if backbone_name.startswith("densenet"):
+        return DENSENET_LAYERS
+    return RESNET_LAYERS
+
+
+def split_seeded_name(name: str) -> tuple[str, int | None]:
+    """`wideresnet50.seed-3` -> (`wideresnet50`, 3); a name without suffix -> (name, None)."""
+    base, separator, seed = name.partition(SEED_SUFFIX)
+    if not separator:
+        return name, None
+    _require(
+        seed.isdigit(), f"backbone name '{name}': the part after '{SEED_SUFFIX}' must be an integer"
+    )
+    return base, int(seed)
+
+
+CROP_MODES = ("center", "none")
+MASK_RULES = ("reference", "binary")
+MIN_IMAGE_SIDE = 32  # smallest model input side: a stride-16 layer still has a 2 x 2 grid
+
+
 @dataclass(frozen=True)
 class PreprocessingConfig:
-    """Image preprocessing: shorter side resized to `resize`, then centre crop to `imagesize`."""
+    """How an image becomes the model's input (see `patchcore.data.preprocessing`).
+
+    The shorter side is resized to `resize`; `crop="center"` (the reference) then cuts the
+    centre `imagesize` x `imagesize`, `crop="none"` keeps the whole image, its longer side
+    capped at `max_size` when given. With `tile`, the working image is cut into `tile` x
+    `tile` tiles overlapping by the fraction `tile_overlap`, each scored on its own and
+    stitched back into one map.
+    """
 
     resize: int = 256
     imagesize: int = 224
+    crop: str = "center"
+    max_size: int | None = None
+    tile: int | None = None
+    tile_overlap: float = 0.0
 
     def __post_init__(self) -> None:
-        _require(self.resize >= 1, f"--resize must be a positive integer, got {self.resize}")
         _require(
-            1 <= self.imagesize <= self.resize,
-            f"--imagesize must be between 1 and --resize ({self.resize}), got {self.imagesize}",
+            self.crop in CROP_MODES,
+            f"--crop must be one of {', '.join(CROP_MODES)}, got '{self.crop}'",
+        )
+        _require(
+            self.resize >= MIN_IMAGE_SIDE,
+            f"--resize must be an integer >= {MIN_IMAGE_SIDE}, got {self.resize}",
+        )
+        _require(
+            MIN_IMAGE_SIDE <= self.imagesize <= self.resize,
+            f"--imagesize must be between {MIN_IMAGE_SIDE} and --resize ({self.resize}), "
+            f"got {self.imagesize}",
+        )
+        _require(
+            self.max_size is None or self.max_size >= self.resize,
+            f"--max_size must be >= --resize ({self.resize}), got {self.max_size}",
+        )
+        _require(
+            self.tile is None or self.tile >= MIN_IMAGE_SIDE,
+            f"--tile must be an integer >= {MIN_IMAGE_SIDE} pixels, got {self.tile}",
+        )
+        _require(
+            self.tile is None or self.crop == "none" or self.tile <= self.imagesize,
+            f"--tile {self.tile} is larger than the {self.imagesize} px centre crop "
+            "(--imagesize); use a smaller tile or --crop none",
+        )
+        _require(
+            0.0 <= self.tile_overlap < 1.0,
+            f"--tile_overlap must be in [0, 1), got {self.tile_overlap}",
         )
 
 
@@ -115,6 +184,11 @@ class PatchCoreConfig:
             self.reweighting_neighbours >= 1,
             f"re-weighting neighbours must be >= 1, got {self.reweighting_neighbours}",
         )
+        _require(
+            not (self.score_reweighting and self.preprocessing.tile is not None),
+            "--score_reweighting is not defined for tiled inspection (--tile): the stitched "
+            "maximum has no single nearest bank feature; leave one of them out",
+        )
 
 
 @dataclass(frozen=True)
@@ -150,6 +224,7 @@ class DatasetConfig:
     batch_size: int = 2
     num_workers: int = 8
     preprocessing: PreprocessingConfig = field(default_factory=PreprocessingConfig)
+    mask_rule: str = "reference"
 
     def __post_init__(self) -> None:
         _require(
@@ -163,6 +238,10 @@ class DatasetConfig:
         )
         _require(self.batch_size >= 1, f"--batch_size must be >= 1, got {self.batch_size}")
         _require(self.num_workers >= 0, f"--num_workers must be >= 0, got {self.num_workers}")
+        _require(
+            self.mask_rule in MASK_RULES,
+            f"--mask_rule must be one of {', '.join(MASK_RULES)}, got '{self.mask_rule}'",
+        )
 
     def run_name(self, category: str) -> str:
         """Name of one evaluated dataset in results and folders, e.g. `mvtec_bottle`."""

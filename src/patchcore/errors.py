@@ -1,4 +1,8 @@
-"""Exceptions raised for bad input; the CLI turns them into one-line messages."""
+"""The errors this library raises on purpose; the command line prints each as one line.
+
+Every user-facing failure is a `PatchCoreError`. Faults from below (the file system, FAISS,
+decoders) are turned into one of these where they occur, with the file and the fix named.
+"""
 
 
 class PatchCoreError(Exception):
@@ -10,7 +14,7 @@ class ConfigurationError(PatchCoreError, ValueError):
 
 
 class DataError(PatchCoreError, ValueError):
-    """A dataset folder, image or mask is missing, unreadable or inconsistent."""
+    """A dataset folder, image, mask or score array is missing, unreadable or inconsistent."""
 
 
 class BackboneError(PatchCoreError):
@@ -19,3 +23,18 @@ class BackboneError(PatchCoreError):
 
 class ModelFormatError(PatchCoreError):
     """A saved model folder is incomplete, unsafe, or of an unknown format version."""
+
+
+class OutputError(PatchCoreError):
+    """A result, model or image file cannot be written (read-only folder, disk full, ...)."""
+
+
+class MissingDependencyError(PatchCoreError):
+    """An optional feature needs a package that is not installed; the message names the extra."""
+
+
+def missing_dependency(feature: str, package: str, extra: str) -> MissingDependencyError:
+    """The error for `feature` needing `package`, installed with the project's `extra`."""
+    return MissingDependencyError(
+        f"{feature} needs the package {package}: pip install \"patchcore[{extra}]\""
+    )

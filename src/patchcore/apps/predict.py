@@ -1,0 +1,356 @@
+"""Scoring new images with a saved model: accept/reject decisions, heat maps and masks.
+
+The job behind `patchcore-predict MODEL_DIR INPUT...`. INPUTs are image files, folders
+(searched recursively) or glob patterns. Images go through the model's own preprocessing
+(`patchcore.data.preprocessing`), exactly as in evaluation, and are scored by the model or,
+for an ensemble, by its members combined with their normal-image statistics
+(`patchcore.evaluation.ensemble.predict_new_images`). An image is rejected by
+`patchcore.model.calibration.decide`: its score is above the threshold (`--threshold`, or the
+one saved with the model) or is not a finite number.
+
+Results (path, score, threshold, decision per image; CSV, or JSON lines for a `.jsonl`
+output) are streamed to a temporary file next to the output as images are scored, and moved
+into place when the run ends, so a large folder never has to fit in memory.
+
+Heat maps and masks are PNGs at each input image's own size (the crop's map is mapped back
+onto the whole image by `patchcore.data.preprocessing.map_to_input_frame`; outside a centre
+crop the nearest crop-edge value is used). Every heat map uses the same colour scale, fixed
+by the model (`patchcore.model.calibration.colour_range`): from the lowest pixel score of its
+held-out normal images (0 without statistics) up to the value that puts the threshold in the
+middle of the colour bar; values outside are clipped.
+A mask marks the pixels whose anomaly-map value is above the decision threshold (or
+`--mask_threshold`). The map never exceeds its image score (without score re-weighting), so
+accepted images get empty masks; the Gaussian smoothing lowers narrow peaks, so a rejected
+image whose anomaly is a single patch may get an empty mask too (a lower `--mask_threshold`
+then shows it).
+
+Unreadable files are logged, skipped and counted; the run goes on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import glob
+import json
+import logging
+import math
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from patchcore.config import PreprocessingConfig, SearchConfig
+from patchcore.data.datasets import IMAGE_EXTENSIONS, image_files
+from patchcore.data.preprocessing import image_tensor, map_to_input_frame, open_image
+from patchcore.errors import ConfigurationError, DataError
+from patchcore.evaluation.ensemble import predict_new_images
+from patchcore.evaluation.visualization import blend_heatmap
+from patchcore.files import atomic_write, staged_path, unique_file_stems
+from patchcore.model.calibration import colour_range, decide, decision_label
+from patchcore.model.patchcore import PatchCore
+from patchcore.model.serialization import load_models
+from patchcore.progress import track
+
+LOGGER = logging.getLogger(__name__)
+
+COLUMNS = ("path", "score", "threshold", "decision")
+
+
+@dataclass(frozen=True)
+class PredictOptions:
+    """A prediction job; checked once when built."""
+
+    model_dir: Path
+    inputs: tuple[str, ...]
+    output: Path
+    heatmaps: Path | None = None
+    masks: Path | None = None
+    threshold: float | None = None
+    mask_threshold: float | None = None
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    batch_size: int = 8
+    num_workers: int = 4
+    search: SearchConfig = field(default_factory=SearchConfig)
+
+    def __post_init__(self) -> None:
+        if not self.inputs:
+            raise ConfigurationError("give at least one INPUT image, folder or pattern")
+        if self.batch_size < 1:
+            raise ConfigurationError(f"--batch_size must be >= 1, got {self.batch_size}")
+        if self.num_workers < 0:
+            raise ConfigurationError(f"--num_workers must be >= 0, got {self.num_workers}")
+        for option, value in (
+            ("--threshold", self.threshold),
+            ("--mask_threshold", self.mask_threshold),
+        ):
+            if value is not None and not math.isfinite(value):
+                raise ConfigurationError(f"{option} must be a finite number, got {value}")
+
+    @property
+    def json_lines(self) -> bool:
+        return self.output.suffix.lower() == ".jsonl"
+
+    @property
+    def keeps_originals(self) -> bool:
+        return self.heatmaps is not None or self.masks is not None
+
+
+@dataclass(frozen=True)
+class PredictionSummary:
+    """What a run did."""
+
+    scored: int
+    rejected: int
+    unreadable: int
+    output: Path
+
+    @property
+    def accepted(self) -> int:
+        return self.scored - self.rejected
+
+    def line(self) -> str:
+        return (
+            f"{self.scored} scored: {self.rejected} rejected, {self.accepted} accepted; "
+            f"{self.unreadable} unreadable. Results: {self.output}"
+        )
+
+
+# ------------------------------------------------------------------------ inputs
+def _expand(text: str) -> list[Path]:
+    path = Path(text)
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        files = image_files(path, recursive=True)
+        if not files:
+            raise DataError(
+                f"{path}: folder holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))})"
+            )
+        return files
+    matches = [Path(match) for match in sorted(glob.glob(text, recursive=True))]
+    files = [
+        match for match in matches if match.is_file() and match.suffix.lower() in IMAGE_EXTENSIONS
+    ]
+    if not files:
+        raise DataError(f"{text}: no such file or folder, and no image matches it as a pattern")
+    return files
+
+
+def resolve_inputs(inputs: Sequence[str]) -> list[Path]:
+    """Image files of the INPUT arguments, in order, each once."""
+    return list(dict.fromkeys(path for text in inputs for path in _expand(text)))
+
+
+def output_stems(paths: Sequence[Path]) -> list[str]:
+    """Unique file stems for per-image outputs: each path relative to the inputs' common
+    folder, parts joined by '_' (e.g. `crack/000.png` -> `crack_000`); clashes get `-2`, ..."""
+    resolved = [path.resolve() for path in paths]
+    root = Path(os.path.commonpath([path.parent for path in resolved])) if resolved else Path()
+    return unique_file_stems(
+        ["_".join(path.relative_to(root).with_suffix("").parts) for path in resolved]
+    )
+
+
+@dataclass(frozen=True)
+class LoadedImage:
+    """One input: the model's input tensor and the decoded original, or why it failed."""
+
+    index: int
+    image: torch.Tensor | None
+    original: torch.Tensor | None
+    error: str
+
+
+class PredictionDataset(torch.utils.data.Dataset):
+    """Decodes inputs through the evaluation pipeline; unreadable files become errors."""
+
+    def __init__(
+        self, paths: Sequence[Path], preprocessing: PreprocessingConfig, keep_originals: bool
+    ) -> None:
+        self.paths = list(paths)
+        self.preprocessing = preprocessing
+        self.keep_originals = keep_originals
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> LoadedImage:
+        try:
+            picture = open_image(self.paths[index], "RGB")
+            image = image_tensor(picture, self.preprocessing)
+        except DataError as error:
+            return LoadedImage(index, None, None, str(error))
+        original = torch.from_numpy(np.array(picture, dtype=np.uint8)).permute(2, 0, 1) if self.keep_originals else None
+        return LoadedImage(index, image, original, "")
+
+
+# ----------------------------------------------------------------------- outputs
+class ResultWriter:
+    """Writes one record per image to an open CSV or JSON-lines stream."""
+
+    def __init__(self, handle, json_lines: bool) -> None:
+        self.handle = handle
+        self.temporary = Path(handle.name)
+        self.csv = None if json_lines else csv.writer(handle)
+        if self.csv is not None:
+            self.csv.writerow(COLUMNS)
+
+    def write(self, record: dict) -> None:
+        if self.csv is None:
+            self.handle.write(json.dumps(record) + "\n")
+        else:
+            self.csv.writerow([record[column] for column in COLUMNS])
+        self.handle.flush()
+
+
+@contextlib.contextmanager
+def streamed_results(path: Path, json_lines: bool) -> Iterator[ResultWriter]:
+    """A ResultWriter on a staging file beside `path`, moved into place when the block ends
+    normally and removed otherwise."""
+    with staged_path(Path(path)) as temporary, temporary.open("x", newline="", encoding="utf-8") as handle:
+        yield ResultWriter(handle, json_lines)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def write_png(path: Path, array: np.ndarray) -> None:
+    """Writes a uint8 [H, W] or [H, W, 3] array as a PNG, atomically."""
+    atomic_write(path, lambda temporary: Image.fromarray(array).save(temporary, format="PNG"))
+
+
+@dataclass(frozen=True)
+class ImageOutputs:
+    """Where and how per-image PNGs are drawn."""
+
+    heatmaps: Path | None
+    masks: Path | None
+    mask_threshold: float
+    colour_range: tuple[float, float]
+    preprocessing: PreprocessingConfig
+
+    def write(self, original: torch.Tensor, crop_map: torch.Tensor, stem: str) -> None:
+        """original uint8 [3, H, W], crop_map [c, c] -> heat map and mask PNGs at H x W."""
+        size = tuple(original.shape[-2:])
+        full_map = map_to_input_frame(crop_map[None].float(), size, self.preprocessing)[0].numpy()
+        if self.heatmaps is not None:
+            image = original.permute(1, 2, 0).numpy()
+            write_png(
+                self.heatmaps / f"{stem}.png", blend_heatmap(image, full_map, self.colour_range)
+            )
+        if self.masks is not None:
+            mask = (full_map > self.mask_threshold).astype(np.uint8) * 255
+            write_png(self.masks / f"{stem}.png", mask)
+
+
+# ---------------------------------------------------------------------- running
+def load_scoring_models(options: PredictOptions) -> list[PatchCore]:
+    """The model (or ensemble members) of MODEL_DIR; an ensemble's members must carry their
+    normal-image statistics, the scale its scores are combined on."""
+    models = load_models(options.model_dir, options.device, options.search)
+    if len(models) > 1 and any(model.normal_statistics is None for model in models):
+        raise ConfigurationError(
+            f"{options.model_dir}: an ensemble without normal-image statistics cannot score "
+            "new images (its members' scores cannot be combined without a test set); "
+            "retrain with --train_val_split < 1"
+        )
+    return models
+
+
+def saved_decision_statistics(models: list[PatchCore]):
+    """The normal statistics whose threshold decides for these models: a single model's own,
+    None for an ensemble (whose combined scale has no saved threshold)."""
+    return models[0].normal_statistics if len(models) == 1 else None
+
+
+def decision_threshold(models: list[PatchCore], options: PredictOptions) -> float:
+    """--threshold, else the model's saved threshold; an error naming both when neither."""
+    if options.threshold is not None:
+        return options.threshold
+    statistics = saved_decision_statistics(models)
+    if statistics is not None:
+        return statistics.threshold
+    raise ConfigurationError(
+        f"{options.model_dir}: the model has no saved threshold and no --threshold was given; "
+        "pass --threshold T, or retrain with --save_patchcore_model (which calibrates and "
+        "saves a threshold on held-out normal images, see --train_val_split)"
+    )
+
+
+def _loader(paths: list[Path], preprocessing: PreprocessingConfig, options: PredictOptions):
+    dataset = PredictionDataset(paths, preprocessing, options.keeps_originals)
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_size=options.batch_size,
+        shuffle=False,
+        num_workers=options.num_workers,
+        collate_fn=list,
+    )
+
+
+@dataclass(frozen=True)
+class _Job:
+    """What every batch needs: the models, the threshold, and where results go."""
+
+    models: list[PatchCore]
+    threshold: float
+    paths: list[Path]
+    stems: list[str]
+    images: ImageOutputs
+    draw: bool
+
+
+def _same_size_groups(items: list[LoadedImage]) -> list[list[LoadedImage]]:
+    """Items grouped by input size (whole-image mode), each group in input order."""
+    groups: dict[tuple[int, ...], list[LoadedImage]] = {}
+    for item in items:
+        groups.setdefault(tuple(item.image.shape), []).append(item)
+    return list(groups.values())
+
+
+def _score_batch(job: _Job, batch: list[LoadedImage], writer: ResultWriter) -> tuple[int, int]:
+    """Scores the readable images of a batch and writes their results; (scored, rejected)."""
+    for item in batch:
+        if item.image is None:
+            LOGGER.warning("Skipping unreadable file: %s", item.error)
+    scored = rejected = 0
+    for group in _same_size_groups([item for item in batch if item.image is not None]):
+        scores, maps = predict_new_images(job.models, torch.stack([item.image for item in group]))
+        for item, score, model_map in zip(group, scores, maps, strict=True):
+            is_rejected = bool(decide(float(score), job.threshold))
+            rejected += int(is_rejected)
+            writer.write({
+                "path": str(job.paths[item.index]), "score": float(score),
+                "threshold": job.threshold, "decision": decision_label(is_rejected),
+            })  # fmt: skip
+            if job.draw:
+                job.images.write(item.original, model_map, job.stems[item.index])
+        scored += len(group)
+    return scored, rejected
+
+
+def run_prediction(options: PredictOptions) -> PredictionSummary:
+    """Scores every input image, streaming results; returns the counts."""
+    paths = resolve_inputs(options.inputs)
+    models = load_scoring_models(options)
+    threshold = decision_threshold(models, options)
+    preprocessing = models[0].config.preprocessing
+    images = ImageOutputs(
+        options.heatmaps,
+        options.masks,
+        threshold if options.mask_threshold is None else options.mask_threshold,
+        colour_range(threshold, saved_decision_statistics(models)),
+        preprocessing,
+    )
+    job = _Job(models, threshold, paths, output_stems(paths), images, options.keeps_originals)
+    scored = rejected = 0
+    with streamed_results(options.output, options.json_lines) as writer:
+        for batch in track(_loader(paths, preprocessing, options), "Predicting", unit="batch"):
+            batch_scored, batch_rejected = _score_batch(job, batch, writer)
+            scored += batch_scored
+            rejected += batch_rejected
+    return PredictionSummary(scored, rejected, len(paths) - scored, options.output)

@@ -1,0 +1,187 @@
+"""The two jobs behind `patchcore-train` and `patchcore-evaluate`.
+
+Both write `results.csv` (one row per dataset plus the mean) in the run-folder layout of
+`patchcore.layout`, optionally models, predictions and segmentation overlays, and return
+the metrics so the caller can print the table. A dataset's model and `results.csv` row are
+saved before any optional output, so a failure there never loses a trained model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from patchcore.config import DatasetConfig, PatchCoreConfig, PreprocessingConfig, SearchConfig
+from patchcore.data.datasets import split_loader
+from patchcore.errors import ConfigurationError
+from patchcore.evaluation.records import write_predictions
+from patchcore.evaluation.reporting import write_results_csv
+from patchcore.evaluation.testset import TestSetResult, evaluate_models
+from patchcore.evaluation.visualization import save_segmentation_images
+from patchcore.layout import RunLayout
+from patchcore.model.calibration import DEFAULT_THRESHOLD_QUANTILE, colour_range
+from patchcore.model.patchcore import PatchCore
+from patchcore.model.serialization import load_models, save_models
+
+LOGGER = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class OutputOptions:
+    """What a run writes besides results.csv."""
+
+    save_segmentation_images: bool = False
+    save_models: bool = False
+    save_predictions: bool = False
+    ensemble_normalisation: str = "test_minmax"
+    threshold_quantile: float = DEFAULT_THRESHOLD_QUANTILE
+
+
+@dataclass(frozen=True)
+class PreprocessingRequest:
+    """The `dataset` command's preprocessing options as given (None = not given)."""
+
+    resize: int | None = None
+    imagesize: int | None = None
+    crop: str | None = None
+    max_size: int | None = None
+    tile: int | None = None
+    tile_overlap: float | None = None
+
+    def given(self) -> dict:
+        return {
+            field.name: getattr(self, field.name)
+            for field in dataclasses.fields(self)
+            if getattr(self, field.name) is not None
+        }
+
+    def for_training(self) -> PreprocessingConfig:
+        return PreprocessingConfig(**self.given())
+
+    def check_against(self, saved: PreprocessingConfig, folder: Path) -> None:
+        """A saved model's preprocessing wins; contradicting it explicitly is an error."""
+        for name, requested in self.given().items():
+            actual = getattr(saved, name)
+            if requested != actual:
+                raise ConfigurationError(
+                    f"--{name} {requested} contradicts the model in {folder}, which was "
+                    f"trained with --{name} {actual}; leave the option out to use the model's "
+                    "value"
+                )
+
+
+def _single_threshold(models: list[PatchCore]) -> float | None:
+    """A single model's calibrated threshold (ensembles' scores are rescaled, so none)."""
+    if len(models) == 1 and models[0].normal_statistics is not None:
+        return models[0].normal_statistics.threshold
+    return None
+
+
+def _write_optional_outputs(
+    layout: RunLayout, models: list[PatchCore], result: TestSetResult, output: OutputOptions
+) -> None:
+    """Overlays and per-image predictions of one evaluated dataset, as asked."""
+    threshold = _single_threshold(models)
+    if output.save_predictions:
+        write_predictions(layout.dataset_predictions(result.name), result.records(threshold))
+    if output.save_segmentation_images:
+        statistics = models[0].normal_statistics if threshold is not None else None
+        save_segmentation_images(
+            layout.segmentation_images(result.name),
+            result.images,
+            result.maps,
+            result.scores,
+            result.image_names,
+            masks=result.masks,
+            has_mask=result.has_mask,
+            colour_range=colour_range(threshold, statistics, result.maps),
+            threshold=threshold,
+        )
+
+
+def _evaluate(models: list[PatchCore], loader, name: str, output: OutputOptions) -> TestSetResult:
+    return evaluate_models(
+        models,
+        loader,
+        name,
+        output.ensemble_normalisation,
+        keep_images=output.save_segmentation_images,
+    )
+
+
+def train_run(
+    run_folder: Path,
+    model_configs: list[PatchCoreConfig],
+    dataset: DatasetConfig,
+    device: torch.device,
+    search: SearchConfig,
+    output: OutputOptions,
+) -> dict[str, dict[str, float]]:
+    """Fits one model per backbone on each category, evaluates, saves; returns metrics."""
+    layout = RunLayout(run_folder)
+    rows: dict[str, dict[str, float]] = {}
+    for position, category in enumerate(dataset.categories):
+        name = dataset.run_name(category)
+        LOGGER.info("Training on %s (%d/%d)", name, position + 1, len(dataset.categories))
+        train_loader = split_loader(dataset, category, "train", device)
+        validation_loader = split_loader(dataset, category, "val", device)
+        test_loader = split_loader(dataset, category, "test", device)
+        models = []
+        for config in model_configs:
+            model = PatchCore(replace(config, preprocessing=dataset.preprocessing), device, search)
+            model.fit(train_loader)
+            if validation_loader is not None:
+                model.calibrate(validation_loader, output.threshold_quantile)
+            elif output.save_models or output.ensemble_normalisation == "normal_stats":
+                LOGGER.warning(
+                    "%s: no held-out normal images (--train_val_split 1); the threshold and "
+                    "normal statistics come from the training images and are optimistic",
+                    name,
+                )
+                model.calibrate(train_loader, output.threshold_quantile)
+            models.append(model)
+        result = _evaluate(models, test_loader, name, output)
+        rows[name] = result.metrics
+        if output.save_models:
+            save_models(layout.model(name), models)
+        write_results_csv(layout.results_csv, rows)
+        _write_optional_outputs(layout, models, result, output)
+    return rows
+
+
+def evaluate_run(
+    results_folder: Path,
+    model_folders: list[Path],
+    dataset: DatasetConfig,
+    preprocessing: PreprocessingRequest,
+    device: torch.device,
+    search: SearchConfig,
+    output: OutputOptions,
+) -> dict[str, dict[str, float]]:
+    """Evaluates saved models: one folder per category, or one folder for all of them."""
+    if len(model_folders) not in (1, len(dataset.categories)):
+        raise ConfigurationError(
+            f"give one -p model folder per dataset ({len(dataset.categories)}) or a single one "
+            f"for all; got {len(model_folders)}"
+        )
+    layout = RunLayout(results_folder)
+    rows: dict[str, dict[str, float]] = {}
+    for position, category in enumerate(dataset.categories):
+        folder = Path(model_folders[min(position, len(model_folders) - 1)])
+        models = load_models(folder, device, search, preprocessing.resize or 256)
+        saved = models[0].config.preprocessing
+        if any(model.config.preprocessing != saved for model in models):
+            raise ConfigurationError(f"{folder}: ensemble members disagree on preprocessing")
+        preprocessing.check_against(saved, folder)
+        category_dataset = replace(dataset, preprocessing=saved)
+        name = dataset.run_name(category)
+        test_loader = split_loader(category_dataset, category, "test", device)
+        result = _evaluate(models, test_loader, name, output)
+        rows[name] = result.metrics
+        write_results_csv(layout.results_csv, rows)
+        _write_optional_outputs(layout, models, result, output)
+    return rows

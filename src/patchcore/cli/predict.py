@@ -1,0 +1,64 @@
+"""`patchcore-predict`: score new images with a saved model (`patchcore.apps.predict`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from patchcore.cli.common import common_options, run_guarded, usage_errors
+from patchcore.config import SEARCH_BACKENDS
+
+
+@click.command()
+@click.argument("model_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("inputs", nargs=-1, required=True)
+@click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path),
+              default=Path("predictions.csv"), show_default=True,
+              help="Results file: CSV, or JSON lines when it ends with .jsonl.")
+@click.option("--heatmaps", type=click.Path(file_okay=False, path_type=Path),
+              help="Folder for one heat-map PNG per image.")
+@click.option("--masks", type=click.Path(file_okay=False, path_type=Path),
+              help="Folder for one binary mask PNG per image (anomaly map > mask threshold).")
+@click.option("--mask_threshold", type=float,
+              help="Pixel threshold of --masks; default: the decision threshold.")
+@click.option("--threshold", type=float,
+              help="Reject images scoring above this; default: the model's saved threshold.")
+@click.option("--batch_size", type=int, default=8, show_default=True,
+              help="Images per forward pass.")
+@click.option("--num_workers", type=int, default=4, show_default=True,
+              help="Image-decoding processes.")
+@click.option("--nn_backend", type=click.Choice(SEARCH_BACKENDS), default="faiss",
+              show_default=True,
+              help="Exact nearest-neighbour search with FAISS or with torch matrix products.")
+@common_options()
+def predict_cli(model_dir, inputs, output, heatmaps, masks, mask_threshold, threshold,
+                batch_size, num_workers, nn_backend, common):  # fmt: skip
+    """Score new images (INPUTS: files, folders, glob patterns) with the model in MODEL_DIR:
+    one accept/reject decision per image, optional heat maps and masks."""
+    from patchcore.apps.predict import PredictOptions, run_prediction
+    from patchcore.config import SearchConfig
+
+    def job() -> None:
+        with usage_errors():
+            options = PredictOptions(
+                model_dir=model_dir,
+                inputs=tuple(inputs),
+                output=output,
+                heatmaps=heatmaps,
+                masks=masks,
+                threshold=threshold,
+                mask_threshold=mask_threshold,
+                device=common.torch_device(),
+                batch_size=batch_size,
+                num_workers=num_workers,
+                search=SearchConfig(backend=nn_backend),
+            )
+        click.echo(run_prediction(options).line())
+
+    run_guarded(job, common)
+
+
+def predict_main() -> None:
+    """Entry point of `patchcore-predict` and bin/predict_patchcore.py."""
+    predict_cli()

@@ -1,0 +1,285 @@
+"""The one place where an image or mask file becomes a tensor, and where maps go back.
+
+Default (`crop="center"`): the reference implementation's chain, byte for byte. The file is
+decoded and converted to RGB (`convert("RGB")`), its shorter side is resized to `resize` with
+PIL's bilinear filter, it is centre-cropped to `imagesize`, and `ToTensor`'s scaling (uint8
+/ 255) gives float32 [3, S, S] in [0, 1]. The backbone normalises it (mean/std) itself.
+
+Whole-image inspection (`crop="none"`): the same resize of the shorter side, optionally with
+the longer side capped at `max_size` (torchvision's rule), and no crop: the working image keeps
+the original's aspect ratio and every pixel of it is inspected.
+
+Decoding: 8-bit images follow `convert("RGB")`. 16-bit images (modes I;16*, and 32-bit
+integer images whose values fit 16 bits) are scaled to 8 bits by value * 255 / 65535, rounded,
+instead of Pillow's clipping at 255 that turns them white; 32-bit float images must hold
+values in [0, 1] and are scaled by 255. Anything else is refused with the file named.
+
+Masks, two rules (`mask_rule`):
+- `reference`: the reference's chain on the mask file (PIL bilinear resize, centre crop,
+  ToTensor), so mask values lie in [0, 1]; a pixel counts as defective only when its value is
+  exactly 1.0, while an image counts as having a defect when any value is above 0 (the
+  reference's pixel metrics and its anomaly-only image selection).
+- `binary`: nearest-neighbour resize and a threshold at half (value > 127 of 255).
+A mask stored as 0/1 (not 0/255) is detected, logged with its file name, and read as 0/255.
+
+`to_model_input` and `map_to_input_frame` are the tensor forms of the same geometry, for
+callers that hold float images already (the exported module): resize and crop on tensors,
+and anomaly maps sampled back onto the input's frame.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+from torchvision.transforms.v2 import functional as TF
+
+from patchcore.config import MASK_RULES, PreprocessingConfig
+from patchcore.errors import ConfigurationError, DataError
+
+LOGGER = logging.getLogger(__name__)
+
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+SIXTEEN_BIT_MAX = 65535
+EIGHT_BIT_MAX = 255
+
+
+# -------------------------------------------------------------------------- decoding
+def _eight_bit(path: Path, image: Image.Image) -> Image.Image:
+    """An 8-bit image of `image`: 16-bit and float data scaled, never clipped."""
+    if image.mode not in (*SIXTEEN_BIT_MODES, "I", "F"):
+        return image
+    values = np.asarray(image)
+    if image.mode == "F":
+        finite = np.isfinite(values).all()
+        if not finite or values.min() < 0.0 or values.max() > 1.0:
+            raise DataError(
+                f"{path}: 32-bit float image with values outside [0, 1] "
+                f"({np.nanmin(values):.4g} to {np.nanmax(values):.4g}); save it as 8- or "
+                "16-bit, or scale it to [0, 1]"
+            )
+        scaled = np.rint(values.astype(np.float64) * EIGHT_BIT_MAX)
+        return Image.fromarray(scaled.astype(np.uint8), mode="L")
+    wide = values.astype(np.int64)
+    if wide.min() < 0 or wide.max() > SIXTEEN_BIT_MAX:
+        raise DataError(
+            f"{path}: 32-bit integer image with values outside 0..{SIXTEEN_BIT_MAX} "
+            f"({wide.min()} to {wide.max()}); save it as 8- or 16-bit"
+        )
+    scaled = (wide * EIGHT_BIT_MAX + SIXTEEN_BIT_MAX // 2) // SIXTEEN_BIT_MAX
+    return Image.fromarray(scaled.astype(np.uint8), mode="L")
+
+
+def open_image(path: Path, mode: str = "RGB") -> Image.Image:
+    """Opens and fully decodes an image file in `mode` ("RGB" or "L"), naming the file in any
+    error; 16-bit and float images are scaled to 8 bits (see the module docstring)."""
+    path = Path(path)
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return _eight_bit(path, image).convert(mode)
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as error:
+        raise DataError(f"{path}: cannot read image ({error})") from error
+
+
+def image_size_of(path: Path) -> tuple[int, int]:
+    """(width, height) of an image file from its header, without decoding the pixels."""
+    try:
+        with Image.open(path) as image:
+            return image.size
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as error:
+        raise DataError(f"{path}: cannot read image ({error})") from error
+
+
+def open_mask(path: Path) -> Image.Image:
+    """A mask file as an 8-bit "L" image; a 0/1 mask is read as 0/255 (and logged)."""
+    mask = open_image(path, "L")
+    values = np.asarray(mask)
+    if values.max(initial=0) == 1:
+        LOGGER.warning("%s: mask values are 0/1, not 0/255; reading 1 as defect", path)
+        return Image.fromarray((values * EIGHT_BIT_MAX).astype(np.uint8), mode="L")
+    return mask
+
+
+# -------------------------------------------------------------------------- geometry
+def resized_size(size: tuple[int, int], resize: int, max_size: int | None = None) -> tuple[int, int]:
+    """(height, width) after resizing the shorter side of (height, width) `size` to `resize`,
+    the longer side capped at `max_size` (torchvision's rule, int truncation included)."""
+    height, width = size
+    short, long = (width, height) if width <= height else (height, width)
+    new_short, new_long = resize, int(resize * long / short)
+    if max_size is not None and new_long > max_size:
+        new_short, new_long = int(max_size * new_short / new_long), max_size
+    return (new_long, new_short) if width <= height else (new_short, new_long)
+
+
+def crop_offsets(size: tuple[int, int], crop: int) -> tuple[int, int]:
+    """(top, left) of a centre crop of `crop` x `crop` from (height, width) `size` (torchvision's rule)."""
+    return int(round((size[0] - crop) / 2.0)), int(round((size[1] - crop) / 2.0))
+
+
+def working_size(size: tuple[int, int], config: PreprocessingConfig) -> tuple[int, int]:
+    """(height, width) of the model's input for an original image of (height, width) `size`."""
+    if config.crop == "center":
+        return config.imagesize, config.imagesize
+    return resized_size(size, config.resize, config.max_size)
+
+
+@dataclass(frozen=True)
+class Frame:
+    """How a working image sits in its original: resized to `resized`, then cut at (top, left)."""
+
+    original: tuple[int, int]
+    resized: tuple[int, int]
+    top: int
+    left: int
+    size: tuple[int, int]
+
+
+def frame_of(size: tuple[int, int], config: PreprocessingConfig) -> Frame:
+    """The geometry taking an original of (height, width) `size` to the model's input."""
+    resized = resized_size(size, config.resize, config.max_size if config.crop == "none" else None)
+    if config.crop == "center":
+        top, left = crop_offsets(resized, config.imagesize)
+        return Frame(tuple(size), resized, top, left, (config.imagesize, config.imagesize))
+    return Frame(tuple(size), resized, 0, 0, resized)
+
+
+# -------------------------------------------------------------------- PIL to tensor
+def to_tensor(picture: Image.Image) -> torch.Tensor:
+    """torchvision's `ToTensor` on an 8-bit image: uint8 [C, H, W] / 255 as float32."""
+    array = np.array(picture, dtype=np.uint8, copy=True)
+    if array.ndim == 2:
+        array = array[:, :, None]
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous().float().div(EIGHT_BIT_MAX)
+
+
+def _geometry(picture: Image.Image, config: PreprocessingConfig, resample) -> Image.Image:
+    frame = frame_of((picture.height, picture.width), config)
+    if (picture.height, picture.width) != frame.resized:
+        picture = picture.resize((frame.resized[1], frame.resized[0]), resample)
+    if frame.size != frame.resized:
+        top, left = frame.top, frame.left
+        picture = picture.crop((left, top, left + frame.size[1], top + frame.size[0]))
+    return picture
+
+
+def image_tensor(picture: Image.Image, config: PreprocessingConfig) -> torch.Tensor:
+    """An RGB image as the model's input: float32 [3, h, w] in [0, 1]."""
+    return to_tensor(_geometry(picture, config, Image.Resampling.BILINEAR))
+
+
+def mask_tensor(mask: Image.Image, config: PreprocessingConfig, rule: str) -> torch.Tensor:
+    """An "L" mask in the model's input frame: float32 [1, h, w], values in [0, 1] for the
+    reference rule, {0, 1} for the binary one."""
+    if rule not in MASK_RULES:
+        raise ConfigurationError(f"--mask_rule must be one of {', '.join(MASK_RULES)}, got '{rule}'")
+    if rule == "reference":
+        return to_tensor(_geometry(mask, config, Image.Resampling.BILINEAR))
+    nearest = to_tensor(_geometry(mask, config, Image.Resampling.NEAREST))
+    return (nearest > 0.5).float()
+
+
+def defective_pixels(masks: torch.Tensor) -> torch.Tensor:
+    """Boolean masks of the pixels counted as defective: value 1.0 (both rules agree)."""
+    return masks >= 1.0
+
+
+def has_defect(masks: torch.Tensor) -> torch.Tensor:
+    """[N] flags: the masks with any value above 0 (the reference's anomaly-only selection)."""
+    return masks.reshape(len(masks), -1).amax(dim=1) > 0
+
+
+def load_image(path: Path, config: PreprocessingConfig) -> tuple[torch.Tensor, tuple[int, int]]:
+    """An image file as the model's input [3, h, w], and its original (height, width)."""
+    picture = open_image(path, "RGB")
+    return image_tensor(picture, config), (picture.height, picture.width)
+
+
+# --------------------------------------------------------------- tensors (export)
+def to_model_input(images: torch.Tensor, config: PreprocessingConfig) -> torch.Tensor:
+    """Float images [B, 3, H, W] in [0, 1] -> the model's input, with the same geometry as
+    `image_tensor` computed on tensors (bilinear, antialiased); values differ from PIL's
+    uint8 resize by rounding only."""
+    frame = frame_of(tuple(images.shape[-2:]), config)
+    if tuple(images.shape[-2:]) != frame.resized:
+        images = TF.resize(images, list(frame.resized), antialias=True)
+    if frame.size != frame.resized:
+        images = images[..., frame.top : frame.top + frame.size[0], frame.left : frame.left + frame.size[1]]
+    return images
+
+
+def map_to_input_frame(
+    maps: torch.Tensor, input_size: tuple[int, int], config: PreprocessingConfig
+) -> torch.Tensor:
+    """Maps [B, h, w] in the model's input frame -> maps [B, H, W] on an input of `input_size`.
+
+    Each input pixel centre is sent where the resize sent it, and the map is sampled there
+    bilinearly (the geometry of `align_corners=False` resizing). Points outside a centre crop
+    take the nearest crop-edge value. With an identity resize, the crop region of the result
+    equals `maps`.
+    """
+    frame = frame_of(tuple(input_size), config)
+    axes = []
+    for length, new_length, offset, crop in zip(
+        input_size, frame.resized, (frame.top, frame.left), frame.size, strict=True
+    ):
+        centres = torch.arange(length, device=maps.device, dtype=torch.float64) + 0.5
+        in_crop = centres * (new_length / length) - offset
+        axes.append((2.0 * in_crop / crop - 1.0).float())
+    rows, columns = torch.meshgrid(axes[0], axes[1], indexing="ij")
+    grid = torch.stack((columns, rows), dim=-1).expand(len(maps), -1, -1, -1)
+    sampled = F.grid_sample(
+        maps.unsqueeze(1), grid, mode="bilinear", padding_mode="border", align_corners=False
+    )
+    return sampled.squeeze(1)
+
+
+# --------------------------------------------------------------------------- tiles
+def tile_origins(length: int, tile: int, overlap: float) -> list[int]:
+    """Start positions of tiles of `tile` pixels covering `length` pixels, neighbours
+    overlapping by at least the fraction `overlap`; the last tile ends at the edge."""
+    if tile > length:
+        raise DataError(
+            f"--tile {tile} is larger than the working image ({length} px along one side); "
+            "use a smaller --tile or a larger --resize"
+        )
+    stride = max(1, int(tile * (1.0 - overlap)))
+    origins = list(range(0, length - tile + 1, stride))
+    if origins[-1] != length - tile:
+        origins.append(length - tile)
+    return origins
+
+
+def cut_tiles(images: torch.Tensor, tile: int, overlap: float) -> tuple[torch.Tensor, list]:
+    """images [B, 3, H, W] -> tiles [B*T, 3, tile, tile] (image-major) and the T (top, left)
+    origins shared by all images of the batch."""
+    height, width = images.shape[-2:]
+    origins = [
+        (top, left)
+        for top in tile_origins(int(height), tile, overlap)
+        for left in tile_origins(int(width), tile, overlap)
+    ]
+    tiles = torch.stack(
+        [images[:, :, top : top + tile, left : left + tile] for top, left in origins], dim=1
+    )
+    return tiles.reshape(-1, *tiles.shape[2:]), origins
+
+
+# ------------------------------------------------------------------- fixed sizes
+def fixed_size_pair(
+    image_path: Path, mask_path: Path | None, size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """An image and its mask resized to `size` x `size`, as challenge evaluators feed them:
+    image float [3, S, S] in [0, 1] (PIL bilinear), mask [1, S, S] in {0, 1} (nearest,
+    threshold at half); zeros without a mask."""
+    image = to_tensor(open_image(image_path, "RGB").resize((size, size), Image.Resampling.BILINEAR))
+    if mask_path is None:
+        return image, torch.zeros(1, size, size)
+    mask = to_tensor(open_mask(mask_path).resize((size, size), Image.Resampling.NEAREST))
+    return image, (mask > 0.5).float()

@@ -1,0 +1,25 @@
+"""Evaluation: metrics, ensemble combination, results tables, overlays, per-image records."""
+
+from patchcore.exports import lazy_exports
+
+__all__ = [
+    "compute_metrics", "METRIC_NAMES", "combine_members", "write_results_csv",
+    "read_results_csv", "format_results_table", "save_segmentation_images",
+    "write_predictions", "read_predictions", "evaluate_models",
+]  # fmt: skip
+
+__getattr__, __dir__ = lazy_exports(
+    __name__,
+    {
+        "compute_metrics": "patchcore.evaluation.metrics",
+        "METRIC_NAMES": "patchcore.evaluation.metrics",
+        "combine_members": "patchcore.evaluation.ensemble",
+        "write_results_csv": "patchcore.evaluation.reporting",
+        "read_results_csv": "patchcore.evaluation.reporting",
+        "format_results_table": "patchcore.evaluation.reporting",
+        "save_segmentation_images": "patchcore.evaluation.visualization",
+        "write_predictions": "patchcore.evaluation.records",
+        "read_predictions": "patchcore.evaluation.records",
+        "evaluate_models": "patchcore.evaluation.testset",
+    },
+)

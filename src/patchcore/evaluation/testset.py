@@ -1,0 +1,103 @@
+"""Running models over a test set: predictions, ensemble combination and metrics."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from patchcore.evaluation.ensemble import combine_members
+from patchcore.evaluation.metrics import compute_metrics
+from patchcore.evaluation.records import DatasetPredictions
+from patchcore.model.patchcore import PatchCore
+from patchcore.model.scoring import Prediction
+from patchcore.progress import track
+
+LOGGER = logging.getLogger(__name__)
+
+
+@dataclass
+class TestSetResult:
+    """Everything known about one evaluated dataset, image by image."""
+
+    name: str
+    metrics: dict[str, float]
+    scores: torch.Tensor  # [N]
+    maps: torch.Tensor  # [N, H, W]
+    labels: torch.Tensor  # [N], 1 = defective
+    masks: torch.Tensor  # [N, H, W] bool
+    has_mask: list[bool]
+    image_names: list[str]
+    image_paths: list[str]
+    defect_types: list[str]
+    patch_grid: tuple[int, int]
+    images: torch.Tensor | None  # [N, 3, H, W] in [0, 1], kept only when asked
+
+    def records(self, threshold: float | None) -> DatasetPredictions:
+        """The per-image results in their saved form."""
+        return DatasetPredictions(
+            name=self.name,
+            image_names=self.image_names,
+            image_paths=self.image_paths,
+            defect_types=self.defect_types,
+            is_anomaly=self.labels.numpy().astype(bool),
+            has_mask=np.array(self.has_mask, dtype=bool),
+            scores=self.scores.numpy(),
+            maps=self.maps.numpy(),
+            masks=self.masks.numpy(),
+            metrics=self.metrics,
+            threshold=threshold,
+            patch_grid=self.patch_grid,
+        )
+
+
+def evaluate_models(
+    models: list[PatchCore],
+    loader: torch.utils.data.DataLoader,
+    name: str,
+    normalisation: str = "test_minmax",
+    keep_images: bool = False,
+) -> TestSetResult:
+    """Predicts every test image with every member (one pass over the data) and scores it."""
+    member_parts: list[list[Prediction]] = [[] for _ in models]
+    labels, masks, has_mask, names, paths, defects, images = [], [], [], [], [], [], []
+    for batch in track(loader, f"Evaluating {name}", unit="batch"):
+        for parts, model in zip(member_parts, models):
+            parts.append(model.predict(batch["image"]))
+        labels.append(torch.as_tensor(batch["is_anomaly"]))
+        masks.append(batch["mask"][:, 0] > 0.5)
+        has_mask.extend(bool(flag) for flag in batch["has_mask"])
+        names.extend(batch["image_name"])
+        paths.extend(batch["image_path"])
+        defects.extend(batch["defect_type"])
+        if keep_images:
+            images.append(batch["image"])
+    predictions = [Prediction.concatenate(parts) for parts in member_parts]
+    scores, maps = combine_members(
+        predictions, normalisation, [model.normal_statistics for model in models]
+    )
+    all_masks = torch.cat(masks)
+    all_labels = torch.cat(labels)
+    if all(has_mask):
+        metrics = compute_metrics(scores, all_labels, maps, all_masks)
+    else:
+        LOGGER.warning("%s: some defective images have no mask; pixel metrics are left empty", name)
+        metrics = compute_metrics(scores, all_labels)
+    for key, value in metrics.items():
+        LOGGER.info("%s %s: %.4f", name, key, value)
+    return TestSetResult(
+        name=name,
+        metrics=metrics,
+        scores=scores,
+        maps=maps,
+        labels=all_labels,
+        masks=all_masks,
+        has_mask=has_mask,
+        image_names=names,
+        image_paths=paths,
+        defect_types=defects,
+        patch_grid=tuple(predictions[0].patch_scores.shape[-2:]),
+        images=torch.cat(images) if keep_images else None,
+    )

@@ -1,0 +1,236 @@
+"""Segmentation overlay PNGs: input image, ground truth and anomaly heat map side by side.
+
+Every heat map drawn by one call of `save_segmentation_images` uses the same colour
+scale (by default the minimum and maximum over all maps given), so the same colour means
+the same anomaly score in every image of a run and images can be compared at a glance.
+
+Figures are built with the object-oriented matplotlib API on the Agg canvas, never with
+pyplot, so no global figure registry is touched and calls are safe from worker threads.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+import torch
+from matplotlib.axes import Axes
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import Normalize
+from matplotlib.figure import Figure
+
+from patchcore.errors import DataError
+from patchcore.files import atomic_write, unique_file_stems
+from patchcore.model.calibration import colour_range as default_colour_range
+from patchcore.progress import track
+
+LOGGER = logging.getLogger(__name__)
+
+FIGURE_SIZE = (10.0, 3.6)
+FIGURE_DPI = 100
+HEATMAP_CMAP = "jet"
+HEATMAP_ALPHA = 0.5
+IMAGE_RANGE_TOLERANCE = 1e-3
+
+ArrayLike = torch.Tensor | np.ndarray
+
+
+@dataclass(frozen=True)
+class SegmentationPanel:
+    """What one PNG shows: HWC image, HW map and mask (or None), score and title name."""
+
+    image: np.ndarray
+    anomaly_map: np.ndarray
+    mask: np.ndarray | None
+    score: float
+    name: str
+
+
+def _to_numpy(values: ArrayLike | Sequence[float]) -> np.ndarray:
+    """A float64 numpy copy of a tensor, array or sequence of numbers."""
+    if isinstance(values, torch.Tensor):
+        return values.detach().to("cpu", torch.float64).numpy()
+    return np.asarray(values, dtype=np.float64)
+
+
+def heatmap_rgb(anomaly_map: np.ndarray, colour_range: tuple[float, float]) -> np.ndarray:
+    """An anomaly map [H, W] coloured with the overlays' colour map on a fixed scale, uint8 HxWx3."""
+    low, high = colour_range
+    scaled = np.clip((np.asarray(anomaly_map, dtype=np.float64) - low) / (high - low), 0.0, 1.0)
+    return np.round(matplotlib.colormaps[HEATMAP_CMAP](scaled)[..., :3] * 255).astype(np.uint8)
+
+
+def blend_heatmap(
+    image: np.ndarray, anomaly_map: np.ndarray, colour_range: tuple[float, float]
+) -> np.ndarray:
+    """image uint8 [H, W, 3] and map [H, W] -> uint8 [H, W, 3], the coloured map blended over it."""
+    heat = heatmap_rgb(anomaly_map, colour_range).astype(np.float64)
+    blended = (1.0 - HEATMAP_ALPHA) * image.astype(np.float64) + HEATMAP_ALPHA * heat
+    return np.round(blended).astype(np.uint8)
+
+
+def _check_colour_range(colour_range: tuple[float, float]) -> tuple[float, float]:
+    """Validate an explicit (vmin, vmax): two finite numbers with vmin < vmax."""
+    if len(colour_range) != 2:
+        raise DataError(f"colour_range: expected (vmin, vmax), got {colour_range!r}")
+    vmin, vmax = float(colour_range[0]), float(colour_range[1])
+    if not (np.isfinite(vmin) and np.isfinite(vmax) and vmin < vmax):
+        raise DataError(f"colour_range: need finite vmin < vmax, got ({vmin}, {vmax})")
+    return vmin, vmax
+
+
+def _images_hwc(images: ArrayLike) -> np.ndarray:
+    """Validate images [N, 3 or 1, H, W] in [0, 1]; return them as RGB [N, H, W, 3]."""
+    array = _to_numpy(images)
+    if array.ndim != 4 or array.shape[1] not in (1, 3):
+        raise DataError(f"images: expected shape [N, 3, H, W], got {list(array.shape)}")
+    if array.size and (
+        array.min() < -IMAGE_RANGE_TOLERANCE or array.max() > 1 + IMAGE_RANGE_TOLERANCE
+    ):
+        raise DataError(
+            f"images: values must be de-normalised RGB in [0, 1], "
+            f"got range [{array.min():.3g}, {array.max():.3g}]"
+        )
+    rgb = np.repeat(array, 3, axis=1) if array.shape[1] == 1 else array
+    return np.clip(rgb.transpose(0, 2, 3, 1), 0.0, 1.0)
+
+
+def _maps_nhw(values: ArrayLike, argument: str, count: int, size: tuple[int, int]) -> np.ndarray:
+    """Validate maps [N, H, W] or [N, 1, H, W] matching the images; return [N, H, W]."""
+    array = _to_numpy(values)
+    if array.ndim == 4 and array.shape[1] == 1:
+        array = array[:, 0]
+    expected = [count, *size]
+    if list(array.shape) != expected:
+        raise DataError(f"{argument}: expected shape {expected}, got {list(array.shape)}")
+    return array
+
+
+def _per_image(values: Sequence | ArrayLike, argument: str, count: int) -> list:
+    """Validate a per-image sequence of length `count`; return it as a list."""
+    items = values.tolist() if isinstance(values, torch.Tensor | np.ndarray) else list(values)
+    if len(items) != count:
+        raise DataError(f"{argument}: expected {count} entries, got {len(items)}")
+    return items
+
+
+def _title(name: str, score: float, threshold: float | None) -> str:
+    """Figure title: the name, the image score and, with a threshold, the decision."""
+    text = f"{name}  |  score {score:.4g}"
+    if threshold is None:
+        return text
+    if score > threshold:
+        return f"{text} > threshold {threshold:.4g}: reject"
+    return f"{text} <= threshold {threshold:.4g}: accept"
+
+
+def _plain_axes(axes: Axes, title: str) -> None:
+    """Give a panel its title and remove ticks and tick labels."""
+    axes.set_title(title, fontsize=10)
+    axes.set_xticks([])
+    axes.set_yticks([])
+
+
+def _draw_mask(axes: Axes, image: np.ndarray, mask: np.ndarray | None) -> None:
+    """The ground-truth panel: the binary mask, or the image marked 'no ground truth'."""
+    _plain_axes(axes, "ground truth")
+    if mask is not None:
+        axes.imshow(mask, cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
+        return
+    axes.imshow(image, alpha=0.4)
+    axes.text(
+        0.5, 0.5, "no ground truth", transform=axes.transAxes, ha="center", va="center",
+        fontsize=11, bbox={"facecolor": "white", "alpha": 0.85, "edgecolor": "grey"},
+    )  # fmt: skip
+
+
+def _draw_heatmap(figure: Figure, axes: Axes, panel: SegmentationPanel, norm: Normalize) -> None:
+    """The anomaly map over the image on the shared scale, with its colour bar."""
+    _plain_axes(axes, "anomaly map")
+    axes.imshow(panel.image)
+    axes.imshow(panel.anomaly_map, cmap=HEATMAP_CMAP, norm=norm, alpha=HEATMAP_ALPHA)
+    scale = ScalarMappable(norm=norm, cmap=HEATMAP_CMAP)
+    colour_bar = figure.colorbar(scale, ax=axes, fraction=0.046, pad=0.03)
+    colour_bar.set_label("anomaly score", fontsize=9)
+    colour_bar.ax.tick_params(labelsize=8)
+
+
+def render_segmentation_figure(
+    panel: SegmentationPanel, norm: Normalize, threshold: float | None
+) -> Figure:
+    """Build (without saving) the three-panel figure for one image."""
+    figure = Figure(figsize=FIGURE_SIZE, dpi=FIGURE_DPI, layout="constrained")
+    FigureCanvasAgg(figure)
+    image_axes, mask_axes, map_axes = figure.subplots(1, 3)
+    _plain_axes(image_axes, "image")
+    image_axes.imshow(panel.image)
+    _draw_mask(mask_axes, panel.image, panel.mask)
+    _draw_heatmap(figure, map_axes, panel, norm)
+    figure.suptitle(_title(panel.name, panel.score, threshold), fontsize=12)
+    return figure
+
+
+def _save_figure(figure: Figure, path: Path) -> None:
+    """Write `figure` as a PNG to `path` atomically, then free what it holds."""
+    try:
+        atomic_write(path, lambda temporary: figure.savefig(temporary, format="png", dpi=FIGURE_DPI))
+    finally:
+        figure.clear()
+
+
+def save_segmentation_images(
+    output_folder: Path,
+    images: ArrayLike,
+    anomaly_maps: ArrayLike,
+    scores: Sequence[float] | ArrayLike,
+    names: Sequence[str],
+    masks: ArrayLike | None = None,
+    has_mask: Sequence[bool] | None = None,
+    colour_range: tuple[float, float] | None = None,
+    threshold: float | None = None,
+) -> list[Path]:
+    """Write one overlay PNG per image to `output_folder/<name>.png`; return the paths.
+
+    images [N, 3, H, W] in [0, 1]; anomaly_maps [N, H, W]; scores [N]; names [N], made
+    safe and distinct as file names (`patchcore.files.unique_file_stems`). masks [N, 1, H, W] or [N, H, W] in {0, 1}, or None; has_mask[i] False
+    means image i has no ground truth. One colour scale is shared by all maps:
+    `colour_range`, or by default the global min and max. With a `threshold`, the title
+    says whether the image score rejects (score > threshold) or accepts the image.
+    """
+    image_array = _images_hwc(images)
+    count, size = image_array.shape[0], image_array.shape[1:3]
+    map_array = _maps_nhw(anomaly_maps, "anomaly_maps", count, size)
+    mask_array = None if masks is None else _maps_nhw(masks, "masks", count, size)
+    score_list = [float(s) for s in _per_image(scores, "scores", count)]
+    stems = unique_file_stems([str(name) for name in _per_image(names, "names", count)])
+    mask_flags = [True] * count if has_mask is None else _per_image(has_mask, "has_mask", count)
+    if count == 0:
+        return []
+    if colour_range is None:
+        vmin, vmax = default_colour_range(None, None, map_array)
+    else:
+        vmin, vmax = _check_colour_range(colour_range)
+    norm = Normalize(vmin=vmin, vmax=vmax)
+
+    output_folder = Path(output_folder)
+    output_folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for index in track(range(count), "Writing segmentation images", unit="image"):
+        has_truth = mask_array is not None and bool(mask_flags[index])
+        panel = SegmentationPanel(
+            image=image_array[index],
+            anomaly_map=map_array[index],
+            mask=(mask_array[index] > 0.5).astype(np.float64) if has_truth else None,
+            score=score_list[index],
+            name=str(names[index]),
+        )
+        path = output_folder / f"{stems[index]}.png"
+        _save_figure(render_segmentation_figure(panel, norm, threshold), path)
+        paths.append(path)
+    LOGGER.info("Wrote %d segmentation image(s) to %s", len(paths), output_folder)
+    return paths

@@ -1,0 +1,29 @@
+"""Model: backbones, patch features, samplers, search, the scorer, the estimator, decisions,
+saving and loading, and the self-contained `PatchCoreModule`."""
+
+from patchcore.exports import lazy_exports
+
+__all__ = [
+    "PatchCore", "Prediction", "NormalStatistics", "decide", "colour_range",
+    "score_images", "save_models", "load_models", "PatchCoreModule", "load_backbone",
+    "build_embedder", "build_sampler", "build_index",
+]  # fmt: skip
+
+__getattr__, __dir__ = lazy_exports(
+    __name__,
+    {
+        "PatchCore": "patchcore.model.patchcore",
+        "Prediction": "patchcore.model.scoring",
+        "score_images": "patchcore.model.scoring",
+        "NormalStatistics": "patchcore.model.calibration",
+        "decide": "patchcore.model.calibration",
+        "colour_range": "patchcore.model.calibration",
+        "save_models": "patchcore.model.serialization",
+        "load_models": "patchcore.model.serialization",
+        "PatchCoreModule": "patchcore.model.module",
+        "load_backbone": "patchcore.model.backbones",
+        "build_embedder": "patchcore.model.features",
+        "build_sampler": "patchcore.model.samplers",
+        "build_index": "patchcore.model.search",
+    },
+)

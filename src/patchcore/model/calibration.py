@@ -1,0 +1,93 @@
+"""Decisions: normal-data statistics, the accept/reject rule and the heat-map colour range.
+
+Written once here and used by every consumer (evaluation overlays, prediction, the exported
+module, the dashboard). The module needs neither torch nor a model, so reading a run's
+saved results stays cheap.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from patchcore.errors import ConfigurationError
+
+DEFAULT_THRESHOLD_QUANTILE = 0.99
+REJECT = "reject"
+ACCEPT = "accept"
+
+
+@dataclass(frozen=True)
+class NormalStatistics:
+    """Scores of held-out normal images, measured at fit time (no test data involved).
+
+    Used to normalise ensemble members without test-set information and to set the
+    accept/reject threshold (the `threshold_quantile` quantile of normal image scores).
+    """
+
+    image_score_min: float
+    image_score_max: float
+    pixel_score_min: float
+    pixel_score_max: float
+    threshold: float
+    threshold_quantile: float
+    num_images: int
+
+
+def decide(scores, threshold: float):
+    """True where an image is rejected: its score is above `threshold` or is not a finite
+    number (NaN or infinite), so a failed score never passes a part.
+
+    `scores` may be a number, a sequence, a numpy array or a torch tensor (also while a
+    graph is traced for export); arrays and tensors give the same type back.
+    """
+    if not math.isfinite(threshold):
+        raise ConfigurationError(f"the decision threshold must be a finite number, got {threshold}")
+    if not hasattr(scores, "shape"):
+        scores = np.asarray(scores, dtype=np.float64)
+    finite = (scores - scores) == 0  # False for NaN and +-inf, in numpy and torch alike
+    return ~(finite & (scores <= threshold))
+
+
+def decision_label(rejected: bool) -> str:
+    """The word for one decision."""
+    return REJECT if rejected else ACCEPT
+
+
+def colour_range(
+    threshold: float | None,
+    statistics: NormalStatistics | None = None,
+    maps=None,
+) -> tuple[float, float]:
+    """The (low, high) scores that the heat-map colour scale spans.
+
+    With a threshold: from the normal images' lowest pixel score (0 without statistics, and
+    never above the threshold) to the value that puts the threshold in the middle of the
+    scale. Without one: the smallest and largest finite values of `maps`. A flat range is
+    widened so it always has a positive width.
+    """
+    if threshold is not None:
+        low = min(statistics.pixel_score_min if statistics else 0.0, threshold)
+        return _widened(low, 2.0 * threshold - low)
+    if maps is None:
+        raise ConfigurationError("a colour range needs a threshold or the maps to span")
+    values = np.concatenate([np.asarray(m, dtype=np.float64).ravel() for m in _as_list(maps)])
+    finite = values[np.isfinite(values)]
+    if finite.size == 0:
+        raise ConfigurationError("anomaly maps: no finite values to set a colour scale from")
+    return _widened(float(finite.min()), float(finite.max()))
+
+
+def _as_list(maps) -> list:
+    if isinstance(maps, list | tuple):
+        return list(maps)
+    return [maps]
+
+
+def _widened(low: float, high: float) -> tuple[float, float]:
+    if high > low:
+        return low, high
+    half_width = max(abs(low) * 1e-3, 0.5)
+    return low - half_width, high + half_width

@@ -1,0 +1,149 @@
+"""Patch features: a frozen backbone's intermediate maps, turned into one vector per patch.
+
+`FeatureExtractor` traces the backbone into a graph that ends at the deepest requested
+layer, so the forward pass computes nothing past it (no hooks, no exceptions to stop early).
+
+`PatchFeatureAggregator` builds the locally aware patch features of the PatchCore paper and
+the reference implementation. For each layer: every position's p x p neighbourhood (zero
+padded, stride s) is flattened in (channel, row, column) order and average-pooled to
+`pretrain_embed_dimension` values. The deeper layers' grids are bilinearly resized to the
+first layer's grid. The per-layer vectors are concatenated and average-pooled once more to
+`target_embed_dimension`. The reference resizes the flattened neighbourhoods and pools
+afterwards; both steps are linear and act on different axes, so we pool first (9x less
+data to resize) and get the same features up to float rounding.
+
+`PatchEmbedder` chains the two, and `build_embedder` is the one place where a model
+configuration becomes an embedder: the estimator and the exported module both use it.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torchvision.models.feature_extraction import create_feature_extractor
+
+from patchcore.config import PatchCoreConfig
+from patchcore.errors import BackboneError, DataError
+from patchcore.model.backbones import Backbone, load_backbone
+
+
+class FeatureExtractor(torch.nn.Module):
+    """Normalises images in [0, 1] with the backbone's statistics and returns layer outputs."""
+
+    def __init__(self, backbone: Backbone, layers: tuple[str, ...]) -> None:
+        super().__init__()
+        _check_layers_exist(backbone, layers)
+        self.layers = tuple(layers)
+        with warnings.catch_warnings():
+            # torchvision warns that train- and eval-mode graphs may differ; we only use eval.
+            warnings.filterwarnings("ignore", message=".*subsequence of those obtained in train")
+            self.graph = create_feature_extractor(
+                backbone.network, return_nodes={layer: layer for layer in layers}
+            )
+        self.graph.eval()
+        self.graph.requires_grad_(False)
+        self.register_buffer("mean", torch.tensor(backbone.mean).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(backbone.std).view(1, 3, 1, 1))
+
+    def train(self, mode: bool = True) -> FeatureExtractor:
+        """The backbone stays frozen in eval mode whatever the caller asks."""
+        return super().train(False)
+
+    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """images: [B, 3, H, W] in [0, 1] -> one [B, C_i, H_i, W_i] map per layer, in order."""
+        outputs = self.graph((images - self.mean) / self.std)
+        return [outputs[layer] for layer in self.layers]
+
+
+def _check_layers_exist(backbone: Backbone, layers: tuple[str, ...]) -> None:
+    module_names = {name for name, _ in backbone.network.named_modules() if name}
+    for layer in layers:
+        if layer not in module_names:
+            top_level = [name for name, _ in backbone.network.named_children()]
+            raise BackboneError(
+                f"layer '{layer}' does not exist in backbone '{backbone.name}'; its top-level "
+                f"layers are: {', '.join(top_level)}"
+            )
+
+
+def patch_grid_size(size: int, patchsize: int, stride: int) -> int:
+    """Number of patch positions along one axis of a feature map of `size`."""
+    padding = (patchsize - 1) // 2
+    return (size + 2 * padding - patchsize) // stride + 1
+
+
+class PatchFeatureAggregator(torch.nn.Module):
+    """Turns a list of layer feature maps into one feature vector per patch position."""
+
+    def __init__(
+        self,
+        patchsize: int,
+        stride: int,
+        pretrain_embed_dimension: int,
+        target_embed_dimension: int,
+    ) -> None:
+        super().__init__()
+        self.patchsize = patchsize
+        self.stride = stride
+        self.pretrain_embed_dimension = pretrain_embed_dimension
+        self.target_embed_dimension = target_embed_dimension
+
+    def _pooled_neighbourhoods(self, feature_map: torch.Tensor) -> torch.Tensor:
+        """[B, C, H, W] -> [B, pretrain_dim, h, w]: each neighbourhood pooled to pretrain_dim."""
+        batch, _, height, width = feature_map.shape
+        grid_h = patch_grid_size(height, self.patchsize, self.stride)
+        grid_w = patch_grid_size(width, self.patchsize, self.stride)
+        unfolded = F.unfold(
+            feature_map,
+            kernel_size=self.patchsize,
+            padding=(self.patchsize - 1) // 2,
+            stride=self.stride,
+        )  # [B, C*p*p, h*w], channel-major within each neighbourhood
+        neighbourhoods = unfolded.transpose(1, 2).reshape(batch * grid_h * grid_w, 1, -1)
+        pooled = F.adaptive_avg_pool1d(neighbourhoods, self.pretrain_embed_dimension)
+        return pooled.reshape(batch, grid_h, grid_w, -1).permute(0, 3, 1, 2)
+
+    def forward(self, feature_maps: list[torch.Tensor]) -> tuple[torch.Tensor, tuple[int, int]]:
+        """Returns features [B*h*w, target_dim] in (image, row, column) order and the grid (h, w)."""
+        per_layer = [self._pooled_neighbourhoods(feature_map) for feature_map in feature_maps]
+        grid = per_layer[0].shape[-2:]
+        per_layer = [per_layer[0]] + [
+            F.interpolate(layer, size=grid, mode="bilinear", align_corners=False)
+            for layer in per_layer[1:]
+        ]
+        batch = per_layer[0].shape[0]
+        # [B, L, D, h, w] -> [B*h*w, L*D] with each layer's D values contiguous.
+        stacked = torch.stack(per_layer, dim=1).permute(0, 3, 4, 1, 2)
+        stacked = stacked.reshape(batch * grid[0] * grid[1], 1, -1)
+        features = F.adaptive_avg_pool1d(stacked, self.target_embed_dimension).squeeze(1)
+        return features, (int(grid[0]), int(grid[1]))
+
+
+class PatchEmbedder(torch.nn.Module):
+    """Images [B, 3, H, W] in [0, 1] -> patch features [B*h*w, D] and the patch grid (h, w)."""
+
+    def __init__(self, extractor: FeatureExtractor, aggregator: PatchFeatureAggregator) -> None:
+        super().__init__()
+        self.extractor = extractor
+        self.aggregator = aggregator
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise DataError(f"images must have shape [B, 3, H, W], got {list(images.shape)}")
+        return self.aggregator(self.extractor(images))
+
+
+def build_embedder(config: PatchCoreConfig, pretrained: bool | None = None) -> PatchEmbedder:
+    """The embedder `config` describes; `pretrained=False` builds placeholder weights (never
+    downloads) for a caller that loads the weights itself, None follows the configuration."""
+    pretrained = config.pretrained if pretrained is None else pretrained
+    backbone = load_backbone(config.backbone_name, pretrained, init_seed=config.seed)
+    aggregator = PatchFeatureAggregator(
+        config.patchsize,
+        config.patchstride,
+        config.pretrain_embed_dimension,
+        config.target_embed_dimension,
+    )
+    return PatchEmbedder(FeatureExtractor(backbone, config.layers), aggregator)

@@ -1,0 +1,235 @@
+"""A PatchCore model as one self-contained `torch.nn.Module`: images in, scores and maps out.
+
+Evaluators that know nothing about this project construct the class without arguments and
+restore a category's model from a plain weights file:
+
+    module = PatchCoreModule()
+    module.load_state_dict(torch.load("weights/bottle.pth", weights_only=True))
+    outputs = module(images)  # images: float32 RGB [B, 3, H, W] in [0, 1]
+
+Everything lives in the state dict as tensors: the configuration (UTF-8 JSON in a uint8
+buffer), the memory bank, the backbone's weights and input normalisation, the decision
+threshold and the normal-data statistics (NaN when absent). Loading reads the
+configuration first, builds the backbone without downloading anything, sizes the buffers,
+then loads them with the usual strict checks on missing and unexpected keys. Files of format
+version 1 (patchcore 0.1) load too.
+
+`forward` preprocesses with the model's saved geometry (`patchcore.data.preprocessing.
+to_model_input`), scores through the one scorer (`patchcore.model.scoring.score_images`,
+with exact torch search, so no FAISS is needed), and maps the anomaly map back onto the
+input frame (`map_to_input_frame`): pixels outside a centre crop, which the model never
+saw, take the value of the nearest crop edge. A map always has the input's height and width.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+import torch
+
+from patchcore import __version__
+from patchcore.config import PatchCoreConfig
+from patchcore.data.preprocessing import map_to_input_frame, to_model_input
+from patchcore.errors import DataError, ModelFormatError
+from patchcore.model.calibration import NormalStatistics, decide
+from patchcore.model.features import build_embedder
+from patchcore.model.patchcore import PatchCore
+from patchcore.model.scoring import score_images
+from patchcore.model.search import TorchNearestNeighbours
+from patchcore.model.serialization import config_from_meta
+
+FORMAT_NAME = "patchcore-challenge-module"
+FORMAT_VERSION = 2
+CONFIG_KEY = "patchcore_config_json"
+BANK_KEY = "memory_bank"
+EMBEDDER_PREFIX = "embedder.extractor."
+VERSION_1_EMBEDDER_PREFIX = "feature_extractor."
+STATISTICS_FIELDS = tuple(field.name for field in dataclasses.fields(NormalStatistics))
+
+
+# ------------------------------------------------------------------ configuration blob
+def encode_json(data: dict) -> torch.Tensor:
+    """A JSON-serialisable dict as a uint8 tensor of its UTF-8 text."""
+    return torch.tensor(list(json.dumps(data, sort_keys=True).encode("utf-8")), dtype=torch.uint8)
+
+
+def decode_json(tensor: torch.Tensor) -> dict:
+    """Inverse of `encode_json`; ModelFormatError when the bytes are not a JSON object."""
+    text = bytes(tensor.detach().to("cpu", torch.uint8).tolist())
+    try:
+        data = json.loads(text.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ModelFormatError(f"state dict entry '{CONFIG_KEY}' is not JSON ({error})") from error
+    if not isinstance(data, dict):
+        raise ModelFormatError(f"state dict entry '{CONFIG_KEY}' is not a JSON object")
+    return data
+
+
+def config_blob(config: PatchCoreConfig) -> dict:
+    """The self-description stored under CONFIG_KEY."""
+    return {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "library_version": __version__,
+        "config": dataclasses.asdict(config),
+        "normal_statistics_fields": list(STATISTICS_FIELDS),
+    }
+
+
+def config_from_blob(blob: dict) -> PatchCoreConfig:
+    """The model configuration in a CONFIG_KEY blob, after checking its format version."""
+    return config_from_meta(blob, f"state dict entry '{CONFIG_KEY}'", FORMAT_NAME, FORMAT_VERSION)
+
+
+def statistics_tensor(statistics: NormalStatistics | None) -> torch.Tensor:
+    """NormalStatistics as float64 [len(STATISTICS_FIELDS)]; all NaN for None."""
+    if statistics is None:
+        return torch.full((len(STATISTICS_FIELDS),), math.nan, dtype=torch.float64)
+    values = [float(getattr(statistics, name)) for name in STATISTICS_FIELDS]
+    return torch.tensor(values, dtype=torch.float64)
+
+
+def statistics_from_tensor(values: torch.Tensor) -> NormalStatistics | None:
+    """Inverse of `statistics_tensor`."""
+    numbers = values.detach().to("cpu", torch.float64).tolist()
+    if all(math.isnan(number) for number in numbers):
+        return None
+    fields = dict(zip(STATISTICS_FIELDS, numbers, strict=True))
+    fields["num_images"] = int(fields["num_images"])
+    return NormalStatistics(**fields)
+
+
+class PatchCoreModule(torch.nn.Module):
+    """One category's PatchCore model: images in, image scores and input-sized maps out.
+
+    `PatchCoreModule()` is empty until `load_state_dict` (or use `from_patchcore`).
+    `forward(images)` takes float RGB [B, 3, H, W] in [0, 1] and returns
+    `pred_score` [B], the anomaly map [B, H, W] under both `anomaly_maps` and
+    `anomaly_map`, and, when the weights carry a threshold, `pred_label` [B] (bool,
+    `patchcore.model.calibration.decide`: above the threshold or not finite).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.config: PatchCoreConfig | None = None
+        self.embedder: torch.nn.Module | None = None
+        self.register_buffer(CONFIG_KEY, torch.zeros(0, dtype=torch.uint8))
+        self.register_buffer(BANK_KEY, torch.zeros(0, 0))
+        self.register_buffer("threshold", torch.tensor(math.nan, dtype=torch.float64))
+        self.register_buffer("normal_statistics", statistics_tensor(None))
+
+    # ------------------------------------------------------------------ building
+    @classmethod
+    def from_patchcore(cls, model: PatchCore, threshold: float | None = None) -> PatchCoreModule:
+        """A module scoring like `model`; threshold defaults to the model's calibrated one.
+
+        The module is built the way `load_state_dict` builds it, so an export that
+        succeeds here also loads in an evaluator.
+        """
+        if model.memory_bank is None:
+            raise ModelFormatError("cannot export a model that has not been fitted")
+        statistics = model.normal_statistics
+        if threshold is None and statistics is not None:
+            threshold = statistics.threshold
+        module = cls()
+        module._configure(model.config)
+        module.embedder.load_state_dict(model.embedder.state_dict())
+        module.memory_bank = model.memory_bank.detach().to("cpu", torch.float32).clone()
+        module.threshold = torch.tensor(
+            math.nan if threshold is None else float(threshold), dtype=torch.float64
+        )
+        module.normal_statistics = statistics_tensor(statistics)
+        return module.to(model.device)
+
+    def _configure(self, config: PatchCoreConfig) -> None:
+        """Builds the embedder of `config` (placeholder weights) on this module's device."""
+        device = self.memory_bank.device
+        self.config = config
+        self.embedder = build_embedder(config, pretrained=False).to(device)
+        setattr(self, CONFIG_KEY, encode_json(config_blob(config)).to(device))
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors
+    ) -> None:
+        """Builds the structure the incoming configuration describes, then loads as usual.
+
+        torch calls this before descending into child modules, so the backbone built here
+        receives its weights in the same `load_state_dict` call. Version-1 files name the
+        backbone's entries `feature_extractor.*`; they are renamed in place.
+        """
+        encoded = state_dict.get(prefix + CONFIG_KEY)
+        if encoded is not None:
+            blob = decode_json(encoded)
+            config = config_from_blob(blob)
+            if blob.get("format_version") == 1:
+                _rename_version_1_keys(state_dict, prefix)
+            if config != self.config:
+                self._configure(config)
+            setattr(self, CONFIG_KEY, torch.empty_like(encoded, device=self.memory_bank.device))
+        bank = state_dict.get(prefix + BANK_KEY)
+        if bank is not None and self.config is not None:
+            self._check_bank(bank)
+            setattr(self, BANK_KEY, torch.empty(bank.shape, device=self.memory_bank.device))
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors
+        )
+
+    def _check_bank(self, bank: torch.Tensor) -> None:
+        dimension = self.config.target_embed_dimension
+        if bank.ndim != 2 or bank.shape[1] != dimension or not len(bank):
+            raise ModelFormatError(
+                f"state dict entry '{BANK_KEY}' must have shape [M > 0, {dimension}], "
+                f"got {list(bank.shape)}"
+            )
+
+    # ---------------------------------------------------------------- properties
+    @property
+    def decision_threshold(self) -> float | None:
+        """The image-score threshold of `pred_label`, or None."""
+        value = float(self.threshold)
+        return None if math.isnan(value) else value
+
+    def statistics(self) -> NormalStatistics | None:
+        """The held-out normal images' statistics the model was calibrated with, or None."""
+        return statistics_from_tensor(self.normal_statistics)
+
+    # ------------------------------------------------------------------ scoring
+    def _require_config(self) -> PatchCoreConfig:
+        if self.config is None:
+            raise ModelFormatError(
+                "PatchCoreModule holds no model: load_state_dict(torch.load(<category>.pth)) "
+                "or use PatchCoreModule.from_patchcore(model) first"
+            )
+        return self.config
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """images float [B, 3, H, W] in [0, 1] -> pred_score, anomaly_maps/anomaly_map [B, H, W].
+
+        Runs without autograd, but not in inference mode, so callers may modify the returned
+        tensors in place.
+        """
+        config = self._require_config()
+        if images.ndim != 4 or images.shape[1] != 3 or not images.is_floating_point():
+            raise DataError(
+                "PatchCoreModule expects float RGB images [B, 3, H, W] in [0, 1], got "
+                f"{images.dtype} {list(images.shape)}"
+            )
+        images = images.to(self.memory_bank.device, torch.float32)
+        model_input = to_model_input(images, config.preprocessing)
+        index = TorchNearestNeighbours(self.memory_bank.device)
+        index.fit(self.memory_bank)
+        prediction = score_images(self.embedder, index, config, model_input)
+        maps = map_to_input_frame(prediction.maps, tuple(images.shape[-2:]), config.preprocessing)
+        outputs = {"pred_score": prediction.scores, "anomaly_maps": maps, "anomaly_map": maps}
+        threshold = self.decision_threshold
+        if threshold is not None:
+            outputs["pred_label"] = decide(prediction.scores, threshold)
+        return outputs
+
+
+def _rename_version_1_keys(state_dict, prefix: str) -> None:
+    old = prefix + VERSION_1_EMBEDDER_PREFIX
+    for key in [key for key in state_dict if key.startswith(old)]:
+        state_dict[prefix + EMBEDDER_PREFIX + key[len(old) :]] = state_dict.pop(key)

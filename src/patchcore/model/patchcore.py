@@ -1,0 +1,153 @@
+"""The PatchCore estimator: fit a memory bank of normal patch features, score new images.
+
+Parameters are the `PatchCoreConfig` given to `__init__`; the learned state (the memory bank
+and the normal-data statistics) exists after `fit` and `calibrate`. Scoring goes through
+`patchcore.model.scoring.score_features`, the one scorer. One `PatchCore` uses one
+backbone; ensembles are lists of them (see `patchcore.evaluation.ensemble`). Images enter in
+[0, 1] (the backbone normalises them) at the preprocessing's image size.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+
+import torch
+
+from patchcore.config import PatchCoreConfig, SearchConfig
+from patchcore.errors import DataError
+from patchcore.model.calibration import DEFAULT_THRESHOLD_QUANTILE, NormalStatistics
+from patchcore.model.feature_store import feature_store_for
+from patchcore.model.features import build_embedder
+from patchcore.model.samplers import build_sampler
+from patchcore.data.preprocessing import cut_tiles
+from patchcore.model.scoring import Prediction, score_images
+from patchcore.model.search import build_index
+from patchcore.progress import track
+
+LOGGER = logging.getLogger(__name__)
+
+
+def images_of(batch) -> torch.Tensor:
+    """A data-loader batch is either an image tensor or a dict holding one under 'image'."""
+    return batch["image"] if isinstance(batch, dict) else batch
+
+
+class PatchCore:
+    """A PatchCore anomaly detector on one backbone."""
+
+    def __init__(
+        self,
+        config: PatchCoreConfig,
+        device: torch.device | str = "cpu",
+        search: SearchConfig | None = None,
+    ) -> None:
+        self.config = config
+        self.device = torch.device(device)
+        self.embedder = build_embedder(config).to(self.device)
+        self.index = build_index(search or SearchConfig(), self.device)
+        self.memory_bank: torch.Tensor | None = None
+        self.normal_statistics: NormalStatistics | None = None
+        self.fit_seconds: dict[str, float] = {}
+
+    # ----------------------------------------------------------------- features
+    @torch.inference_mode()
+    def embed(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """images [B, 3, H, W] in [0, 1] -> patch features [B*h*w, D] and the grid (h, w)."""
+        return self.embedder(images.to(self.device, torch.float32))
+
+    def training_features(self, images: torch.Tensor) -> torch.Tensor:
+        """Patch features [N, D] a batch of normal images adds to the memory bank: those of
+        every tile with tiled inspection, of the whole images otherwise."""
+        preprocessing = self.config.preprocessing
+        if preprocessing.tile is not None:
+            images = cut_tiles(images, preprocessing.tile, preprocessing.tile_overlap)[0]
+        return self.embed(images)[0]
+
+    # ---------------------------------------------------------------------- fit
+    @torch.inference_mode()
+    def fit(self, batches: Iterable) -> None:
+        """Builds the memory bank from batches of normal training images.
+
+        One streaming pass: each batch's patch features go to a feature store (spilled to a
+        temporary file on the CPU) and are projected for the sampler as they come; the bank
+        is read back from the store after selection.
+        """
+        sampler = build_sampler(self.config.sampler)
+        store = feature_store_for(self.device)
+        projected = []
+        start = time.perf_counter()
+        try:
+            for batch in track(batches, "Extracting training features", unit="batch"):
+                features = self.training_features(images_of(batch))
+                store.append(features)
+                projected.append(sampler.project(features))
+            if not projected:
+                raise DataError("no training images: the memory bank would be empty")
+            dimension = features.shape[1]
+            extracted = time.perf_counter()
+            selected = sampler.select_projected(torch.cat(projected))
+            del projected
+            num_features = len(store)
+            self.set_memory_bank(store.gather(selected).to(self.device))
+        finally:
+            store.close()
+        self.fit_seconds = {
+            "extraction": extracted - start,
+            "subsampling": time.perf_counter() - extracted,
+        }
+        LOGGER.info(
+            "Memory bank: %d of %d patch features (%s, dimension %d); extraction %.1f s, "
+            "subsampling %.1f s",
+            len(selected),
+            num_features,
+            self.config.sampler.name,
+            dimension,
+            self.fit_seconds["extraction"],
+            self.fit_seconds["subsampling"],
+        )
+
+    def set_memory_bank(self, bank: torch.Tensor) -> None:
+        if bank.ndim != 2 or bank.shape[1] != self.config.target_embed_dimension or not len(bank):
+            raise DataError(
+                f"memory bank must have shape [M > 0, {self.config.target_embed_dimension}], "
+                f"got {list(bank.shape)}"
+            )
+        self.index.fit(bank)
+        self.memory_bank = self.index.bank
+
+    # ------------------------------------------------------------------ predict
+    @torch.inference_mode()
+    def predict(self, images: torch.Tensor) -> Prediction:
+        """Image scores [B], anomaly maps [B, H, W] (input size) and patch scores [B, h, w]."""
+        if self.memory_bank is None:
+            raise DataError("the model has no memory bank: call fit() or load a saved model")
+        return score_images(self.embed, self.index, self.config, images).cpu()
+
+    def predict_batches(self, batches: Iterable, description: str = "Inferring") -> Prediction:
+        """Predicts every batch of an iterable (e.g. a DataLoader) and concatenates."""
+        parts = [self.predict(images_of(batch)) for batch in track(batches, description, unit="batch")]
+        if not parts:
+            raise DataError("no images to predict")
+        return Prediction.concatenate(parts)
+
+    # -------------------------------------------------------------- calibration
+    def calibrate(self, batches: Iterable, quantile: float = DEFAULT_THRESHOLD_QUANTILE) -> None:
+        """Measures scores of held-out normal images: normalisation statistics and threshold."""
+        prediction = self.predict_batches(batches, description="Calibrating on normal images")
+        self.normal_statistics = NormalStatistics(
+            image_score_min=float(prediction.scores.min()),
+            image_score_max=float(prediction.scores.max()),
+            pixel_score_min=float(prediction.maps.min()),
+            pixel_score_max=float(prediction.maps.max()),
+            threshold=float(torch.quantile(prediction.scores.double(), quantile)),
+            threshold_quantile=quantile,
+            num_images=len(prediction.scores),
+        )
+        LOGGER.info(
+            "Calibrated on %d normal images: threshold %.6g (quantile %.3g)",
+            len(prediction.scores),
+            self.normal_statistics.threshold,
+            quantile,
+        )

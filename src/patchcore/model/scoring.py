@@ -1,0 +1,217 @@
+"""The one scorer: patch features in, patch scores, image scores and anomaly maps out.
+
+Every consumer (`PatchCore.predict`, the exported `PatchCoreModule`, evaluation, prediction,
+the dashboard) scores through `score_features`, so a model scores the same wherever it runs.
+
+- A patch's score is the mean distance to its k nearest memory-bank features (squared L2
+  like the reference's FAISS IndexFlatL2, or L2 with `distance="l2"`).
+- An image's score is its largest patch score, optionally re-weighted by the paper's Eq. 7.
+- The anomaly map is the patch-score grid upsampled bilinearly to the image size, then
+  smoothed by a Gaussian equal to `scipy.ndimage.gaussian_filter(map, sigma)` (truncate
+  4.0, mode 'reflect', i.e. edge-including mirror padding), done in torch on the maps' device.
+- Tiled inspection (`preprocessing.tile`): each tile's patch scores are upsampled to the
+  tile's pixels and stitched into one map of the whole image, averaged where tiles overlap;
+  the image score is the largest value of that stitched map, which is then smoothed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+from patchcore.config import PatchCoreConfig
+from patchcore.data.preprocessing import cut_tiles
+
+DEFAULT_SIGMA = 4.0
+TRUNCATE = 4.0
+
+
+class NearestNeighbourSearch(Protocol):
+    """What the scorer needs of a search backend (see `patchcore.model.search`)."""
+
+    bank: torch.Tensor
+
+    def search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """queries [Q, D] -> squared L2 distances [Q, k] and bank indices [Q, k], nearest first."""
+        ...
+
+
+@dataclass
+class Prediction:
+    """Scores of a batch of images: image scores [B], anomaly maps [B, H, W], patch scores [B, h, w]."""
+
+    scores: torch.Tensor
+    maps: torch.Tensor
+    patch_scores: torch.Tensor
+
+    @staticmethod
+    def concatenate(parts: list[Prediction]) -> Prediction:
+        return Prediction(
+            torch.cat([part.scores for part in parts]),
+            torch.cat([part.maps for part in parts]),
+            torch.cat([part.patch_scores for part in parts]),
+        )
+
+    def cpu(self) -> Prediction:
+        return Prediction(self.scores.cpu(), self.maps.cpu(), self.patch_scores.cpu())
+
+
+# ------------------------------------------------------------------------ smoothing
+def gaussian_kernel(sigma: float, device: torch.device) -> torch.Tensor:
+    radius = int(TRUNCATE * sigma + 0.5)
+    offsets = torch.arange(-radius, radius + 1, dtype=torch.float64, device=device)
+    kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
+    return (kernel / kernel.sum()).float()
+
+
+def _mirror_indices(size: int, radius: int, device: torch.device) -> torch.Tensor:
+    """Indices padding an axis by `radius` on both sides as 'd c b a | a b c d | d c b a'."""
+    positions = torch.arange(-radius, size + radius, device=device)
+    period = 2 * size
+    positions = positions % period
+    return torch.where(positions >= size, period - 1 - positions, positions)
+
+
+def gaussian_blur(maps: torch.Tensor, sigma: float = DEFAULT_SIGMA) -> torch.Tensor:
+    """maps [B, H, W] -> smoothed maps of the same shape."""
+    if sigma <= 0:
+        return maps
+    kernel = gaussian_kernel(sigma, maps.device)
+    radius = (len(kernel) - 1) // 2
+    height, width = maps.shape[-2:]
+    padded = maps.index_select(-1, _mirror_indices(width, radius, maps.device))
+    rows = F.conv1d(padded.reshape(-1, 1, padded.shape[-1]), kernel.view(1, 1, -1))
+    rows = rows.reshape(maps.shape[0], height, width)
+    padded = rows.index_select(-2, _mirror_indices(height, radius, maps.device))
+    columns = padded.transpose(1, 2).reshape(-1, 1, height + 2 * radius)
+    smoothed = F.conv1d(columns, kernel.view(1, 1, -1))
+    return smoothed.reshape(maps.shape[0], width, height).transpose(1, 2).contiguous()
+
+
+def patch_scores_to_maps(
+    patch_scores: torch.Tensor, size: tuple[int, int], sigma: float = DEFAULT_SIGMA
+) -> torch.Tensor:
+    """patch_scores [B, h, w] -> anomaly maps [B, H, W] at the image size."""
+    upsampled = F.interpolate(
+        patch_scores.unsqueeze(1), size=size, mode="bilinear", align_corners=False
+    ).squeeze(1)
+    return gaussian_blur(upsampled, sigma)
+
+
+# -------------------------------------------------------------------------- scoring
+def reweighting_factor(
+    features: torch.Tensor,
+    neighbours: torch.Tensor,
+    worst_patch: torch.Tensor,
+    index: NearestNeighbourSearch,
+    neighbourhood_size: int,
+) -> torch.Tensor:
+    """The paper's Eq. 7 weight per image: 1 - softmax over the neighbourhood of m*, at m*.
+
+    features [B, P, D] and neighbours [B, P, k] (bank indices, nearest first) of each image's
+    patches; worst_patch [B], each image's most anomalous patch. m* is the bank feature
+    nearest to that patch; its neighbourhood is its `neighbourhood_size` nearest bank
+    features (m* included), searched with `index`. Distances here are L2, as in the paper.
+    """
+    device = features.device
+    rows = torch.arange(len(worst_patch), device=device)
+    test_features = features[rows, worst_patch]  # [B, D]
+    nearest = neighbours[rows, worst_patch, 0]  # [B]
+    bank = index.bank.to(device)
+    _, neighbourhood = index.search(bank[nearest], neighbourhood_size)
+    neighbourhood_distances = torch.linalg.vector_norm(
+        bank[neighbourhood.to(device)] - test_features[:, None, :], dim=-1
+    )  # [B, b]
+    nearest_distance = torch.linalg.vector_norm(bank[nearest] - test_features, dim=-1)
+    return 1.0 - torch.exp(nearest_distance - torch.logsumexp(neighbourhood_distances, dim=1))
+
+
+def score_patches(
+    features: torch.Tensor,
+    grid: tuple[int, int],
+    index: NearestNeighbourSearch,
+    config: PatchCoreConfig,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Patch features [B*h*w, D] (image, row, column order) -> patch scores [B, h, w] and
+    image scores [B], on the features' device."""
+    device = features.device
+    grid_h, grid_w = grid
+    batch = features.shape[0] // (grid_h * grid_w)
+    squared, neighbours = index.search(features, config.num_nn)
+    distances = squared if config.distance == "squared_l2" else squared.sqrt()
+    patch_scores = distances.to(device).mean(dim=1).reshape(batch, grid_h, grid_w)
+    image_scores, worst_patch = patch_scores.reshape(batch, -1).max(dim=1)
+    if config.score_reweighting:
+        image_scores = image_scores * reweighting_factor(
+            features.reshape(batch, grid_h * grid_w, -1),
+            neighbours.to(device).reshape(batch, grid_h * grid_w, -1),
+            worst_patch,
+            index,
+            config.reweighting_neighbours,
+        )
+    return patch_scores, image_scores
+
+
+def score_features(
+    features: torch.Tensor,
+    grid: tuple[int, int],
+    index: NearestNeighbourSearch,
+    config: PatchCoreConfig,
+    image_size: tuple[int, int],
+    sigma: float = DEFAULT_SIGMA,
+) -> Prediction:
+    """Patch features of a batch of images of `image_size` -> their `Prediction`."""
+    patch_scores, image_scores = score_patches(features, grid, index, config)
+    maps = patch_scores_to_maps(patch_scores, image_size, sigma)
+    return Prediction(image_scores, maps, patch_scores)
+
+
+def stitch_tiles(
+    patch_scores: torch.Tensor,
+    origins: list[tuple[int, int]],
+    tile: int,
+    image_size: tuple[int, int],
+) -> torch.Tensor:
+    """Tile patch scores [B*T, g, g] (image-major) -> stitched maps [B, H, W]: each tile's
+    scores upsampled to its pixels, averaged where tiles overlap."""
+    upsampled = F.interpolate(
+        patch_scores.unsqueeze(1), size=(tile, tile), mode="bilinear", align_corners=False
+    ).reshape(-1, len(origins), tile, tile)
+    batch = upsampled.shape[0]
+    total = patch_scores.new_zeros(batch, *image_size)
+    coverage = patch_scores.new_zeros(1, *image_size)
+    for position, (top, left) in enumerate(origins):
+        total[:, top : top + tile, left : left + tile] += upsampled[:, position]
+        coverage[:, top : top + tile, left : left + tile] += 1.0
+    return total / coverage
+
+
+Embed = Callable[[torch.Tensor], tuple[torch.Tensor, tuple[int, int]]]
+
+
+def score_images(
+    embed: Embed,
+    index: NearestNeighbourSearch,
+    config: PatchCoreConfig,
+    images: torch.Tensor,
+    sigma: float = DEFAULT_SIGMA,
+) -> Prediction:
+    """Working-size images [B, 3, H, W] in [0, 1] -> their `Prediction`, whole or tiled."""
+    image_size = (int(images.shape[-2]), int(images.shape[-1]))
+    tile = config.preprocessing.tile
+    if tile is None:
+        features, grid = embed(images)
+        return score_features(features, grid, index, config, image_size, sigma)
+    tiles, origins = cut_tiles(images, tile, config.preprocessing.tile_overlap)
+    features, grid = embed(tiles)
+    patch_scores, _ = score_patches(features, grid, index, config)
+    stitched = stitch_tiles(patch_scores, origins, tile, image_size)
+    image_scores = stitched.reshape(len(stitched), -1).amax(dim=1)
+    cell = tile / grid[0]
+    patch_grid = (max(1, round(image_size[0] / cell)), max(1, round(image_size[1] / cell)))
+    stitched_patches = F.adaptive_avg_pool2d(stitched.unsqueeze(1), patch_grid).squeeze(1)
+    return Prediction(image_scores, gaussian_blur(stitched, sigma), stitched_patches)

@@ -1,0 +1,235 @@
+"""Saving and loading model folders.
+
+A folder holds one model, or the members of an ensemble with `Ensemble-i-n_` prefixes.
+Per member, with the reference implementation's file names:
+- `patchcore_params.pkl`: exactly the reference's keys (so the reference code can load it);
+- `nnscorer_search_index.faiss`: the memory bank as a flat FAISS index;
+- `patchcore_meta.json`: our self-description: format version, library version, the full
+  model configuration (backbone, weights, layers, dimensions, patch size, k, distance,
+  preprocessing, sampler) and the normal-data statistics and threshold.
+Folders written by the reference (no meta file) load with the preprocessing the caller gives.
+Pickles are read with an unpickler that only accepts plain data: no code runs on load.
+Saving is atomic: the folder appears complete or not at all.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import logging
+import pickle
+import re
+from pathlib import Path
+
+import torch
+
+from patchcore import __version__
+from patchcore.config import PatchCoreConfig, PreprocessingConfig, SamplerConfig, SearchConfig
+from patchcore.errors import ModelFormatError, PatchCoreError
+from patchcore.files import staged_path
+from patchcore.model.calibration import NormalStatistics
+from patchcore.model.patchcore import PatchCore
+from patchcore.model.search import read_memory_bank, write_memory_bank
+
+LOGGER = logging.getLogger(__name__)
+
+FORMAT_NAME = "patchcore-model"
+FORMAT_VERSION = 1
+PARAMS_FILE = "patchcore_params.pkl"
+INDEX_FILE = "nnscorer_search_index.faiss"
+META_FILE = "patchcore_meta.json"
+_ENSEMBLE_PREFIX = re.compile(r"^Ensemble-(\d+)-(\d+)_$")
+
+
+def member_prefix(position: int, count: int) -> str:
+    """File-name prefix of ensemble member `position` (0-based) of `count`."""
+    return "" if count == 1 else f"Ensemble-{position + 1}-{count}_"
+
+
+class _PlainDataUnpickler(pickle.Unpickler):
+    """Accepts dicts, lists, tuples, numbers, strings, booleans and None; nothing callable."""
+
+    def find_class(self, module: str, name: str):
+        raise ModelFormatError(
+            f"refusing to load '{module}.{name}' from a model parameter file: only plain "
+            "data (dicts, lists, tuples, numbers, strings) is accepted"
+        )
+
+
+def read_plain_pickle(path: Path):
+    """Unpickles `path` without ever importing or calling anything."""
+    try:
+        return _PlainDataUnpickler(io.BytesIO(path.read_bytes())).load()
+    except PatchCoreError:
+        raise
+    except (pickle.UnpicklingError, EOFError, ValueError) as error:
+        raise ModelFormatError(f"{path}: not a readable parameter file ({error})") from error
+
+
+def reference_parameters(config: PatchCoreConfig) -> dict:
+    """The reference implementation's `patchcore_params.pkl` content for `config`."""
+    size = config.preprocessing.imagesize
+    return {
+        "backbone.name": config.backbone_name,
+        "layers_to_extract_from": list(config.layers),
+        "input_shape": (3, size, size),
+        "pretrain_embed_dimension": config.pretrain_embed_dimension,
+        "target_embed_dimension": config.target_embed_dimension,
+        "patchsize": config.patchsize,
+        "patchstride": config.patchstride,
+        "anomaly_scorer_num_nn": config.num_nn,
+    }
+
+
+def _meta(model: PatchCore) -> dict:
+    statistics = model.normal_statistics
+    return {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "library_version": __version__,
+        "config": dataclasses.asdict(model.config),
+        "normalisation": {
+            "mean": list(model.embedder.extractor.mean.flatten().tolist()),
+            "std": list(model.embedder.extractor.std.flatten().tolist()),
+        },
+        "memory_bank_shape": list(model.memory_bank.shape),
+        "normal_statistics": dataclasses.asdict(statistics) if statistics else None,
+    }
+
+
+def _write_member(folder: Path, model: PatchCore, prefix: str) -> None:
+    if model.memory_bank is None:
+        raise ModelFormatError("cannot save a model that has not been fitted")
+    with open(folder / f"{prefix}{PARAMS_FILE}", "wb") as handle:
+        pickle.dump(reference_parameters(model.config), handle, protocol=pickle.HIGHEST_PROTOCOL)
+    write_memory_bank(model.memory_bank, folder / f"{prefix}{INDEX_FILE}")
+    (folder / f"{prefix}{META_FILE}").write_text(json.dumps(_meta(model), indent=2))
+
+
+def save_models(folder: Path, models: list[PatchCore]) -> None:
+    """Writes one model or an ensemble's members into `folder`, replacing it atomically."""
+    with staged_path(Path(folder), folder=True) as staging:
+        for position, model in enumerate(models):
+            _write_member(staging, model, member_prefix(position, len(models)))
+    LOGGER.info("Saved %d model(s) to %s", len(models), folder)
+
+
+def member_prefixes(folder: Path) -> list[str]:
+    """Prefixes of the models in `folder`, in ensemble order ('' for a single model)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ModelFormatError(f"{folder}: model folder does not exist")
+    prefixes = [path.name[: -len(PARAMS_FILE)] for path in folder.glob(f"*{PARAMS_FILE}")]
+    if not prefixes:
+        raise ModelFormatError(f"{folder}: no {PARAMS_FILE} found; is this a model folder?")
+    if prefixes == [""]:
+        return prefixes
+    matches = [_ENSEMBLE_PREFIX.match(prefix) for prefix in prefixes]
+    if not all(matches) or {int(match.group(2)) for match in matches} != {len(prefixes)}:
+        raise ModelFormatError(
+            f"{folder}: inconsistent ensemble files {sorted(prefixes)}; expected "
+            f"Ensemble-i-{len(prefixes)}_ prefixes for i = 1..{len(prefixes)}"
+        )
+    return sorted(prefixes, key=lambda prefix: int(_ENSEMBLE_PREFIX.match(prefix).group(1)))
+
+
+def read_meta(path: Path) -> dict:
+    """The JSON object of a meta file; ModelFormatError when it is not one."""
+    try:
+        meta = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ModelFormatError(f"{path}: not valid JSON ({error})") from error
+    if not isinstance(meta, dict):
+        raise ModelFormatError(f"{path}: not a {FORMAT_NAME} description")
+    return meta
+
+
+def config_from_meta(
+    meta: dict, where: str, format_name: str = FORMAT_NAME, format_version: int = FORMAT_VERSION
+) -> PatchCoreConfig:
+    """The configuration in a self-description (`patchcore_meta.json`, or an exported
+    module's state dict with its own format name), after checking the format name and
+    version; `where` names the description in errors."""
+    if meta.get("format") != format_name:
+        raise ModelFormatError(f"{where}: not a {format_name} description")
+    version = meta.get("format_version")
+    if not isinstance(version, int) or version > format_version:
+        raise ModelFormatError(
+            f"{where}: model format version {version} is newer than this library understands "
+            f"(up to {format_version}, patchcore {__version__}); upgrade patchcore"
+        )
+    if not isinstance(meta.get("config"), dict):
+        raise ModelFormatError(f"{where}: holds no configuration")
+    fields = dict(meta["config"])
+    fields["layers"] = tuple(fields["layers"])
+    fields["preprocessing"] = PreprocessingConfig(**fields["preprocessing"])
+    fields["sampler"] = SamplerConfig(**fields["sampler"])
+    known = {field.name for field in dataclasses.fields(PatchCoreConfig)}
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        raise ModelFormatError(f"{where}: unknown configuration fields {unknown}")
+    return PatchCoreConfig(**fields)
+
+
+def _config_from_reference(params: dict, path: Path, resize: int) -> PatchCoreConfig:
+    required = ["backbone.name", "layers_to_extract_from", "input_shape", "patchsize"]
+    missing = [key for key in required if key not in params]
+    if missing:
+        raise ModelFormatError(f"{path}: missing parameters {missing}")
+    imagesize = int(params["input_shape"][-1])
+    return PatchCoreConfig(
+        backbone_name=params["backbone.name"],
+        layers=tuple(params["layers_to_extract_from"]),
+        pretrain_embed_dimension=int(params.get("pretrain_embed_dimension", 1024)),
+        target_embed_dimension=int(params.get("target_embed_dimension", 1024)),
+        patchsize=int(params["patchsize"]),
+        patchstride=int(params.get("patchstride", 1)),
+        num_nn=int(params.get("anomaly_scorer_num_nn", 1)),
+        preprocessing=PreprocessingConfig(resize=max(resize, imagesize), imagesize=imagesize),
+    )
+
+
+def load_model(
+    folder: Path,
+    prefix: str = "",
+    device: torch.device | str = "cpu",
+    search: SearchConfig | None = None,
+    reference_resize: int = 256,
+) -> PatchCore:
+    """Loads one model (ensemble member `prefix`) from `folder`.
+
+    `reference_resize` is only used for folders written by the reference code, which do
+    not record the resize step of their preprocessing.
+    """
+    folder = Path(folder)
+    params_path = folder / f"{prefix}{PARAMS_FILE}"
+    meta_path = folder / f"{prefix}{META_FILE}"
+    params = read_plain_pickle(params_path)
+    if not isinstance(params, dict):
+        raise ModelFormatError(f"{params_path}: expected a dict of parameters")
+    if meta_path.is_file():
+        meta = read_meta(meta_path)
+        config = config_from_meta(meta, str(meta_path))
+    else:
+        LOGGER.info("%s has no %s: reading it as a reference-format model", folder, META_FILE)
+        meta = {}
+        config = _config_from_reference(params, params_path, reference_resize)
+    model = PatchCore(config, device, search or SearchConfig())
+    model.set_memory_bank(read_memory_bank(folder / f"{prefix}{INDEX_FILE}"))
+    if meta.get("normal_statistics"):
+        model.normal_statistics = NormalStatistics(**meta["normal_statistics"])
+    return model
+
+
+def load_models(
+    folder: Path,
+    device: torch.device | str = "cpu",
+    search: SearchConfig | None = None,
+    reference_resize: int = 256,
+) -> list[PatchCore]:
+    """Every model in `folder`: one, or all ensemble members in order."""
+    return [
+        load_model(folder, prefix, device, search, reference_resize)
+        for prefix in member_prefixes(folder)
+    ]
