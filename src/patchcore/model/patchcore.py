@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterable
+from dataclasses import replace
 
 import torch
 
@@ -23,7 +24,7 @@ from patchcore.model.features import build_embedder
 from patchcore.model.samplers import build_sampler
 from patchcore.data.preprocessing import cut_tiles
 from patchcore.model.scoring import Prediction, score_images
-from patchcore.model.search import build_index
+from patchcore.model.indexes import build_bank_index, gather_bank
 from patchcore.progress import track
 
 LOGGER = logging.getLogger(__name__)
@@ -43,10 +44,13 @@ class PatchCore:
         device: torch.device | str = "cpu",
         search: SearchConfig | None = None,
     ) -> None:
+        search = search or SearchConfig()
+        if search.index is not None:  # a run-time choice of index replaces the model's own
+            config = replace(config, index=search.index)
         self.config = config
         self.device = torch.device(device)
         self.embedder = build_embedder(config).to(self.device)
-        self.index = build_index(search or SearchConfig(), self.device)
+        self.index = build_bank_index(config.index, search, self.device)
         self.memory_bank: torch.Tensor | None = None
         self.normal_statistics: NormalStatistics | None = None
         self.fit_seconds: dict[str, float] = {}
@@ -90,7 +94,7 @@ class PatchCore:
             selected = sampler.select_projected(torch.cat(projected))
             del projected
             num_features = len(store)
-            self.set_memory_bank(store.gather(selected).to(self.device))
+            self.set_memory_bank(gather_bank(self.index, store, selected, self.device))
         finally:
             store.close()
         self.fit_seconds = {

@@ -6,8 +6,14 @@ Per member, with the reference implementation's file names:
 - `nnscorer_search_index.faiss`: the memory bank as a flat FAISS index;
 - `patchcore_meta.json`: our self-description: format version, library version, the full
   model configuration (backbone, weights, layers, dimensions, patch size, k, distance,
-  preprocessing, sampler) and the normal-data statistics and threshold.
+  preprocessing, sampler, search index) and the normal-data statistics and threshold;
+- `search_index_<kind>.faiss` (format version 2, approximate search only): the trained FAISS
+  IVF-Flat, IVF-PQ or HNSW index, read back as it was saved.
+A model is written in the oldest format version that describes it: version 1 for exact
+search (no `index` entry, so older versions of this library still read it), version 2 when
+it carries an approximate index, which older versions refuse with a message to upgrade.
 Folders written by the reference (no meta file) load with the preprocessing the caller gives.
+With `SearchConfig(bank_storage="mmap")` the bank file is memory-mapped instead of read.
 Pickles are read with an unpickler that only accepts plain data: no code runs on load.
 Saving is atomic: the folder appears complete or not at all.
 """
@@ -20,22 +26,32 @@ import json
 import logging
 import pickle
 import re
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 
 from patchcore import __version__
-from patchcore.config import PatchCoreConfig, PreprocessingConfig, SamplerConfig, SearchConfig
+from patchcore.config import (
+    IndexConfig,
+    PatchCoreConfig,
+    PreprocessingConfig,
+    SamplerConfig,
+    SearchConfig,
+)
 from patchcore.errors import ModelFormatError, PatchCoreError
 from patchcore.files import staged_path
+from patchcore.model.bank_file import MappedBank, write_bank_file
 from patchcore.model.calibration import NormalStatistics
+from patchcore.model.indexes import bank_storage_of
 from patchcore.model.patchcore import PatchCore
 from patchcore.model.search import read_memory_bank, write_memory_bank
 
 LOGGER = logging.getLogger(__name__)
 
 FORMAT_NAME = "patchcore-model"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+EXACT_FORMAT_VERSION = 1
 PARAMS_FILE = "patchcore_params.pkl"
 INDEX_FILE = "nnscorer_search_index.faiss"
 META_FILE = "patchcore_meta.json"
@@ -82,13 +98,28 @@ def reference_parameters(config: PatchCoreConfig) -> dict:
     }
 
 
-def _meta(model: PatchCore) -> dict:
+def approximate_index_file(kind: str) -> str:
+    """File name of a member's saved approximate index, e.g. `search_index_ivfpq.faiss`."""
+    return f"search_index_{kind}.faiss"
+
+
+def config_fields(config: PatchCoreConfig) -> dict:
+    """`config` as plain data for a self-description; exact search (the default) leaves the
+    `index` entry out, so the description reads like a version-1 one."""
+    fields = dataclasses.asdict(config)
+    if not config.index.approximate:
+        del fields["index"]
+    return fields
+
+
+def _meta(model: PatchCore, prefix: str) -> dict:
     statistics = model.normal_statistics
-    return {
+    approximate = model.config.index.approximate
+    meta = {
         "format": FORMAT_NAME,
-        "format_version": FORMAT_VERSION,
+        "format_version": FORMAT_VERSION if approximate else EXACT_FORMAT_VERSION,
         "library_version": __version__,
-        "config": dataclasses.asdict(model.config),
+        "config": config_fields(model.config),
         "normalisation": {
             "mean": list(model.embedder.extractor.mean.flatten().tolist()),
             "std": list(model.embedder.extractor.std.flatten().tolist()),
@@ -96,6 +127,10 @@ def _meta(model: PatchCore) -> dict:
         "memory_bank_shape": list(model.memory_bank.shape),
         "normal_statistics": dataclasses.asdict(statistics) if statistics else None,
     }
+    if approximate:
+        file = f"{prefix}{approximate_index_file(model.config.index.kind)}"
+        meta["search_index"] = {"file": file, **model.index.describe()}
+    return meta
 
 
 def _write_member(folder: Path, model: PatchCore, prefix: str) -> None:
@@ -103,15 +138,25 @@ def _write_member(folder: Path, model: PatchCore, prefix: str) -> None:
         raise ModelFormatError("cannot save a model that has not been fitted")
     with open(folder / f"{prefix}{PARAMS_FILE}", "wb") as handle:
         pickle.dump(reference_parameters(model.config), handle, protocol=pickle.HIGHEST_PROTOCOL)
-    write_memory_bank(model.memory_bank, folder / f"{prefix}{INDEX_FILE}")
-    (folder / f"{prefix}{META_FILE}").write_text(json.dumps(_meta(model), indent=2))
+    if bank_storage_of(model.index) == "mmap":
+        write_bank_file(model.memory_bank, folder / f"{prefix}{INDEX_FILE}")
+    else:
+        write_memory_bank(model.memory_bank, folder / f"{prefix}{INDEX_FILE}")
+    if model.config.index.approximate:
+        model.index.write(folder / f"{prefix}{approximate_index_file(model.config.index.kind)}")
+    (folder / f"{prefix}{META_FILE}").write_text(json.dumps(_meta(model, prefix), indent=2))
 
 
-def save_models(folder: Path, models: list[PatchCore]) -> None:
-    """Writes one model or an ensemble's members into `folder`, replacing it atomically."""
+def save_models(
+    folder: Path, models: list[PatchCore], extra_files: Mapping[str, str] | None = None
+) -> None:
+    """Writes one model or an ensemble's members into `folder`, replacing it atomically;
+    `extra_files` (name -> text, e.g. an update history) are written into it as well."""
     with staged_path(Path(folder), folder=True) as staging:
         for position, model in enumerate(models):
             _write_member(staging, model, member_prefix(position, len(models)))
+        for name, text in (extra_files or {}).items():
+            (staging / name).write_text(text, encoding="utf-8")
     LOGGER.info("Saved %d model(s) to %s", len(models), folder)
 
 
@@ -165,11 +210,21 @@ def config_from_meta(
     fields["layers"] = tuple(fields["layers"])
     fields["preprocessing"] = PreprocessingConfig(**fields["preprocessing"])
     fields["sampler"] = SamplerConfig(**fields["sampler"])
+    if "index" in fields:
+        fields["index"] = _index_config(fields["index"], where)
     known = {field.name for field in dataclasses.fields(PatchCoreConfig)}
     unknown = sorted(set(fields) - known)
     if unknown:
         raise ModelFormatError(f"{where}: unknown configuration fields {unknown}")
     return PatchCoreConfig(**fields)
+
+
+def _index_config(fields, where: str) -> IndexConfig:
+    known = {field.name for field in dataclasses.fields(IndexConfig)}
+    if not isinstance(fields, dict) or set(fields) - known:
+        unknown = sorted(set(fields) - known) if isinstance(fields, dict) else fields
+        raise ModelFormatError(f"{where}: unknown search index fields {unknown}")
+    return IndexConfig(**fields)
 
 
 def _config_from_reference(params: dict, path: Path, resize: int) -> PatchCoreConfig:
@@ -215,8 +270,15 @@ def load_model(
         LOGGER.info("%s has no %s: reading it as a reference-format model", folder, META_FILE)
         meta = {}
         config = _config_from_reference(params, params_path, reference_resize)
-    model = PatchCore(config, device, search or SearchConfig())
-    model.set_memory_bank(read_memory_bank(folder / f"{prefix}{INDEX_FILE}"))
+    search = search or SearchConfig()
+    model = PatchCore(config, device, search)
+    if search.index is None and config.index.approximate:
+        model.index.read(folder / f"{prefix}{approximate_index_file(config.index.kind)}")
+    bank_path = folder / f"{prefix}{INDEX_FILE}"
+    if search.bank_storage == "mmap":
+        model.set_memory_bank(MappedBank(bank_path))
+    else:
+        model.set_memory_bank(read_memory_bank(bank_path))
     if meta.get("normal_statistics"):
         model.normal_statistics = NormalStatistics(**meta["normal_statistics"])
     return model
