@@ -110,11 +110,13 @@ def test_toml_sweep_files_are_read_too(synthetic_root, tmp_path):
         ("\n  a: {args: [sampler, identity, dataset]}", "",
          "configuration 'a': missing sub-command(s): patch_core"),
         ("\n  a: {args: []}", "gpus: 2\n", "unknown key(s) gpus; expected data_path"),
+        ("\n  a: {args: []}", "", "no category folder cable in"),
     ],
 )  # fmt: skip
 def test_bad_sweep_files_get_one_line_errors(synthetic_root, tmp_path, configurations, extra,
                                              message):  # fmt: skip
-    path = write_sweep(tmp_path, synthetic_root, "texture", configurations, extra=extra)
+    categories = "texture, cable" if "category folder" in message else "texture"
+    path = write_sweep(tmp_path, synthetic_root, categories, configurations, extra=extra)
     code, output = sweep(path, "--dry_run")
     assert code == 1, output
     assert len(output.strip().splitlines()) == 1 and output.startswith("Error: ")
@@ -140,10 +142,10 @@ def test_an_unreachable_ray_address_is_one_line(synthetic_root, tmp_path):
                     '[configurations.tiny]\nargs = ["patch_core", "sampler", "identity"]\n')  # fmt: skip
     code, output = sweep(path, "--address", "127.0.0.1:1")
     assert code == 1
-    assert output.strip().splitlines() == [
+    assert output.strip().splitlines() == [(
         "Error: --address 127.0.0.1:1: no Ray cluster reachable there (Connection refused); "
         "start one with 'ray start --head' or leave out --address for a local one"
-    ]
+    )]
     code, output = sweep(path, "--address", "nowhere")
     assert code == 1 and "--address nowhere: expected auto or HOST:PORT" in output
 
@@ -179,12 +181,13 @@ def test_a_sweep_on_ray_runs_like_patchcore_train_and_reports_failed_and_killed_
     for category, source in (("texture", "texture"), ("object", "object"),
                              ("broken", "texture"), ("doomed", "texture")):  # fmt: skip
         shutil.copytree(synthetic_root / source, data / category)
-    broken_image = sorted((data / "broken" / "train" / "good").iterdir())[0]
+    broken_image = min((data / "broken" / "train" / "good").iterdir())
     broken_image.write_bytes(b"not an image")
     path = write_sweep(tmp_path, data, "texture, broken, object, doomed", MAPPING_CONFIGURATION)
 
     options = SweepOptions(path, ClusterOptions(num_cpus=1, local_cpus=2))
     report, outcomes = run_sweep(options, runner=killing_runner)
+    assert "killed" in report and "failed" in report
 
     assert [(o.task.label, o.status) for o in outcomes] == [
         ("small_p25/mvtec_texture", "done"), ("small_p25/mvtec_broken", "failed"),
@@ -219,3 +222,40 @@ def test_a_sweep_on_ray_runs_like_patchcore_train_and_reports_failed_and_killed_
         ["skipped", "small_p25/mvtec_texture"], ["planned", "small_p25/mvtec_broken"],
         ["skipped", "small_p25/mvtec_object"], ["planned", "small_p25/mvtec_doomed"],
     ]  # fmt: skip
+
+
+# ------------------------------------------------------------ merged results
+def merge_rows(path: Path, worker: int) -> None:
+    from patchcore.evaluation.reporting import merge_results_csv
+
+    for row in range(15):
+        merge_results_csv(path, {f"w{worker}_r{row}": {"instance_auroc": worker + row / 100}})
+
+
+def test_processes_merging_into_one_results_csv_lose_no_row(tmp_path):
+    import multiprocessing
+
+    path = tmp_path / "results.csv"
+    context = multiprocessing.get_context("fork")
+    workers = [context.Process(target=merge_rows, args=(path, worker)) for worker in range(4)]
+    for process in workers:
+        process.start()
+    for process in workers:
+        process.join()
+    assert [process.exitcode for process in workers] == [0] * 4
+    rows = read_results_csv(path)
+    assert len(rows) == 4 * 15 + 1
+    assert rows["w3_r7"] == {"instance_auroc": 3.07}
+    assert rows["Mean"]["instance_auroc"] == pytest.approx(sum(w + r / 100 for w in range(4)
+                                                               for r in range(15)) / 60)  # fmt: skip
+
+
+def test_merging_replaces_a_row_and_orders_the_named_ones_first(tmp_path):
+    from patchcore.evaluation.reporting import merge_results_csv
+
+    path = tmp_path / "results.csv"
+    merge_results_csv(path, {"b": {"pro": 0.1}}, order=("a", "b"))
+    merge_results_csv(path, {"z": {"pro": 0.3}}, order=("a", "b"))
+    merge_results_csv(path, {"a": {"pro": 0.2}, "b": {"pro": 0.5}}, order=("a", "b"))
+    assert read_results_csv(path) == {"a": {"pro": 0.2}, "b": {"pro": 0.5}, "z": {"pro": 0.3},
+                                      "Mean": {"pro": pytest.approx(1.0 / 3)}}  # fmt: skip

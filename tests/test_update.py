@@ -145,6 +145,15 @@ def test_output_keeps_the_old_model_and_max_bank_size_caps_the_new_one(saved, tm
     assert len(load_models(tmp_path / "new")[0].memory_bank) == cap
 
 
+def test_a_target_score_of_zero_adds_every_new_feature(saved, tmp_path):
+    folder, worst, original = saved
+    code, output = update(folder, worst, "--output", tmp_path / "new", "--target_score", "0")
+    assert code == 0, output
+    updated = load_models(tmp_path / "new")[0]
+    assert len(updated.memory_bank) == len(original.memory_bank) + 64
+    assert float(scores_of(updated, [worst])[0]) == 0.0
+
+
 def test_normal_images_recalibrate_the_threshold(saved, synthetic_root, tmp_path):
     folder, worst, original = saved
     good = synthetic_root / "texture" / "test" / "good"
@@ -203,3 +212,5 @@ def test_bad_input_gets_one_line_errors(saved, tmp_path):
     assert code == 1 and str(broken) in output and len(output.strip().splitlines()) == 1
     code, output = update(folder, worst, "--percentage", "2")
     assert code == 2 and "--percentage must be in (0, 1]" in output
+    code, output = update(folder, worst, "--target_score", "-1")
+    assert code == 2 and "--target_score must be a finite number >= 0, got -1.0" in output

@@ -32,14 +32,15 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import socket
 import time
-import tomllib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import click
+import tomllib
 
 from patchcore.errors import ConfigurationError, DataError, PatchCoreError, missing_dependency
 from patchcore.layout import RunLayout, run_folder_path
@@ -438,8 +439,12 @@ def ray_session(options: ClusterOptions) -> Iterator:
     except (ConnectionError, RuntimeError, TimeoutError) as error:
         where = "a local Ray instance" if options.address is None else f"--address {options.address}"
         lines = str(error).strip().splitlines()
+        hint = "" if options.address in (None, "auto") else (
+            "; a cluster with token authentication (Ray's default) also needs RAY_AUTH_MODE=token "
+            "and its token (RAY_AUTH_TOKEN, or ~/.ray/auth_token as on the head node)"
+        )  # fmt: skip
         raise ConfigurationError(
-            f"{where}: cannot start or connect to Ray ({lines[0] if lines else error!r})"
+            f"{where}: cannot start or connect to Ray ({lines[0] if lines else error!r}){hint}"
         ) from error
     try:
         yield ray
@@ -531,7 +536,7 @@ def format_outcomes(outcomes: list[TaskOutcome]) -> str:
                 f"{title} {100 * outcome.metrics[key]:.2f}"
                 for key, title in (("instance_auroc", "image AUROC"),
                                    ("full_pixel_auroc", "pixel AUROC"))
-                if key in outcome.metrics and outcome.metrics[key] == outcome.metrics[key]
+                if not math.isnan(outcome.metrics.get(key, math.nan))
             )  # fmt: skip
             lines.append(f"{head}  {outcome.seconds:7.1f} s  {metrics}".rstrip())
         elif outcome.status == "skipped":
@@ -559,6 +564,11 @@ def run_sweep(options: SweepOptions, runner: Runner = run_sweep_task) -> tuple[s
     sweep = read_sweep_file(options.sweep_file)
     if not sweep.data_path.is_dir():
         raise DataError(f"{sweep.path}: data_path {sweep.data_path} is not a folder")
+    missing = [c for c in sweep.categories if not (sweep.data_path / c).is_dir()]
+    if missing:
+        raise DataError(
+            f"{sweep.path}: no category folder {', '.join(missing)} in {sweep.data_path}"
+        )
     tasks = plan_sweep(sweep, "cpu", max(1, int(options.cluster.num_cpus)), options.force)
     if options.dry_run:
         plan = [TaskOutcome(task, "skipped" if task.done else "planned") for task in tasks]

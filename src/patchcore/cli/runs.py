@@ -11,7 +11,7 @@ non-default values with the reason instead of silently ignoring them.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -65,7 +65,7 @@ class ModelOptions:
     score_reweighting: bool
     random_backbone_weights: bool
     search: SearchConfig
-    index: IndexConfig = IndexConfig()
+    index: IndexConfig = field(default_factory=IndexConfig)
 
     def configs(
         self, sampler: SamplerConfig, seed: int, preprocessing: PreprocessingConfig

@@ -75,7 +75,7 @@ def index_config(values: dict, backend: str) -> IndexConfig | None:
         )
     given = {name: options[name] for name in INDEX_PARAMETERS if options[name] is not None}
     for name in given:
-        field, kinds = INDEX_PARAMETERS[name]
+        kinds = INDEX_PARAMETERS[name][1]
         if kind not in kinds:
             raise click.UsageError(
                 f"--{name} applies to --search {' or '.join(kinds)}, not to "

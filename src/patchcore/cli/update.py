@@ -16,8 +16,12 @@ from patchcore.config import BANK_STORAGES
 @click.option("--output", "-o", type=click.Path(file_okay=False, path_type=Path),
               help="Write the updated model here and leave MODEL_DIR as it is "
                    "[default: replace MODEL_DIR, atomically].")
+@click.option("--target_score", type=float, default=None,
+              help="New patch features are added, farthest first, until every one would score "
+                   "at most this [the model's threshold].")
 @click.option("--percentage", "-p", type=float, default=None,
-              help="Fraction of the new patch features added [the model's sampler fraction].")
+              help="At most this fraction of the new patch features is added [no cap with a "
+                   "target score; the model's sampler fraction without one].")
 @click.option("--max_bank_size", type=int, default=None,
               help="The bank never grows beyond this many features.")
 @click.option("--normal_images", multiple=True,
@@ -35,12 +39,13 @@ from patchcore.config import BANK_STORAGES
               show_default=True,
               help="mmap: the bank stays in memory-mapped files (for banks larger than RAM).")
 @common_options()
-def update_cli(model_dir, images, output, percentage, max_bank_size, normal_images,
+def update_cli(model_dir, images, output, target_score, percentage, max_bank_size, normal_images,
                threshold_quantile, batch_size, num_workers, faiss_num_workers, bank_storage,
                common):  # fmt: skip
     """Add the good images IMAGES (files, folders, glob patterns) to the model in MODEL_DIR:
-    its greedy coreset is continued over their patch features, the threshold is recalibrated
-    on --normal_images, and the new version replaces the old one once complete."""
+    its greedy coreset is continued over their patch features until they would score at most
+    the threshold, the threshold is recalibrated on --normal_images, and the new version
+    replaces the old one once complete."""
     from patchcore.apps.update import UpdateOptions, run_update
     from patchcore.config import SearchConfig
     from patchcore.model.update import UpdateLimits
@@ -51,7 +56,7 @@ def update_cli(model_dir, images, output, percentage, max_bank_size, normal_imag
                 model_dir=model_dir,
                 images=tuple(images),
                 output=output,
-                limits=UpdateLimits(percentage, max_bank_size),
+                limits=UpdateLimits(percentage, max_bank_size, target_score),
                 normal_images=tuple(normal_images),
                 threshold_quantile=threshold_quantile,
                 device=common.torch_device(),

@@ -252,6 +252,7 @@ class ApproximateIndex:
         size, dimension = self.bank.shape
         self.parameters = resolved_parameters(self.config, size, dimension)
         saved, self._saved = self._saved, None
+        action = "Read the saved" if saved is not None else "Built an"
         if saved is not None:
             if saved.ntotal != size or saved.d != dimension:
                 raise ModelFormatError(
@@ -269,8 +270,8 @@ class ApproximateIndex:
         if self.on_gpu:
             resources = self._faiss.StandardGpuResources()
             self._search_index = self._faiss.index_cpu_to_gpu(resources, 0, self.faiss_index)
-        LOGGER.info("Built %s index over %d bank features: %s (%.1f MiB)", self.config.kind,
-                    size, self.parameters, self.size_bytes() / 2**20)  # fmt: skip
+        LOGGER.info("%s %s index over %d bank features: %s (%.1f MiB)", action,
+                    self.config.kind, size, self.parameters, self.size_bytes() / 2**20)  # fmt: skip
 
     # -------------------------------------------------------------- searching
     def search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -17,14 +17,14 @@ from dataclasses import replace
 import torch
 
 from patchcore.config import PatchCoreConfig, SearchConfig
+from patchcore.data.preprocessing import cut_tiles
 from patchcore.errors import DataError
 from patchcore.model.calibration import DEFAULT_THRESHOLD_QUANTILE, NormalStatistics
 from patchcore.model.feature_store import feature_store_for
 from patchcore.model.features import build_embedder
-from patchcore.model.samplers import build_sampler
-from patchcore.data.preprocessing import cut_tiles
-from patchcore.model.scoring import Prediction, score_images
 from patchcore.model.indexes import build_bank_index, gather_bank
+from patchcore.model.samplers import build_sampler
+from patchcore.model.scoring import Prediction, score_images
 from patchcore.progress import track
 
 LOGGER = logging.getLogger(__name__)

@@ -1,0 +1,107 @@
+#!/usr/bin/env python
+"""Wall time of a sweep on Ray against the same runs one after another.
+
+    python bench/bench_sweep.py [--repeats 2] [--num_cpus 1] [--keep DIR]
+
+Writes a synthetic MVTec-layout dataset with 2 categories and a sweep file with 2
+configurations (EfficientNet-Lite0, IM224, approximate greedy coreset 10 % and 1 %), then,
+`--repeats` times and interleaved:
+- `sequential`: the 4 (category, configuration) pairs as 4 `patchcore-train` commands run
+  one after another (what sample_training.sh does), each using the whole machine;
+- `sweep`: `patchcore-sweep --num_cpus N`, a local Ray instance started and stopped by the
+  command, one task per pair, as many at once as the machine has CPUs for.
+Both are timed from outside (process start to exit), so Ray's start-up counts. Printed: wall
+seconds of each, the ratio sequential / sweep, and the load average when each started
+(other work on the machine makes the figures noisy).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+BIN = Path(sys.executable).parent
+CATEGORIES = ("texture", "object")
+CONFIGURATIONS = {
+    "lite0_p10": ["sampler", "-p", "0.1", "approx_greedy_coreset"],
+    "lite0_p01": ["sampler", "-p", "0.01", "approx_greedy_coreset"],
+}
+MODEL = ["patch_core", "-b", "efficientnet_lite0", "-le", "_blocks.4", "-le", "_blocks.10"]
+DATASET = ["dataset", "--resize", "256", "--imagesize", "224"]
+
+
+def sweep_file(folder: Path, data: Path) -> Path:
+    lines = [f"data_path: {data}", f"categories: [{', '.join(CATEGORIES)}]",
+             "log_project: sweep", "configurations:"]  # fmt: skip
+    for name, sampler in CONFIGURATIONS.items():
+        words = ", ".join(f'"{word}"' for word in [*MODEL, *sampler, *DATASET])
+        lines.append(f"  {name}: {{args: [{words}]}}")
+    path = folder / "sweep.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def timed(command: list[str]) -> float:
+    start = time.perf_counter()
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return time.perf_counter() - start
+
+
+def sequential(results: Path, data: Path) -> float:
+    total = 0.0
+    for name, sampler in CONFIGURATIONS.items():
+        for category in CATEGORIES:
+            total += timed([
+                str(BIN / "patchcore-train"), "--log_project", "sequential", "--log_group", name,
+                "--no_progress", str(results), *MODEL, *sampler, *DATASET, "-d", category,
+                "mvtec", str(data),
+            ])  # fmt: skip
+    return total
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--num_cpus", default="1")
+    parser.add_argument("--keep", type=Path, default=None, help="work here and keep the files")
+    args = parser.parse_args()
+    work = args.keep or Path(tempfile.mkdtemp(prefix="patchcore-bench-sweep-"))
+    work.mkdir(parents=True, exist_ok=True)
+    data = work / "data"
+    if not data.is_dir():
+        subprocess.run([str(BIN / "patchcore-synthetic"), str(data), "--log_level", "warning"],
+                       check=True)  # fmt: skip
+    path = sweep_file(work, data)
+    rows = []
+    for repeat in range(args.repeats):
+        for variant in ("sequential", "sweep"):
+            results = work / f"results_{variant}_{repeat}"
+            shutil.rmtree(results, ignore_errors=True)
+            load = os.getloadavg()[0]
+            if variant == "sequential":
+                seconds = sequential(results, data)
+            else:
+                shutil.copy(path, work / "sweep_run.yaml")
+                text = path.read_text() + f"results_path: {results}\n"
+                (work / "sweep_run.yaml").write_text(text)
+                seconds = timed([str(BIN / "patchcore-sweep"), str(work / "sweep_run.yaml"),
+                                 "--num_cpus", args.num_cpus, "--no_progress"])  # fmt: skip
+            rows.append((repeat, variant, seconds, load))
+    print(f"\n{len(CATEGORIES)} categories x {len(CONFIGURATIONS)} configurations, "
+          f"{os.cpu_count()} CPUs, sweep --num_cpus {args.num_cpus}")  # fmt: skip
+    print(f"{'repeat':>6}  {'variant':>10}  {'wall s':>8}  {'load avg':>8}  {'ratio':>6}")
+    for repeat, variant, seconds, load in rows:
+        baseline = next(s for r, v, s, _ in rows if r == repeat and v == "sequential")
+        print(f"{repeat:>6}  {variant:>10}  {seconds:8.1f}  {load:8.2f}  {baseline / seconds:6.2f}")
+    if args.keep is None:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
