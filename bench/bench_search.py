@@ -167,7 +167,8 @@ def main() -> None:
           f"{args.threads} threads, torch {torch.__version__}")  # fmt: skip
     header = ("variant", "build s", "index MiB", "ms/img", "speed x", "recall@1",
               "img AUROC", "d img", "px AUROC", "d px", "PRO", "d PRO")  # fmt: skip
-    print("  ".join(f"{h:>10}" for h in header))
+    first = max(len(variant.name) for variant in variants)
+    print("  ".join([f"{header[0]:>{first}}", *(f"{h:>10}" for h in header[1:])]))
     for variant, metrics in rows:
         per_image = 1000 * variant.search_seconds / len(samples)
         reference_ms = 1000 * reference_variant.search_seconds / len(samples)
@@ -181,7 +182,7 @@ def main() -> None:
             for text in (f"{100 * metrics[key]:.2f}",
                          f"{100 * (metrics[key] - reference[key]):+.2f}")
         )  # fmt: skip
-        print("  ".join(f"{c:>10}" for c in cells))
+        print("  ".join([f"{cells[0]:>{first}}", *(f"{c:>10}" for c in cells[1:])]))
 
 
 if __name__ == "__main__":

@@ -169,6 +169,9 @@ def _scalar_text(value, where: str) -> str:
 def configuration_arguments(path: Path, name: str, options) -> tuple[str, ...]:
     """A configuration (a mapping of options, or {'args': [...]}) as train arguments."""
     where = f"{path}: configuration '{name}'"
+    if not name or name in (".", "..") or "/" in name or "\\" in name:
+        raise ConfigurationError(f"{where}: a configuration's name is its run folder's name; "
+                                 "it may not be empty or contain '/'")  # fmt: skip
     if not isinstance(options, dict):
         raise ConfigurationError(f"{where}: expected a mapping of options or 'args: [...]'")
     if "args" in options:

@@ -8,6 +8,7 @@ or `--threshold_quantile`); otherwise the saved ones are kept and the log says s
 The new version is written next to the old one and moved into place only when complete
 (`patchcore.files.staged_path`): until then MODEL_DIR is the old model, and a failure leaves
 it untouched. `--output DIR` writes the new version elsewhere and keeps MODEL_DIR as it is.
+Concurrent updates of one model wait for each other (`patchcore.files.exclusive_lock`).
 Each update is recorded in the folder's `update_history.json`.
 """
 
@@ -26,6 +27,7 @@ from patchcore.apps.predict import resolve_inputs
 from patchcore.config import PreprocessingConfig, SearchConfig
 from patchcore.data.datasets import GOOD, ImageDataset, Sample, SizeGroupedBatchSampler
 from patchcore.errors import ConfigurationError, ModelFormatError
+from patchcore.files import exclusive_lock
 from patchcore.model.calibration import DEFAULT_THRESHOLD_QUANTILE
 from patchcore.model.patchcore import PatchCore
 from patchcore.model.serialization import load_models, save_models
@@ -143,7 +145,13 @@ def _recalibrate(models: list[PatchCore], options: UpdateOptions) -> int:
 
 
 def run_update(options: UpdateOptions) -> UpdateSummary:
-    """Loads MODEL_DIR, adds the images, recalibrates if asked, saves the new version."""
+    """Loads MODEL_DIR, adds the images, recalibrates if asked, saves the new version. Two
+    updates of one model take turns (a lock beside the folder), so neither is lost."""
+    with exclusive_lock(options.model_dir):
+        return _update(options)
+
+
+def _update(options: UpdateOptions) -> UpdateSummary:
     models = load_models(options.model_dir, options.device, options.search)
     history = _read_history(options.model_dir)
     loader = image_loader(options.images, models[0].config.preprocessing, options)
