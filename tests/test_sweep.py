@@ -172,9 +172,21 @@ def killing_runner(arguments, order, num_cpus):
 @needs_ray
 @pytest.mark.slow
 def test_a_sweep_on_ray_runs_like_patchcore_train_and_reports_failed_and_killed_tasks(
-    synthetic_root, tmp_path
+    synthetic_root, tmp_path, monkeypatch
 ):
     import ray.cloudpickle
+
+    import patchcore.apps.sweep as sweep_module
+
+    progress = []  # (description, total, items) of every progress display the driver shows
+
+    def recorded_track(iterable, description, total=None, unit="it"):
+        progress.append([description, total, 0])
+        for item in iterable:
+            progress[-1][2] += 1
+            yield item
+
+    monkeypatch.setattr(sweep_module, "track", recorded_track)
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the runner above
     data = tmp_path / "data"
@@ -188,6 +200,7 @@ def test_a_sweep_on_ray_runs_like_patchcore_train_and_reports_failed_and_killed_
     options = SweepOptions(path, ClusterOptions(num_cpus=1, local_cpus=2))
     report, outcomes = run_sweep(options, runner=killing_runner)
     assert "killed" in report and "failed" in report
+    assert progress == [["Sweep", 4, 4]]  # one bar, over the tasks
 
     assert [(o.task.label, o.status) for o in outcomes] == [
         ("small_p25/mvtec_texture", "done"), ("small_p25/mvtec_broken", "failed"),
