@@ -150,6 +150,29 @@ def test_an_unreachable_ray_address_is_one_line(synthetic_root, tmp_path):
     assert code == 1 and "--address nowhere: expected auto or HOST:PORT" in output
 
 
+def test_a_cluster_asking_for_a_token_is_named_in_one_line():
+    """Ray's C++ client only logs (to file descriptor 2) why it could not connect; the sweep
+    keeps that log out of the terminal and names the missing token."""
+    from patchcore.apps.sweep import _connection_error, _native_stderr_captured
+
+    with _native_stderr_captured() as native_log:
+        os.write(2, b"gcs_client.cc:210: Failed to get cluster ID: Unauthenticated: "
+                    b"RPC error: InvalidAuthToken: Authentication token is missing\n")  # fmt: skip
+        text = native_log.read_text()
+    assert "InvalidAuthToken" in text
+    options = ClusterOptions(address="10.0.0.5:6379")
+    error = ConnectionError("Failed to connect to Ray cluster at 10.0.0.5:6379\nmore")
+    assert _connection_error(options, error, text) == (
+        "--address 10.0.0.5:6379: the Ray cluster there asks for an authentication token; set "
+        "RAY_AUTH_MODE=token and give its token (RAY_AUTH_TOKEN, or ~/.ray/auth_token copied "
+        "from the head node)"
+    )
+    assert _connection_error(options, error, "") == (
+        "--address 10.0.0.5:6379: cannot start or connect to Ray (Failed to connect to Ray "
+        "cluster at 10.0.0.5:6379)"
+    )
+
+
 @needs_ray
 @pytest.mark.skipif(Path("/tmp/ray/ray_current_cluster").exists(), reason="a Ray cluster runs here")
 def test_address_auto_without_a_cluster_is_one_line(synthetic_root, tmp_path):

@@ -33,7 +33,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import socket
+import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
@@ -61,6 +64,7 @@ RESERVED_FLAGS = {"--log_group", "--log_project", "--gpu", "--device", "-d", "--
                   "--log_level", "--no_progress", "--debug"}  # fmt: skip
 LOCAL_OBJECT_STORE_BYTES = 128 * 1024 * 1024
 ADDRESS_TIMEOUT_SECONDS = 5.0
+AUTHENTICATION_FAILURE = "InvalidAuthToken"  # in Ray's client log when a token is missing
 
 
 # ---------------------------------------------------------------------- sweep file
@@ -425,6 +429,36 @@ def _check_reachable(address: str) -> None:
 
 
 @contextlib.contextmanager
+def _native_stderr_captured() -> Iterator[Path]:
+    """Redirects file descriptor 2 to a temporary file for the block (Ray's C++ client logs a
+    warning a second there while it retries a connection); yields the file's path."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.NamedTemporaryFile(prefix="patchcore-ray-", suffix=".log") as capture:
+        os.dup2(capture.fileno(), 2)
+        try:
+            yield Path(capture.name)
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+def _connection_error(options: ClusterOptions, error: Exception, native_log: str) -> str:
+    """The one-line reason Ray could not be started or reached."""
+    where = "a local Ray instance" if options.address is None else f"--address {options.address}"
+    if AUTHENTICATION_FAILURE in native_log:
+        return (
+            f"{where}: the Ray cluster there asks for an authentication token; set "
+            "RAY_AUTH_MODE=token and give its token (RAY_AUTH_TOKEN, or ~/.ray/auth_token "
+            "copied from the head node)"
+        )
+    lines = str(error).strip().splitlines()
+    reason = lines[0] if lines else repr(error)
+    return f"{where}: cannot start or connect to Ray ({reason})"
+
+
+@contextlib.contextmanager
 def ray_session(options: ClusterOptions) -> Iterator:
     """Ray connected to the cluster at `options.address`, or to a local instance started
     for the sweep (and stopped after it)."""
@@ -433,22 +467,21 @@ def ray_session(options: ClusterOptions) -> Iterator:
     if options.address is None:
         settings.update(num_cpus=options.local_cpus, include_dashboard=False,
                         object_store_memory=LOCAL_OBJECT_STORE_BYTES)  # fmt: skip
+        connecting = contextlib.nullcontext(None)
     else:
         if options.address != "auto":
             _check_reachable(options.address)
         settings["address"] = options.address
-    try:
-        ray.init(**settings)
-    except (ConnectionError, RuntimeError, TimeoutError) as error:
-        where = "a local Ray instance" if options.address is None else f"--address {options.address}"
-        lines = str(error).strip().splitlines()
-        hint = "" if options.address in (None, "auto") else (
-            "; a cluster with token authentication (Ray's default) also needs RAY_AUTH_MODE=token "
-            "and its token (RAY_AUTH_TOKEN, or ~/.ray/auth_token as on the head node)"
-        )  # fmt: skip
-        raise ConfigurationError(
-            f"{where}: cannot start or connect to Ray ({lines[0] if lines else error!r}){hint}"
-        ) from error
+        connecting = _native_stderr_captured()  # only a connection: no process inherits it
+    with connecting as native_log:
+        try:
+            ray.init(**settings)
+            failure = None
+        except (ConnectionError, RuntimeError, TimeoutError) as error:
+            failure = error
+            log = native_log.read_text(errors="replace") if native_log is not None else ""
+    if failure is not None:
+        raise ConfigurationError(_connection_error(options, failure, log)) from failure
     try:
         yield ray
     finally:
