@@ -184,6 +184,65 @@ def test_address_auto_without_a_cluster_is_one_line(synthetic_root, tmp_path):
     assert output.startswith("Error: --address auto: cannot start or connect to Ray (")
 
 
+# ------------------------------------------------------------- task resources
+class RecordingRay:
+    """Stands in for the `ray` module: records each task's resource request, and runs
+    nothing (every task returns no rows)."""
+
+    class exceptions:  # noqa: N801 - mirrors ray.exceptions
+        RayError = RuntimeError
+
+    def __init__(self, gpus: int) -> None:
+        self.gpus = gpus
+        self.requests = []
+
+    def cluster_resources(self) -> dict:
+        return {"CPU": 8.0, **({"GPU": float(self.gpus)} if self.gpus else {})}
+
+    def remote(self, function):
+        ray = self
+
+        class Remote:
+            def options(self, **settings):
+                ray.requests.append(settings)
+                return self
+
+            def remote(self, _runner, arguments, _order, threads):
+                ray.requests[-1]["device"] = arguments[arguments.index("--device") + 1]
+                return (arguments, threads)
+
+        return Remote()
+
+    def wait(self, pending, num_returns):
+        return pending[:num_returns], pending[num_returns:]
+
+    def get(self, _reference):
+        return {}, 0.0
+
+
+@needs_yaml
+@pytest.mark.parametrize(("gpus", "device_flags", "expected_gpus", "device"), [
+    (0, [], 0, "cpu"), (2, [], 1, "cuda"), (2, ["--device", "cpu"], 0, "cpu"),
+    (0, ["--gpu", "0"], 1, "cuda"),
+])  # fmt: skip
+def test_tasks_ask_ray_for_one_gpu_when_a_gpu_is_used(synthetic_root, tmp_path, monkeypatch,
+                                                      gpus, device_flags, expected_gpus, device):  # fmt: skip
+    import contextlib
+
+    import patchcore.apps.sweep as sweep_module
+
+    fake = RecordingRay(gpus)
+    monkeypatch.setattr(sweep_module, "ray_session",
+                        lambda _options: contextlib.nullcontext(fake))  # fmt: skip
+    path = write_sweep(tmp_path, synthetic_root, "texture, object", ARGS_CONFIGURATION)
+    code, output = sweep(path, "--num_cpus", "2", *device_flags)
+    assert code == 0, output
+    assert [(r["num_gpus"], r["num_cpus"], r["device"], r["name"]) for r in fake.requests] == [
+        (expected_gpus, 2.0, device, "small_p10/mvtec_texture"),
+        (expected_gpus, 2.0, device, "small_p10/mvtec_object"),
+    ]  # fmt: skip
+
+
 # -------------------------------------------------------------------- on Ray
 def killing_runner(arguments, order, num_cpus):
     """Runs the task, except the 'doomed' category's, whose worker is killed."""
