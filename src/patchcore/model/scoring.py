@@ -118,7 +118,7 @@ def reweighting_factor(
     features (m* included), searched with `index`. Distances here are L2, as in the paper.
     """
     device = features.device
-    rows = torch.arange(len(worst_patch), device=device)
+    rows = torch.arange(worst_patch.shape[0], device=device)
     test_features = features[rows, worst_patch]  # [B, D]
     nearest = neighbours[rows, worst_patch, 0]  # [B]
     bank = index.bank.to(device)
@@ -210,7 +210,7 @@ def score_images(
     features, grid = embed(tiles)
     patch_scores, _ = score_patches(features, grid, index, config)
     stitched = stitch_tiles(patch_scores, origins, tile, image_size)
-    image_scores = stitched.reshape(len(stitched), -1).amax(dim=1)
+    image_scores = stitched.flatten(1).amax(dim=1)
     cell = tile / grid[0]
     patch_grid = (max(1, round(image_size[0] / cell)), max(1, round(image_size[1] / cell)))
     stitched_patches = F.adaptive_avg_pool2d(stitched.unsqueeze(1), patch_grid).squeeze(1)
