@@ -1,15 +1,17 @@
 #!/usr/bin/env python
 """Deployment benchmark: one model in torch eager, ONNX Runtime and OpenVINO on this CPU.
 
-    python bench/bench_export.py [--train-images 200] [--backbone wideresnet50]
-                                 [--model-dir SAVED_MODEL] [--input-size 256] [--repeats 5]
-                                 [--rounds 3] [--threads 2] [--work-dir FOLDER]
+    python bench/bench_export.py [--train-images 200] [--backbone wideresnet50] [--pretrained]
+                                 [--real ROOT CATEGORY] [--model-dir SAVED_MODEL]
+                                 [--input-size 256] [--repeats 5] [--rounds 3] [--threads 2]
+                                 [--work-dir FOLDER]
 
 Fits a PatchCore model (IM224: resize 256, crop 224; layer2+layer3, 1024/1024, approximate
 greedy coreset 10 %; random backbone weights unless --pretrained, timings do not depend on
-them) on a synthetic category, or takes --model-dir, exports it with `patchcore-export`'s
-job in every format, then measures each variant in its own process (so its peak memory is
-its own):
+them) on the first --train-images training images of a synthetic category (or of --real
+ROOT CATEGORY, an MVTec-layout dataset), 10 % of them held out to calibrate the threshold,
+or takes --model-dir; exports it with `patchcore-export`'s job in every format, then
+measures each variant in its own process (so its peak memory is its own):
 - `torch`: the `PatchCoreModule` file (.pth) in torch eager, the baseline of every ratio;
 - `onnxruntime`: the ONNX graph (bank searched in chunks of 4096 rows);
 - `onnxruntime-1chunk`: the same graph exported with the whole bank as one chunk, the
@@ -135,13 +137,20 @@ def peak_rss_gib() -> float:
 
 # ------------------------------------------------------------------- preparation
 def prepare(args, folder: Path) -> tuple[Path, Path]:
-    """A saved model (fitted here unless --model-dir) exported in every format, and the
-    benchmark images; returns (export folder, images .npy). Reuses what `folder` holds."""
+    """The benchmark images (8 test images, evenly spaced, resized to the input size) and a
+    saved model (fitted here unless --model-dir) exported in every format; returns (export
+    folder, images .npy). Reuses the images, model and exports `folder` already holds."""
     import torch
 
     from patchcore.apps.export import ExportOptions, export_model, write_openvino
     from patchcore.apps.runtimes import open_exported
-    from patchcore.config import PatchCoreConfig, PreprocessingConfig, SamplerConfig, SearchConfig
+    from patchcore.config import (
+        PatchCoreConfig,
+        PreprocessingConfig,
+        SamplerConfig,
+        SearchConfig,
+        default_layers,
+    )
     from patchcore.data.datasets import ImageDataset, list_samples
     from patchcore.data.preprocessing import open_image, to_tensor
     from patchcore.data.synthetic import SyntheticSpec, generate_category
@@ -149,24 +158,34 @@ def prepare(args, folder: Path) -> tuple[Path, Path]:
     from patchcore.model.serialization import load_models, save_models
 
     exports, images_file = folder / "exports", folder / "images.npy"
-    if (exports / FILES["onnxruntime-1chunk"]).is_file() and images_file.is_file():
+    if args.real:
+        root, category = Path(args.real[0]), args.real[1]
+    else:
+        root, category = folder / "data", "texture"
+        spec = SyntheticSpec(args.train_images, num_test_good=4, num_test_defective_per_type=2)
+        if not root.is_dir():
+            generate_category(root, category, spec)
+    size = (args.input_size, args.input_size)
+    if not images_file.is_file():
+        test = list_samples(root, category, "test")
+        test = [test[int(i)] for i in np.linspace(0, len(test) - 1, BATCH)]
+        images = [to_tensor(open_image(s.image_path).resize(size[::-1])) for s in test]
+        np.save(images_file, torch.stack(images).numpy())
+    if (exports / FILES["onnxruntime-1chunk"]).is_file():
         print(f"reusing the exports in {exports}", flush=True)
         return exports, images_file
-    root = folder / "data"
-    spec = SyntheticSpec(num_train=args.train_images, num_test_good=4, num_test_defective_per_type=2)
-    if not root.is_dir():
-        generate_category(root, "texture", spec)
     saved = Path(args.model_dir) if args.model_dir else folder / "saved"
     if saved.is_dir():
         model = load_models(saved, "cpu", SearchConfig(backend="torch"))[0]
     else:
         config = PatchCoreConfig(
-            backbone_name=args.backbone, pretrained=args.pretrained,
-            preprocessing=PreprocessingConfig(256, 224),
+            backbone_name=args.backbone, layers=default_layers(args.backbone),
+            pretrained=args.pretrained, preprocessing=PreprocessingConfig(256, 224),
             sampler=SamplerConfig("approx_greedy_coreset", args.percentage),
         )  # fmt: skip
-        samples = list_samples(root, "texture", "train", train_val_split=0.9)
-        calibration = list_samples(root, "texture", "val", train_val_split=0.9)
+        samples = list_samples(root, category, "train")[: args.train_images]
+        held_out = max(1, len(samples) // 10)
+        samples, calibration = samples[:-held_out], samples[-held_out:]
         model = PatchCore(config, search=SearchConfig(backend="torch"))
         start = time.perf_counter()
         model.fit(torch.utils.data.DataLoader(ImageDataset(samples, config.preprocessing), 8))
@@ -175,7 +194,6 @@ def prepare(args, folder: Path) -> tuple[Path, Path]:
         )
         print(f"fit on {len(samples)} images: {time.perf_counter() - start:.0f} s", flush=True)
         save_models(saved, [model])
-    size = (args.input_size, args.input_size)
     start = time.perf_counter()
     export_model(model, saved, exports, "model", ExportOptions(("torch", "onnx", "openvino"), size))
     print(f"export torch, onnx, openvino: {time.perf_counter() - start:.0f} s", flush=True)
@@ -185,9 +203,6 @@ def prepare(args, folder: Path) -> tuple[Path, Path]:
     one_chunk = ExportOptions(("onnx",), size, bank_chunk_size=len(model.memory_bank))
     export_model(model, saved, exports / "one_chunk", "model", one_chunk)
     print(f"export onnx with one bank chunk: {time.perf_counter() - start:.0f} s", flush=True)
-    test = list_samples(root, "texture", "test")[:BATCH]
-    images = torch.stack([to_tensor(open_image(s.image_path).resize(size[::-1])) for s in test])
-    np.save(images_file, images.numpy())
     print(f"bank: {len(model.memory_bank)} x {model.memory_bank.shape[1]}", flush=True)
     return exports, images_file
 
@@ -217,8 +232,10 @@ def file_megabytes(path: Path) -> float:
 
 
 def run_worker(variant: str, path: Path, images: Path, result: Path, args) -> dict:
-    command = [sys.executable, __file__, "--repeats", str(args.repeats), "--threads",
-               str(args.threads), "--worker", variant, str(path), str(images), str(result)]  # fmt: skip
+    command = [
+        sys.executable, __file__, "--repeats", str(args.repeats), "--threads", str(args.threads),
+        "--worker", variant, str(path), str(images), str(result),
+    ]  # fmt: skip
     completed = subprocess.run(command, capture_output=True, text=True, check=False)
     if completed.returncode != 0:
         raise SystemExit(f"{variant} failed:\n{completed.stderr[-3000:]}")
@@ -252,6 +269,8 @@ def main() -> None:
     parser.add_argument("--backbone", default="wideresnet50")
     parser.add_argument("--pretrained", action="store_true")
     parser.add_argument("--percentage", type=float, default=0.1)
+    parser.add_argument("--real", nargs=2, metavar=("ROOT", "CATEGORY"),
+                        help="fit on and test with an MVTec-layout dataset instead")  # fmt: skip
     parser.add_argument("--model-dir", help="a saved model folder to export instead of fitting")
     parser.add_argument("--input-size", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=5)
@@ -265,6 +284,12 @@ def main() -> None:
         variant, path, images, output = args.worker
         print(json.dumps(measure(variant, Path(path), Path(images), args, Path(output))))
         return
+    import platform
+
+    import torch
+
+    from patchcore.apps.runtimes import open_exported
+
     variants = ["torch"] + [variant for variant in args.variants if variant != "torch"]
     with tempfile.TemporaryDirectory(prefix="bench-export-") as temporary:
         folder = Path(args.work_dir or temporary)
@@ -284,15 +309,16 @@ def main() -> None:
             baseline = rows[0] if rows else None
             rows.append(summarise(variant, measured[variant], exports / FILES[variant], outputs,
                                   baseline))  # fmt: skip
+        record = open_exported(exports / FILES["onnxruntime"]).record
     print(format_table(rows))
-    import platform
-
-    import torch
-
-    print(f"machine: {platform.machine()}, {args.threads} threads per runtime, torch "
-          f"{torch.__version__}, backbone {args.backbone} "
-          f"({'pretrained' if args.pretrained else 'random'} weights), input "
-          f"{args.input_size}x{args.input_size}, {args.rounds} rounds x {args.repeats} calls")  # fmt: skip
+    data = args.real[1] if args.real else "synthetic"
+    print(
+        f"machine: {platform.machine()}, {args.threads} threads per runtime, torch "
+        f"{torch.__version__}; {data} data, backbone {record.config.backbone_name} "
+        f"({'pretrained' if record.config.pretrained else 'random'} weights), bank "
+        f"{record.bank_size} x {record.config.target_embed_dimension}, input "
+        f"{args.input_size}x{args.input_size}; {args.rounds} rounds x {args.repeats} calls"
+    )
 
 
 if __name__ == "__main__":

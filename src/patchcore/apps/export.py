@@ -317,8 +317,13 @@ def write_openvino(onnx_path: Path, path: Path, record: ExportRecord, fp16: bool
 
 
 def export_record(
-    model: PatchCore, module: PatchCoreModule, graph: FixedSizePatchCore, folder: Path, precision: str
+    model: PatchCore,
+    module: PatchCoreModule,
+    graph: FixedSizePatchCore,
+    folder: Path,
+    precision: str,
 ) -> ExportRecord:
+    """The self-description of `graph`, exported from `model` (saved in `folder`)."""
     return ExportRecord(
         config=model.config,
         input_size=graph.input_size,

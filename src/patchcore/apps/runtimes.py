@@ -91,7 +91,9 @@ class ExportRecord:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as error:
-            raise ModelFormatError(f"{where}: the patchcore description is not JSON ({error})") from error
+            raise ModelFormatError(
+                f"{where}: the patchcore description is not JSON ({error})"
+            ) from error
         if not isinstance(data, dict):
             raise ModelFormatError(f"{where}: not a {EXPORT_FORMAT_NAME} description")
         config = config_from_meta(data, where, EXPORT_FORMAT_NAME, EXPORT_FORMAT_VERSION)
@@ -153,7 +155,11 @@ class ExportedModel:
 
     def check_input(self, images: np.ndarray) -> None:
         """A one-line DataError unless `images` is float [B, 3, H, W] of the graph's size."""
-        expected = "[B, 3, H, W]" if self.input_size is None else f"[B, 3, {self.input_size[0]}, {self.input_size[1]}]"
+        expected = (
+            "[B, 3, H, W]"
+            if self.input_size is None
+            else f"[B, 3, {self.input_size[0]}, {self.input_size[1]}]"
+        )
         if images.ndim != 4 or images.shape[1] != 3 or images.dtype.kind != "f":
             raise DataError(
                 f"{self.path.name} takes float RGB images {expected} in [0, 1], got "
@@ -169,7 +175,11 @@ class ExportedModel:
 
     def predict(self, images) -> RuntimeOutputs:
         """images float32 [B, 3, H, W] in [0, 1] (numpy or torch) -> `RuntimeOutputs`."""
-        array = images.detach().cpu().numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
+        array = (
+            images.detach().cpu().numpy()
+            if isinstance(images, torch.Tensor)
+            else np.asarray(images)
+        )
         self.check_input(array)
         outputs = self._run(np.ascontiguousarray(array, dtype=np.float32))
         labels = outputs[2].astype(bool) if len(outputs) > 2 else None
@@ -191,7 +201,9 @@ class TorchModel(ExportedModel):
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except (RuntimeError, OSError, EOFError) as error:
-            raise ModelFormatError(f"{path}: not a readable torch weights file ({error})") from error
+            raise ModelFormatError(
+                f"{path}: not a readable torch weights file ({error})"
+            ) from error
         if not isinstance(state, dict):
             raise ModelFormatError(f"{path}: expected a PatchCoreModule state dict")
         self.module = PatchCoreModule()
@@ -242,7 +254,9 @@ class OnnxRuntimeModel(ExportedModel):
             raise ModelFormatError(f"{path}: ONNX Runtime cannot load it ({error})") from error
         metadata = self.session.get_modelmeta().custom_metadata_map
         if METADATA_KEY not in metadata:
-            raise ModelFormatError(f"{path}: not exported by patchcore (no '{METADATA_KEY}' metadata)")
+            raise ModelFormatError(
+                f"{path}: not exported by patchcore (no '{METADATA_KEY}' metadata)"
+            )
         super().__init__(path, ExportRecord.from_json(metadata[METADATA_KEY], str(path)))
         self.output_names = [output.name for output in self.session.get_outputs()]
 
@@ -266,7 +280,9 @@ class OpenVinoModel(ExportedModel):
             raise ModelFormatError(f"{path}: OpenVINO cannot read it ({error})") from error
         key = [METADATA_KEY] if model.has_rt_info([METADATA_KEY]) else ["framework", METADATA_KEY]
         if not model.has_rt_info(key):
-            raise ModelFormatError(f"{path}: not exported by patchcore (no '{METADATA_KEY}' metadata)")
+            raise ModelFormatError(
+                f"{path}: not exported by patchcore (no '{METADATA_KEY}' metadata)"
+            )
         record = ExportRecord.from_json(model.get_rt_info(key).astype(str), str(path))
         super().__init__(path, record)
         config = dict(OPENVINO_CONFIG)
@@ -305,7 +321,9 @@ def open_exported(
     runtime = runtime or default_runtime(path)
     readers = RUNTIMES_OF_SUFFIX.get(path.suffix.lower(), ())
     if runtime not in readers:
-        kinds = ", ".join(f"{suffix} ({'/'.join(names)})" for suffix, names in RUNTIMES_OF_SUFFIX.items())
+        kinds = ", ".join(
+            f"{suffix} ({'/'.join(names)})" for suffix, names in RUNTIMES_OF_SUFFIX.items()
+        )
         raise ConfigurationError(
             f"{path}: runtime '{runtime}' does not read {path.suffix or 'this'} files; files "
             f"and their runtimes: {kinds}"

@@ -29,8 +29,8 @@ from patchcore.cli.common import common_options, run_guarded, usage_errors
               help="Memory-bank rows per search step; the search holds images x patches x "
                    "this many distances at a time.")
 @common_options()
-def export_deployment_cli(sources, output_folder, formats, input_size, fp16, threshold, bank_chunk_size,
-               common):  # fmt: skip
+def export_deployment_cli(sources, output_folder, formats, input_size, fp16, threshold,
+                          bank_chunk_size, common):  # fmt: skip
     """Export saved models (SOURCES: model folders, or run folders with models/) for
     deployment: a PatchCoreModule weights file (torch), an ONNX graph (onnx) or OpenVINO IR
     (openvino), named by category. Graphs take float RGB [B, 3, H, W] in [0, 1] and return

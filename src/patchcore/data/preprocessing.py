@@ -221,7 +221,9 @@ class ResizeTaps:
 
 
 @functools.lru_cache(maxsize=32)
-def resize_taps(in_length: int, out_length: int, first: int = 0, count: int | None = None) -> ResizeTaps:
+def resize_taps(
+    in_length: int, out_length: int, first: int = 0, count: int | None = None
+) -> ResizeTaps:
     """The taps of torch's antialiased bilinear resize of one axis from `in_length` to
     `out_length` (align_corners=False), for the `count` outputs from `first` on (a crop).
 
@@ -275,7 +277,9 @@ class AxisGeometry:
     taps: ResizeTaps | None
 
 
-def input_geometry(size: tuple[int, int], config: PreprocessingConfig) -> tuple[AxisGeometry, AxisGeometry]:
+def input_geometry(
+    size: tuple[int, int], config: PreprocessingConfig
+) -> tuple[AxisGeometry, AxisGeometry]:
     """(rows, columns) geometry taking a float input of (height, width) `size` to the
     model's input: `image_tensor`'s resize and crop, on tensors."""
     frame = frame_of(tuple(size), config)

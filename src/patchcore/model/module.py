@@ -289,7 +289,8 @@ class FixedSizePatchCore(torch.nn.Module):
         for name, (start, length), resized in zip(_AXES, self._slices, self._resized, strict=True):
             taps = None
             if resized:
-                taps = ResizeTaps(getattr(self, f"{name}_indices"), getattr(self, f"{name}_weights"))
+                weights = getattr(self, f"{name}_weights")
+                taps = ResizeTaps(getattr(self, f"{name}_indices"), weights)
             axes.append(AxisGeometry(start, length, taps))
         return axes[0], axes[1]
 

@@ -4,7 +4,12 @@ Every consumer (`PatchCore.predict`, the exported `PatchCoreModule`, evaluation,
 the dashboard) scores through `score_features`, so a model scores the same wherever it runs.
 
 - A patch's score is the mean distance to its k nearest memory-bank features (squared L2
-  like the reference's FAISS IndexFlatL2, or L2 with `distance="l2"`).
+  like the reference's FAISS IndexFlatL2, or L2 with `distance="l2"`). The search finds
+  the neighbours; their distances are then recomputed from the differences
+  (`neighbour_distances`): the search's ||q||^2 - 2 q.b + ||b||^2 loses the digits its
+  terms share (1e-4 to 1e-3 of the distance when features are long and close to the bank),
+  so its values would depend on how a backend or runtime sums (FAISS, torch, ONNX Runtime,
+  OpenVINO, CPU or GPU), while the recomputed ones agree to float rounding of the distance.
 - An image's score is its largest patch score, optionally re-weighted by the paper's Eq. 7.
 - The anomaly map is the patch-score grid upsampled bilinearly to the image size, then
   smoothed by a Gaussian equal to `scipy.ndimage.gaussian_filter(map, sigma)` (truncate
@@ -130,6 +135,19 @@ def reweighting_factor(
     return 1.0 - torch.exp(nearest_distance - torch.logsumexp(neighbourhood_distances, dim=1))
 
 
+def neighbour_distances(
+    features: torch.Tensor, bank: torch.Tensor, neighbours: torch.Tensor
+) -> torch.Tensor:
+    """Squared L2 distances [Q, k] from features [Q, D] to their found bank features (bank
+    indices [Q, k]), on the features' device, computed from the differences (see the
+    module docstring); one bank column at a time, so at most [Q, D] more memory."""
+    columns = []
+    for column in range(neighbours.shape[1]):
+        rows = bank[neighbours[:, column].to(bank.device)].to(features.device)
+        columns.append((rows - features).square().sum(dim=1))
+    return torch.stack(columns, dim=1)
+
+
 def score_patches(
     features: torch.Tensor,
     grid: tuple[int, int],
@@ -141,7 +159,8 @@ def score_patches(
     device = features.device
     grid_h, grid_w = grid
     batch = features.shape[0] // (grid_h * grid_w)
-    squared, neighbours = index.search(features, config.num_nn)
+    _, neighbours = index.search(features, config.num_nn)
+    squared = neighbour_distances(features, index.bank, neighbours)
     distances = squared if config.distance == "squared_l2" else squared.sqrt()
     patch_scores = distances.to(device).mean(dim=1).reshape(batch, grid_h, grid_w)
     image_scores, worst_patch = patch_scores.reshape(batch, -1).max(dim=1)
