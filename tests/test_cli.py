@@ -70,8 +70,8 @@ def test_predictions_are_saved_per_image(trained_run, synthetic_root):
     run_folder, _ = trained_run
     saved = read_predictions(run_folder / "predictions" / "mvtec_object")
     test_images = sorted((synthetic_root / "object" / "test").glob("*/*.png"))
-    assert len(saved.scores) == len(test_images) == saved.maps.shape[0] == saved.masks.shape[0]
-    assert saved.maps.shape[1:] == (128, 128) and saved.patch_grid == (16, 16)
+    assert len(saved.scores) == len(test_images) == len(saved.maps) == len(saved.masks)
+    assert {m.shape for m in saved.maps} == {(128, 128)} and saved.patch_grid == (16, 16)
     assert saved.metrics == read_results_csv(run_folder / "results.csv")["mvtec_object"]
     assert saved.threshold is not None
     assert sorted(Path(p).name for p in saved.image_paths) == sorted(p.name for p in test_images)

@@ -22,7 +22,7 @@ from patchcore.model.feature_store import feature_store_for
 from patchcore.model.features import build_embedder
 from patchcore.model.samplers import build_sampler
 from patchcore.data.preprocessing import cut_tiles
-from patchcore.model.scoring import Prediction, score_images
+from patchcore.model.scoring import Prediction, maps_range, score_images
 from patchcore.model.search import build_index
 from patchcore.progress import track
 
@@ -136,11 +136,12 @@ class PatchCore:
     def calibrate(self, batches: Iterable, quantile: float = DEFAULT_THRESHOLD_QUANTILE) -> None:
         """Measures scores of held-out normal images: normalisation statistics and threshold."""
         prediction = self.predict_batches(batches, description="Calibrating on normal images")
+        pixel_min, pixel_max = maps_range(prediction.maps)
         self.normal_statistics = NormalStatistics(
             image_score_min=float(prediction.scores.min()),
             image_score_max=float(prediction.scores.max()),
-            pixel_score_min=float(prediction.maps.min()),
-            pixel_score_max=float(prediction.maps.max()),
+            pixel_score_min=pixel_min,
+            pixel_score_max=pixel_max,
             threshold=float(torch.quantile(prediction.scores.double(), quantile)),
             threshold_quantile=quantile,
             num_images=len(prediction.scores),

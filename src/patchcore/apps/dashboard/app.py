@@ -139,7 +139,7 @@ def file_mtime(path: str) -> float:
 
 def input_image(view: View, index: int) -> np.ndarray | None:
     path = view.predictions.image_paths[index]
-    size = tuple(view.predictions.maps.shape[-2:])
+    size = tuple(view.predictions.maps[index].shape)
     return view_image(path, file_mtime(path), view.resize_crop, size)
 
 
@@ -149,7 +149,7 @@ def image_and_overlay(view: View, index: int) -> tuple[np.ndarray, np.ndarray, b
     image = input_image(view, index)
     found = image is not None
     if not found:
-        image = data.placeholder_image(tuple(predictions.maps.shape[-2:]))
+        image = data.placeholder_image(tuple(predictions.maps[index].shape))
     mask = predictions.masks[index] if predictions.has_mask[index] else None
     return image, data.overlay(image, predictions.maps[index], view.scale, mask), found
 
