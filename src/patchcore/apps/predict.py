@@ -46,7 +46,13 @@ from PIL import Image
 
 from patchcore.config import PreprocessingConfig, SearchConfig
 from patchcore.data.datasets import IMAGE_EXTENSIONS, image_files
-from patchcore.data.preprocessing import image_tensor, map_to_input_frame, open_image
+from patchcore.data.preprocessing import (
+    check_working_size,
+    image_tensor,
+    map_to_input_frame,
+    open_image,
+    working_size,
+)
 from patchcore.errors import ConfigurationError, DataError
 from patchcore.evaluation.ensemble import predict_new_images
 from patchcore.evaluation.visualization import blend_heatmap
@@ -182,6 +188,11 @@ class PredictionDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> LoadedImage:
         try:
             picture = open_image(self.paths[index], "RGB")
+            check_working_size(
+                self.paths[index],
+                working_size((picture.height, picture.width), self.preprocessing),
+                self.preprocessing,
+            )
             image = image_tensor(picture, self.preprocessing)
         except DataError as error:
             return LoadedImage(index, None, None, str(error))

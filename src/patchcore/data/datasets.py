@@ -23,6 +23,7 @@ import torch
 
 from patchcore.config import DatasetConfig, PreprocessingConfig
 from patchcore.data.preprocessing import (
+    check_working_size,
     image_size_of,
     image_tensor,
     mask_tensor,
@@ -165,8 +166,12 @@ class ImageDataset(torch.utils.data.Dataset):
         return self._original_sizes
 
     def working_sizes(self) -> list[tuple[int, int]]:
-        """(height, width) of every image as the model sees it."""
-        return [working_size(size, self.preprocessing) for size in self.original_sizes()]
+        """(height, width) of every image as the model sees it; a DataError names the first
+        image too small for the model (or for a tile) before any work starts."""
+        sizes = [working_size(size, self.preprocessing) for size in self.original_sizes()]
+        for sample, size in zip(self.samples, sizes, strict=True):
+            check_working_size(sample.image_path, size, self.preprocessing)
+        return sizes
 
     def load_mask(self, sample: Sample, image_size: tuple[int, int]) -> torch.Tensor:
         """The mask of `sample` for an image of (height, width) `image_size`; zeros without one."""

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from torchvision.transforms.v2 import functional as TF
 
-from patchcore.config import MASK_RULES, PreprocessingConfig
+from patchcore.config import MASK_RULES, MIN_IMAGE_SIDE, PreprocessingConfig
 from patchcore.errors import ConfigurationError, DataError
 
 LOGGER = logging.getLogger(__name__)
@@ -128,6 +128,21 @@ def working_size(size: tuple[int, int], config: PreprocessingConfig) -> tuple[in
     if config.crop == "center":
         return config.imagesize, config.imagesize
     return resized_size(size, config.resize, config.max_size)
+
+
+def check_working_size(path: Path, size: tuple[int, int], config: PreprocessingConfig) -> None:
+    """A DataError naming `path` when its working (height, width) `size` is smaller than the
+    model's smallest input or than a tile."""
+    if min(size) < MIN_IMAGE_SIDE:
+        raise DataError(
+            f"{path}: the working image is {size[1]}x{size[0]} pixels, smaller than the "
+            f"{MIN_IMAGE_SIDE} pixels the patch grid needs; use a larger --resize or --max_size"
+        )
+    if config.tile is not None and config.tile > min(size):
+        raise DataError(
+            f"{path}: --tile {config.tile} is larger than the working image ({size[1]}x{size[0]}); "
+            "use a smaller --tile or a larger --resize"
+        )
 
 
 @dataclass(frozen=True)

@@ -45,7 +45,7 @@ class DatasetPredictions:
     masks: list[np.ndarray]  # N masks [H_i, W_i], bool
     metrics: dict[str, float]
     threshold: float | None
-    patch_grid: tuple[int, int]
+    patch_grids: list[tuple[int, int]]  # each image's patch grid (h, w)
 
 
 def write_predictions(folder: Path, predictions: DatasetPredictions) -> Path:
@@ -71,6 +71,7 @@ def write_predictions(folder: Path, predictions: DatasetPredictions) -> Path:
         flat_maps=_flat([np.asarray(m, dtype=np.float16) for m in predictions.maps]),
         flat_masks=_flat([np.asarray(m, dtype=bool) for m in predictions.masks]),
         shapes=np.array([np.shape(m) for m in predictions.maps], dtype=np.int64).reshape(-1, 2),
+        patch_grids=np.array(predictions.patch_grids, dtype=np.int64).reshape(-1, 2),
     )
     atomic_write_bytes(folder / ARRAYS_FILE, arrays.getvalue())
     summary = {
@@ -78,7 +79,7 @@ def write_predictions(folder: Path, predictions: DatasetPredictions) -> Path:
         "metrics": {key: (None if np.isnan(v) else v) for key, v in predictions.metrics.items()},
         "threshold": predictions.threshold,
         "image_sizes": sorted({tuple(np.shape(m)) for m in predictions.maps}),
-        "patch_grid": list(predictions.patch_grid),
+        "patch_grid": list(predictions.patch_grids[0]),
     }
     atomic_write_bytes(folder / SUMMARY_FILE, json.dumps(summary, indent=2).encode())
     return folder
@@ -97,10 +98,12 @@ def read_predictions(folder: Path) -> DatasetPredictions:
         if "maps" in arrays:  # files of patchcore 0.1: stacked [N, H, W] arrays
             maps = list(arrays["maps"].astype(np.float32))
             masks = list(arrays["masks"])
+            patch_grids = [tuple(summary["patch_grid"])] * len(maps)
         else:
             shapes = [tuple(shape) for shape in arrays["shapes"]]
             maps = _split(arrays["flat_maps"].astype(np.float32), shapes)
             masks = _split(arrays["flat_masks"], shapes)
+            patch_grids = [tuple(int(v) for v in grid) for grid in arrays["patch_grids"]]
     return DatasetPredictions(
         name=summary["name"],
         image_names=[row["image_name"] for row in rows],
@@ -113,7 +116,7 @@ def read_predictions(folder: Path) -> DatasetPredictions:
         masks=masks,
         metrics={k: (float("nan") if v is None else v) for k, v in summary["metrics"].items()},
         threshold=summary["threshold"],
-        patch_grid=tuple(summary["patch_grid"]),
+        patch_grids=patch_grids,
     )
 
 

@@ -38,7 +38,7 @@ class TestSetResult:
     image_names: list[str]
     image_paths: list[str]
     defect_types: list[str]
-    patch_grid: tuple[int, int]
+    patch_grids: list[tuple[int, int]]  # each image's patch grid (h, w)
     images: Maps | None  # [N, 3, H, W] in [0, 1], kept only when asked
 
     def records(self, threshold: float | None) -> DatasetPredictions:
@@ -55,7 +55,7 @@ class TestSetResult:
             masks=[single.numpy() for single in self.masks],
             metrics=self.metrics,
             threshold=threshold,
-            patch_grid=self.patch_grid,
+            patch_grids=self.patch_grids,
         )
 
 
@@ -115,7 +115,7 @@ def evaluate_models(
         image_names=names,
         image_paths=paths,
         defect_types=defects,
-        patch_grid=tuple(predictions[0].patch_scores[0].shape[-2:]),
+        patch_grids=[tuple(grid.shape[-2:]) for grid in predictions[0].patch_scores],
         images=concatenate_maps(images) if keep_images else None,
     )
 

@@ -35,7 +35,7 @@ from patchcore.model.search import read_memory_bank, write_memory_bank
 LOGGER = logging.getLogger(__name__)
 
 FORMAT_NAME = "patchcore-model"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: preprocessing gained crop, max_size and tiles (version 1 still loads)
 PARAMS_FILE = "patchcore_params.pkl"
 INDEX_FILE = "nnscorer_search_index.faiss"
 META_FILE = "patchcore_meta.json"

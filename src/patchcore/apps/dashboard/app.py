@@ -384,7 +384,7 @@ def show_detail(view: View, controls: Controls, order: np.ndarray, selected_key:
 
 def show_patch(view: View, index: int, rejected: bool) -> None:
     predictions = view.predictions
-    patch = data.most_suspicious_patch(predictions.maps[index], predictions.patch_grid)
+    patch = data.most_suspicious_patch(predictions.maps[index], predictions.patch_grids[index])
     image, heat, found = image_and_overlay(view, index)
     boxed_image, boxed_heat = data.draw_box(image, patch.box), data.draw_box(heat, patch.box)
     if not found:
@@ -407,7 +407,7 @@ def show_patch(view: View, index: int, rejected: bool) -> None:
 
 def patch_text(view: View, index: int, patch: data.SuspiciousPatch) -> str:
     predictions = view.predictions
-    grid_h, grid_w = predictions.patch_grid
+    grid_h, grid_w = predictions.patch_grids[index]
     top, left, bottom, right = patch.box
     text = (
         f"Cell row {patch.cell[0]}, column {patch.cell[1]} of the {grid_h} × {grid_w} patch "
