@@ -370,7 +370,7 @@ def show_detail(view: View, controls: Controls, order: np.ndarray, selected_key:
         format_func=lambda i: f"{predictions.image_names[i]} ({data.score_text(predictions.scores[i])})",
     )  # fmt: skip
     score = float(predictions.scores[index])
-    rejected = score > controls.threshold
+    rejected = bool(data.rejected_mask(np.array([score]), controls.threshold)[0])
     label = data.true_label(bool(predictions.is_anomaly[index]), predictions.defect_types[index])
     st.markdown(
         f"**{predictions.image_names[index]}** · score **{data.score_text(score, 5)}** · "
