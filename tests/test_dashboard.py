@@ -245,7 +245,7 @@ def test_app_shows_metrics_counts_and_grid_at_the_saved_threshold(app, dashboard
     assert len(captions) == len(saved.scores)
     best = int(np.argmax(saved.scores))
     assert captions[0].startswith(saved.image_names[best])
-    patch = data.most_suspicious_patch(saved.maps[best], saved.patch_grid)
+    patch = data.most_suspicious_patch(saved.maps[best], saved.patch_grids[best])
     assert metric(app, "Patch score (anomaly-map peak)") == data.score_text(patch.score, 5)
 
 
@@ -270,7 +270,7 @@ def test_threshold_filter_and_detail_view_respond(app, dashboard_run):
     detail = next(m.value for m in app.markdown if "true label:" in m.value)
     assert saved.image_names[lowest_rejected] in detail and "**rejected**" in detail
     assert any(m.value.startswith("**Most suspicious patch") for m in app.markdown)
-    patch = data.most_suspicious_patch(saved.maps[lowest_rejected], saved.patch_grid)
+    patch = data.most_suspicious_patch(saved.maps[lowest_rejected], saved.patch_grids[lowest_rejected])
     assert metric(app, "Patch score (anomaly-map peak)") == data.score_text(patch.score, 5)
 
     app.slider[0].set_value(float(saved.scores.max()) + 1e-3).run()

@@ -341,3 +341,16 @@ def run_script_help(script: str, monkeypatch, capsys) -> str:
 
 def test_export_script_is_a_thin_entry_point(monkeypatch, capsys):
     assert "SOURCES" in run_script_help("export_challenge_models.py", monkeypatch, capsys)
+
+
+@pytest.mark.parametrize("tile", [None, 48])
+def test_module_and_estimator_share_one_scorer_bit_for_bit(tile):
+    preprocessing = PreprocessingConfig(resize=64, imagesize=64, tile=tile, tile_overlap=0.25)
+    config = small_config(preprocessing=preprocessing, num_nn=2, distance="l2")
+    model = PatchCore(config, search=SearchConfig(backend="torch"))
+    images = torch.rand(3, 3, 64, 64, generator=torch.Generator().manual_seed(7))
+    model.fit([images[:2]])
+    expected = model.predict(images)
+    outputs = PatchCoreModule.from_patchcore(model)(images)  # resize and crop are identities
+    assert torch.equal(outputs["pred_score"], expected.scores)
+    assert torch.equal(outputs["anomaly_map"], expected.maps)

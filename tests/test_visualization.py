@@ -116,12 +116,12 @@ def test_default_colour_range_comes_from_shared_helper(
     calls = []
 
     def recording_range(threshold, statistics, maps) -> tuple[float, float]:
-        calls.append(maps.shape)
+        calls.append([m.shape for m in maps])
         return colour_range(threshold, statistics, maps)
 
     monkeypatch.setattr(visualization, "default_colour_range", recording_range)
     save_segmentation_images(tmp_path, **inputs)
-    assert calls == [(COUNT, HEIGHT, WIDTH)]  # once, over all maps together
+    assert calls == [[(HEIGHT, WIDTH)] * COUNT]  # once, over all maps together
 
 
 def test_explicit_colour_range_is_used_and_not_recomputed(

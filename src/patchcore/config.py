@@ -82,7 +82,7 @@ class PreprocessingConfig:
             f"--resize must be an integer >= {MIN_IMAGE_SIDE}, got {self.resize}",
         )
         _require(
-            MIN_IMAGE_SIDE <= self.imagesize <= self.resize,
+            self.crop == "none" or MIN_IMAGE_SIDE <= self.imagesize <= self.resize,
             f"--imagesize must be between {MIN_IMAGE_SIDE} and --resize ({self.resize}), "
             f"got {self.imagesize}",
         )

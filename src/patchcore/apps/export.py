@@ -50,8 +50,14 @@ from patchcore.config import (
     PatchCoreConfig,
     SearchConfig,
 )
-from patchcore.errors import ConfigurationError, ModelFormatError, missing_dependency
-from patchcore.files import atomic_write, atomic_write_text, is_staging, staged_path
+from patchcore.errors import ConfigurationError, ModelFormatError, OutputError, missing_dependency
+from patchcore.files import (
+    atomic_write,
+    atomic_write_text,
+    check_writable,
+    is_staging,
+    staged_path,
+)
 from patchcore.layout import MODELS_FOLDER
 from patchcore.model.backbones import EFFICIENTNET_LITE0, TORCHVISION_ALIASES
 from patchcore.model.chunked_search import DEFAULT_BANK_CHUNK_SIZE
@@ -76,7 +82,16 @@ TIMM_REQUIREMENTS = ("timm",)
 
 
 def _is_model_folder(folder: Path) -> bool:
-    return folder.is_dir() and not is_staging(folder) and any(folder.glob(f"*{PARAMS_FILE}"))
+    if not folder.is_dir() or not any(folder.glob(f"*{PARAMS_FILE}")):
+        return False
+    if is_staging(folder):
+        LOGGER.warning(
+            "Skipping %s: an unfinished copy left by an interrupted save (the next save of "
+            "that model removes it; it can be deleted)",
+            folder,
+        )
+        return False
+    return True
 
 
 def find_model_folders(path: Path) -> list[Path]:
@@ -154,6 +169,18 @@ def _unique_categories(folders: list[Path]) -> dict[str, Path]:
     return categories
 
 
+def _save(state: dict, temporary: Path, path: Path) -> None:
+    """torch.save to `temporary`; its failed writes (a full disk) are RuntimeErrors, reported
+    as an OutputError naming `path`."""
+    try:
+        torch.save(state, temporary)
+    except RuntimeError as error:
+        raise OutputError(
+            f"{path}: cannot write the weights file ({str(error).splitlines()[0]}); free "
+            "space on that disk, or write the export somewhere else"
+        ) from error
+
+
 def export_challenge_models(
     sources: Sequence[Path],
     output_folder: Path,
@@ -166,9 +193,9 @@ def export_challenge_models(
     folder. Models are loaded on `device`; the files hold CPU tensors. Returns the written
     paths.
     """
+    output_folder = check_writable(Path(output_folder))
     folders = [folder for source in sources for folder in find_model_folders(Path(source))]
     categories = _unique_categories(folders)
-    output_folder = Path(output_folder)
     written, configs = [], []
     suffixes = (WEIGHTS_SUFFIX, ALTERNATIVE_SUFFIX) if also_pt else (WEIGHTS_SUFFIX,)
     for category, folder in categories.items():
@@ -176,7 +203,9 @@ def export_challenge_models(
         state = PatchCoreModule.from_patchcore(model).cpu().state_dict()
         for suffix in suffixes:
             path = output_folder / f"{category}{suffix}"
-            atomic_write(path, lambda temporary, state=state: torch.save(state, temporary))
+            atomic_write(
+                path, lambda temporary, state=state, path=path: _save(state, temporary, path)
+            )
             written.append(path)
         configs.append(model.config)
         LOGGER.info("Exported %s as %s", folder, category)
@@ -347,7 +376,7 @@ def export_model(
     if "torch" in options.formats:
         path = output_folder / f"{name}{WEIGHTS_SUFFIX}"
         state = module.state_dict()
-        written.append(atomic_write(path, lambda temporary: torch.save(state, temporary)))
+        written.append(atomic_write(path, lambda temporary: _save(state, temporary, path)))
     if "onnx" not in options.formats and "openvino" not in options.formats:
         return written
     graph = FixedSizePatchCore(module, options.size_for(model.config)).eval()
@@ -380,9 +409,9 @@ def export_models(
     Models are loaded on `device` and exported from the CPU.
     """
     _check_export_dependencies(options.formats)
+    output_folder = check_writable(Path(output_folder))
     folders = [folder for source in sources for folder in find_model_folders(Path(source))]
     categories = _unique_categories(folders)
-    output_folder = Path(output_folder)
     written = []
     for category, folder in categories.items():
         model = _load_exportable(folder, device, "patchcore-export")

@@ -26,12 +26,14 @@ by the model (`patchcore.model.calibration.colour_range`): from the lowest pixel
 held-out normal images (0 without statistics) up to the value that puts the threshold in the
 middle of the colour bar; values outside are clipped.
 A mask marks the pixels whose anomaly-map value is above the decision threshold (or
-`--mask_threshold`). The map never exceeds its image score (without score re-weighting), so
-accepted images get empty masks; the Gaussian smoothing lowers narrow peaks, so a rejected
-image whose anomaly is a single patch may get an empty mask too (a lower `--mask_threshold`
-then shows it).
+`--mask_threshold`) or is not a finite number (`decide`, per pixel). The map never exceeds
+its image score (without score re-weighting), so accepted images get empty masks; the
+Gaussian smoothing lowers narrow peaks, so a rejected image whose anomaly is a single patch
+may get an empty mask too (a lower `--mask_threshold` then shows it).
 
-Unreadable files are logged, skipped and counted; the run goes on.
+Unreadable files are logged, skipped and counted; the run goes on. INPUT folders are
+searched through symbolic links to folders too (each real folder once). The output file's
+folder and the heat-map and mask folders are checked for writing before any image is scored.
 """
 
 from __future__ import annotations
@@ -55,11 +57,18 @@ from PIL import Image
 from patchcore.apps.runtimes import ExportedModel, open_exported
 from patchcore.config import RUNTIMES, PreprocessingConfig, SearchConfig
 from patchcore.data.datasets import IMAGE_EXTENSIONS, image_files
-from patchcore.data.preprocessing import image_tensor, map_to_input_frame, open_image, to_tensor
+from patchcore.data.preprocessing import (
+    check_working_size,
+    image_tensor,
+    map_to_input_frame,
+    open_image,
+    to_tensor,
+    working_size,
+)
 from patchcore.errors import ConfigurationError, DataError, ModelFormatError
 from patchcore.evaluation.ensemble import predict_new_images
 from patchcore.evaluation.visualization import blend_heatmap
-from patchcore.files import atomic_write, staged_path, unique_file_stems
+from patchcore.files import atomic_write, check_writable, staged_path, unique_file_stems
 from patchcore.model.calibration import NormalStatistics, colour_range, decide, decision_label
 from patchcore.model.patchcore import PatchCore
 from patchcore.model.serialization import PARAMS_FILE, load_models
@@ -203,6 +212,11 @@ class PredictionDataset(torch.utils.data.Dataset):
             if self.preprocessing is None:
                 image = to_tensor(picture)
             else:
+                check_working_size(
+                    self.paths[index],
+                    working_size((picture.height, picture.width), self.preprocessing),
+                    self.preprocessing,
+                )
                 image = image_tensor(picture, self.preprocessing)
         except DataError as error:
             return LoadedImage(index, None, None, str(error))
@@ -272,7 +286,7 @@ class ImageOutputs:
                 self.heatmaps / f"{stem}.png", blend_heatmap(image, full_map, self.colour_range)
             )
         if self.masks is not None:
-            mask = (full_map > self.mask_threshold).astype(np.uint8) * 255
+            mask = decide(full_map, self.mask_threshold).astype(np.uint8) * 255
             write_png(self.masks / f"{stem}.png", mask)
 
 
@@ -467,6 +481,9 @@ def _score_batch(job: _Job, batch: list[LoadedImage], writer: ResultWriter) -> t
 
 def run_prediction(options: PredictOptions) -> PredictionSummary:
     """Scores every input image, streaming results; returns the counts."""
+    for folder in (options.output.parent, options.heatmaps, options.masks):
+        if folder is not None:
+            check_writable(folder)
     paths = resolve_inputs(options.inputs)
     scorer = load_scorer(options)
     threshold = decision_threshold(scorer.saved_threshold, options)

@@ -19,7 +19,7 @@ import torch
 from patchcore.config import NORMALISATIONS
 from patchcore.errors import ConfigurationError
 from patchcore.model.calibration import NormalStatistics
-from patchcore.model.scoring import Prediction
+from patchcore.model.scoring import Maps, Prediction, maps_range
 
 
 
@@ -32,8 +32,9 @@ def combine_members(
     predictions: list[Prediction],
     normalisation: str = "test_minmax",
     statistics: list[NormalStatistics | None] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Ensemble image scores [N] and maps [N, H, W] from per-member predictions."""
+) -> tuple[torch.Tensor, Maps]:
+    """Ensemble image scores [N] and maps (as the members hold them) from per-member
+    predictions of the same images."""
     if normalisation not in NORMALISATIONS:
         raise ConfigurationError(
             f"ensemble normalisation must be one of {', '.join(NORMALISATIONS)}, "
@@ -45,7 +46,7 @@ def combine_members(
     for position, prediction in enumerate(predictions):
         if normalisation == "test_minmax":
             score_range = (float(prediction.scores.min()), float(prediction.scores.max()))
-            map_range = (float(prediction.maps.min()), float(prediction.maps.max()))
+            map_range = maps_range(prediction.maps)
         else:
             member = statistics[position] if statistics else None
             if member is None:
@@ -56,8 +57,10 @@ def combine_members(
             score_range = (member.image_score_min, member.image_score_max)
             map_range = (member.pixel_score_min, member.pixel_score_max)
         scores.append(_minmax(prediction.scores, *score_range))
-        maps.append(_minmax(prediction.maps, *map_range))
-    return torch.stack(scores).mean(dim=0), torch.stack(maps).mean(dim=0)
+        maps.append([_minmax(single, *map_range) for single in prediction.maps])
+    combined = [torch.stack(per_member).mean(dim=0) for per_member in zip(*maps)]
+    as_tensor = isinstance(predictions[0].maps, torch.Tensor)
+    return torch.stack(scores).mean(dim=0), torch.stack(combined) if as_tensor else combined
 
 
 def predict_new_images(models: list, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

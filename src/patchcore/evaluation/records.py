@@ -5,7 +5,10 @@
     <run>/predictions/<dataset>/arrays.npz         anomaly maps (float16), masks (bool)
     <run>/predictions/<dataset>/summary.json       metrics, threshold, image size, patch grid
 
-Arrays load with `allow_pickle=False`; all files are written atomically.
+Images may differ in size (whole-image inspection), so maps and masks are stored flat, one
+image after another, with each image's (height, width) in `shapes`; files written before
+that (a stacked `maps` array) are still read. Arrays load with `allow_pickle=False`; all
+files are written atomically.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from patchcore.errors import DataError
-from patchcore.files import atomic_write_bytes
+from patchcore.files import atomic_write_bytes, make_folder
 
 CSV_FILE = "predictions.csv"
 ARRAYS_FILE = "arrays.npz"
@@ -38,17 +41,16 @@ class DatasetPredictions:
     is_anomaly: np.ndarray  # [N] bool
     has_mask: np.ndarray  # [N] bool
     scores: np.ndarray  # [N] float
-    maps: np.ndarray  # [N, H, W] float
-    masks: np.ndarray  # [N, H, W] bool
+    maps: list[np.ndarray]  # N maps [H_i, W_i], float
+    masks: list[np.ndarray]  # N masks [H_i, W_i], bool
     metrics: dict[str, float]
     threshold: float | None
-    patch_grid: tuple[int, int]
+    patch_grids: list[tuple[int, int]]  # each image's patch grid (h, w)
 
 
 def write_predictions(folder: Path, predictions: DatasetPredictions) -> Path:
     """Writes the three files of one dataset into `folder` (created if needed)."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = make_folder(folder)
     table = io.StringIO()
     writer = csv.writer(table)
     writer.writerow(CSV_COLUMNS)
@@ -64,15 +66,19 @@ def write_predictions(folder: Path, predictions: DatasetPredictions) -> Path:
     atomic_write_bytes(folder / CSV_FILE, table.getvalue().encode())
     arrays = io.BytesIO()
     np.savez_compressed(
-        arrays, maps=predictions.maps.astype(np.float16), masks=predictions.masks.astype(bool)
+        arrays,
+        flat_maps=_flat([np.asarray(m, dtype=np.float16) for m in predictions.maps]),
+        flat_masks=_flat([np.asarray(m, dtype=bool) for m in predictions.masks]),
+        shapes=np.array([np.shape(m) for m in predictions.maps], dtype=np.int64).reshape(-1, 2),
+        patch_grids=np.array(predictions.patch_grids, dtype=np.int64).reshape(-1, 2),
     )
     atomic_write_bytes(folder / ARRAYS_FILE, arrays.getvalue())
     summary = {
         "name": predictions.name,
         "metrics": {key: (None if np.isnan(v) else v) for key, v in predictions.metrics.items()},
         "threshold": predictions.threshold,
-        "image_size": list(predictions.maps.shape[-2:]),
-        "patch_grid": list(predictions.patch_grid),
+        "image_sizes": sorted({tuple(np.shape(m)) for m in predictions.maps}),
+        "patch_grid": list(predictions.patch_grids[0]),
     }
     atomic_write_bytes(folder / SUMMARY_FILE, json.dumps(summary, indent=2).encode())
     return folder
@@ -88,8 +94,15 @@ def read_predictions(folder: Path) -> DatasetPredictions:
         rows = list(csv.DictReader(stream))
     summary = json.loads((folder / SUMMARY_FILE).read_text())
     with np.load(folder / ARRAYS_FILE, allow_pickle=False) as arrays:
-        maps = arrays["maps"].astype(np.float32)
-        masks = arrays["masks"]
+        if "maps" in arrays:  # files of patchcore 0.1: stacked [N, H, W] arrays
+            maps = list(arrays["maps"].astype(np.float32))
+            masks = list(arrays["masks"])
+            patch_grids = [tuple(summary["patch_grid"])] * len(maps)
+        else:
+            shapes = [tuple(shape) for shape in arrays["shapes"]]
+            maps = _split(arrays["flat_maps"].astype(np.float32), shapes)
+            masks = _split(arrays["flat_masks"], shapes)
+            patch_grids = [tuple(int(v) for v in grid) for grid in arrays["patch_grids"]]
     return DatasetPredictions(
         name=summary["name"],
         image_names=[row["image_name"] for row in rows],
@@ -102,5 +115,15 @@ def read_predictions(folder: Path) -> DatasetPredictions:
         masks=masks,
         metrics={k: (float("nan") if v is None else v) for k, v in summary["metrics"].items()},
         threshold=summary["threshold"],
-        patch_grid=tuple(summary["patch_grid"]),
+        patch_grids=patch_grids,
     )
+
+
+def _flat(arrays: list[np.ndarray]) -> np.ndarray:
+    return np.concatenate([array.reshape(-1) for array in arrays]) if arrays else np.zeros(0)
+
+
+def _split(flat: np.ndarray, shapes: list[tuple[int, int]]) -> list[np.ndarray]:
+    """Inverse of `_flat`: the per-image arrays of the given shapes."""
+    ends = np.cumsum([height * width for height, width in shapes])
+    return [part.reshape(shape) for part, shape in zip(np.split(flat, ends[:-1]), shapes)]

@@ -25,8 +25,9 @@ from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 
 from patchcore.errors import DataError
-from patchcore.files import atomic_write, unique_file_stems
+from patchcore.files import atomic_write, make_folder, unique_file_stems
 from patchcore.model.calibration import colour_range as default_colour_range
+from patchcore.model.calibration import decide, decision_label
 from patchcore.progress import track
 
 LOGGER = logging.getLogger(__name__)
@@ -84,31 +85,47 @@ def _check_colour_range(colour_range: tuple[float, float]) -> tuple[float, float
     return vmin, vmax
 
 
-def _images_hwc(images: ArrayLike) -> np.ndarray:
-    """Validate images [N, 3 or 1, H, W] in [0, 1]; return them as RGB [N, H, W, 3]."""
-    array = _to_numpy(images)
-    if array.ndim != 4 or array.shape[1] not in (1, 3):
-        raise DataError(f"images: expected shape [N, 3, H, W], got {list(array.shape)}")
-    if array.size and (
-        array.min() < -IMAGE_RANGE_TOLERANCE or array.max() > 1 + IMAGE_RANGE_TOLERANCE
-    ):
-        raise DataError(
-            f"images: values must be de-normalised RGB in [0, 1], "
-            f"got range [{array.min():.3g}, {array.max():.3g}]"
-        )
-    rgb = np.repeat(array, 3, axis=1) if array.shape[1] == 1 else array
-    return np.clip(rgb.transpose(0, 2, 3, 1), 0.0, 1.0)
+def _image_list(images) -> list[np.ndarray]:
+    """Validate images ([N, 3 or 1, H, W], or a list of [3 or 1, H, W] of any sizes) in
+    [0, 1]; return them as RGB [H, W, 3] arrays."""
+    if not isinstance(images, list | tuple):
+        array = _to_numpy(images)
+        if array.ndim != 4:
+            raise DataError(f"images: expected shape [N, 3, H, W], got {list(array.shape)}")
+        images = list(array)
+    result = []
+    for image in images:
+        array = _to_numpy(image)
+        if array.ndim != 3 or array.shape[0] not in (1, 3):
+            raise DataError(f"images: expected shape [N, 3, H, W], got {list(array.shape)}")
+        if array.size and (
+            array.min() < -IMAGE_RANGE_TOLERANCE or array.max() > 1 + IMAGE_RANGE_TOLERANCE
+        ):
+            raise DataError(
+                f"images: values must be de-normalised RGB in [0, 1], "
+                f"got range [{array.min():.3g}, {array.max():.3g}]"
+            )
+        rgb = np.repeat(array, 3, axis=0) if array.shape[0] == 1 else array
+        result.append(np.clip(rgb.transpose(1, 2, 0), 0.0, 1.0))
+    return result
 
 
-def _maps_nhw(values: ArrayLike, argument: str, count: int, size: tuple[int, int]) -> np.ndarray:
-    """Validate maps [N, H, W] or [N, 1, H, W] matching the images; return [N, H, W]."""
-    array = _to_numpy(values)
-    if array.ndim == 4 and array.shape[1] == 1:
-        array = array[:, 0]
-    expected = [count, *size]
-    if list(array.shape) != expected:
-        raise DataError(f"{argument}: expected shape {expected}, got {list(array.shape)}")
-    return array
+def _map_list(values, argument: str, sizes: list[tuple[int, int]]) -> list[np.ndarray]:
+    """Validate maps ([N, H, W], [N, 1, H, W] or a list of [H, W] / [1, H, W]) matching the
+    images' sizes; return them as [H, W] arrays."""
+    if not isinstance(values, list | tuple):
+        values = list(_to_numpy(values))
+    if len(values) != len(sizes):
+        raise DataError(f"{argument}: expected {len(sizes)} maps, got {len(values)}")
+    result = []
+    for value, size in zip(values, sizes):
+        array = _to_numpy(value)
+        if array.ndim == 3 and array.shape[0] == 1:
+            array = array[0]
+        if array.shape != tuple(size):
+            raise DataError(f"{argument}: expected shape {list(size)}, got {list(array.shape)}")
+        result.append(array)
+    return result
 
 
 def _per_image(values: Sequence | ArrayLike, argument: str, count: int) -> list:
@@ -124,9 +141,9 @@ def _title(name: str, score: float, threshold: float | None) -> str:
     text = f"{name}  |  score {score:.4g}"
     if threshold is None:
         return text
-    if score > threshold:
-        return f"{text} > threshold {threshold:.4g}: reject"
-    return f"{text} <= threshold {threshold:.4g}: accept"
+    rejected = bool(decide(score, threshold))
+    relation = ("not finite," if not np.isfinite(score) else ">") if rejected else "<="
+    return f"{text} {relation} threshold {threshold:.4g}: {decision_label(rejected)}"
 
 
 def _plain_axes(axes: Axes, title: str) -> None:
@@ -197,15 +214,17 @@ def save_segmentation_images(
     """Write one overlay PNG per image to `output_folder/<name>.png`; return the paths.
 
     images [N, 3, H, W] in [0, 1]; anomaly_maps [N, H, W]; scores [N]; names [N], made
-    safe and distinct as file names (`patchcore.files.unique_file_stems`). masks [N, 1, H, W] or [N, H, W] in {0, 1}, or None; has_mask[i] False
-    means image i has no ground truth. One colour scale is shared by all maps:
+    safe and distinct as file names (`patchcore.files.unique_file_stems`). masks
+    [N, 1, H, W] or [N, H, W] in {0, 1}, or None; has_mask[i] False means image i has no
+    ground truth. Images of different sizes are given as lists of per-image tensors. One colour scale is shared by all maps:
     `colour_range`, or by default the global min and max. With a `threshold`, the title
-    says whether the image score rejects (score > threshold) or accepts the image.
+    says whether the image is rejected (`decide`: score above the threshold or not finite)
+    or accepted.
     """
-    image_array = _images_hwc(images)
-    count, size = image_array.shape[0], image_array.shape[1:3]
-    map_array = _maps_nhw(anomaly_maps, "anomaly_maps", count, size)
-    mask_array = None if masks is None else _maps_nhw(masks, "masks", count, size)
+    image_array = _image_list(images)
+    count, sizes = len(image_array), [image.shape[:2] for image in image_array]
+    map_array = _map_list(anomaly_maps, "anomaly_maps", sizes)
+    mask_array = None if masks is None else _map_list(masks, "masks", sizes)
     score_list = [float(s) for s in _per_image(scores, "scores", count)]
     stems = unique_file_stems([str(name) for name in _per_image(names, "names", count)])
     mask_flags = [True] * count if has_mask is None else _per_image(has_mask, "has_mask", count)
@@ -217,8 +236,7 @@ def save_segmentation_images(
         vmin, vmax = _check_colour_range(colour_range)
     norm = Normalize(vmin=vmin, vmax=vmax)
 
-    output_folder = Path(output_folder)
-    output_folder.mkdir(parents=True, exist_ok=True)
+    output_folder = make_folder(output_folder)
     paths = []
     for index in track(range(count), "Writing segmentation images", unit="image"):
         has_truth = mask_array is not None and bool(mask_flags[index])

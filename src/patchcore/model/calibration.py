@@ -48,8 +48,9 @@ def decide(scores, threshold: float):
     if not hasattr(scores, "shape"):
         scores = np.asarray(scores, dtype=np.float64)
     threshold = threshold_for_dtype(threshold, scores.dtype)
-    finite = (scores - scores) == 0  # False for NaN and +-inf, in numpy and torch alike
-    return ~(finite & (scores <= threshold))
+    with np.errstate(invalid="ignore"):  # inf - inf is NaN, as intended
+        finite = (scores - scores) == 0  # False for NaN and +-inf, in numpy and torch alike
+        return ~(finite & (scores <= threshold))
 
 
 _NARROW_FLOATS = {
@@ -69,9 +70,10 @@ def threshold_for_dtype(threshold: float, dtype) -> float:
     kind = _NARROW_FLOATS.get(str(dtype))
     if kind is None:
         return threshold
+    bound = float(threshold)  # rounding a number down, not a decision
     with np.errstate(over="ignore"):
-        value = kind(threshold)
-    if float(value) > threshold:
+        value = kind(bound)
+    if float(value) > bound:
         value = np.nextafter(value, kind(-np.inf))
     return float(value)
 

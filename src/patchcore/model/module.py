@@ -38,6 +38,7 @@ from patchcore.config import PatchCoreConfig
 from patchcore.data.preprocessing import (
     AxisGeometry,
     ResizeTaps,
+    check_model_input,
     input_geometry,
     map_to_input_frame,
     to_model_input,
@@ -121,6 +122,10 @@ class PatchCoreModule(torch.nn.Module):
     `anomaly_map`, and, when the weights carry a threshold, `pred_label` [B] (bool,
     `patchcore.model.calibration.decide`: above the threshold or not finite).
     `bank_chunk_size` bounds the search's memory (see `patchcore.model.chunked_search`).
+    An empty batch, NaN or infinite values, or values outside [0, 1] beyond rounding (0..255
+    pixels, mean/std-normalised images) raise a DataError saying so; in a traced or exported
+    graph, where values cannot be checked, a non-finite score is still a reject.
+    A memory bank holding NaN or infinite values is refused by `load_state_dict`.
     """
 
     def __init__(self, bank_chunk_size: int = DEFAULT_BANK_CHUNK_SIZE) -> None:
@@ -196,6 +201,12 @@ class PatchCoreModule(torch.nn.Module):
                 f"state dict entry '{BANK_KEY}' must have shape [M > 0, {dimension}], "
                 f"got {list(bank.shape)}"
             )
+        finite = torch.isfinite(bank)
+        if not bool(finite.all()):
+            raise ModelFormatError(
+                f"state dict entry '{BANK_KEY}' holds {int((~finite).sum())} values that are "
+                "not finite numbers (NaN or infinite); the weights file is damaged"
+            )
 
     # ---------------------------------------------------------------- properties
     @property
@@ -242,6 +253,11 @@ class PatchCoreModule(torch.nn.Module):
                 "PatchCoreModule expects float RGB images [B, 3, H, W] in [0, 1], got "
                 f"{images.dtype} {list(images.shape)}"
             )
+        if _eager():
+            try:
+                check_model_input(images)
+            except DataError as error:
+                raise DataError(f"PatchCoreModule: {error}") from error
         images = images.to(self.memory_bank.device, torch.float32)
         geometry = input_geometry(tuple(images.shape[-2:]), config.preprocessing)
         scores, maps = self.score(images, geometry)
@@ -306,6 +322,13 @@ class FixedSizePatchCore(torch.nn.Module):
         if self.threshold is None:
             return scores, maps
         return scores, maps, decide(scores, self.threshold)
+
+
+def _eager() -> bool:
+    """False while a graph is traced, compiled or exported: the value checks of the input
+    (finite, in range, not empty) need concrete values and run in eager mode only."""
+    compiling = getattr(torch.compiler, "is_compiling", lambda: False)()
+    return not (torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or compiling)
 
 
 def _rename_version_1_keys(state_dict, prefix: str) -> None:

@@ -45,20 +45,41 @@ class NearestNeighbourSearch(Protocol):
         ...
 
 
+Maps = torch.Tensor | list[torch.Tensor]  # [N, H, W], or N maps [H_i, W_i] of different sizes
+
+
+def concatenate_maps(parts: list[Maps]) -> Maps:
+    """Maps of several batches as one [N, H, W] tensor, or as a list of per-image maps when
+    the images differ in size (whole-image inspection)."""
+    per_image = [single for part in parts for single in part]
+    if len({tuple(single.shape) for single in per_image}) <= 1:
+        return torch.stack(per_image) if per_image else torch.empty(0, 0, 0)
+    return per_image
+
+
+def maps_range(maps: Maps) -> tuple[float, float]:
+    """The smallest and largest value over all maps."""
+    return (
+        min(float(single.min()) for single in maps),
+        max(float(single.max()) for single in maps),
+    )
+
+
 @dataclass
 class Prediction:
-    """Scores of a batch of images: image scores [B], anomaly maps [B, H, W], patch scores [B, h, w]."""
+    """Scores of images: image scores [B], anomaly maps and patch scores, each a [B, H, W]
+    tensor (one batch, or images of one size) or a list of per-image maps (`Maps`)."""
 
     scores: torch.Tensor
-    maps: torch.Tensor
-    patch_scores: torch.Tensor
+    maps: Maps
+    patch_scores: Maps
 
     @staticmethod
     def concatenate(parts: list[Prediction]) -> Prediction:
         return Prediction(
             torch.cat([part.scores for part in parts]),
-            torch.cat([part.maps for part in parts]),
-            torch.cat([part.patch_scores for part in parts]),
+            concatenate_maps([part.maps for part in parts]),
+            concatenate_maps([part.patch_scores for part in parts]),
         )
 
     def cpu(self) -> Prediction:

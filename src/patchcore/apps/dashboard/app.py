@@ -139,7 +139,7 @@ def file_mtime(path: str) -> float:
 
 def input_image(view: View, index: int) -> np.ndarray | None:
     path = view.predictions.image_paths[index]
-    size = tuple(view.predictions.maps.shape[-2:])
+    size = tuple(view.predictions.maps[index].shape)
     return view_image(path, file_mtime(path), view.resize_crop, size)
 
 
@@ -149,7 +149,7 @@ def image_and_overlay(view: View, index: int) -> tuple[np.ndarray, np.ndarray, b
     image = input_image(view, index)
     found = image is not None
     if not found:
-        image = data.placeholder_image(tuple(predictions.maps.shape[-2:]))
+        image = data.placeholder_image(tuple(predictions.maps[index].shape))
     mask = predictions.masks[index] if predictions.has_mask[index] else None
     return image, data.overlay(image, predictions.maps[index], view.scale, mask), found
 
@@ -370,7 +370,7 @@ def show_detail(view: View, controls: Controls, order: np.ndarray, selected_key:
         format_func=lambda i: f"{predictions.image_names[i]} ({data.score_text(predictions.scores[i])})",
     )  # fmt: skip
     score = float(predictions.scores[index])
-    rejected = score > controls.threshold
+    rejected = bool(data.rejected_mask(np.array([score]), controls.threshold)[0])
     label = data.true_label(bool(predictions.is_anomaly[index]), predictions.defect_types[index])
     st.markdown(
         f"**{predictions.image_names[index]}** · score **{data.score_text(score, 5)}** · "
@@ -384,7 +384,7 @@ def show_detail(view: View, controls: Controls, order: np.ndarray, selected_key:
 
 def show_patch(view: View, index: int, rejected: bool) -> None:
     predictions = view.predictions
-    patch = data.most_suspicious_patch(predictions.maps[index], predictions.patch_grid)
+    patch = data.most_suspicious_patch(predictions.maps[index], predictions.patch_grids[index])
     image, heat, found = image_and_overlay(view, index)
     boxed_image, boxed_heat = data.draw_box(image, patch.box), data.draw_box(heat, patch.box)
     if not found:
@@ -407,7 +407,7 @@ def show_patch(view: View, index: int, rejected: bool) -> None:
 
 def patch_text(view: View, index: int, patch: data.SuspiciousPatch) -> str:
     predictions = view.predictions
-    grid_h, grid_w = predictions.patch_grid
+    grid_h, grid_w = predictions.patch_grids[index]
     top, left, bottom, right = patch.box
     text = (
         f"Cell row {patch.cell[0]}, column {patch.cell[1]} of the {grid_h} × {grid_w} patch "

@@ -286,9 +286,9 @@ def decision_text(score: float, threshold: float) -> str:
 
 
 # ------------------------------------------------------------------------- overlays
-def colour_range(maps: np.ndarray) -> tuple[float, float]:
+def colour_range(maps) -> tuple[float, float]:
     """One colour scale for a category: min and max over all its maps, widened if flat."""
-    return scale_of(None, None, np.asarray(maps))
+    return scale_of(None, None, list(maps))
 
 
 def mask_outline(mask: np.ndarray, thickness: int = 1) -> np.ndarray:
