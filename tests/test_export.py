@@ -44,6 +44,8 @@ from patchcore.model.calibration import decide, threshold_for_dtype
 from patchcore.model.chunked_search import BankChunkedSearch
 from patchcore.model.module import FixedSizePatchCore, PatchCoreModule
 from patchcore.model.patchcore import PatchCore
+from patchcore.model.scoring import neighbour_distances
+from patchcore.model.search import TorchNearestNeighbours
 from patchcore.model.serialization import save_models
 from test_deploy import fit_small_model
 
@@ -126,6 +128,25 @@ def test_bank_chunked_search_finds_the_brute_force_neighbours(chunk, k):
     assert torch.equal(indices, expected_indices)
     torch.testing.assert_close(distances.double(), expected_distances, rtol=1e-4, atol=1e-4)
     assert BankChunkedSearch(bank[:2], chunk).search(queries, 5)[0].shape == (120, 2)
+
+
+def test_bank_chunked_search_returns_the_scorers_distances_and_reads_rows_by_chunk():
+    generator = torch.Generator().manual_seed(5)
+    bank = torch.randn(300, 16, generator=generator) * 30 + 100  # long, close vectors
+    queries = bank[:50] + torch.randn(50, 16, generator=generator)
+    reference = TorchNearestNeighbours(torch.device("cpu"))
+    reference.fit(bank)
+    _, expected_indices = reference.search(queries, 3)
+    expected = neighbour_distances(queries, bank, expected_indices)
+    for chunk in (7, 64, 300):
+        search = BankChunkedSearch(bank, chunk)
+        distances, indices = search.search(queries, 3)
+        assert torch.equal(indices, expected_indices)
+        assert torch.equal(distances, expected)
+        picked = torch.tensor([[0, 6, 7], [299, 64, 63]])
+        assert torch.equal(search.rows(picked), bank[picked])
+    exact = (queries.double()[:, None] - bank.double()[expected_indices]).square().sum(-1)
+    torch.testing.assert_close(expected.double(), exact, rtol=1e-6, atol=0)
 
 
 def test_float32_decisions_equal_float64_decisions_at_the_threshold():
@@ -226,6 +247,26 @@ def test_exported_graph_scores_like_the_torch_model(
 
 
 @needs_openvino
+def test_openvino_ir_holds_the_bank_once(exported, calibrated):
+    """OpenVINO's converter folds the search's bank slices into constants of their own; the
+    graph reads rows through the chunks only, so no whole copy of the bank remains."""
+    import openvino
+
+    model = openvino.Core().read_model(exported / "texture.xml")
+    dimension = calibrated.memory_bank.shape[1]
+    bank_rows = [
+        op.get_output_partial_shape(0)[0].get_length()
+        for op in model.get_ops()
+        if op.get_type_name() == "Constant"
+        and op.get_output_partial_shape(0).rank.get_length() == 2
+        and op.get_output_partial_shape(0)[1].get_length() == dimension
+        and op.get_output_partial_shape(0)[0].get_length() > 1
+    ]
+    assert sum(bank_rows) == len(calibrated.memory_bank)
+    assert max(bank_rows) <= CHUNK
+
+
+@needs_openvino
 def test_fp16_openvino_stays_within_its_tolerance(exported, calibrated, synthetic_inputs):
     model = open_exported(exported / "fp16" / "texture.xml")
     assert model.record.precision == "fp16"
@@ -263,6 +304,8 @@ def test_onnx_graph_is_described_and_searches_in_bank_chunks(exported, calibrate
     distance_products = [shape for shape in products if isinstance(shape[0], str)]
     assert len(distance_products) == -(-bank_size // CHUNK)  # one per bank chunk
     assert all(shape[-1] <= CHUNK for shape in distance_products)  # never [patches x bank]
+    initializers = {item.name: list(item.dims) for item in model.graph.initializer}
+    assert list(initializers.values()).count([bank_size, calibrated.memory_bank.shape[1]]) == 1
     record = open_exported(path).record
     assert record.config == calibrated.config
     assert record.threshold == calibrated.normal_statistics.threshold

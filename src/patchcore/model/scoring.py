@@ -36,7 +36,14 @@ TRUNCATE = 4.0
 
 
 class NearestNeighbourSearch(Protocol):
-    """What the scorer needs of a search backend (see `patchcore.model.search`)."""
+    """What the scorer needs of a search backend (see `patchcore.model.search`).
+
+    The scorer uses the returned distances to rank only and recomputes those of the found
+    neighbours (`neighbour_distances`), unless the search returns them computed that way
+    already (an attribute `exact_distances = True`). A search may also gather bank rows
+    itself (a method `rows(indices)`): `patchcore.model.chunked_search` does both, so an
+    exported graph holds the bank only in its search chunks.
+    """
 
     bank: torch.Tensor
 
@@ -146,14 +153,23 @@ def reweighting_factor(
     device = features.device
     rows = torch.arange(worst_patch.shape[0], device=device)
     test_features = features[rows, worst_patch]  # [B, D]
-    nearest = neighbours[rows, worst_patch, 0]  # [B]
-    bank = index.bank.to(device)
-    _, neighbourhood = index.search(bank[nearest], neighbourhood_size)
+    nearest_feature = bank_rows(index, neighbours[rows, worst_patch, 0], device)  # [B, D]
+    _, neighbourhood = index.search(nearest_feature, neighbourhood_size)
     neighbourhood_distances = torch.linalg.vector_norm(
-        bank[neighbourhood.to(device)] - test_features[:, None, :], dim=-1
+        bank_rows(index, neighbourhood, device) - test_features[:, None, :], dim=-1
     )  # [B, b]
-    nearest_distance = torch.linalg.vector_norm(bank[nearest] - test_features, dim=-1)
+    nearest_distance = torch.linalg.vector_norm(nearest_feature - test_features, dim=-1)
     return 1.0 - torch.exp(nearest_distance - torch.logsumexp(neighbourhood_distances, dim=1))
+
+
+def bank_rows(
+    index: NearestNeighbourSearch, indices: torch.Tensor, device: torch.device
+) -> torch.Tensor:
+    """The bank features at `indices` (any shape) -> [*indices.shape, D] on `device`."""
+    gather = getattr(index, "rows", None)
+    if gather is not None:
+        return gather(indices).to(device)
+    return index.bank[indices.to(index.bank.device)].to(device)
 
 
 def neighbour_distances(
@@ -180,8 +196,9 @@ def score_patches(
     device = features.device
     grid_h, grid_w = grid
     batch = features.shape[0] // (grid_h * grid_w)
-    _, neighbours = index.search(features, config.num_nn)
-    squared = neighbour_distances(features, index.bank, neighbours)
+    squared, neighbours = index.search(features, config.num_nn)
+    if not getattr(index, "exact_distances", False):
+        squared = neighbour_distances(features, index.bank, neighbours)
     distances = squared if config.distance == "squared_l2" else squared.sqrt()
     patch_scores = distances.to(device).mean(dim=1).reshape(batch, grid_h, grid_w)
     image_scores, worst_patch = patch_scores.reshape(batch, -1).max(dim=1)
