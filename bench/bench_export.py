@@ -48,6 +48,8 @@ from pathlib import Path
 
 import numpy as np
 
+import tables
+
 VARIANTS = (
     "torch", "onnxruntime", "onnxruntime-1chunk", "openvino-fp32", "openvino-fp16", "openvino-bf16",
 )  # fmt: skip
@@ -246,13 +248,7 @@ def format_table(rows: list[dict]) -> str:
         ("score rel diff", "{score_difference:.1e}"), ("map diff", "{map_difference:.1e}"),
         ("decisions", "{decisions}"),
     ]  # fmt: skip
-    cells = [[title for title, _ in columns]] + [
-        [template.format(**row) for _, template in columns] for row in rows
-    ]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
-    lines = ["  ".join(cell.rjust(width) for cell, width in zip(row, widths)) for row in cells]
-    lines.insert(1, "-" * len(lines[0]))
-    return "\n".join(lines)
+    return tables.format_table(columns, rows)
 
 
 def file_megabytes(path: Path) -> float:

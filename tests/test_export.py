@@ -58,6 +58,13 @@ needs_openvino = pytest.mark.skipif(
     not HAVE_OPENVINO, reason="needs the export and openvino extras"
 )
 
+
+def skip_unless_installed(runtime: str) -> None:
+    installed = {"onnxruntime": HAVE_ONNXRUNTIME, "openvino": HAVE_OPENVINO}[runtime]
+    if not installed:
+        pytest.skip(f"{runtime} is not installed")
+
+
 SCORE_RTOL = 1e-4
 MAP_TOLERANCE = 1e-4  # of the largest map value
 FP16_TOLERANCE = 2e-2
@@ -218,13 +225,7 @@ def library_prediction(model: PatchCore, images: torch.Tensor):
 def test_exported_graph_scores_like_the_torch_model(
     exported, calibrated, synthetic_inputs, runtime, batch
 ):
-    if (
-        runtime == "onnxruntime"
-        and not HAVE_ONNXRUNTIME
-        or runtime == "openvino"
-        and not HAVE_OPENVINO
-    ):
-        pytest.skip(f"{runtime} is not installed")
+    skip_unless_installed(runtime)
     suffix = ".onnx" if runtime == "onnxruntime" else ".xml"
     model = open_exported(exported / f"texture{suffix}", runtime)
     module = PatchCoreModule.from_patchcore(calibrated)
@@ -331,13 +332,7 @@ def test_torch_format_is_the_challenge_module(exported, calibrated, synthetic_in
 
 @pytest.mark.parametrize("runtime", ["onnxruntime", "openvino"])
 def test_wrong_input_size_is_a_one_line_error(exported, runtime):
-    if (
-        runtime == "onnxruntime"
-        and not HAVE_ONNXRUNTIME
-        or runtime == "openvino"
-        and not HAVE_OPENVINO
-    ):
-        pytest.skip(f"{runtime} is not installed")
+    skip_unless_installed(runtime)
     model = open_exported(exported / "texture.onnx", runtime)
     with pytest.raises(
         DataError,

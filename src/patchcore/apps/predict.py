@@ -45,8 +45,7 @@ import json
 import logging
 import math
 import os
-from collections.abc import Iterator, Sequence
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 

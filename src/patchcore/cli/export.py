@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from patchcore.cli.common import common_options, run_guarded, usage_errors
+from patchcore.config import DEFAULT_BANK_CHUNK_SIZE
 
 
 @click.command()
@@ -25,7 +26,7 @@ from patchcore.cli.common import common_options, run_guarded, usage_errors
               help="OpenVINO IR with FP16 weights (half the file; see the README for accuracy).")
 @click.option("--threshold", type=float,
               help="Decision threshold built into the graphs; default: the model's saved one.")
-@click.option("--bank_chunk_size", type=int, default=4096, show_default=True,
+@click.option("--bank_chunk_size", type=int, default=DEFAULT_BANK_CHUNK_SIZE, show_default=True,
               help="Memory-bank rows per search step; the search holds images x patches x "
                    "this many distances at a time.")
 @common_options()

@@ -20,10 +20,11 @@ from __future__ import annotations
 
 import torch
 
+from patchcore.config import DEFAULT_BANK_CHUNK_SIZE
 from patchcore.errors import ConfigurationError
 from patchcore.model.scoring import neighbour_distances
 
-DEFAULT_BANK_CHUNK_SIZE = 4096
+__all__ = ["DEFAULT_BANK_CHUNK_SIZE", "BankChunkedSearch"]
 
 
 class BankChunkedSearch:
