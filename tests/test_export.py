@@ -528,10 +528,11 @@ def test_export_errors_are_one_line(calibrated, model_folder, tmp_path, monkeypa
     def without(*names):
         return lambda name, *args: None if name in names else real_find_spec(name, *args)
 
-    monkeypatch.setattr(importlib.util, "find_spec", without("onnxscript"))
+    monkeypatch.setattr(importlib.util, "find_spec", without("onnx", "onnxscript"))
     code, output = run_export(model_folder, "-o", tmp_path / "out", "-f", "onnx")
     assert code == 1
-    assert 'needs the package onnxscript: pip install "patchcore[export]"' in output
+    assert 'Error: exporting to ONNX or OpenVINO needs the package onnx: pip install ' \
+           '"patchcore[export]"' in output  # fmt: skip
     monkeypatch.setattr(importlib.util, "find_spec", without("openvino"))
     with pytest.raises(MissingDependencyError, match=r'pip install "patchcore\[openvino\]"'):
         export_models([model_folder], tmp_path / "out", ExportOptions(("openvino",)))
