@@ -92,12 +92,15 @@ def requirements_text(configs: Sequence[PatchCoreConfig]) -> str:
 
 
 def _load_exportable(folder: Path, device: torch.device | str) -> PatchCore:
-    """The model of a folder; ensembles are refused."""
+    """The model of a folder; ensembles are refused, with the reason."""
     models = load_models(folder, device, SearchConfig(backend="torch"))
     if len(models) != 1:
         raise ConfigurationError(
-            f"{folder}: an ensemble of {len(models)} models; challenge export supports "
-            "single-backbone models only"
+            f"{folder}: an ensemble of {len(models)} models cannot be exported: a challenge "
+            "module holds one model and its own score scale, while an ensemble decides on its "
+            "members' combined normal-image scale (normalised scores, averaged). Score it "
+            "with patchcore-predict, which uses that scale and the threshold saved with the "
+            "members"
         )
     return models[0]
 

@@ -8,21 +8,28 @@ for an ensemble, by its members combined with their normal-image statistics
 `patchcore.model.calibration.decide`: its score is above the threshold (`--threshold`, or the
 one saved with the model) or is not a finite number.
 
-Results (path, score, threshold, decision per image; CSV, or JSON lines for a `.jsonl`
-output) are streamed to a temporary file next to the output as images are scored, and moved
-into place when the run ends, so a large folder never has to fit in memory.
+Results (path, score, threshold, decision per image, and the heat-map and mask files written
+for it; CSV, or JSON lines for a `.jsonl` output) are streamed to a temporary file next to the
+output as images are scored, and moved into place when the run ends, so a large folder never
+has to fit in memory. An ensemble decides on its members' combined normal-image scale, with the
+threshold saved with its members (`patchcore-train` with held-out normal images).
 
-Heat maps and masks are PNGs at each input image's own size (the crop's map is mapped back
-onto the whole image by `patchcore.data.preprocessing.map_to_input_frame`; outside a centre
-crop the nearest crop-edge value is used). Every heat map uses the same colour scale, fixed
-by the model (`patchcore.model.calibration.colour_range`): from the lowest pixel score of its
-held-out normal images (0 without statistics) up to the value that puts the threshold in the
-middle of the colour bar; values outside are clipped.
-A mask marks the pixels whose anomaly-map value is above the decision threshold (or
-`--mask_threshold`). The map never exceeds its image score (without score re-weighting), so
-accepted images get empty masks; the Gaussian smoothing lowers narrow peaks, so a rejected
-image whose anomaly is a single patch may get an empty mask too (a lower `--mask_threshold`
-then shows it).
+Heat maps and masks are PNGs named after each input as given on the command line (a symbolic
+link's own name, not its target's), relative to the inputs' common folder. The heat map is the
+input image at its own size with the anomaly map blended over it (the crop's map is mapped back
+onto the whole image by `patchcore.data.preprocessing.map_to_input_frame`); pixels outside a
+centre crop, which the model never saw, are drawn grey. Below the image (its first H rows are
+pixel-aligned with the input) is the colour bar with the decision threshold marked. Every heat
+map of a model uses the same colour scale, the model's own
+(`patchcore.model.calibration.colour_range`: from the lowest pixel score of its held-out normal
+images up to the value that puts its saved threshold in the middle; with no saved threshold,
+the decision threshold in the middle from 0), so a colour means the same score in predict's heat
+maps, evaluation overlays and the dashboard; values outside are clipped.
+A mask (same size as the input) marks the pixels whose anomaly-map value is above the decision
+threshold (or `--mask_threshold`), inside the inspected region only. The map never exceeds its
+image score (without score re-weighting), so accepted images get empty masks; the Gaussian
+smoothing lowers narrow peaks, so a rejected image whose anomaly is a single patch may get an
+empty mask too (a lower `--mask_threshold` then shows it).
 
 Unreadable files are logged, skipped and counted; the run goes on.
 """
@@ -49,22 +56,23 @@ from patchcore.data.datasets import IMAGE_EXTENSIONS, image_files
 from patchcore.data.preprocessing import (
     check_working_size,
     image_tensor,
+    inspected_region,
     map_to_input_frame,
     open_image,
     working_size,
 )
 from patchcore.errors import ConfigurationError, DataError
-from patchcore.evaluation.ensemble import predict_new_images
-from patchcore.evaluation.visualization import blend_heatmap
+from patchcore.evaluation.ensemble import decision_statistics, predict_new_images
+from patchcore.evaluation.visualization import blend_heatmap, colour_bar_rgb, grey_out
 from patchcore.files import atomic_write, staged_path, unique_file_stems
-from patchcore.model.calibration import colour_range, decide, decision_label
+from patchcore.model.calibration import NormalStatistics, colour_range, decide, decision_label
 from patchcore.model.patchcore import PatchCore
-from patchcore.model.serialization import load_models
+from patchcore.model.serialization import load_ensemble_statistics, load_models
 from patchcore.progress import track
 
 LOGGER = logging.getLogger(__name__)
 
-COLUMNS = ("path", "score", "threshold", "decision")
+COLUMNS = ("path", "score", "threshold", "decision", "heatmap", "mask")
 
 
 @dataclass(frozen=True)
@@ -153,12 +161,13 @@ def resolve_inputs(inputs: Sequence[str]) -> list[Path]:
 
 
 def output_stems(paths: Sequence[Path]) -> list[str]:
-    """Unique file stems for per-image outputs: each path relative to the inputs' common
-    folder, parts joined by '_' (e.g. `crack/000.png` -> `crack_000`); clashes get `-2`, ..."""
-    resolved = [path.resolve() for path in paths]
-    root = Path(os.path.commonpath([path.parent for path in resolved])) if resolved else Path()
+    """Unique file stems for per-image outputs: each path as given (made absolute, symbolic
+    links not followed) relative to the inputs' common folder, parts joined by '_' (e.g.
+    `crack/000.png` -> `crack_000`); clashes get `-2`, ..."""
+    absolute = [Path(os.path.abspath(path)) for path in paths]
+    root = Path(os.path.commonpath([path.parent for path in absolute])) if absolute else Path()
     return unique_file_stems(
-        ["_".join(path.relative_to(root).with_suffix("").parts) for path in resolved]
+        ["_".join(path.relative_to(root).with_suffix("").parts) for path in absolute]
     )
 
 
@@ -242,20 +251,27 @@ class ImageOutputs:
     masks: Path | None
     mask_threshold: float
     colour_range: tuple[float, float]
+    threshold: float  # marked on the colour bar
     preprocessing: PreprocessingConfig
 
-    def write(self, original: torch.Tensor, crop_map: torch.Tensor, stem: str) -> None:
-        """original uint8 [3, H, W], crop_map [c, c] -> heat map and mask PNGs at H x W."""
+    def write(self, original: torch.Tensor, crop_map: torch.Tensor, stem: str) -> dict:
+        """original uint8 [3, H, W], crop_map [c, c] -> heat map and mask PNGs for H x W;
+        returns their paths under `heatmap` and `mask` ('' when not asked for)."""
         size = tuple(original.shape[-2:])
         full_map = map_to_input_frame(crop_map[None].float(), size, self.preprocessing)[0].numpy()
+        seen = inspected_region(size, self.preprocessing).numpy()
+        written = {"heatmap": "", "mask": ""}
         if self.heatmaps is not None:
             image = original.permute(1, 2, 0).numpy()
-            write_png(
-                self.heatmaps / f"{stem}.png", blend_heatmap(image, full_map, self.colour_range)
-            )
+            heat = grey_out(blend_heatmap(image, full_map, self.colour_range), image, seen)
+            bar = colour_bar_rgb(self.colour_range, self.threshold, heat.shape[1])
+            written["heatmap"] = str(self.heatmaps / f"{stem}.png")
+            write_png(Path(written["heatmap"]), np.concatenate([heat, bar], axis=0))
         if self.masks is not None:
-            mask = (full_map > self.mask_threshold).astype(np.uint8) * 255
-            write_png(self.masks / f"{stem}.png", mask)
+            mask = ((full_map > self.mask_threshold) & seen).astype(np.uint8) * 255
+            written["mask"] = str(self.masks / f"{stem}.png")
+            write_png(Path(written["mask"]), mask)
+        return written
 
 
 # ---------------------------------------------------------------------- running
@@ -272,23 +288,29 @@ def load_scoring_models(options: PredictOptions) -> list[PatchCore]:
     return models
 
 
-def saved_decision_statistics(models: list[PatchCore]):
-    """The normal statistics whose threshold decides for these models: a single model's own,
-    None for an ensemble (whose combined scale has no saved threshold)."""
-    return models[0].normal_statistics if len(models) == 1 else None
+def saved_decision_statistics(models: list[PatchCore], model_dir: Path) -> NormalStatistics | None:
+    """The normal statistics whose threshold decides for the model in `model_dir`: a single
+    model's own; an ensemble's combined-scale statistics saved with its members."""
+    return decision_statistics(models, load_ensemble_statistics(model_dir))
 
 
-def decision_threshold(models: list[PatchCore], options: PredictOptions) -> float:
+def decision_threshold(
+    statistics: NormalStatistics | None, models: list[PatchCore], options: PredictOptions
+) -> float:
     """--threshold, else the model's saved threshold; an error naming both when neither."""
     if options.threshold is not None:
         return options.threshold
-    statistics = saved_decision_statistics(models)
     if statistics is not None:
         return statistics.threshold
+    what = (
+        "the ensemble has no saved threshold on its combined scale"
+        if len(models) > 1
+        else "the model has no saved threshold"
+    )
     raise ConfigurationError(
-        f"{options.model_dir}: the model has no saved threshold and no --threshold was given; "
-        "pass --threshold T, or retrain with --save_patchcore_model (which calibrates and "
-        "saves a threshold on held-out normal images, see --train_val_split)"
+        f"{options.model_dir}: {what} and no --threshold was given; pass --threshold T, or "
+        "retrain with --save_patchcore_model (which calibrates and saves a threshold on "
+        "held-out normal images, see --train_val_split)"
     )
 
 
@@ -334,12 +356,13 @@ def _score_batch(job: _Job, batch: list[LoadedImage], writer: ResultWriter) -> t
         for item, score, model_map in zip(group, scores, maps, strict=True):
             is_rejected = bool(decide(float(score), job.threshold))
             rejected += int(is_rejected)
+            written = {"heatmap": "", "mask": ""}
+            if job.draw:
+                written = job.images.write(item.original, model_map, job.stems[item.index])
             writer.write({
                 "path": str(job.paths[item.index]), "score": float(score),
-                "threshold": job.threshold, "decision": decision_label(is_rejected),
+                "threshold": job.threshold, "decision": decision_label(is_rejected), **written,
             })  # fmt: skip
-            if job.draw:
-                job.images.write(item.original, model_map, job.stems[item.index])
         scored += len(group)
     return scored, rejected
 
@@ -348,13 +371,15 @@ def run_prediction(options: PredictOptions) -> PredictionSummary:
     """Scores every input image, streaming results; returns the counts."""
     paths = resolve_inputs(options.inputs)
     models = load_scoring_models(options)
-    threshold = decision_threshold(models, options)
+    statistics = saved_decision_statistics(models, options.model_dir)
+    threshold = decision_threshold(statistics, models, options)
     preprocessing = models[0].config.preprocessing
     images = ImageOutputs(
         options.heatmaps,
         options.masks,
         threshold if options.mask_threshold is None else options.mask_threshold,
-        colour_range(threshold, saved_decision_statistics(models)),
+        colour_range(statistics.threshold if statistics else threshold, statistics),
+        threshold,
         preprocessing,
     )
     job = _Job(models, threshold, paths, output_stems(paths), images, options.keeps_originals)
