@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import math
 import signal
 import socket
@@ -173,6 +174,25 @@ def test_one_colour_scale_per_model_with_the_threshold_in_the_middle():
     assert (column == 0).all(axis=-1).any()
 
 
+def test_new_images_are_decided_on_the_scale_they_are_scored_on():
+    maps = np.ones((2, 4, 4))
+    statistics = NormalStatistics(0.0, 1.0, 0.1, 1.2, 0.9, 0.99, 10)
+    single = records(maps, 5.0)
+    assert data.new_image_decision(single, 4.0, None).threshold == 4.0  # the slider
+    on_normal_scale = dataclasses.replace(single, members=2, normalisation="normal_stats")
+    decision = data.new_image_decision(on_normal_scale, 0.8, statistics)
+    assert decision.threshold == 0.8 and decision.scale is None and not decision.refusal
+    # An ensemble evaluated on a test-set min-max scale: new images cannot be put on it;
+    # they are decided at the threshold saved with the members, coloured on their scale ...
+    on_test_scale = dataclasses.replace(single, members=2, normalisation="test_minmax")
+    decision = data.new_image_decision(on_test_scale, 0.5, statistics)
+    assert decision.threshold == 0.9 and decision.scale == colour_range(0.9, statistics)
+    assert "not at the slider's" in decision.note
+    # ... or, without one (saved by an older version), not scored, with the reason.
+    refused = data.new_image_decision(on_test_scale, 0.5, None)
+    assert refused.threshold is None and "cannot be put on" in refused.refusal
+
+
 def test_overlay_outlines_the_ground_truth_and_crops_stay_inside():
     image = np.zeros((40, 40, 3), dtype=np.uint8)
     mask = np.zeros((40, 40), dtype=bool)
@@ -226,7 +246,7 @@ def test_runs_are_found_newest_first_with_their_categories(dashboard_run):
 
 
 def test_browsing_stays_inside_the_results_folder(dashboard_run, tmp_path):
-    results, run_folder = dashboard_run
+    results, _ = dashboard_run
     root = data.ResultsRoot.of(results)
     # Run folders and their contents that lead outside through symbolic links are refused:
     # `leak` (its results.csv is a link) is not listed, `stolen` (its predictions folder is
@@ -270,7 +290,7 @@ def test_a_damaged_model_meta_file_falls_back_to_the_map_size(tmp_path):
 
 
 def test_scoring_new_images_lists_unreadable_files(dashboard_run, tmp_path):
-    results, run_folder = dashboard_run
+    _, run_folder = dashboard_run
     models = load_models(run_folder / "models" / CATEGORY, "cpu")
     saved = read_predictions(run_folder / "predictions" / CATEGORY)
     good = [Path(path) for path in saved.image_paths if Path(path).parent.name == "good"][:2]
@@ -415,8 +435,7 @@ def test_the_page_is_read_only_without_allow_scoring(app):
     assert not [box for box in app.text_input if box.key.startswith("new-folder:")]
 
 
-def test_scoring_is_restricted_to_folders_inside_the_results_folder(scoring_app, dashboard_run):
-    results, _ = dashboard_run
+def test_scoring_is_restricted_to_folders_inside_the_results_folder(scoring_app):
     folder_box = f"new-folder:project/group/{CATEGORY}"
     score_button = f"score:project/group/{CATEGORY}"
     for escape, message in (("../", "'..' is not allowed"), ("/etc", "outside the results"),
@@ -469,7 +488,9 @@ def test_ensemble_threshold_and_equal_scores_in_run_predict_and_dashboard(
         f"{Path(path).parent.name}_{Path(path).name}": score
         for path, score in zip(saved.image_paths, saved.scores, strict=True)
     }
-    dashboard_scores = {Path(path).name: score for path, score in zip(table["path"], table["score"])}
+    dashboard_scores = {
+        Path(path).name: score for path, score in zip(table["path"], table["score"], strict=True)
+    }
     assert sorted(dashboard_scores) == sorted(run_scores)
     for name, score in dashboard_scores.items():
         assert score == pytest.approx(run_scores[name], abs=ENSEMBLE_TOLERANCE), name
@@ -507,7 +528,9 @@ def test_dashboard_command_runs_streamlit_on_the_app(tmp_path, monkeypatch):
     from patchcore.cli.dashboard import dashboard_cli
 
     commands = []
-    monkeypatch.setattr(launch, "run_forwarding_signals", lambda command: commands.append(command) or 0)
+    monkeypatch.setattr(
+        launch, "run_forwarding_signals", lambda command: commands.append(command) or 0
+    )
     outcome = CliRunner().invoke(
         dashboard_cli, ["--results", str(tmp_path), "--port", "8600", "--headless", "--gpu", "-1"]
     )

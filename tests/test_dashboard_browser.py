@@ -327,7 +327,7 @@ def test_an_operator_session_in_headless_chromium(served_dashboard, dashboard_re
     browser = DevToolsPipe(find_chromium(), tmp_path / "profile")
     try:
         session = browser.open_page(served_dashboard)
-        state = wait_for_render(browser, session, RENDER_TIMEOUT)
+        wait_for_render(browser, session, RENDER_TIMEOUT)
         dom = browser.evaluate(session, "document.documentElement.outerHTML")
         png = browser.screenshot(session)
         screenshot_path = Path(

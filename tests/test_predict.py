@@ -12,15 +12,15 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from patchcore.data.datasets import ImageDataset, list_samples
-from patchcore.model.patchcore import PatchCore
-from patchcore.model.serialization import save_models
 from patchcore.apps.predict import COLUMNS, output_stems, streamed_results
 from patchcore.cli.predict import predict_cli
 from patchcore.config import PreprocessingConfig
+from patchcore.data.datasets import ImageDataset, list_samples
 from patchcore.data.preprocessing import inspected_region
 from patchcore.evaluation.visualization import colour_bar_rgb, grey_out
 from patchcore.model.calibration import colour_range
+from patchcore.model.patchcore import PatchCore
+from patchcore.model.serialization import save_models
 from test_deploy import fit_small_model, run_script_help
 
 

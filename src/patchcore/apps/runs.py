@@ -18,11 +18,11 @@ import torch
 from patchcore.config import DatasetConfig, PatchCoreConfig, PreprocessingConfig, SearchConfig
 from patchcore.data.datasets import split_loader
 from patchcore.errors import ConfigurationError
+from patchcore.evaluation.ensemble import calibrate_ensemble, decision_statistics
 from patchcore.evaluation.records import write_predictions
 from patchcore.evaluation.reporting import write_results_csv
 from patchcore.evaluation.testset import TestSetResult, evaluate_models
 from patchcore.evaluation.visualization import save_segmentation_images
-from patchcore.evaluation.ensemble import calibrate_ensemble, decision_statistics
 from patchcore.layout import RESULTS_FILE, RunLayout, create_run_folder
 from patchcore.model.calibration import (
     DEFAULT_THRESHOLD_QUANTILE,
@@ -187,13 +187,14 @@ def evaluate_run(
     search: SearchConfig,
     output: OutputOptions,
 ) -> dict[str, dict[str, float]]:
-    """Evaluates saved models: one folder per category, or one folder for all of them."""
+    """Evaluates saved models (one folder per category, or one folder for all of them) and
+    writes into `results_folder` (`evaluation_folder` picks one that holds no results)."""
     if len(model_folders) not in (1, len(dataset.categories)):
         raise ConfigurationError(
             f"give one -p model folder per dataset ({len(dataset.categories)}) or a single one "
             f"for all; got {len(model_folders)}"
         )
-    layout = RunLayout(evaluation_folder(results_folder))
+    layout = RunLayout(results_folder)
     rows: dict[str, dict[str, float]] = {}
     for position, category in enumerate(dataset.categories):
         folder = Path(model_folders[min(position, len(model_folders) - 1)])

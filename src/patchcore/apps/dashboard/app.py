@@ -33,7 +33,6 @@ from patchcore.errors import PatchCoreError
 from patchcore.evaluation.records import DatasetPredictions, read_decision_table, read_predictions
 from patchcore.evaluation.reporting import COLUMN_TITLES, read_results_csv
 from patchcore.layout import RESULTS_FILE, RunLayout
-from patchcore.model.calibration import colour_range as scale_of
 from patchcore.model.serialization import load_ensemble_statistics, load_models
 
 TITLE = "PatchCore inspection dashboard"
@@ -171,7 +170,12 @@ def read_results(path: str, mtime: float) -> pd.DataFrame:
 
 @st.cache_resource(max_entries=2, show_spinner="Loading the saved model…")
 def load_run_models(folder: str, stamp: float, device: str):
-    return load_models(Path(folder), device), load_ensemble_statistics(Path(folder))
+    return load_models(Path(folder), device)
+
+
+@st.cache_data(max_entries=32, show_spinner=False)
+def saved_ensemble_statistics(folder: str, stamp: float):
+    return load_ensemble_statistics(Path(folder))
 
 
 def file_mtime(path: str) -> float:
@@ -572,10 +576,10 @@ def show_scoring(view: View, controls: Controls) -> None:
                 "so new images cannot be scored here."
             )
             return
-        models, ensemble_statistics = load_run_models(
-            str(folder), data.folder_stamp(folder), view.settings.device
+        stamp = data.folder_stamp(folder)
+        decision = data.new_image_decision(
+            view.predictions, controls.threshold, saved_ensemble_statistics(str(folder), stamp)
         )
-        decision = data.new_image_decision(view.predictions, controls.threshold, ensemble_statistics)
         if decision.refusal:
             st.warning(decision.refusal)
             return
@@ -587,17 +591,15 @@ def show_scoring(view: View, controls: Controls) -> None:
         )  # fmt: skip
         recursive = st.checkbox("Include sub-folders", key=f"new-recursive:{view.key}")
         if st.button("Score images", key=f"score:{view.key}"):
+            models = load_run_models(str(folder), stamp, view.settings.device)
             scored = score_folder(models, root, path, recursive) if path.strip() else None
             if not path.strip():
                 st.warning("Give the folder of the images to score first.")
             if scored is not None:
                 st.session_state[state_key] = scored
         if state_key in st.session_state:
-            scale = view.scale
-            if decision.threshold != controls.threshold:
-                scale = scale_of(ensemble_statistics.threshold, ensemble_statistics)
-            threshold = controls.threshold if decision.threshold is None else decision.threshold
-            show_scored(st.session_state[state_key], threshold, decision.note, scale)
+            scale = view.scale if decision.scale is None else decision.scale
+            show_scored(st.session_state[state_key], decision.threshold, decision.note, scale)
 
 
 def score_folder(
@@ -635,7 +637,9 @@ def show_scored(
     show_new_rejects(scored, threshold, scale)
 
 
-def show_new_rejects(scored: data.ScoredImages, threshold: float, scale: tuple[float, float]) -> None:
+def show_new_rejects(
+    scored: data.ScoredImages, threshold: float, scale: tuple[float, float]
+) -> None:
     rejected = np.flatnonzero(data.rejected_mask(scored.scores, threshold))
     top = rejected[np.argsort(-scored.scores[rejected], kind="stable")][:TOP_NEW_IMAGES]
     if not len(top):

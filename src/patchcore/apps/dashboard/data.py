@@ -688,6 +688,8 @@ class NewImageDecision:
     threshold: float | None
     note: str
     refusal: str = ""
+    # The colour scale of new images when they are not on the run's scale, else None.
+    scale: tuple[float, float] | None = None
 
 
 def new_image_decision(
@@ -708,6 +710,7 @@ def new_image_decision(
             "are scored on the ensemble's normal-image scale and decided at the threshold "
             f"saved with its members ({score_text(ensemble_statistics.threshold, 5)}), not at "
             "the slider's",
+            scale=scale_of(ensemble_statistics.threshold, ensemble_statistics),
         )
     return NewImageDecision(
         None,

@@ -75,9 +75,9 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child between 
 def run_forwarding_signals(command: list[str]) -> int:
     """Runs `command`, forwarding SIGTERM/SIGINT to it until it exits; returns its exit code
     (0 when it stopped because of a forwarded signal)."""
-    child = subprocess.Popen(
-        command, preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None
-    )
+    # The launcher runs no threads, so a pre-exec function is safe here.
+    die_with_parent = _die_with_parent if sys.platform.startswith("linux") else None
+    child = subprocess.Popen(command, preexec_fn=die_with_parent)  # noqa: PLW1509
     forwarded: list[int] = []
 
     def forward(number, _frame) -> None:
