@@ -280,6 +280,21 @@ def test_browsing_stays_inside_the_results_folder(dashboard_run, tmp_path):
         data.ResultsRoot.of("")
 
 
+def test_the_run_predict_and_the_dashboard_share_one_colour_scale(dashboard_run):
+    """The overlays (`apps.runs`) and the records decide and colour with the model's own
+    statistics; predict takes the same from the model folder; the dashboard from the records."""
+    from patchcore.apps.predict import saved_decision_statistics
+
+    _, run_folder = dashboard_run
+    saved = read_predictions(run_folder / "predictions" / CATEGORY)
+    folder = run_folder / "models" / CATEGORY
+    models = load_models(folder)
+    statistics = saved_decision_statistics(models, folder)
+    assert saved.statistics == statistics == models[0].normal_statistics
+    assert saved.threshold == statistics.threshold
+    assert data.colour_range(saved) == colour_range(statistics.threshold, statistics)
+
+
 def test_a_damaged_model_meta_file_falls_back_to_the_map_size(tmp_path):
     (tmp_path / "patchcore_params.pkl").write_bytes(b"")
     (tmp_path / "patchcore_meta.json").write_text("{not json")
