@@ -10,7 +10,7 @@ import torch
 
 from conftest import small_config
 from patchcore.config import SearchConfig
-from patchcore.errors import ModelFormatError
+from patchcore.errors import ModelFormatError, OutputError
 from patchcore.evaluation.ensemble import calibrate_ensemble, predict_new_images
 from patchcore.model.feature_store import InMemoryFeatureStore, SpilledFeatureStore, gather_rows
 from patchcore.model.patchcore import PatchCore
@@ -231,7 +231,7 @@ def test_saving_over_a_folder_replaces_it_and_a_failed_save_leaves_the_old_one(
         raise OSError("disk full")
 
     monkeypatch.setattr("patchcore.model.serialization.write_memory_bank", broken_write)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(OutputError, match=f"{target}: cannot write \\(disk full\\)"):
         save_models(target, [fitted])
     assert (target / INDEX_FILE).read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no staging leftovers

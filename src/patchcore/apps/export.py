@@ -15,8 +15,8 @@ import torchvision
 
 from patchcore import __version__
 from patchcore.config import DATASET_NAMES, PatchCoreConfig, SearchConfig
-from patchcore.errors import ConfigurationError, ModelFormatError
-from patchcore.files import atomic_write, atomic_write_text, is_staging
+from patchcore.errors import ConfigurationError, ModelFormatError, OutputError
+from patchcore.files import atomic_write, atomic_write_text, check_writable, is_staging
 from patchcore.layout import MODELS_FOLDER
 from patchcore.model.backbones import EFFICIENTNET_LITE0, TORCHVISION_ALIASES
 from patchcore.model.module import PatchCoreModule
@@ -38,7 +38,16 @@ TIMM_REQUIREMENTS = ("timm",)
 
 
 def _is_model_folder(folder: Path) -> bool:
-    return folder.is_dir() and not is_staging(folder) and any(folder.glob(f"*{PARAMS_FILE}"))
+    if not folder.is_dir() or not any(folder.glob(f"*{PARAMS_FILE}")):
+        return False
+    if is_staging(folder):
+        LOGGER.warning(
+            "Skipping %s: an unfinished copy left by an interrupted save (the next save of "
+            "that model removes it; it can be deleted)",
+            folder,
+        )
+        return False
+    return True
 
 
 def find_model_folders(path: Path) -> list[Path]:
@@ -118,6 +127,18 @@ def _unique_categories(folders: list[Path]) -> dict[str, Path]:
     return categories
 
 
+def _save(state: dict, temporary: Path, path: Path) -> None:
+    """torch.save to `temporary`; its failed writes (a full disk) are RuntimeErrors, reported
+    as an OutputError naming `path`."""
+    try:
+        torch.save(state, temporary)
+    except RuntimeError as error:
+        raise OutputError(
+            f"{path}: cannot write the weights file ({str(error).splitlines()[0]}); free "
+            "space on that disk, or write the export somewhere else"
+        ) from error
+
+
 def export_challenge_models(
     sources: Sequence[Path],
     output_folder: Path,
@@ -130,9 +151,9 @@ def export_challenge_models(
     folder. Models are loaded on `device`; the files hold CPU tensors. Returns the written
     paths.
     """
+    output_folder = check_writable(Path(output_folder))
     folders = [folder for source in sources for folder in find_model_folders(Path(source))]
     categories = _unique_categories(folders)
-    output_folder = Path(output_folder)
     written, configs = [], []
     suffixes = (WEIGHTS_SUFFIX, ALTERNATIVE_SUFFIX) if also_pt else (WEIGHTS_SUFFIX,)
     for category, folder in categories.items():
@@ -140,7 +161,9 @@ def export_challenge_models(
         state = PatchCoreModule.from_patchcore(model).cpu().state_dict()
         for suffix in suffixes:
             path = output_folder / f"{category}{suffix}"
-            atomic_write(path, lambda temporary, state=state: torch.save(state, temporary))
+            atomic_write(
+                path, lambda temporary, state=state, path=path: _save(state, temporary, path)
+            )
             written.append(path)
         configs.append(model.config)
         LOGGER.info("Exported %s as %s", folder, category)

@@ -25,13 +25,16 @@ map of a model uses the same colour scale, the model's own
 images up to the value that puts its saved threshold in the middle; with no saved threshold,
 the decision threshold in the middle from 0), so a colour means the same score in predict's heat
 maps, evaluation overlays and the dashboard; values outside are clipped.
-A mask (same size as the input) marks the pixels whose anomaly-map value is above the decision
-threshold (or `--mask_threshold`), inside the inspected region only. The map never exceeds its
-image score (without score re-weighting), so accepted images get empty masks; the Gaussian
-smoothing lowers narrow peaks, so a rejected image whose anomaly is a single patch may get an
-empty mask too (a lower `--mask_threshold` then shows it).
+A mask (same size as the input) marks the pixels, inside the inspected region only, whose
+anomaly-map value is above the decision threshold (or `--mask_threshold`) or is not a finite
+number (`decide`, per pixel). The map never exceeds its image score (without score
+re-weighting), so accepted images get empty masks; the Gaussian smoothing lowers narrow peaks,
+so a rejected image whose anomaly is a single patch may get an empty mask too (a lower
+`--mask_threshold` then shows it).
 
-Unreadable files are logged, skipped and counted; the run goes on.
+Unreadable files are logged, skipped and counted; the run goes on. INPUT folders are
+searched through symbolic links to folders too (each real folder once). The output file's
+folder and the heat-map and mask folders are checked for writing before any image is scored.
 """
 
 from __future__ import annotations
@@ -64,7 +67,7 @@ from patchcore.data.preprocessing import (
 from patchcore.errors import ConfigurationError, DataError
 from patchcore.evaluation.ensemble import decision_statistics, predict_new_images
 from patchcore.evaluation.visualization import blend_heatmap, colour_bar_rgb, grey_out
-from patchcore.files import atomic_write, staged_path, unique_file_stems
+from patchcore.files import atomic_write, check_writable, staged_path, unique_file_stems
 from patchcore.model.calibration import NormalStatistics, colour_range, decide, decision_label
 from patchcore.model.patchcore import PatchCore
 from patchcore.model.serialization import load_ensemble_statistics, load_models
@@ -268,7 +271,7 @@ class ImageOutputs:
             written["heatmap"] = str(self.heatmaps / f"{stem}.png")
             write_png(Path(written["heatmap"]), np.concatenate([heat, bar], axis=0))
         if self.masks is not None:
-            mask = ((full_map > self.mask_threshold) & seen).astype(np.uint8) * 255
+            mask = (decide(full_map, self.mask_threshold) & seen).astype(np.uint8) * 255
             written["mask"] = str(self.masks / f"{stem}.png")
             write_png(Path(written["mask"]), mask)
         return written
@@ -369,6 +372,9 @@ def _score_batch(job: _Job, batch: list[LoadedImage], writer: ResultWriter) -> t
 
 def run_prediction(options: PredictOptions) -> PredictionSummary:
     """Scores every input image, streaming results; returns the counts."""
+    for folder in (options.output.parent, options.heatmaps, options.masks):
+        if folder is not None:
+            check_writable(folder)
     paths = resolve_inputs(options.inputs)
     models = load_scoring_models(options)
     statistics = saved_decision_statistics(models, options.model_dir)

@@ -23,6 +23,7 @@ from patchcore.evaluation.records import write_predictions
 from patchcore.evaluation.reporting import write_results_csv
 from patchcore.evaluation.testset import TestSetResult, evaluate_models
 from patchcore.evaluation.visualization import save_segmentation_images
+from patchcore.files import check_writable
 from patchcore.layout import RESULTS_FILE, RunLayout, create_run_folder
 from patchcore.model.calibration import (
     DEFAULT_THRESHOLD_QUANTILE,
@@ -107,6 +108,33 @@ def _write_optional_outputs(
         )
 
 
+@dataclass(frozen=True)
+class CategoryData:
+    """The loaders of one category: its files listed, opened and size-checked."""
+
+    name: str
+    train: torch.utils.data.DataLoader
+    validation: torch.utils.data.DataLoader | None
+    test: torch.utils.data.DataLoader
+
+
+def prepare_training_data(dataset: DatasetConfig, device: torch.device) -> list[CategoryData]:
+    """The loaders of every category, built before any work: each image is listed, its header
+    read (PNG files verified) and each mask's presence and size checked, so bad data of any
+    category is reported in milliseconds per image, before a model is fitted or a run
+    folder is made."""
+    LOGGER.info("Checking the images of %d dataset(s)", len(dataset.categories))
+    return [
+        CategoryData(
+            dataset.run_name(category),
+            split_loader(dataset, category, "train", device),
+            split_loader(dataset, category, "val", device),
+            split_loader(dataset, category, "test", device),
+        )
+        for category in dataset.categories
+    ]
+
+
 def _evaluate(models: list[PatchCore], loader, name: str, output: OutputOptions) -> TestSetResult:
     return evaluate_models(
         models,
@@ -124,16 +152,21 @@ def train_run(
     device: torch.device,
     search: SearchConfig,
     output: OutputOptions,
+    data: list[CategoryData] | None = None,
 ) -> dict[str, dict[str, float]]:
-    """Fits one model per backbone on each category, evaluates, saves; returns metrics."""
+    """Fits one model per backbone on each category, evaluates, saves; returns metrics.
+
+    `data` is `prepare_training_data(dataset, device)` when the caller checked the data
+    already (before creating the run folder); it is prepared here otherwise.
+    """
     layout = RunLayout(run_folder)
     rows: dict[str, dict[str, float]] = {}
-    for position, category in enumerate(dataset.categories):
-        name = dataset.run_name(category)
-        LOGGER.info("Training on %s (%d/%d)", name, position + 1, len(dataset.categories))
-        train_loader = split_loader(dataset, category, "train", device)
-        validation_loader = split_loader(dataset, category, "val", device)
-        test_loader = split_loader(dataset, category, "test", device)
+    categories = prepare_training_data(dataset, device) if data is None else data
+    for position, category in enumerate(categories):
+        name = category.name
+        LOGGER.info("Training on %s (%d/%d)", name, position + 1, len(categories))
+        train_loader, validation_loader = category.train, category.validation
+        test_loader = category.test
         models, calibration = [], []
         calibration_loader = _calibration_loader(
             name, validation_loader, train_loader, len(model_configs), output
@@ -194,6 +227,7 @@ def evaluate_run(
             f"give one -p model folder per dataset ({len(dataset.categories)}) or a single one "
             f"for all; got {len(model_folders)}"
         )
+    check_writable(results_folder)
     layout = RunLayout(results_folder)
     rows: dict[str, dict[str, float]] = {}
     for position, category in enumerate(dataset.categories):

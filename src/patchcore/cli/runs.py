@@ -294,8 +294,8 @@ def _train(commands, results_path, **params):
         )
 
     def job() -> None:
-        from patchcore.apps.runs import OutputOptions, train_run
-        from patchcore.layout import create_run_folder
+        from patchcore.apps.runs import OutputOptions, prepare_training_data, train_run
+        from patchcore.layout import new_run_folder
 
         output = OutputOptions(
             save_segmentation_images=params["save_segmentation_images"],
@@ -305,10 +305,13 @@ def _train(commands, results_path, **params):
             threshold_quantile=params["threshold_quantile"],
         )
         device = common.torch_device()
-        run_folder = create_run_folder(
+        data = prepare_training_data(dataset.config, device)  # bad data: no run folder made
+        with new_run_folder(
             Path(results_path), params["log_project"], params["log_group"]
-        )
-        rows = train_run(run_folder, configs, dataset.config, device, model_options.search, output)
+        ) as run_folder:
+            rows = train_run(
+                run_folder, configs, dataset.config, device, model_options.search, output, data
+            )
         _show_results(rows, run_folder / "results.csv")
 
     run_guarded(job, common)

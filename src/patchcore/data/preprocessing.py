@@ -83,16 +83,26 @@ def open_image(path: Path, mode: str = "RGB") -> Image.Image:
         with Image.open(path) as image:
             image.load()
             return _eight_bit(path, image).convert(mode)
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as error:
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError,
+            Image.DecompressionBombError) as error:  # fmt: skip
         raise DataError(f"{path}: cannot read image ({error})") from error
 
 
-def image_size_of(path: Path) -> tuple[int, int]:
-    """(width, height) of an image file from its header, without decoding the pixels."""
+def image_size_of(path: Path, verify: bool = False) -> tuple[int, int]:
+    """(width, height) of an image file from its header, without decoding the pixels.
+
+    `verify=True` also checks the file's structure without decoding it (Pillow's `verify`:
+    for PNG every chunk and its checksum, so a truncated or damaged PNG is found at a few
+    milliseconds per image; other formats' pixel data is checked when it is decoded).
+    """
     try:
         with Image.open(path) as image:
-            return image.size
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as error:
+            size = image.size
+            if verify:
+                image.verify()
+            return size
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError,
+            Image.DecompressionBombError) as error:  # fmt: skip
         raise DataError(f"{path}: cannot read image ({error})") from error
 
 
@@ -214,6 +224,35 @@ def load_image(path: Path, config: PreprocessingConfig) -> tuple[torch.Tensor, t
     """An image file as the model's input [3, h, w], and its original (height, width)."""
     picture = open_image(path, "RGB")
     return image_tensor(picture, config), (picture.height, picture.width)
+
+
+# ------------------------------------------------------------------ model input
+INPUT_RANGE_TOLERANCE = 0.01  # rounding of resizes; far below 0..255 or normalised inputs
+
+
+def check_model_input(images: torch.Tensor) -> None:
+    """A DataError unless `images` is a non-empty float batch [B, 3, H, W] of finite values
+    in [0, 1] (within INPUT_RANGE_TOLERANCE): 0..255 pixels, mean/std-normalised images and
+    NaN or infinite values would otherwise give meaningless scores without a word."""
+    if images.ndim != 4 or images.shape[1] != 3 or not images.is_floating_point():
+        raise DataError(
+            "expected float RGB images [B, 3, H, W] in [0, 1], got "
+            f"{images.dtype} {list(images.shape)}"
+        )
+    if images.shape[0] == 0:
+        raise DataError("expected at least one image, got an empty batch [0, 3, H, W]")
+    finite = torch.isfinite(images)
+    if not bool(finite.all()):
+        raise DataError(
+            f"images hold {int((~finite).sum())} values that are not finite numbers (NaN or "
+            "infinite); such an image cannot be scored"
+        )
+    low, high = (float(value) for value in torch.aminmax(images))
+    if low < -INPUT_RANGE_TOLERANCE or high > 1.0 + INPUT_RANGE_TOLERANCE:
+        raise DataError(
+            f"expected images with values in [0, 1], got values from {low:.4g} to {high:.4g}; "
+            "divide 8-bit pixels by 255 and do not normalise (the model does that itself)"
+        )
 
 
 # --------------------------------------------------------------- tensors (export)

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from patchcore.errors import DataError
-from patchcore.files import atomic_write_bytes
+from patchcore.files import atomic_write_bytes, make_folder
 from patchcore.model.calibration import NormalStatistics
 
 CSV_FILE = "predictions.csv"
@@ -63,8 +63,7 @@ class DatasetPredictions:
 
 def write_predictions(folder: Path, predictions: DatasetPredictions) -> Path:
     """Writes the three files of one dataset into `folder` (created if needed)."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = make_folder(folder)
     table = io.StringIO()
     writer = csv.writer(table)
     writer.writerow(CSV_COLUMNS)

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from patchcore.errors import DataError
 from patchcore.evaluation.ensemble import combine_predictions
 from patchcore.evaluation.metrics import compute_metrics
 from patchcore.evaluation.records import DatasetPredictions
@@ -103,6 +105,12 @@ def evaluate_models(
         predictions, normalisation, [model.normal_statistics for model in models]
     )
     scores, maps = combined.scores, combined.maps
+    failed = [path for path, score in zip(paths, scores.tolist()) if not math.isfinite(score)]
+    if failed:
+        raise DataError(
+            f"{name}: {len(failed)} image scores are not finite numbers (the first: {failed[0]}); "
+            "the model or these images hold NaN or infinite values"
+        )
     all_masks = concatenate_maps(masks)
     all_labels = torch.cat(labels)
     all_defect_images = torch.cat(defect_images)

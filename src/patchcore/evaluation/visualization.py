@@ -33,8 +33,9 @@ from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 
 from patchcore.errors import DataError
-from patchcore.files import atomic_write, unique_file_stems
+from patchcore.files import atomic_write, make_folder, unique_file_stems
 from patchcore.model.calibration import colour_range as default_colour_range
+from patchcore.model.calibration import decide, decision_label
 from patchcore.progress import track
 
 LOGGER = logging.getLogger(__name__)
@@ -229,9 +230,9 @@ def _title(name: str, score: float, threshold: float | None) -> str:
     text = f"{name}  |  score {score:.4g}"
     if threshold is None:
         return text
-    if score > threshold:
-        return f"{text} > threshold {threshold:.4g}: reject"
-    return f"{text} <= threshold {threshold:.4g}: accept"
+    rejected = bool(decide(score, threshold))
+    relation = ("not finite," if not np.isfinite(score) else ">") if rejected else "<="
+    return f"{text} {relation} threshold {threshold:.4g}: {decision_label(rejected)}"
 
 
 def _plain_axes(axes: Axes, title: str) -> None:
@@ -305,7 +306,8 @@ def save_segmentation_images(
     [N, 1, H, W] or [N, H, W] in {0, 1}, or None; has_mask[i] False means image i has no
     ground truth. Images of different sizes are given as lists of per-image tensors. One colour scale is shared by all maps:
     `colour_range`, or by default the global min and max. With a `threshold`, the title
-    says whether the image score rejects (score > threshold) or accepts the image.
+    says whether the image is rejected (`decide`: score above the threshold or not finite)
+    or accepted.
     """
     image_array = _image_list(images)
     count, sizes = len(image_array), [image.shape[:2] for image in image_array]
@@ -322,8 +324,7 @@ def save_segmentation_images(
         vmin, vmax = _check_colour_range(colour_range)
     norm = Normalize(vmin=vmin, vmax=vmax)
 
-    output_folder = Path(output_folder)
-    output_folder.mkdir(parents=True, exist_ok=True)
+    output_folder = make_folder(output_folder)
     paths = []
     for index in track(range(count), "Writing segmentation images", unit="image"):
         has_truth = mask_array is not None and bool(mask_flags[index])

@@ -78,8 +78,9 @@ def decide(scores, threshold: float):
         raise ConfigurationError(f"the decision threshold must be a finite number, got {threshold}")
     if not hasattr(scores, "shape"):
         scores = np.asarray(scores, dtype=np.float64)
-    finite = (scores - scores) == 0  # False for NaN and +-inf, in numpy and torch alike
-    return ~(finite & (scores <= threshold))
+    with np.errstate(invalid="ignore"):  # inf - inf is NaN, as intended
+        finite = (scores - scores) == 0  # False for NaN and +-inf, in numpy and torch alike
+        return ~(finite & (scores <= threshold))
 
 
 def decision_label(rejected: bool) -> str:

@@ -30,7 +30,7 @@ import torch
 
 from patchcore import __version__
 from patchcore.config import PatchCoreConfig
-from patchcore.data.preprocessing import map_to_input_frame, to_model_input
+from patchcore.data.preprocessing import check_model_input, map_to_input_frame, to_model_input
 from patchcore.errors import DataError, ModelFormatError
 from patchcore.model.calibration import NormalStatistics, decide
 from patchcore.model.features import build_embedder
@@ -108,6 +108,10 @@ class PatchCoreModule(torch.nn.Module):
     `pred_score` [B], the anomaly map [B, H, W] under both `anomaly_maps` and
     `anomaly_map`, and, when the weights carry a threshold, `pred_label` [B] (bool,
     `patchcore.model.calibration.decide`: above the threshold or not finite).
+    An empty batch, NaN or infinite values, or values outside [0, 1] beyond rounding (0..255
+    pixels, mean/std-normalised images) raise a DataError saying so; in a traced or exported
+    graph, where values cannot be checked, a non-finite score is still a reject.
+    A memory bank holding NaN or infinite values is refused by `load_state_dict`.
     """
 
     def __init__(self) -> None:
@@ -182,6 +186,12 @@ class PatchCoreModule(torch.nn.Module):
                 f"state dict entry '{BANK_KEY}' must have shape [M > 0, {dimension}], "
                 f"got {list(bank.shape)}"
             )
+        finite = torch.isfinite(bank)
+        if not bool(finite.all()):
+            raise ModelFormatError(
+                f"state dict entry '{BANK_KEY}' holds {int((~finite).sum())} values that are "
+                "not finite numbers (NaN or infinite); the weights file is damaged"
+            )
 
     # ---------------------------------------------------------------- properties
     @property
@@ -216,6 +226,11 @@ class PatchCoreModule(torch.nn.Module):
                 "PatchCoreModule expects float RGB images [B, 3, H, W] in [0, 1], got "
                 f"{images.dtype} {list(images.shape)}"
             )
+        if _eager():
+            try:
+                check_model_input(images)
+            except DataError as error:
+                raise DataError(f"PatchCoreModule: {error}") from error
         images = images.to(self.memory_bank.device, torch.float32)
         model_input = to_model_input(images, config.preprocessing)
         index = TorchNearestNeighbours(self.memory_bank.device)
@@ -227,6 +242,13 @@ class PatchCoreModule(torch.nn.Module):
         if threshold is not None:
             outputs["pred_label"] = decide(prediction.scores, threshold)
         return outputs
+
+
+def _eager() -> bool:
+    """False while a graph is traced, compiled or exported: the value checks of the input
+    (finite, in range, not empty) need concrete values and run in eager mode only."""
+    compiling = getattr(torch.compiler, "is_compiling", lambda: False)()
+    return not (torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or compiling)
 
 
 def _rename_version_1_keys(state_dict, prefix: str) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterable
+from dataclasses import replace
 
 import torch
 
@@ -25,7 +26,7 @@ from patchcore.model.calibration import (
 from patchcore.model.feature_store import feature_store_for
 from patchcore.model.features import build_embedder
 from patchcore.model.samplers import build_sampler
-from patchcore.data.preprocessing import cut_tiles
+from patchcore.data.preprocessing import check_model_input, cut_tiles
 from patchcore.model.scoring import Prediction, score_images
 from patchcore.model.search import build_index
 from patchcore.progress import track
@@ -64,6 +65,7 @@ class PatchCore:
     def training_features(self, images: torch.Tensor) -> torch.Tensor:
         """Patch features [N, D] a batch of normal images adds to the memory bank: those of
         every tile with tiled inspection, of the whole images otherwise."""
+        check_model_input(images)
         preprocessing = self.config.preprocessing
         if preprocessing.tile is not None:
             images = cut_tiles(images, preprocessing.tile, preprocessing.tile_overlap)[0]
@@ -83,8 +85,15 @@ class PatchCore:
         projected = []
         start = time.perf_counter()
         try:
-            for batch in track(batches, "Extracting training features", unit="batch"):
+            for number, batch in enumerate(
+                track(batches, "Extracting training features", unit="batch"), start=1
+            ):
                 features = self.training_features(images_of(batch))
+                if not bool(torch.isfinite(features).all()):
+                    raise DataError(
+                        f"training batch {number}: the backbone gives patch features that are "
+                        "not finite numbers (NaN or infinite); check the backbone's weights"
+                    )
                 store.append(features)
                 projected.append(sampler.project(features))
             if not projected:
@@ -113,13 +122,39 @@ class PatchCore:
         )
 
     def set_memory_bank(self, bank: torch.Tensor) -> None:
+        """Makes `bank` [M, D] the memory bank; refuses non-finite values, and lowers k (and
+        Eq. 7's neighbourhood) to M with a warning when the bank is smaller, so the
+        configuration (and a saved model) says what scoring really uses."""
         if bank.ndim != 2 or bank.shape[1] != self.config.target_embed_dimension or not len(bank):
             raise DataError(
                 f"memory bank must have shape [M > 0, {self.config.target_embed_dimension}], "
                 f"got {list(bank.shape)}"
             )
+        finite = torch.isfinite(bank)
+        if not bool(finite.all()):
+            raise DataError(
+                f"the memory bank holds {int((~finite).sum())} values that are not finite "
+                "numbers (NaN or infinite); a model with such a bank would score images wrongly"
+            )
+        self._fit_neighbourhoods(len(bank))
         self.index.fit(bank)
         self.memory_bank = self.index.bank
+
+    def _fit_neighbourhoods(self, bank_size: int) -> None:
+        limits = [("num_nn", "k = {} nearest neighbours (--anomaly_scorer_num_nn)")]
+        if self.config.score_reweighting:
+            limits.append(("reweighting_neighbours", "the {} neighbours of Eq. 7's re-weighting"))
+        changes = {}
+        for name, description in limits:
+            if getattr(self.config, name) > bank_size:
+                LOGGER.warning(
+                    "The memory bank holds %d features, fewer than %s; scoring uses %d, and a "
+                    "saved model records it",
+                    bank_size, description.format(getattr(self.config, name)), bank_size,
+                )  # fmt: skip
+                changes[name] = bank_size
+        if changes:
+            self.config = replace(self.config, **changes)
 
     # ------------------------------------------------------------------ predict
     @torch.inference_mode()
@@ -127,6 +162,7 @@ class PatchCore:
         """Image scores [B], anomaly maps [B, H, W] (input size) and patch scores [B, h, w]."""
         if self.memory_bank is None:
             raise DataError("the model has no memory bank: call fit() or load a saved model")
+        check_model_input(images)
         return score_images(self.embed, self.index, self.config, images).cpu()
 
     def predict_batches(self, batches: Iterable, description: str = "Inferring") -> Prediction:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -106,28 +107,55 @@ def build_index(config: SearchConfig, device: torch.device):
 
 
 def write_memory_bank(bank: torch.Tensor, path: Path) -> None:
-    """Stores the memory bank as a FAISS IndexFlatL2 file (the reference's format)."""
+    """Stores the memory bank as a FAISS IndexFlatL2 file (the reference's format).
+
+    The index is serialised in memory and written by Python: FAISS's own file writer only
+    prints a failed close (a full disk) and returns, leaving a truncated file behind.
+    """
     if not faiss_available():
         raise ConfigurationError("saving a model needs faiss (pip install faiss-cpu)")
     import faiss
 
     index = faiss.IndexFlatL2(bank.shape[1])
     index.add(bank.detach().to("cpu", torch.float32).contiguous().numpy())
-    faiss.write_index(index, str(path))
+    data = faiss.serialize_index(index)
+    with open(path, "wb") as handle:
+        handle.write(memoryview(data))
+        handle.flush()
+        os.fsync(handle.fileno())
 
 
 def read_memory_bank(path: Path) -> torch.Tensor:
-    """Reads the vectors of a flat FAISS index file back into a [M, D] float32 tensor."""
+    """Reads the vectors of a flat FAISS index file back into a [M, D] float32 tensor; a
+    ModelFormatError names the file when it is missing, damaged, of another index type, or
+    holds values that are not finite numbers."""
     if not faiss_available():
         raise ModelFormatError(f"{path}: reading a model needs faiss (pip install faiss-cpu)")
     import faiss
 
     if not path.is_file():
         raise ModelFormatError(f"{path}: memory bank file is missing")
-    index = faiss.read_index(str(path))
+    try:
+        data = np.fromfile(path, dtype=np.uint8)
+        index = faiss.deserialize_index(data)
+    except OSError as error:
+        raise ModelFormatError(f"{path}: cannot read the memory bank ({error.strerror})") from error
+    except RuntimeError as error:
+        raise ModelFormatError(
+            f"{path}: not a readable FAISS index, the file is damaged or incomplete; save "
+            "or train the model again"
+        ) from error
     if not isinstance(index, faiss.IndexFlat):
         raise ModelFormatError(
             f"{path}: expected an exact flat FAISS index, found {type(index).__name__}"
         )
     vectors = index.reconstruct_n(0, index.ntotal) if index.ntotal else np.zeros((0, index.d))
-    return torch.from_numpy(np.ascontiguousarray(vectors, dtype=np.float32))
+    bank = torch.from_numpy(np.ascontiguousarray(vectors, dtype=np.float32))
+    bad = int((~torch.isfinite(bank)).sum())
+    if bad:
+        raise ModelFormatError(
+            f"{path}: the memory bank holds {bad} values that are not finite numbers (NaN or "
+            "infinite), so it would score images wrongly; train the model again"
+        )
+    return bank
+

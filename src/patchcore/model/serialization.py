@@ -20,6 +20,7 @@ import dataclasses
 import io
 import json
 import logging
+import math
 import pickle
 import re
 from pathlib import Path
@@ -28,8 +29,8 @@ import torch
 
 from patchcore import __version__
 from patchcore.config import PatchCoreConfig, PreprocessingConfig, SamplerConfig, SearchConfig
-from patchcore.errors import ModelFormatError, PatchCoreError
-from patchcore.files import staged_path
+from patchcore.errors import ConfigurationError, ModelFormatError, PatchCoreError
+from patchcore.files import is_staging, staged_path
 from patchcore.model.calibration import NormalStatistics
 from patchcore.model.patchcore import PatchCore
 from patchcore.model.search import read_memory_bank, write_memory_bank
@@ -46,6 +47,28 @@ META_FILE = "patchcore_meta.json"
 ENSEMBLE_KEY = "ensemble"
 ENSEMBLE_NORMALISATION = "normal_stats"
 _ENSEMBLE_PREFIX = re.compile(r"^Ensemble-(\d+)-(\d+)_$")
+# Configuration fields every self-description holds since format version 1; fields added
+# later are optional and take their defaults (e.g. preprocessing.crop, added in version 2).
+REQUIRED_FIELDS = {
+    PatchCoreConfig: (
+        "backbone_name",
+        "layers",
+        "pretrained",
+        "pretrain_embed_dimension",
+        "target_embed_dimension",
+        "patchsize",
+        "patchstride",
+        "num_nn",
+        "distance",
+        "score_reweighting",
+        "reweighting_neighbours",
+        "preprocessing",
+        "sampler",
+        "seed",
+    ),
+    PreprocessingConfig: ("resize", "imagesize"),
+    SamplerConfig: ("name", "percentage", "projection_dimension", "num_starting_points", "seed"),
+}
 
 
 def member_prefix(position: int, count: int) -> str:
@@ -69,7 +92,9 @@ def read_plain_pickle(path: Path):
         return _PlainDataUnpickler(io.BytesIO(path.read_bytes())).load()
     except PatchCoreError:
         raise
-    except (pickle.UnpicklingError, EOFError, ValueError) as error:
+    except OSError as error:
+        raise ModelFormatError(f"{path}: cannot read ({error.strerror})") from error
+    except (pickle.UnpicklingError, EOFError, ValueError, IndexError, KeyError) as error:
         raise ModelFormatError(f"{path}: not a readable parameter file ({error})") from error
 
 
@@ -145,6 +170,11 @@ def save_models(
 def member_prefixes(folder: Path) -> list[str]:
     """Prefixes of the models in `folder`, in ensemble order ('' for a single model)."""
     folder = Path(folder)
+    if is_staging(folder):
+        raise ModelFormatError(
+            f"{folder}: an unfinished copy left by an interrupted save, not a model; use the "
+            "model folder beside it, or delete it"
+        )
     if not folder.is_dir():
         raise ModelFormatError(f"{folder}: model folder does not exist")
     prefixes = [path.name[: -len(PARAMS_FILE)] for path in folder.glob(f"*{PARAMS_FILE}")]
@@ -165,6 +195,8 @@ def read_meta(path: Path) -> dict:
     """The JSON object of a meta file; ModelFormatError when it is not one."""
     try:
         meta = json.loads(path.read_text())
+    except OSError as error:
+        raise ModelFormatError(f"{path}: cannot read ({error.strerror})") from error
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ModelFormatError(f"{path}: not valid JSON ({error})") from error
     if not isinstance(meta, dict):
@@ -188,15 +220,72 @@ def config_from_meta(
         )
     if not isinstance(meta.get("config"), dict):
         raise ModelFormatError(f"{where}: holds no configuration")
-    fields = dict(meta["config"])
-    fields["layers"] = tuple(fields["layers"])
-    fields["preprocessing"] = PreprocessingConfig(**fields["preprocessing"])
-    fields["sampler"] = SamplerConfig(**fields["sampler"])
-    known = {field.name for field in dataclasses.fields(PatchCoreConfig)}
-    unknown = sorted(set(fields) - known)
+    return _typed_config(PatchCoreConfig, meta["config"], where, "")
+
+
+def _typed_config(cls: type, values, where: str, prefix: str):
+    """The configuration dataclass `cls` built from the JSON object `values`, every field
+    checked against its declared type; a ModelFormatError names the first bad field."""
+    if not isinstance(values, dict):
+        raise ModelFormatError(f"{where}: configuration '{prefix.rstrip('.')}' is not an object")
+    fields = {field.name: field for field in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
     if unknown:
         raise ModelFormatError(f"{where}: unknown configuration fields {unknown}")
-    return PatchCoreConfig(**fields)
+    missing = [name for name in REQUIRED_FIELDS.get(cls, ()) if name not in values]
+    if missing:
+        raise ModelFormatError(
+            f"{where}: configuration field '{prefix}{missing[0]}' is missing; the file is "
+            "damaged or was edited: restore it, or save the model again"
+        )
+    typed = {
+        name: _typed_value(value, str(fields[name].type), where, prefix + name)
+        for name, value in values.items()
+    }
+    try:
+        return cls(**typed)
+    except ConfigurationError as error:
+        raise ModelFormatError(f"{where}: {error}") from error
+
+
+_NESTED = {"PreprocessingConfig": PreprocessingConfig, "SamplerConfig": SamplerConfig}
+_TYPE_NAMES = {
+    "int": "an integer",
+    "float": "a number",
+    "bool": "true or false",
+    "str": "a string",
+    "tuple[str, ...]": "a list of strings",
+}
+
+
+def _typed_value(value, annotation: str, where: str, name: str):
+    """`value` as the field type `annotation` (as written in the dataclass) says."""
+    kinds = [kind.strip() for kind in annotation.split("|")]
+    if value is None and "None" in kinds:
+        return None
+    kind = next(kind for kind in kinds if kind != "None")
+    if kind in _NESTED:
+        return _typed_config(_NESTED[kind], value, where, name + ".")
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    valid = {
+        "int": isinstance(value, int) and not isinstance(value, bool),
+        "float": number and math.isfinite(value),
+        "bool": isinstance(value, bool),
+        "str": isinstance(value, str),
+        "tuple[str, ...]": isinstance(value, list | tuple)
+        and all(isinstance(item, str) for item in value),
+    }.get(kind)
+    if valid is None:  # a type this check does not know: the dataclass validates it
+        return value
+    if not valid:
+        raise ModelFormatError(
+            f"{where}: configuration field '{name}' must be {_TYPE_NAMES[kind]}, got "
+            f"{json.dumps(value)}; the file is damaged or was edited: restore it, or save "
+            "the model again"
+        )
+    if kind == "float":
+        return float(value)
+    return tuple(value) if kind == "tuple[str, ...]" else value
 
 
 def _config_from_reference(params: dict, path: Path, resize: int) -> PatchCoreConfig:
@@ -204,17 +293,40 @@ def _config_from_reference(params: dict, path: Path, resize: int) -> PatchCoreCo
     missing = [key for key in required if key not in params]
     if missing:
         raise ModelFormatError(f"{path}: missing parameters {missing}")
-    imagesize = int(params["input_shape"][-1])
-    return PatchCoreConfig(
-        backbone_name=params["backbone.name"],
-        layers=tuple(params["layers_to_extract_from"]),
-        pretrain_embed_dimension=int(params.get("pretrain_embed_dimension", 1024)),
-        target_embed_dimension=int(params.get("target_embed_dimension", 1024)),
-        patchsize=int(params["patchsize"]),
-        patchstride=int(params.get("patchstride", 1)),
-        num_nn=int(params.get("anomaly_scorer_num_nn", 1)),
-        preprocessing=PreprocessingConfig(resize=max(resize, imagesize), imagesize=imagesize),
-    )
+    try:
+        imagesize = int(params["input_shape"][-1])
+        return PatchCoreConfig(
+            backbone_name=str(params["backbone.name"]),
+            layers=tuple(str(layer) for layer in params["layers_to_extract_from"]),
+            pretrain_embed_dimension=int(params.get("pretrain_embed_dimension", 1024)),
+            target_embed_dimension=int(params.get("target_embed_dimension", 1024)),
+            patchsize=int(params["patchsize"]),
+            patchstride=int(params.get("patchstride", 1)),
+            num_nn=int(params.get("anomaly_scorer_num_nn", 1)),
+            preprocessing=PreprocessingConfig(resize=max(resize, imagesize), imagesize=imagesize),
+        )
+    except (TypeError, ValueError, IndexError) as error:  # ConfigurationError is a ValueError
+        raise ModelFormatError(f"{path}: malformed parameters ({error})") from error
+
+
+def _statistics_from_meta(values, where: str) -> NormalStatistics:
+    """The normal statistics of a meta file: every field a finite number."""
+    names = [field.name for field in dataclasses.fields(NormalStatistics)]
+    if not isinstance(values, dict) or sorted(values) != sorted(names):
+        raise ModelFormatError(
+            f"{where}: 'normal_statistics' must hold exactly the fields {names}; the file is "
+            "damaged or was edited: restore it, or save the model again"
+        )
+    for name in names:
+        value = values[name]
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        if not number or not math.isfinite(value):
+            raise ModelFormatError(
+                f"{where}: 'normal_statistics.{name}' must be a finite number, got "
+                f"{json.dumps(value)}; the file is damaged or was edited: restore it, or save "
+                "the model again"
+            )
+    return NormalStatistics(**{**values, "num_images": int(values["num_images"])})
 
 
 def load_model(
@@ -248,8 +360,8 @@ def load_model(
         )  # fmt: skip
     model = PatchCore(config, device, search or SearchConfig())
     model.set_memory_bank(read_memory_bank(folder / f"{prefix}{INDEX_FILE}"))
-    if meta.get("normal_statistics"):
-        model.normal_statistics = NormalStatistics(**meta["normal_statistics"])
+    if meta.get("normal_statistics") is not None:
+        model.normal_statistics = _statistics_from_meta(meta["normal_statistics"], str(meta_path))
     return model
 
 
@@ -288,14 +400,17 @@ def load_ensemble_statistics(folder: Path) -> NormalStatistics | None:
             "mixes members of different saves"
         )
     entry = recorded[0]
-    if not entry or not entry.get("normal_statistics"):
+    where = f"{folder / (prefixes[0] + META_FILE)}: '{ENSEMBLE_KEY}'"
+    if entry is None:
         return None
-    if entry.get("members") != len(prefixes) or entry.get("normalisation") != ENSEMBLE_NORMALISATION:
+    if not isinstance(entry, dict):
+        raise ModelFormatError(f"{where} is not an object; restore the file, or save again")
+    if entry.get("normal_statistics") is None:
+        return None
+    members, normalisation = entry.get("members"), entry.get("normalisation")
+    if members != len(prefixes) or normalisation != ENSEMBLE_NORMALISATION:
         raise ModelFormatError(
-            f"{folder}: ensemble statistics for {entry.get('members')} members combined with "
-            f"'{entry.get('normalisation')}', but the folder holds {len(prefixes)} members"
+            f"{where} holds statistics for {members} members combined with "
+            f"'{normalisation}', but the folder holds {len(prefixes)} members"
         )
-    try:
-        return NormalStatistics(**entry["normal_statistics"])
-    except TypeError as error:
-        raise ModelFormatError(f"{folder}: unreadable ensemble statistics ({error})") from error
+    return _statistics_from_meta(entry["normal_statistics"], where)
