@@ -229,15 +229,14 @@ LIVE = "(e => e.closest('[data-stale=\"true\"]') === null && e.offsetParent !== 
 def click(browser: DevToolsPipe, session: str, selector: str, text: str) -> None:
     """Clicks the first live element (not left over from the previous run, visible) matching
     `selector` whose text is `text` (or ends with it: an expander's summary starts with its
-    icon's name)."""
-    found = browser.evaluate(session, f"""(() => {{
+    icon's name), waiting (bounded) for one to appear."""
+    poll(browser, session, f"""(() => {{
       const all = Array.from(document.querySelectorAll({json.dumps(selector)})).filter({LIVE});
       const hit = all.find(e => e.innerText.trim() === {json.dumps(text)})
         || all.find(e => e.innerText.trim().endsWith({json.dumps(text)}));
       if (hit) {{ hit.click(); }}
       return hit !== undefined;
-    }})()""")
-    assert found, f"nothing to click: {selector} '{text}'"
+    }})()""", f"nothing to click: {selector} '{text}'")
 
 
 def poll(browser: DevToolsPipe, session: str, script: str, what: str, timeout: float = 30.0):

@@ -254,8 +254,8 @@ class ImageOutputs:
     masks: Path | None
     mask_threshold: float
     colour_range: tuple[float, float]
-    threshold: float  # marked on the colour bar
     preprocessing: PreprocessingConfig
+    threshold: float | None = None  # marked on the colour bar
 
     def write(self, original: torch.Tensor, crop_map: torch.Tensor, stem: str) -> dict:
         """original uint8 [3, H, W], crop_map [c, c] -> heat map and mask PNGs for H x W;
@@ -385,8 +385,8 @@ def run_prediction(options: PredictOptions) -> PredictionSummary:
         options.masks,
         threshold if options.mask_threshold is None else options.mask_threshold,
         colour_range(statistics.threshold if statistics else threshold, statistics),
-        threshold,
         preprocessing,
+        threshold,
     )
     job = _Job(models, threshold, paths, output_stems(paths), images, options.keeps_originals)
     scored = rejected = 0
