@@ -93,6 +93,34 @@ def test_evaluating_saved_models_reproduces_the_training_metrics(
     )
 
 
+def test_evaluating_into_a_used_folder_writes_a_new_one_and_says_so(
+    trained_run, tmp_path, synthetic_root
+):
+    run_folder, _ = trained_run
+    arguments = [
+        "--gpu", "-1", tmp_path / "evaluation", "patch_core_loader",
+        "-p", run_folder / "models" / "mvtec_texture",
+        "dataset", *SAME_LOADING, "-d", "texture", "mvtec", synthetic_root,
+    ]  # fmt: skip
+    first = run(evaluate_cli, arguments)
+    assert first.exit_code == 0, first.output
+    written = (tmp_path / "evaluation" / "results.csv").read_bytes()
+    second = subprocess.run(
+        [sys.executable, "-c", "from patchcore.cli.runs import evaluate_main; evaluate_main()",
+         *map(str, arguments)],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert second.returncode == 0, second.stderr
+    assert (tmp_path / "evaluation" / "results.csv").read_bytes() == written  # untouched
+    new = tmp_path / "evaluation_0"
+    assert f"already holds a results.csv from an earlier run; writing this evaluation to {new}" in (
+        second.stderr
+    )
+    assert f"Results: {new / 'results.csv'}" in second.stdout
+    texture = read_results_csv(run_folder / "results.csv")["mvtec_texture"]
+    assert read_results_csv(new / "results.csv")["mvtec_texture"] == texture
+
+
 def test_contradicting_the_saved_preprocessing_is_an_error(trained_run, tmp_path, synthetic_root):
     run_folder, _ = trained_run
     outcome = run(evaluate_cli, [
@@ -245,7 +273,7 @@ def test_whole_image_mode_with_mixed_sizes_end_to_end(tmp_path, synthetic_root, 
     assert read_results_csv(tmp_path / "evaluated" / "results.csv") == rows
 
 
-def test_reference_format_folder_gives_the_reference_metrics(tmp_path, synthetic_root):
+def test_reference_format_folder_gives_the_reference_metrics(tmp_path, synthetic_root, caplog):
     """A folder as the reference writes it (no meta file) evaluated by our command equals
     the reference's evaluation, transcribed: its transform chains on the files, and sklearn
     on masks where only 1.0 is defective and any nonzero mask selects an image."""
@@ -261,7 +289,7 @@ def test_reference_format_folder_gives_the_reference_metrics(tmp_path, synthetic
     from patchcore.config import PreprocessingConfig, SamplerConfig
     from patchcore.data.datasets import list_samples
     from patchcore.model.patchcore import PatchCore
-    from patchcore.model.serialization import META_FILE, PARAMS_FILE, save_models
+    from patchcore.model.serialization import META_FILE, PARAMS_FILE, load_models, save_models
 
     preprocessing = PreprocessingConfig(resize=100, imagesize=96)
     config = small_config(
@@ -279,11 +307,18 @@ def test_reference_format_folder_gives_the_reference_metrics(tmp_path, synthetic
     save_models(folder, [model])
     (folder / META_FILE).unlink()
     assert pickle.loads((folder / PARAMS_FILE).read_bytes())["input_shape"] == (3, 96, 96)
-    outcome = run(evaluate_cli, [
-        "--gpu", "-1", tmp_path / "evaluated", "patch_core_loader", "-p", folder,
-        "dataset", "--resize", "100", *SAME_LOADING, "-d", "object", "mvtec", synthetic_root,
-    ])  # fmt: skip
+    with caplog.at_level(logging.INFO, logger="patchcore"):
+        outcome = run(evaluate_cli, [
+            "--gpu", "-1", tmp_path / "evaluated", "patch_core_loader", "-p", folder,
+            "dataset", "--resize", "100", *SAME_LOADING, "-d", "object", "mvtec", synthetic_root,
+        ])  # fmt: skip
     assert outcome.exit_code == 0, outcome.output
+    assert "images are resized to 100 (--resize) and centre-cropped to 96" in caplog.text
+    # Without --resize the reference's 256 is used, and the log says so.
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="patchcore"):
+        load_models(folder)
+    assert "does not record its resize step; images are resized to 256 (--resize)" in caplog.text
     ours = read_results_csv(tmp_path / "evaluated" / "results.csv")["mvtec_object"]
     samples = list_samples(synthetic_root, "object", "test")
     images = torch.stack([chain(Image.open(s.image_path).convert("RGB")) for s in samples])
@@ -321,3 +356,33 @@ def test_a_run_logged_to_a_file_stays_short_and_readable(tmp_path, synthetic_roo
     assert len(lines) < 60, text
     assert "\r" not in text  # no carriage-return progress updates
     assert any("Coreset subsampling:" in line and " in " in line for line in lines)
+
+
+def test_sweep_scripts_run_with_the_python_they_are_given(tmp_path):
+    """The sample sweeps call $PYTHON (default python3), not a bare `python`, and say what
+    to do when it cannot import patchcore."""
+    recorder = tmp_path / "python"
+    calls = tmp_path / "calls.txt"
+    recorder.write_text(
+        f'#!/usr/bin/env bash\nif [ "$1" = -c ]; then exit 0; fi\necho "$@" >> {calls}\n'
+    )
+    recorder.chmod(0o755)
+    environment = {"PATH": "/usr/bin:/bin", "PYTHON": str(recorder), "GPU": "-1"}
+    for script, arguments, entry in (
+        ("sample_training.sh", [tmp_path / "mvtec", tmp_path / "results",
+                                "IM224_WR50_L2-3_P01_D1024-1024_PS-3_AN-1"], "run_patchcore.py"),
+        ("sample_evaluation.sh", [tmp_path / "mvtec", tmp_path / "run"],
+         "load_and_evaluate_patchcore.py"),
+    ):  # fmt: skip
+        calls.unlink(missing_ok=True)
+        done = subprocess.run(["bash", REPO / script, *map(str, arguments)], env=environment,
+                              capture_output=True, text=True, check=False)  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        (call,) = calls.read_text().splitlines()
+        assert call.split()[0] == str(REPO / "bin" / entry) and "--gpu -1" in call
+        missing = subprocess.run(["bash", REPO / script, *map(str, arguments)],
+                                 env={**environment, "PYTHON": "/bin/false"},
+                                 capture_output=True, text=True, check=False)  # fmt: skip
+        assert missing.returncode == 2
+        assert "'/bin/false' cannot import patchcore" in missing.stderr
+        assert "PYTHON=/path/to/venv/bin/python" in missing.stderr

@@ -311,7 +311,8 @@ def test_export_refuses_ensembles_and_folders_without_models(small_model, tmp_pa
     save_models(tmp_path / "models" / "mvtec_pair", [small_model, small_model])
     outcome = CliRunner().invoke(export_cli, [str(tmp_path), "-o", str(tmp_path / "out")])
     assert outcome.exit_code == 1
-    assert "an ensemble of 2 models; challenge export supports single-backbone" in outcome.output
+    assert "an ensemble of 2 models cannot be exported" in outcome.output
+    assert "combined normal-image scale" in outcome.output and "patchcore-predict" in outcome.output
     (tmp_path / "empty").mkdir()
     with pytest.raises(ModelFormatError, match="no model folders found"):
         export_challenge_models([tmp_path / "empty"], tmp_path / "out")

@@ -517,10 +517,8 @@ def test_export_errors_are_one_line(calibrated, model_folder, tmp_path, monkeypa
     save_models(tmp_path / "pair", [calibrated, calibrated])
     code, output = run_export(tmp_path / "pair", "-o", tmp_path / "out", "-f", "torch")
     assert code == 1
-    assert (
-        "an ensemble of 2 models; patchcore-export supports single-backbone models only" in output
-    )
-    assert "has no saved threshold" in output
+    assert "an ensemble of 2 models cannot be exported: an exported graph holds one" in output
+    assert "combined normal-image scale" in output and "patchcore-predict" in output
     code, output = run_export(model_folder, "-o", tmp_path, "-f", "onnx", "--fp16")
     assert code == 2 and "--fp16 applies to OpenVINO IR; add --format openvino" in output
     real_find_spec = importlib.util.find_spec

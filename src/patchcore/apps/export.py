@@ -144,14 +144,17 @@ def requirements_text(configs: Sequence[PatchCoreConfig]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _load_exportable(folder: Path, device: torch.device | str, command: str) -> PatchCore:
-    """The model of a folder; ensembles are refused."""
+def _load_exportable(folder: Path, device: torch.device | str, holder: str) -> PatchCore:
+    """The model of a folder; ensembles are refused, with the reason. `holder` names what
+    an export holds (a challenge module, an exported graph)."""
     models = load_models(folder, device, SearchConfig(backend="torch"))
     if len(models) != 1:
         raise ConfigurationError(
-            f"{folder}: an ensemble of {len(models)} models; {command} supports "
-            "single-backbone models only (an exported model is one backbone's graph, and an "
-            "ensemble's combined score has no saved threshold to decide with)"
+            f"{folder}: an ensemble of {len(models)} models cannot be exported: {holder} "
+            "holds one model and its own score scale, while an ensemble decides on its "
+            "members' combined normal-image scale (normalised scores, averaged). Score it "
+            "with patchcore-predict, which uses that scale and the threshold saved with the "
+            "members"
         )
     return models[0]
 
@@ -199,7 +202,7 @@ def export_challenge_models(
     written, configs = [], []
     suffixes = (WEIGHTS_SUFFIX, ALTERNATIVE_SUFFIX) if also_pt else (WEIGHTS_SUFFIX,)
     for category, folder in categories.items():
-        model = _load_exportable(folder, device, "challenge export")
+        model = _load_exportable(folder, device, "a challenge module")
         state = PatchCoreModule.from_patchcore(model).cpu().state_dict()
         for suffix in suffixes:
             path = output_folder / f"{category}{suffix}"
@@ -414,7 +417,7 @@ def export_models(
     categories = _unique_categories(folders)
     written = []
     for category, folder in categories.items():
-        model = _load_exportable(folder, device, "patchcore-export")
+        model = _load_exportable(folder, device, "an exported graph")
         paths = export_model(model, folder, output_folder, category, options)
         written.extend(paths)
         LOGGER.info("Exported %s as %s", folder, ", ".join(path.name for path in paths))

@@ -402,7 +402,8 @@ _dataset_command(train_cli, training=True)
 @common_options(seed=EVALUATE_SEED)
 @_output_options
 def evaluate_cli(common, **_options):
-    """Evaluate saved PatchCore models on each dataset; writes RESULTS_PATH/results.csv."""
+    """Evaluate saved PatchCore models on each dataset; writes RESULTS_PATH/results.csv, or,
+    when RESULTS_PATH holds one already, RESULTS_PATH_0 (_1, ...) instead (never overwrites)."""
 
 
 @evaluate_cli.result_callback()
@@ -416,7 +417,7 @@ def _evaluate(commands, results_path, **params):
     dataset: DatasetOptions = parts["dataset"]
 
     def job() -> None:
-        from patchcore.apps.runs import OutputOptions, evaluate_run
+        from patchcore.apps.runs import OutputOptions, evaluate_run, evaluation_folder
 
         output = OutputOptions(
             save_segmentation_images=params["save_segmentation_images"],
@@ -424,7 +425,7 @@ def _evaluate(commands, results_path, **params):
             ensemble_normalisation=params["ensemble_normalisation"],
         )
         device = common.torch_device()
-        folder = Path(results_path)
+        folder = evaluation_folder(Path(results_path))
         rows = evaluate_run(
             folder, [Path(p) for p in loader.model_folders], dataset.config, dataset.request,
             device, loader.search, output,

@@ -366,6 +366,30 @@ def to_model_input(
     return images
 
 
+def _crop_coordinates(frame: Frame, device) -> list[torch.Tensor]:
+    """Per axis, where the centre of each input pixel lands in the model's input frame (in
+    that frame's pixels, float64): where the resize sends it, minus the crop offset."""
+    return [
+        (torch.arange(length, device=device, dtype=torch.float64) + 0.5) * (new_length / length)
+        - offset
+        for length, new_length, offset in zip(
+            frame.original, frame.resized, (frame.top, frame.left), strict=True
+        )
+    ]
+
+
+def inspected_region(input_size: tuple[int, int], config: PreprocessingConfig) -> torch.Tensor:
+    """bool [H, W] on an input of `input_size`: True where the pixel's centre lies inside the
+    model's input (all True without a centre crop). Outside it, `map_to_input_frame` only
+    repeats the crop's edge values: the model never saw those pixels."""
+    frame = frame_of(tuple(input_size), config)
+    inside = [
+        (coordinates >= 0) & (coordinates < crop)
+        for coordinates, crop in zip(_crop_coordinates(frame, "cpu"), frame.size, strict=True)
+    ]
+    return inside[0][:, None] & inside[1][None, :]
+
+
 def map_to_input_frame(
     maps: torch.Tensor, input_size: tuple[int, int], config: PreprocessingConfig
 ) -> torch.Tensor:
@@ -373,17 +397,15 @@ def map_to_input_frame(
 
     Each input pixel centre is sent where the resize sent it, and the map is sampled there
     bilinearly (the geometry of `align_corners=False` resizing). Points outside a centre crop
-    take the nearest crop-edge value. With an identity resize, the crop region of the result
-    equals `maps`.
+    take the nearest crop-edge value (`inspected_region` tells them apart; what an operator
+    sees greys them out). With an identity resize, the crop region of the result equals
+    `maps`.
     """
     frame = frame_of(tuple(input_size), config)
-    axes = []
-    for length, new_length, offset, crop in zip(
-        input_size, frame.resized, (frame.top, frame.left), frame.size, strict=True
-    ):
-        centres = torch.arange(length, device=maps.device, dtype=torch.float64) + 0.5
-        in_crop = centres * (new_length / length) - offset
-        axes.append((2.0 * in_crop / crop - 1.0).float())
+    axes = [
+        (2.0 * coordinates / crop - 1.0).float()
+        for coordinates, crop in zip(_crop_coordinates(frame, maps.device), frame.size, strict=True)
+    ]
     rows, columns = torch.meshgrid(axes[0], axes[1], indexing="ij")
     grid = torch.stack((columns, rows), dim=-1).expand(maps.shape[0], -1, -1, -1)
     sampled = F.grid_sample(

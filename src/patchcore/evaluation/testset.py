@@ -10,10 +10,11 @@ import numpy as np
 import torch
 
 from patchcore.errors import DataError
-from patchcore.evaluation.ensemble import combine_members
+from patchcore.evaluation.ensemble import combine_predictions
 from patchcore.evaluation.metrics import compute_metrics
 from patchcore.evaluation.records import DatasetPredictions
 from patchcore.data.preprocessing import defective_pixels, has_defect
+from patchcore.model.calibration import NormalStatistics
 from patchcore.model.patchcore import PatchCore
 from patchcore.model.scoring import Maps, Prediction, concatenate_maps
 from patchcore.progress import track
@@ -42,9 +43,13 @@ class TestSetResult:
     defect_types: list[str]
     patch_grids: list[tuple[int, int]]  # each image's patch grid (h, w)
     images: Maps | None  # [N, 3, H, W] in [0, 1], kept only when asked
+    patch_scores: Maps | None = None  # [N, h, w] on the image scores' scale
+    members: int = 1
+    normalisation: str | None = None  # how an ensemble's members were combined
 
-    def records(self, threshold: float | None) -> DatasetPredictions:
-        """The per-image results in their saved form."""
+    def records(self, statistics: NormalStatistics | None) -> DatasetPredictions:
+        """The per-image results in their saved form; `statistics` are the normal statistics
+        on the scores' scale whose threshold decides (None: no threshold)."""
         return DatasetPredictions(
             name=self.name,
             image_names=self.image_names,
@@ -56,8 +61,14 @@ class TestSetResult:
             maps=[single.numpy() for single in self.maps],
             masks=[single.numpy() for single in self.masks],
             metrics=self.metrics,
-            threshold=threshold,
+            threshold=None if statistics is None else statistics.threshold,
             patch_grids=self.patch_grids,
+            statistics=statistics,
+            members=self.members,
+            normalisation=self.normalisation,
+            patch_scores=(
+                None if self.patch_scores is None else [grid.numpy() for grid in self.patch_scores]
+            ),
         )
 
 
@@ -90,9 +101,10 @@ def evaluate_models(
         if keep_images:
             images.append(batch["image"])
     predictions = [Prediction.concatenate(parts) for parts in member_parts]
-    scores, maps = combine_members(
+    combined = combine_predictions(
         predictions, normalisation, [model.normal_statistics for model in models]
     )
+    scores, maps = combined.scores, combined.maps
     failed = [path for path, score in zip(paths, scores.tolist()) if not math.isfinite(score)]
     if failed:
         raise DataError(
@@ -125,5 +137,8 @@ def evaluate_models(
         defect_types=defects,
         patch_grids=[tuple(grid.shape[-2:]) for grid in predictions[0].patch_scores],
         images=concatenate_maps(images) if keep_images else None,
+        patch_scores=combined.patch_scores,
+        members=len(models),
+        normalisation=normalisation if len(models) > 1 else None,
     )
 

@@ -1,4 +1,11 @@
-"""Segmentation overlay PNGs: input image, ground truth and anomaly heat map side by side.
+"""Heat maps and their colour language, and the segmentation overlay PNGs of evaluations.
+
+One colour language for every picture the toolkit draws (overlays, `patchcore-predict`'s heat
+maps, the dashboard): the `jet` colour map blended at half opacity over the image, on the
+model's colour scale (`patchcore.model.calibration.colour_range`: the decision threshold in
+the middle when the model has one), and a colour bar with the threshold marked
+(`draw_colour_bar`, `colour_bar_rgb`). Pixels the model never saw (outside a centre crop)
+are drawn grey (`grey_out`), never in a score colour.
 
 Every heat map drawn by one call of `save_segmentation_images` uses the same colour
 scale (by default the minimum and maximum over all maps given), so the same colour means
@@ -11,6 +18,7 @@ pyplot, so no global figure registry is touched and calls are safe from worker t
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +45,10 @@ FIGURE_DPI = 100
 HEATMAP_CMAP = "jet"
 HEATMAP_ALPHA = 0.5
 IMAGE_RANGE_TOLERANCE = 1e-3
+UNSEEN_GREY = 160  # grey level of pixels outside the region the model inspected
+UNSEEN_IMAGE_WEIGHT = 0.35  # how much of the image shows through that grey
+COLOUR_BAR_HEIGHT = 0.74  # inches (74 pixels at the base resolution)
+COLOUR_BAR_BASE_WIDTH = 640  # pixels; wider bars are drawn at a proportionally higher dpi
 
 ArrayLike = torch.Tensor | np.ndarray
 
@@ -73,6 +85,83 @@ def blend_heatmap(
     heat = heatmap_rgb(anomaly_map, colour_range).astype(np.float64)
     blended = (1.0 - HEATMAP_ALPHA) * image.astype(np.float64) + HEATMAP_ALPHA * heat
     return np.round(blended).astype(np.uint8)
+
+
+def grey_out(drawn: np.ndarray, original: np.ndarray, seen: np.ndarray | None) -> np.ndarray:
+    """`drawn` uint8 [H, W, 3] (e.g. a heat map over `original`) with the pixels where `seen`
+    [H, W] is False replaced by the original washed to grey: they were never inspected, so
+    they get no score colour. `drawn` itself when every pixel was seen."""
+    if seen is None or seen.all():
+        return drawn
+    washed = UNSEEN_IMAGE_WEIGHT * original.astype(np.float64) + (1 - UNSEEN_IMAGE_WEIGHT) * UNSEEN_GREY
+    result = drawn.copy()
+    result[~seen] = np.round(washed[~seen]).astype(np.uint8)
+    return result
+
+
+def _threshold_label(threshold: float) -> str:
+    """'threshold 21293', 'threshold 0.6840': four significant digits, never an exponent."""
+    if threshold == 0 or not math.isfinite(threshold):
+        return f"threshold {threshold:g}"
+    decimals = max(0, 3 - math.floor(math.log10(abs(threshold))))
+    return f"threshold {threshold:.{decimals}f}"
+
+
+def draw_colour_bar(
+    figure: Figure,
+    norm: Normalize,
+    threshold: float | None,
+    orientation: str = "vertical",
+    **placement,
+):
+    """The heat maps' colour bar on `figure` (placed with colorbar's `ax=`/`cax=` keywords),
+    labelled "anomaly score", with the threshold marked by a black-and-white line; a
+    threshold beyond the scale is marked at the end it lies past."""
+    colour_bar = figure.colorbar(
+        ScalarMappable(norm=norm, cmap=HEATMAP_CMAP), orientation=orientation, **placement
+    )
+    colour_bar.set_label("anomaly score", fontsize=8)
+    colour_bar.ax.tick_params(labelsize=7)
+    if threshold is None:
+        return colour_bar
+    value = min(max(threshold, norm.vmin), norm.vmax)
+    label = _threshold_label(threshold)
+    if value != threshold:
+        label += " (beyond the scale)"
+    axes = colour_bar.ax
+    line = axes.axhline if orientation == "vertical" else axes.axvline
+    line(value, color="white", linewidth=3.5)
+    line(value, color="black", linewidth=1.5)
+    if orientation == "vertical":
+        axes.annotate(label, xy=(0.0, value), xycoords=("axes fraction", "data"),
+                      xytext=(-3, 0), textcoords="offset points", ha="right", va="center",
+                      fontsize=7, rotation=90)  # fmt: skip
+    else:
+        fraction = (value - norm.vmin) / (norm.vmax - norm.vmin)
+        align = "left" if fraction < 0.15 else "right" if fraction > 0.85 else "center"
+        axes.annotate(label, xy=(value, 1.0), xycoords=("data", "axes fraction"),
+                      xytext=(0, 2), textcoords="offset points", ha=align, va="bottom",
+                      fontsize=7)  # fmt: skip
+    return colour_bar
+
+
+def colour_bar_rgb(
+    colour_range: tuple[float, float], threshold: float | None, width: int
+) -> np.ndarray:
+    """A horizontal colour bar `width` pixels wide as uint8 [h, width, 3] (white background):
+    the heat maps' colours from low to high score, tick labels, the threshold marked."""
+    vmin, vmax = _check_colour_range(colour_range)
+    dpi = FIGURE_DPI * max(1.0, width / COLOUR_BAR_BASE_WIDTH)
+    height = max(1, round(COLOUR_BAR_HEIGHT * dpi))
+    figure = Figure(figsize=(width / dpi, height / dpi), dpi=dpi, facecolor="white")
+    canvas = FigureCanvasAgg(figure)
+    axes = figure.add_axes((0.06, 0.56, 0.88, 0.17))
+    draw_colour_bar(figure, Normalize(vmin=vmin, vmax=vmax), threshold, "horizontal", cax=axes)
+    axes.xaxis.set_label_position("bottom")
+    canvas.draw()
+    pixels = np.asarray(canvas.buffer_rgba())[..., :3]
+    figure.clear()
+    return np.ascontiguousarray(pixels[:height, :width])
 
 
 def _check_colour_range(colour_range: tuple[float, float]) -> tuple[float, float]:
@@ -166,15 +255,14 @@ def _draw_mask(axes: Axes, image: np.ndarray, mask: np.ndarray | None) -> None:
     )  # fmt: skip
 
 
-def _draw_heatmap(figure: Figure, axes: Axes, panel: SegmentationPanel, norm: Normalize) -> None:
+def _draw_heatmap(
+    figure: Figure, axes: Axes, panel: SegmentationPanel, norm: Normalize, threshold: float | None
+) -> None:
     """The anomaly map over the image on the shared scale, with its colour bar."""
     _plain_axes(axes, "anomaly map")
     axes.imshow(panel.image)
     axes.imshow(panel.anomaly_map, cmap=HEATMAP_CMAP, norm=norm, alpha=HEATMAP_ALPHA)
-    scale = ScalarMappable(norm=norm, cmap=HEATMAP_CMAP)
-    colour_bar = figure.colorbar(scale, ax=axes, fraction=0.046, pad=0.03)
-    colour_bar.set_label("anomaly score", fontsize=9)
-    colour_bar.ax.tick_params(labelsize=8)
+    draw_colour_bar(figure, norm, threshold, ax=axes, fraction=0.046, pad=0.03)
 
 
 def render_segmentation_figure(
@@ -187,7 +275,7 @@ def render_segmentation_figure(
     _plain_axes(image_axes, "image")
     image_axes.imshow(panel.image)
     _draw_mask(mask_axes, panel.image, panel.mask)
-    _draw_heatmap(figure, map_axes, panel, norm)
+    _draw_heatmap(figure, map_axes, panel, norm, threshold)
     figure.suptitle(_title(panel.name, panel.score, threshold), fontsize=12)
     return figure
 

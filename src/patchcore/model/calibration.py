@@ -36,6 +36,37 @@ class NormalStatistics:
     num_images: int
 
 
+def measure_normal_statistics(
+    scores, maps, quantile: float = DEFAULT_THRESHOLD_QUANTILE
+) -> NormalStatistics:
+    """The statistics of held-out normal images from their image `scores` [N] and anomaly
+    `maps` (one array or tensor per image, or one [N, H, W]): score and pixel ranges and the
+    threshold, the `quantile` quantile of the image scores (linear interpolation).
+
+    Used for a single model's own scores and for an ensemble's combined scores alike.
+    """
+    values = _float64(scores).ravel()
+    if values.size == 0:
+        raise ConfigurationError("normal statistics need at least one held-out normal image")
+    pixels = [_float64(single) for single in _as_list(maps)]
+    return NormalStatistics(
+        image_score_min=float(values.min()),
+        image_score_max=float(values.max()),
+        pixel_score_min=min(float(single.min()) for single in pixels),
+        pixel_score_max=max(float(single.max()) for single in pixels),
+        threshold=float(np.quantile(values, quantile)),
+        threshold_quantile=quantile,
+        num_images=int(values.size),
+    )
+
+
+def _float64(values) -> np.ndarray:
+    """A float64 numpy copy of a number sequence, array or (CPU or GPU) torch tensor."""
+    if hasattr(values, "detach"):
+        values = values.detach().cpu().double().numpy()
+    return np.asarray(values, dtype=np.float64)
+
+
 def decide(scores, threshold: float):
     """True where an image is rejected: its score is above `threshold` or is not a finite
     number (NaN or infinite), so a failed score never passes a part.
@@ -100,7 +131,7 @@ def colour_range(
         return _widened(low, 2.0 * threshold - low)
     if maps is None:
         raise ConfigurationError("a colour range needs a threshold or the maps to span")
-    values = np.concatenate([np.asarray(m, dtype=np.float64).ravel() for m in _as_list(maps)])
+    values = np.concatenate([_float64(single).ravel() for single in _as_list(maps)])
     finite = values[np.isfinite(values)]
     if finite.size == 0:
         raise ConfigurationError("anomaly maps: no finite values to set a colour scale from")
@@ -109,6 +140,8 @@ def colour_range(
 
 def _as_list(maps) -> list:
     if isinstance(maps, list | tuple):
+        return list(maps)
+    if getattr(maps, "ndim", 0) == 3:  # [N, H, W]: one map per image
         return list(maps)
     return [maps]
 

@@ -18,12 +18,16 @@ import torch
 
 from patchcore.config import PatchCoreConfig, SearchConfig
 from patchcore.errors import DataError
-from patchcore.model.calibration import DEFAULT_THRESHOLD_QUANTILE, NormalStatistics
+from patchcore.model.calibration import (
+    DEFAULT_THRESHOLD_QUANTILE,
+    NormalStatistics,
+    measure_normal_statistics,
+)
 from patchcore.model.feature_store import feature_store_for
 from patchcore.model.features import build_embedder
 from patchcore.model.samplers import build_sampler
 from patchcore.data.preprocessing import check_model_input, cut_tiles
-from patchcore.model.scoring import Prediction, maps_range, score_images
+from patchcore.model.scoring import Prediction, score_images
 from patchcore.model.search import build_index
 from patchcore.progress import track
 
@@ -169,18 +173,15 @@ class PatchCore:
         return Prediction.concatenate(parts)
 
     # -------------------------------------------------------------- calibration
-    def calibrate(self, batches: Iterable, quantile: float = DEFAULT_THRESHOLD_QUANTILE) -> None:
-        """Measures scores of held-out normal images: normalisation statistics and threshold."""
+    def calibrate(
+        self, batches: Iterable, quantile: float = DEFAULT_THRESHOLD_QUANTILE
+    ) -> Prediction:
+        """Measures scores of held-out normal images: normalisation statistics and threshold
+        (`patchcore.model.calibration.measure_normal_statistics`). Returns the images'
+        predictions, so an ensemble can calibrate its combined scale on the same images."""
         prediction = self.predict_batches(batches, description="Calibrating on normal images")
-        pixel_min, pixel_max = maps_range(prediction.maps)
-        self.normal_statistics = NormalStatistics(
-            image_score_min=float(prediction.scores.min()),
-            image_score_max=float(prediction.scores.max()),
-            pixel_score_min=pixel_min,
-            pixel_score_max=pixel_max,
-            threshold=float(torch.quantile(prediction.scores.double(), quantile)),
-            threshold_quantile=quantile,
-            num_images=len(prediction.scores),
+        self.normal_statistics = measure_normal_statistics(
+            prediction.scores, prediction.maps, quantile
         )
         LOGGER.info(
             "Calibrated on %d normal images: threshold %.6g (quantile %.3g)",
@@ -188,3 +189,4 @@ class PatchCore:
             self.normal_statistics.threshold,
             quantile,
         )
+        return prediction

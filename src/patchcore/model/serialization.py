@@ -6,7 +6,9 @@ Per member, with the reference implementation's file names:
 - `nnscorer_search_index.faiss`: the memory bank as a flat FAISS index;
 - `patchcore_meta.json`: our self-description: format version, library version, the full
   model configuration (backbone, weights, layers, dimensions, patch size, k, distance,
-  preprocessing, sampler) and the normal-data statistics and threshold.
+  preprocessing, sampler) and the normal-data statistics and threshold; in an ensemble, also
+  the statistics and threshold of the ensemble's combined scale (`"ensemble"`, the same in
+  every member's file).
 Folders written by the reference (no meta file) load with the preprocessing the caller gives.
 Pickles are read with an unpickler that only accepts plain data: no code runs on load.
 Saving is atomic: the folder appears complete or not at all.
@@ -36,10 +38,14 @@ from patchcore.model.search import read_memory_bank, write_memory_bank
 LOGGER = logging.getLogger(__name__)
 
 FORMAT_NAME = "patchcore-model"
-FORMAT_VERSION = 2  # 2: preprocessing gained crop, max_size and tiles (version 1 still loads)
+# 2: preprocessing gained crop, max_size and tiles; 3: ensembles carry their combined scale's
+# statistics and threshold. Older versions still load; a newer one is refused with a clear error.
+FORMAT_VERSION = 3
 PARAMS_FILE = "patchcore_params.pkl"
 INDEX_FILE = "nnscorer_search_index.faiss"
 META_FILE = "patchcore_meta.json"
+ENSEMBLE_KEY = "ensemble"
+ENSEMBLE_NORMALISATION = "normal_stats"
 _ENSEMBLE_PREFIX = re.compile(r"^Ensemble-(\d+)-(\d+)_$")
 # Configuration fields every self-description holds since format version 1; fields added
 # later are optional and take their defaults (e.g. preprocessing.crop, added in version 2).
@@ -107,7 +113,7 @@ def reference_parameters(config: PatchCoreConfig) -> dict:
     }
 
 
-def _meta(model: PatchCore) -> dict:
+def _meta(model: PatchCore, ensemble: dict | None) -> dict:
     statistics = model.normal_statistics
     return {
         "format": FORMAT_NAME,
@@ -120,23 +126,44 @@ def _meta(model: PatchCore) -> dict:
         },
         "memory_bank_shape": list(model.memory_bank.shape),
         "normal_statistics": dataclasses.asdict(statistics) if statistics else None,
+        ENSEMBLE_KEY: ensemble,
     }
 
 
-def _write_member(folder: Path, model: PatchCore, prefix: str) -> None:
+def _ensemble_meta(count: int, statistics: NormalStatistics | None) -> dict | None:
+    """What every member of an ensemble of `count` records about the ensemble as a whole."""
+    if count == 1:
+        return None
+    return {
+        "members": count,
+        "normalisation": ENSEMBLE_NORMALISATION,
+        "normal_statistics": dataclasses.asdict(statistics) if statistics else None,
+    }
+
+
+def _write_member(folder: Path, model: PatchCore, prefix: str, ensemble: dict | None) -> None:
     if model.memory_bank is None:
         raise ModelFormatError("cannot save a model that has not been fitted")
     with open(folder / f"{prefix}{PARAMS_FILE}", "wb") as handle:
         pickle.dump(reference_parameters(model.config), handle, protocol=pickle.HIGHEST_PROTOCOL)
     write_memory_bank(model.memory_bank, folder / f"{prefix}{INDEX_FILE}")
-    (folder / f"{prefix}{META_FILE}").write_text(json.dumps(_meta(model), indent=2))
+    (folder / f"{prefix}{META_FILE}").write_text(json.dumps(_meta(model, ensemble), indent=2))
 
 
-def save_models(folder: Path, models: list[PatchCore]) -> None:
-    """Writes one model or an ensemble's members into `folder`, replacing it atomically."""
+def save_models(
+    folder: Path, models: list[PatchCore], ensemble_statistics: NormalStatistics | None = None
+) -> None:
+    """Writes one model or an ensemble's members into `folder`, replacing it atomically.
+
+    `ensemble_statistics`: an ensemble's combined-scale statistics and threshold
+    (`patchcore.evaluation.ensemble.calibrate_ensemble`), saved with every member.
+    """
+    if ensemble_statistics is not None and len(models) == 1:
+        raise ModelFormatError("ensemble statistics belong to an ensemble of several models")
+    ensemble = _ensemble_meta(len(models), ensemble_statistics)
     with staged_path(Path(folder), folder=True) as staging:
         for position, model in enumerate(models):
-            _write_member(staging, model, member_prefix(position, len(models)))
+            _write_member(staging, model, member_prefix(position, len(models)), ensemble)
     LOGGER.info("Saved %d model(s) to %s", len(models), folder)
 
 
@@ -324,9 +351,13 @@ def load_model(
         meta = read_meta(meta_path)
         config = config_from_meta(meta, str(meta_path))
     else:
-        LOGGER.info("%s has no %s: reading it as a reference-format model", folder, META_FILE)
         meta = {}
         config = _config_from_reference(params, params_path, reference_resize)
+        LOGGER.info(
+            "%s has no %s: reading it as a reference-format model, which does not record its "
+            "resize step; images are resized to %d (--resize) and centre-cropped to %d",
+            folder, META_FILE, config.preprocessing.resize, config.preprocessing.imagesize,
+        )  # fmt: skip
     model = PatchCore(config, device, search or SearchConfig())
     model.set_memory_bank(read_memory_bank(folder / f"{prefix}{INDEX_FILE}"))
     if meta.get("normal_statistics") is not None:
@@ -345,3 +376,41 @@ def load_models(
         load_model(folder, prefix, device, search, reference_resize)
         for prefix in member_prefixes(folder)
     ]
+
+
+def load_ensemble_statistics(folder: Path) -> NormalStatistics | None:
+    """The combined-scale statistics and threshold saved with an ensemble's members, or None
+    (a single model, an ensemble saved without held-out normal images or by an older version,
+    or a reference-format folder). Members that disagree are a ModelFormatError."""
+    folder = Path(folder)
+    prefixes = member_prefixes(folder)
+    if len(prefixes) == 1:
+        return None
+    recorded = []
+    for prefix in prefixes:
+        meta_path = folder / f"{prefix}{META_FILE}"
+        if not meta_path.is_file():
+            return None
+        meta = read_meta(meta_path)
+        config_from_meta(meta, str(meta_path))  # checks the format version
+        recorded.append(meta.get(ENSEMBLE_KEY))
+    if any(entry != recorded[0] for entry in recorded):
+        raise ModelFormatError(
+            f"{folder}: the ensemble members record different ensemble statistics; the folder "
+            "mixes members of different saves"
+        )
+    entry = recorded[0]
+    where = f"{folder / (prefixes[0] + META_FILE)}: '{ENSEMBLE_KEY}'"
+    if entry is None:
+        return None
+    if not isinstance(entry, dict):
+        raise ModelFormatError(f"{where} is not an object; restore the file, or save again")
+    if entry.get("normal_statistics") is None:
+        return None
+    members, normalisation = entry.get("members"), entry.get("normalisation")
+    if members != len(prefixes) or normalisation != ENSEMBLE_NORMALISATION:
+        raise ModelFormatError(
+            f"{where} holds statistics for {members} members combined with "
+            f"'{normalisation}', but the folder holds {len(prefixes)} members"
+        )
+    return _statistics_from_meta(entry["normal_statistics"], where)
