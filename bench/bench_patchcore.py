@@ -34,6 +34,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import tables
 import torch
 
 from patchcore.cli.common import CommonOptions, configure_process
@@ -192,13 +193,7 @@ def format_table(rows: list[dict]) -> str:
         ("radius x", "{radius_ratio:.4f}"), ("img AUROC", "{image_auroc:.3f}"),
         ("px AUROC", "{pixel_auroc:.3f}"),
     ]  # fmt: skip
-    cells = [[title for title, _ in columns]] + [
-        [template.format(**row) for _, template in columns] for row in rows
-    ]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
-    lines = ["  ".join(cell.rjust(width) for cell, width in zip(row, widths)) for row in cells]
-    lines.insert(1, "-" * len(lines[0]))
-    return "\n".join(lines)
+    return tables.format_table(columns, rows)
 
 
 def with_ratios(baseline: dict, row: dict) -> dict:

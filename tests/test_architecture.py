@@ -12,7 +12,7 @@ SUBPACKAGES = ("patchcore", "patchcore.data", "patchcore.model", "patchcore.eval
 COMMANDS = {
     "patchcore.cli.runs": ("train_cli", "evaluate_cli"),
     "patchcore.cli.predict": ("predict_cli",),
-    "patchcore.cli.export": ("export_cli",),
+    "patchcore.cli.export": ("export_cli", "export_deployment_cli"),
     "patchcore.cli.challenge": ("challenge_cli",),
     "patchcore.cli.dashboard": ("dashboard_cli",),
     "patchcore.cli.demo": ("demo_cli",),

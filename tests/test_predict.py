@@ -275,4 +275,4 @@ def test_heat_map_colour_scale_centres_the_threshold(models):
 
 
 def test_predict_script_is_a_thin_entry_point(monkeypatch, capsys):
-    assert "MODEL_DIR" in run_script_help("predict_patchcore.py", monkeypatch, capsys)
+    assert "MODEL INPUTS..." in run_script_help("predict_patchcore.py", monkeypatch, capsys)

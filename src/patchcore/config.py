@@ -13,6 +13,9 @@ SAMPLER_NAMES = ("identity", "greedy_coreset", "approx_greedy_coreset")
 DISTANCES = ("squared_l2", "l2")
 SEARCH_BACKENDS = ("faiss", "torch")
 NORMALISATIONS = ("test_minmax", "normal_stats")
+EXPORT_FORMATS = ("torch", "onnx", "openvino")  # patchcore-export --format
+RUNTIMES = ("torch", "onnxruntime", "openvino")  # patchcore-predict --runtime
+DEFAULT_BANK_CHUNK_SIZE = 4096  # bank rows per step of the exported models' search
 
 EFFICIENTNET_LITE0 = "efficientnet_lite0"
 # Sensible layers for each backbone family when a user gives none: mid-level stages.

@@ -78,9 +78,35 @@ def decide(scores, threshold: float):
         raise ConfigurationError(f"the decision threshold must be a finite number, got {threshold}")
     if not hasattr(scores, "shape"):
         scores = np.asarray(scores, dtype=np.float64)
+    threshold = threshold_for_dtype(threshold, scores.dtype)
     with np.errstate(invalid="ignore"):  # inf - inf is NaN, as intended
         finite = (scores - scores) == 0  # False for NaN and +-inf, in numpy and torch alike
         return ~(finite & (scores <= threshold))
+
+
+_NARROW_FLOATS = {
+    "float32": np.float32, "torch.float32": np.float32,
+    "float16": np.float16, "torch.float16": np.float16,
+}  # fmt: skip
+
+
+def threshold_for_dtype(threshold: float, dtype) -> float:
+    """The largest value of the float type `dtype` (float32, float16) not above `threshold`.
+
+    Scores of that type compared with it are decided exactly as when they are widened to
+    float64 and compared with `threshold` itself: no value of the type lies between the two.
+    So a float32 score decides the same in a float32 graph (the exported models) as its
+    Python float does against the saved float64 threshold. Other types get `threshold` back.
+    """
+    kind = _NARROW_FLOATS.get(str(dtype))
+    if kind is None:
+        return threshold
+    bound = float(threshold)  # rounding a number down, not a decision
+    with np.errstate(over="ignore"):
+        value = kind(bound)
+    if float(value) > bound:
+        value = np.nextafter(value, kind(-np.inf))
+    return float(value)
 
 
 def decision_label(rejected: bool) -> str:

@@ -4,7 +4,12 @@ Every consumer (`PatchCore.predict`, the exported `PatchCoreModule`, evaluation,
 the dashboard) scores through `score_features`, so a model scores the same wherever it runs.
 
 - A patch's score is the mean distance to its k nearest memory-bank features (squared L2
-  like the reference's FAISS IndexFlatL2, or L2 with `distance="l2"`).
+  like the reference's FAISS IndexFlatL2, or L2 with `distance="l2"`). The search finds
+  the neighbours; their distances are then recomputed from the differences
+  (`neighbour_distances`): the search's ||q||^2 - 2 q.b + ||b||^2 loses the digits its
+  terms share (1e-4 to 1e-3 of the distance when features are long and close to the bank),
+  so its values would depend on how a backend or runtime sums (FAISS, torch, ONNX Runtime,
+  OpenVINO, CPU or GPU), while the recomputed ones agree to float rounding of the distance.
 - An image's score is its largest patch score, optionally re-weighted by the paper's Eq. 7.
 - The anomaly map is the patch-score grid upsampled bilinearly to the image size, then
   smoothed by a Gaussian equal to `scipy.ndimage.gaussian_filter(map, sigma)` (truncate
@@ -31,7 +36,14 @@ TRUNCATE = 4.0
 
 
 class NearestNeighbourSearch(Protocol):
-    """What the scorer needs of a search backend (see `patchcore.model.search`)."""
+    """What the scorer needs of a search backend (see `patchcore.model.search`).
+
+    The scorer uses the returned distances to rank only and recomputes those of the found
+    neighbours (`neighbour_distances`), unless the search returns them computed that way
+    already (an attribute `exact_distances = True`). A search may also gather bank rows
+    itself (a method `rows(indices)`): `patchcore.model.chunked_search` does both, so an
+    exported graph holds the bank only in its search chunks.
+    """
 
     bank: torch.Tensor
 
@@ -139,16 +151,38 @@ def reweighting_factor(
     features (m* included), searched with `index`. Distances here are L2, as in the paper.
     """
     device = features.device
-    rows = torch.arange(len(worst_patch), device=device)
+    rows = torch.arange(worst_patch.shape[0], device=device)
     test_features = features[rows, worst_patch]  # [B, D]
-    nearest = neighbours[rows, worst_patch, 0]  # [B]
-    bank = index.bank.to(device)
-    _, neighbourhood = index.search(bank[nearest], neighbourhood_size)
+    nearest_feature = bank_rows(index, neighbours[rows, worst_patch, 0], device)  # [B, D]
+    _, neighbourhood = index.search(nearest_feature, neighbourhood_size)
     neighbourhood_distances = torch.linalg.vector_norm(
-        bank[neighbourhood.to(device)] - test_features[:, None, :], dim=-1
+        bank_rows(index, neighbourhood, device) - test_features[:, None, :], dim=-1
     )  # [B, b]
-    nearest_distance = torch.linalg.vector_norm(bank[nearest] - test_features, dim=-1)
+    nearest_distance = torch.linalg.vector_norm(nearest_feature - test_features, dim=-1)
     return 1.0 - torch.exp(nearest_distance - torch.logsumexp(neighbourhood_distances, dim=1))
+
+
+def bank_rows(
+    index: NearestNeighbourSearch, indices: torch.Tensor, device: torch.device
+) -> torch.Tensor:
+    """The bank features at `indices` (any shape) -> [*indices.shape, D] on `device`."""
+    gather = getattr(index, "rows", None)
+    if gather is not None:
+        return gather(indices).to(device)
+    return index.bank[indices.to(index.bank.device)].to(device)
+
+
+def neighbour_distances(
+    features: torch.Tensor, bank: torch.Tensor, neighbours: torch.Tensor
+) -> torch.Tensor:
+    """Squared L2 distances [Q, k] from features [Q, D] to their found bank features (bank
+    indices [Q, k]), on the features' device, computed from the differences (see the
+    module docstring); one bank column at a time, so at most [Q, D] more memory."""
+    columns = []
+    for column in range(neighbours.shape[1]):
+        rows = bank[neighbours[:, column].to(bank.device)].to(features.device)
+        columns.append((rows - features).square().sum(dim=1))
+    return torch.stack(columns, dim=1)
 
 
 def score_patches(
@@ -163,6 +197,8 @@ def score_patches(
     grid_h, grid_w = grid
     batch = features.shape[0] // (grid_h * grid_w)
     squared, neighbours = index.search(features, config.num_nn)
+    if not getattr(index, "exact_distances", False):
+        squared = neighbour_distances(features, index.bank, neighbours)
     distances = squared if config.distance == "squared_l2" else squared.sqrt()
     patch_scores = distances.to(device).mean(dim=1).reshape(batch, grid_h, grid_w)
     image_scores, worst_patch = patch_scores.reshape(batch, -1).max(dim=1)
@@ -231,7 +267,7 @@ def score_images(
     features, grid = embed(tiles)
     patch_scores, _ = score_patches(features, grid, index, config)
     stitched = stitch_tiles(patch_scores, origins, tile, image_size)
-    image_scores = stitched.reshape(len(stitched), -1).amax(dim=1)
+    image_scores = stitched.flatten(1).amax(dim=1)
     cell = tile / grid[0]
     patch_grid = (max(1, round(image_size[0] / cell)), max(1, round(image_size[1] / cell)))
     stitched_patches = F.adaptive_avg_pool2d(stitched.unsqueeze(1), patch_grid).squeeze(1)
