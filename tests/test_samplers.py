@@ -205,7 +205,7 @@ def test_fast_selection_is_the_same_with_float32_products_and_one_thread(monkeyp
     features = HARD_CASES["repeated"]
     start = _start(features)
     plain = farthest_point_selection(features, None, start.clone(), 600)
-    monkeypatch.setattr(samplers, "_bfloat16_is_fast", lambda: False)
+    monkeypatch.setattr(samplers, "bfloat16_is_fast", lambda: False)
     assert torch.equal(pruned_farthest_point_selection(features, None, start, 600), plain)
     torch.set_num_threads(1)
     try:

@@ -28,9 +28,10 @@ from patchcore.config import SEARCH_BACKENDS
               help="Images per forward pass.")
 @click.option("--num_workers", type=int, default=4, show_default=True,
               help="Image-decoding processes.")
-@click.option("--nn_backend", type=click.Choice(SEARCH_BACKENDS), default="faiss",
+@click.option("--nn_backend", type=click.Choice(SEARCH_BACKENDS), default="rerank",
               show_default=True,
-              help="Exact nearest-neighbour search with FAISS or with torch matrix products.")
+              help="Exact nearest-neighbour search: bfloat16 pass with float32 re-ranking "
+                   "(rerank), FAISS (faiss) or torch matrix products (torch).")
 @common_options()
 def predict_cli(model_dir, inputs, output, heatmaps, masks, mask_threshold, threshold,
                 batch_size, num_workers, nn_backend, common):  # fmt: skip

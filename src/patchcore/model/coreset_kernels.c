@@ -135,11 +135,11 @@ void sweep_blocks(const float* xt, int64_t d, int64_t block_lo, int64_t block_hi
 
 /* ----------------------------------------------------------------- lazy selection */
 
+/* Round to nearest even (finite values; features are finite). */
 static inline uint16_t to_bfloat16(float value) {
     uint32_t bits;
     memcpy(&bits, &value, 4);
-    if ((bits & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((bits >> 16) | 0x40u); /* NaN */
-    bits += 0x7fffu + ((bits >> 16) & 1u); /* round to nearest even */
+    bits += 0x7fffu + ((bits >> 16) & 1u);
     return (uint16_t)(bits >> 16);
 }
 
@@ -297,21 +297,34 @@ int64_t apply_points(const float* x, int64_t d, const int64_t* rows, int64_t cou
             for (int64_t q = 0; q < p; q++)
                 any |= 2.0f * row_products[q] - offsets[q] > threshold;
         }
-        if (any) {
-            for (int64_t q = 0; q < p; q++) {
-                float product = half ? from_bfloat16(half_products[r * stride + q])
-                                     : full_products[r * stride + q];
-                if (2.0f * product - offsets[q] <= threshold) continue;
+        /* blocks of LANES points: a vector test, then only the flagged pairs one by one */
+        for (int64_t q0 = 0; any && q0 < p; q0 += LANES) {
+            int lanes = p - q0 < LANES ? (int)(p - q0) : LANES;
+            float values[LANES];
+            unsigned flags = 0;
+            if (half) {
+                const uint16_t* row_products = half_products + r * stride + q0;
+                for (int l = 0; l < lanes; l++) values[l] = from_bfloat16(row_products[l]);
+            } else {
+                const float* row_products = full_products + r * stride + q0;
+                for (int l = 0; l < lanes; l++) values[l] = row_products[l];
+            }
+            for (int l = 0; l < lanes; l++)
+                flags |= (unsigned)(2.0f * values[l] - offsets[q0 + l] > threshold) << l;
+            while (flags) {
+                int l = __builtin_ctz(flags);
+                flags &= flags - 1;
+                if (2.0f * values[l] - offsets[q0 + l] <= threshold) continue; /* lowered */
                 checks++;
-                float exact = exact_squared_distance(x + i * d, x + ids[q] * d, d);
+                float exact = exact_squared_distance(x + i * d, x + ids[q0 + l] * d, d);
                 if (exact < minimum) {
                     minimum = exact;
                     reach = sqrtf(minimum / shrink) + row_errors[r] + point_error + 1e-18f;
                     threshold = (1.0f - eta) * row_norms[r] - reach * reach;
                 }
             }
-            m[i] = minimum;
         }
+        if (any) m[i] = minimum;
         if (minimum > best || (minimum == best && i < best_index)) {
             best = minimum;
             best_index = i;
@@ -365,4 +378,141 @@ int64_t next_tiles(const float* bounds, const uint8_t* stale, const int64_t* arg
         }
     }
     return count;
+}
+
+/* ------------------------------------------------------------ nearest neighbours */
+
+/* Squared distance, LANES partial sums (vectorised), for the re-ranking of candidates. */
+static inline float squared_distance(const float* x, const float* c, int64_t d) {
+    return fast_squared_distance(x, c, d);
+}
+
+/* Extended centred bfloat16 copies for the product pass of the search: with x~ the bfloat16
+   copy of x - centre and s = |x~|^2 (double precision) split as s_hi + s_lo in bfloat16,
+   bank rows become (-2 x~, 1, 1, s_hi, s_lo) and queries (x~, s_hi, s_lo, 1, 1), zero
+   padded to `width`, so that a query-bank product is |q~ - b~|^2. Writes |x~| (rounded up)
+   and an upper bound of |x - centre - x~|. */
+void extended_copies(const float* x, int64_t n, int64_t d, const float* centre, int bank_side,
+                     uint16_t* out, int64_t width, float* norms, float* errors) {
+    for (int64_t i = 0; i < n; i++) {
+        const float* row = x + i * d;
+        uint16_t* copy = out + i * width;
+        double norm[8] = {0.0}, lost[8] = {0.0}, size[8] = {0.0};
+        for (int64_t j0 = 0; j0 < d; j0 += 8) {
+            int lanes = d - j0 < 8 ? (int)(d - j0) : 8;
+            for (int l = 0; l < lanes; l++) {
+                float centred = row[j0 + l] - centre[j0 + l];
+                uint16_t low = to_bfloat16(centred);
+                double kept = (double)from_bfloat16(low);
+                copy[j0 + l] = bank_side ? to_bfloat16(-2.0f * from_bfloat16(low)) : low;
+                double difference = (double)centred - kept;
+                norm[l] += kept * kept;
+                lost[l] += difference * difference;
+                size[l] += (double)centred * (double)centred;
+            }
+        }
+        double norm_sum = 0.0, lost_sum = 0.0, size_sum = 0.0;
+        for (int l = 0; l < 8; l++) {
+            norm_sum += norm[l];
+            lost_sum += lost[l];
+            size_sum += size[l];
+        }
+        uint16_t high = to_bfloat16((float)norm_sum);
+        uint16_t rest = to_bfloat16((float)(norm_sum - (double)from_bfloat16(high)));
+        uint16_t one = to_bfloat16(1.0f);
+        for (int64_t j = d; j < width; j++) copy[j] = 0;
+        copy[d] = bank_side ? one : high;
+        copy[d + 1] = bank_side ? one : rest;
+        copy[d + 2] = bank_side ? high : one;
+        copy[d + 3] = bank_side ? rest : one;
+        norms[i] = (float)(sqrt(norm_sum) * (1.0 + 1e-6));
+        errors[i] = (float)((sqrt(lost_sum) + sqrt(size_sum) * 0x1p-23) * (1.0 + 1e-6)) + 1e-30f;
+    }
+}
+
+/* Exact k-nearest-neighbour search from a low-precision pass. For queries [0, n): row i of
+   `approx` (bfloat16 bits, stride ld, bank size m) holds, for every bank row j, the
+   low-precision product giving |q~ - b~_j|^2 (see extended_copies). Its error is at most
+       eps_ij = gamma (|q~_i| + |b~_j|)^2 + 2^-8 |approx_ij| + tiny,
+   and the true distance differs from |q~ - b~| by at most the copies' error norms
+   query_errors[i] + bank_error. From these bounds, every bank row that could be among the
+   k nearest is a candidate; candidates are ranked by float32 squared distances of the
+   original vectors (queries [n, d], bank [m, d]), ties to the lower index. Writes
+   distances [n, k] and indices [n, k] nearest first; returns the number of candidates. */
+int64_t rerank_neighbours(const float* queries, const float* bank, int64_t d, int64_t n,
+                          int64_t m, const uint16_t* approx, int64_t ld,
+                          const float* query_norms, const float* query_errors,
+                          float bank_norm, float bank_error, float gamma, int64_t k,
+                          float* scratch, int64_t* candidates, float* out_distances,
+                          int64_t* out_indices) {
+    int64_t total = 0;
+    const float output_rounding = 0x1p-8f;
+    for (int64_t i = 0; i < n; i++) {
+        const uint16_t* row = approx + i * ld;
+        float reach = query_norms[i] + bank_norm;
+        float fixed = gamma * reach * reach + 1e-30f;
+        float error = query_errors[i] + bank_error;
+        /* the k smallest approximate values (small sorted buffer); blocks of LANES values
+           whose minimum cannot enter the buffer are skipped whole */
+        float* smallest = scratch;
+        int64_t filled = 0;
+        for (int64_t j0 = 0; j0 < m; j0 += LANES) {
+            int lanes = m - j0 < LANES ? (int)(m - j0) : LANES;
+            float block[LANES];
+            float block_min = INFINITY;
+            for (int l = 0; l < lanes; l++) {
+                block[l] = from_bfloat16(row[j0 + l]);
+                block_min = block[l] < block_min ? block[l] : block_min;
+            }
+            if (filled == k && block_min >= smallest[k - 1]) continue;
+            for (int l = 0; l < lanes; l++) {
+                float value = block[l];
+                if (filled == k && value >= smallest[k - 1]) continue;
+                int64_t position = filled < k ? filled++ : k - 1;
+                while (position > 0 && smallest[position - 1] > value) {
+                    smallest[position] = smallest[position - 1];
+                    position--;
+                }
+                smallest[position] = value;
+            }
+        }
+        /* upper bound of the k-th nearest true distance, then the largest approximate value
+           whose lower bound can still reach it */
+        float kth = smallest[filled - 1];
+        float upper = sqrtf(kth + fixed + output_rounding * fabsf(kth)) + error;
+        float limit = ((upper + error) * (upper + error) * (1.0f + 0x1p-20f) + fixed) /
+                      (1.0f - output_rounding);
+        int64_t count = 0;
+        for (int64_t j0 = 0; j0 < m; j0 += LANES) {
+            int lanes = m - j0 < LANES ? (int)(m - j0) : LANES;
+            int any = 0;
+            for (int l = 0; l < lanes; l++) any |= from_bfloat16(row[j0 + l]) <= limit;
+            if (!any) continue;
+            for (int l = 0; l < lanes; l++)
+                if (from_bfloat16(row[j0 + l]) <= limit) candidates[count++] = j0 + l;
+        }
+        total += count;
+        /* exact ranking of the candidates */
+        float* best = out_distances + i * k;
+        int64_t* index = out_indices + i * k;
+        int64_t kept = 0;
+        const float* query = queries + i * d;
+        for (int64_t c = 0; c < count; c++) {
+            int64_t j = candidates[c];
+            float distance = fast_squared_distance(query, bank + j * d, d);
+            if (kept == k && (distance > best[k - 1] ||
+                              (distance == best[k - 1] && j > index[k - 1])))
+                continue;
+            int64_t position = kept < k ? kept++ : k - 1;
+            while (position > 0 && (best[position - 1] > distance ||
+                                    (best[position - 1] == distance && index[position - 1] > j))) {
+                best[position] = best[position - 1];
+                index[position] = index[position - 1];
+                position--;
+            }
+            best[position] = distance;
+            index[position] = j;
+        }
+    }
+    return total;
 }

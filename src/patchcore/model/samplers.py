@@ -256,16 +256,18 @@ def pruned_farthest_point_selection(
 ) -> torch.Tensor:
     """The same selections as `farthest_point_selection` (CPU), computed lazily.
 
-    Rows are grouped into tiles of `chunk_size` spatially close rows (seeded k-means). A
-    tile's largest minimum distance, once known, stays an upper bound while coreset points
-    are added, so a tile is brought up to date only when it could hold the next farthest
-    point, and then with all points added since, in one matrix product. Points that the
-    triangle inequality (tile centre and radius) shows cannot change the tile are dropped.
-    The product uses a bfloat16 copy of the rows (a float32 one where bfloat16 is not
-    faster); a pair is recomputed exactly whenever the product's rounding bound cannot
-    rule out a change of the row's minimum distance, so every minimum distance that decides
-    a selection is the exact one. `min_squared_distances` is not modified. `squared_norms`
-    is unused (kept for the signature shared with `farthest_point_selection`).
+    Rows are grouped into tiles of `chunk_size` consecutive rows (neighbouring patches of
+    an image). A tile's largest minimum distance, once known, stays an upper bound while
+    coreset points are added, so a tile is brought up to date only when it could hold the
+    next farthest point, and then with every point added since, in one matrix product
+    (compute-bound, where a sweep is bound by memory bandwidth). Points that the triangle
+    inequality (tile centre and radius) shows cannot change the tile are skipped. The
+    product uses bfloat16 copies of the rows centred on their tile (float32 copies where
+    the CPU lacks bfloat16 instructions); a pair is computed exactly whenever the
+    product's rounding bound cannot rule out that it lowers the row's minimum distance, so
+    every minimum distance that decides a selection is the exact one, and ties go to the
+    lowest row index as in the sweep. `min_squared_distances` is not modified;
+    `squared_norms` and `seed` are unused (kept for the shared signature).
     """
     del squared_norms
     features = features.float().contiguous()
@@ -274,9 +276,8 @@ def pruned_farthest_point_selection(
         return farthest_point_selection(
             features, features.square().sum(dim=1), min_squared_distances.clone(), num_samples
         )
-    threads = max(1, torch.get_num_threads())
-    selection = _LazyTiles(kernels, features, min_squared_distances, chunk_size, seed, threads)
-    return selection.run(num_samples)
+    del seed  # tiles are consecutive rows; kept for the signature
+    return _LazyTiles(kernels, features, min_squared_distances, chunk_size).run(num_samples)
 
 
 _PENDING_BATCH = 4096  # coreset points per matrix product
@@ -289,7 +290,7 @@ def _product_width(count: int) -> int:
     return int(_PRODUCT_WIDTHS[torch.searchsorted(_PRODUCT_WIDTHS, count)])
 
 
-def _bfloat16_is_fast() -> bool:
+def bfloat16_is_fast() -> bool:
     """bfloat16 products pay where the CPU has bfloat16 (AVX-512 BF16, AMX) instructions."""
     try:
         flags = open("/proc/cpuinfo").read()  # noqa: SIM115
@@ -302,18 +303,17 @@ class _LazyTiles:
     """State of a lazy, pruned farthest-point selection (see
     `pruned_farthest_point_selection`). Tile t holds rows order[edges[t]:edges[t + 1]]."""
 
-    def __init__(self, kernels, features, min_squared_distances, tile_size, seed, threads):
+    def __init__(self, kernels, features, min_squared_distances, tile_size):
         self.kernels = kernels
         self.features = features
         count, dimension = features.shape
         self.dimension = dimension
-        self.threads = threads
         self.minimum = min_squared_distances.detach().float().clone().contiguous()
         num_tiles = max(1, -(-count // tile_size))
         self.num_tiles = num_tiles
-        self.order = _spatial_order(features, num_tiles, seed)
+        self.order = torch.arange(count)  # tiles of consecutive rows: neighbouring patches
         self.edges = torch.tensor([count * tile // num_tiles for tile in range(num_tiles + 1)])
-        self.half = int(_bfloat16_is_fast())
+        self.half = int(bfloat16_is_fast())
         gamma = dimension * _UNIT_ROUNDOFF / (1 - dimension * _UNIT_ROUNDOFF)
         product_rounding = 2.0**-8 if self.half else 0.0
         # Bound of the product's error relative to (|x~|^2 + |c~|^2) / 2, with margin for
@@ -329,10 +329,7 @@ class _LazyTiles:
         self.argmax = numpy.empty(num_tiles, dtype=numpy.int64)
         self.stale = numpy.zeros(num_tiles, dtype=numpy.uint8)
         self.applied = [0] * num_tiles  # coreset points applied to each tile so far
-        parts = min(threads, num_tiles)
-        edges = [num_tiles * part // parts for part in range(parts + 1)]
-        with ThreadPoolExecutor(parts) as pool:
-            list(pool.map(lambda part: self._prepare(edges[part], edges[part + 1]), range(parts)))
+        self._prepare(0, num_tiles)
 
     @property
     def low_precision(self) -> torch.dtype:
@@ -351,45 +348,32 @@ class _LazyTiles:
     def run(self, num_samples: int) -> torch.Tensor:
         """Selects `num_samples` rows."""
         self.selected = torch.empty(num_samples, dtype=torch.long)
-        self.workers = [_TileWorker(self, num_samples) for _ in range(self.threads)]
+        worker = _TileWorker(self, num_samples)
         kernels, dimension, shrink = self.kernels, self.dimension, self.shrink
         features, row_bytes = self.features.data_ptr(), 4 * dimension
         centres, radii = self.centres.data_ptr(), self.radii.ctypes.data
         bounds, stale = self.bounds.ctypes.data, self.stale.ctypes.data
         argmax = self.argmax.ctypes.data
-        tiles = numpy.empty(self.threads, dtype=numpy.int64)
-        row = ctypes.c_int64()
+        tile, row = ctypes.c_int64(), ctypes.c_int64()
         previous_threads = torch.get_num_threads()
-        torch.set_num_threads(1)  # small products, one per thread; the threads share tiles
+        torch.set_num_threads(1)  # many small products: threads would only synchronise
         try:
-            with ThreadPoolExecutor(self.threads) as pool:
-                for step in track(range(num_samples), "Coreset subsampling"):
-                    while count := kernels.next_tiles(
-                        bounds, stale, argmax, self.num_tiles, self.threads, tiles.ctypes.data,
-                        ctypes.addressof(row),
-                    ):  # fmt: skip
-                        self._update(tiles[:count].tolist(), step, pool)
-                    self.selected[step] = row.value
-                    kernels.mark_stale(features + row.value * row_bytes, centres, radii, bounds,
-                                       self.num_tiles, dimension, shrink, stale)  # fmt: skip
+            for step in track(range(num_samples), "Coreset subsampling"):
+                while kernels.next_tiles(bounds, stale, argmax, self.num_tiles, 1,
+                                         ctypes.addressof(tile), ctypes.addressof(row)):  # fmt: skip
+                    worker.update(tile.value, step)
+                self.selected[step] = row.value
+                kernels.mark_stale(features + row.value * row_bytes, centres, radii, bounds,
+                                   self.num_tiles, dimension, shrink, stale)  # fmt: skip
         finally:
             torch.set_num_threads(previous_threads)
-        totals = [sum(values) for values in zip(*(worker.stats for worker in self.workers))]
-        self.stats = dict(zip(("updates", "pairs", "checks"), totals))
+        self.stats = dict(zip(("updates", "pairs", "checks"), worker.stats))
         LOGGER.debug("Lazy coreset: %s", self.stats)
         return self.selected
 
-    def _update(self, tiles: list[int], step: int, pool) -> None:
-        if len(tiles) == 1:
-            self.workers[0].update(tiles[0], step)
-            return
-        shares = [tiles[part :: self.threads] for part in range(self.threads)]
-        list(pool.map(lambda part: [self.workers[part].update(tile, step)
-                                    for tile in shares[part]], range(self.threads)))  # fmt: skip
-
 
 class _TileWorker:
-    """Brings tiles up to date (one thread's share, with its own scratch space)."""
+    """Brings tiles up to date, with its own scratch space."""
 
     def __init__(self, tiles: _LazyTiles, num_samples: int):
         self.tiles = tiles
@@ -443,34 +427,6 @@ class _TileWorker:
             self.stats[0] += 1
             self.stats[1] += rows * kept
             self.stats[2] += checks
-
-
-def _spatial_order(features: torch.Tensor, num_groups: int, seed: int) -> torch.Tensor:
-    """A permutation of the rows that puts nearby rows next to each other: rows sorted by
-    their nearest of `num_groups` seeded k-means centres (a few Lloyd steps on a sample,
-    products in bfloat16: the grouping only affects speed, never the selection)."""
-    if num_groups == 1:
-        return torch.arange(len(features))
-    generator = torch.Generator().manual_seed(seed + 2)
-    sample = features[torch.randperm(len(features), generator=generator)[:32768]]
-    centres = sample[:num_groups].clone()
-    for _ in range(4):
-        assignment = _nearest_centre(sample, centres)
-        sums = torch.zeros_like(centres).index_add_(0, assignment, sample)
-        counts = torch.bincount(assignment, minlength=len(centres))
-        used = counts > 0
-        centres[used] = sums[used] / counts[used, None]
-    assignment = torch.cat([_nearest_centre(block, centres) for block in features.split(_BLOCK)])
-    return torch.argsort(assignment, stable=True)
-
-
-def _nearest_centre(rows: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
-    """Index of each row's nearest centre: the largest x.c - |c|^2 / 2, as one product of
-    rows extended by a 1 and centres extended by -|c|^2 / 2."""
-    extended_rows = torch.ones(len(rows), rows.shape[1] + 1, dtype=torch.bfloat16)
-    extended_rows[:, :-1] = rows
-    extended_centres = torch.cat([centres, -0.5 * centres.square().sum(dim=1, keepdim=True)], 1)
-    return torch.mm(extended_rows, extended_centres.bfloat16().T).argmax(dim=1)
 
 
 def build_sampler(config: SamplerConfig):
