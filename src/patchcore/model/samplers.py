@@ -91,7 +91,7 @@ class GreedyCoresetSampler(IdentitySampler):
         squared_norms = projected.square().sum(dim=1)
         start_distances = self._starting_squared_distances(projected, squared_norms)
         count = self.num_samples(len(projected))
-        if projected.device.type == "cpu":
+        if projected.device.type == "cpu" and len(projected) > _PLAIN_SWEEP_ROWS:
             return pruned_farthest_point_selection(
                 projected, squared_norms, start_distances, count, self.seed
             )
@@ -163,6 +163,7 @@ def exact_squared_distances(features: torch.Tensor, point: torch.Tensor) -> torc
 
 
 _BLOCK = 16384  # rows per block where a full-size temporary would be needed otherwise
+_PLAIN_SWEEP_ROWS = 8192  # up to this many rows the plain sweep, in cache, is as fast
 _LANES = 16  # rows per transposed block of the compiled plain sweep
 
 
