@@ -380,12 +380,20 @@ def test_an_operator_session_in_headless_chromium(served_dashboard, dashboard_re
         open_expander(browser, session, "Score new images")
         type_text(browser, session, folder_input, "incoming/object_test")
         click(browser, session, '[data-testid="stButton"] button', "Score images")
-        text = wait_for_text(browser, session, f"{len(ensemble.scores)} scored,")
         run_scores = {
             f"{Path(path).parent.name}_{Path(path).name}": score
             for path, score in zip(ensemble.image_paths, ensemble.scores, strict=True)
         }
-        shown = [line for line in text.splitlines() if ".png · score " in line]
+        # The summary line comes before the image grid has rendered: wait for the captions.
+        deadline = time.monotonic() + 60
+        while True:
+            text = wait_for_text(browser, session, f"{len(ensemble.scores)} scored,")
+            shown = [line for line in text.splitlines() if ".png · score " in line]
+            if any(line.split(" · ")[0] in run_scores for line in shown):
+                break
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
         assert shown, "no scored image captions"
         for line in shown:
             name, _, value = line.partition(" · score ")

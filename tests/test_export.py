@@ -302,7 +302,9 @@ def test_onnx_graph_is_described_and_searches_in_bank_chunks(exported, calibrate
     products = [
         shapes[node.output[0]] for node in model.graph.node if node.op_type in ("Gemm", "MatMul")
     ]
-    distance_products = [shape for shape in products if isinstance(shape[0], str)]
+    # [patches, chunk] distance products (the maps' separable resizing and smoothing are
+    # batched [B, h, w] products)
+    distance_products = [s for s in products if len(s) == 2 and isinstance(s[0], str)]
     assert len(distance_products) == -(-bank_size // CHUNK)  # one per bank chunk
     assert all(shape[-1] <= CHUNK for shape in distance_products)  # never [patches x bank]
     initializers = {item.name: list(item.dims) for item in model.graph.initializer}

@@ -104,7 +104,7 @@ EQ7_BANK = torch.tensor([
 EQ7_QUERIES = torch.tensor([[0.0, 0.0, 0.0, 0.0], [20.0, 0.0, 0.0, 0.0]])
 
 
-@pytest.mark.parametrize("backend", ["torch", "faiss"])
+@pytest.mark.parametrize("backend", ["rerank", "torch", "faiss"])
 def test_eq7_weight_in_a_constructed_bank_is_the_hand_computed_one(backend):
     """Eq. 7 of the paper: s = (1 - exp|t - m*| / sum over N_b(m*) of exp|t - m|) * s*, with
     m* the bank feature nearest to the worst test patch t and N_b(m*) its b nearest bank
@@ -138,13 +138,30 @@ def _fitted(index, bank):
     return index
 
 
-def test_torch_and_faiss_backends_give_the_same_predictions(fitted):
-    torch_model = PatchCore(fitted.config, search=SearchConfig(backend="torch"))
-    torch_model.set_memory_bank(fitted.memory_bank)
+@pytest.mark.parametrize("backend", ["torch", "faiss"])
+def test_every_search_backend_gives_the_same_predictions(fitted, backend):
+    other = PatchCore(fitted.config, search=SearchConfig(backend=backend))
+    other.set_memory_bank(fitted.memory_bank)
     query = torch.rand(2, 3, 64, 64)
-    torch.testing.assert_close(
-        torch_model.predict(query).maps, fitted.predict(query).maps, rtol=1e-4, atol=1e-4
-    )
+    expected, predicted = other.predict(query), fitted.predict(query)
+    torch.testing.assert_close(predicted.scores, expected.scores, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(predicted.maps, expected.maps, rtol=1e-4, atol=1e-5)
+
+
+def test_fast_coreset_path_builds_the_plain_sweeps_bank(monkeypatch):
+    """Enough patches for the lazy selection (more than the plain sweep's small-input
+    limit): the fitted bank is bit-identical to the one the plain sweep selects."""
+    from patchcore.model import samplers
+
+    images = torch.rand(140, 3, 64, 64, generator=torch.Generator().manual_seed(4))
+    assert len(images) * 64 > samplers._PLAIN_SWEEP_ROWS  # 8x8 patches per image
+    batches = list(images.split(20))
+    fast = PatchCore(small_config())
+    fast.fit(batches)
+    monkeypatch.setattr(samplers, "_PLAIN_SWEEP_ROWS", 10**9)
+    plain = PatchCore(small_config())
+    plain.fit(batches)
+    assert torch.equal(fast.memory_bank, plain.memory_bank)
 
 
 def test_save_and_load_give_identical_predictions(tmp_path, fitted, random_images):

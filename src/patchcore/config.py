@@ -11,7 +11,7 @@ from patchcore.errors import ConfigurationError
 
 SAMPLER_NAMES = ("identity", "greedy_coreset", "approx_greedy_coreset")
 DISTANCES = ("squared_l2", "l2")
-SEARCH_BACKENDS = ("faiss", "torch")
+SEARCH_BACKENDS = ("rerank", "faiss", "torch")
 NORMALISATIONS = ("test_minmax", "normal_stats")
 EXPORT_FORMATS = ("torch", "onnx", "openvino")  # patchcore-export --format
 RUNTIMES = ("torch", "onnxruntime", "openvino")  # patchcore-predict --runtime
@@ -196,9 +196,14 @@ class PatchCoreConfig:
 
 @dataclass(frozen=True)
 class SearchConfig:
-    """How nearest neighbours are searched at run time (not part of the saved model)."""
+    """How nearest neighbours are searched at run time (not part of the saved model).
 
-    backend: str = "faiss"
+    All backends are exact. `rerank` (default): a bfloat16 product pass bounds every
+    distance and only possible neighbours are ranked in float32 (fastest on CPUs with
+    bfloat16 instructions; falls back to `faiss`, or to `torch` on a GPU, where it does not
+    apply). `faiss`: FAISS IndexFlatL2, as the reference. `torch`: matrix products."""
+
+    backend: str = "rerank"
     faiss_on_gpu: bool = False
     faiss_num_workers: int = 4
     query_chunk_size: int = 4096

@@ -28,9 +28,10 @@ from patchcore.config import RUNTIMES, SEARCH_BACKENDS
               help="Images per forward pass.")
 @click.option("--num_workers", type=int, default=4, show_default=True,
               help="Image-decoding processes.")
-@click.option("--nn_backend", type=click.Choice(SEARCH_BACKENDS), default="faiss",
+@click.option("--nn_backend", type=click.Choice(SEARCH_BACKENDS), default="rerank",
               show_default=True,
-              help="Exact nearest-neighbour search with FAISS or with torch matrix products.")
+              help="Exact nearest-neighbour search: bfloat16 pass with float32 re-ranking "
+                   "(rerank), FAISS (faiss) or torch matrix products (torch).")
 @click.option("--runtime", type=click.Choice(RUNTIMES), default=None,
               help="What runs MODEL: torch (model folders, .pth; the default), onnxruntime "
                    "(.onnx) or openvino (.xml, .onnx); default: by the file's kind.")

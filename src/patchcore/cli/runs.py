@@ -195,8 +195,9 @@ def _search_options(function):
         help="Threads FAISS searches with on the CPU.",
     )(function)  # fmt: skip
     return click.option(
-        "--nn_backend", type=click.Choice(SEARCH_BACKENDS), default="faiss", show_default=True,
-        help="Exact nearest-neighbour search with FAISS or with torch matrix products.",
+        "--nn_backend", type=click.Choice(SEARCH_BACKENDS), default="rerank", show_default=True,
+        help="Exact nearest-neighbour search: bfloat16 pass with float32 re-ranking (rerank), "
+        "FAISS (faiss) or torch matrix products (torch).",
     )(function)  # fmt: skip
 
 

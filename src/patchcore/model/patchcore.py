@@ -100,7 +100,8 @@ class PatchCore:
                 raise DataError("no training images: the memory bank would be empty")
             dimension = features.shape[1]
             extracted = time.perf_counter()
-            selected = sampler.select_projected(torch.cat(projected))
+            projected = torch.cat(projected)  # the per-batch parts are freed here
+            selected = sampler.select_projected(projected)
             del projected
             num_features = len(store)
             self.set_memory_bank(store.gather(selected).to(self.device))

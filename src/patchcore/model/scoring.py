@@ -13,7 +13,8 @@ the dashboard) scores through `score_features`, so a model scores the same where
 - An image's score is its largest patch score, optionally re-weighted by the paper's Eq. 7.
 - The anomaly map is the patch-score grid upsampled bilinearly to the image size, then
   smoothed by a Gaussian equal to `scipy.ndimage.gaussian_filter(map, sigma)` (truncate
-  4.0, mode 'reflect', i.e. edge-including mirror padding), done in torch on the maps' device.
+  4.0, mode 'reflect', i.e. edge-including mirror padding), done in torch on the maps' device
+  (both steps folded into one small matrix per axis).
 - Tiled inspection (`preprocessing.tile`): each tile's patch scores are upsampled to the
   tile's pixels and stitched into one map of the whole image, averaged where tiles overlap;
   the image score is the largest value of that stitched map, which is then smoothed.
@@ -125,14 +126,34 @@ def gaussian_blur(maps: torch.Tensor, sigma: float = DEFAULT_SIGMA) -> torch.Ten
     return smoothed.reshape(maps.shape[0], width, height).transpose(1, 2).contiguous()
 
 
+def resize_and_blur_matrix(
+    size_in: int, size_out: int, sigma: float, device: torch.device
+) -> torch.Tensor:
+    """[size_out, size_in] float32: the linear map of one axis that resizes bilinearly
+    (align_corners=False) and then smooths like `gaussian_blur` (plain float32 operations
+    only, so exported graphs keep working)."""
+    units = torch.eye(size_in, device=device)[:, None, :, None]
+    resized = F.interpolate(units, size=(size_out, 1), mode="bilinear", align_corners=False)
+    responses = resized[:, 0, :, 0]  # [size_in, size_out]: response to each unit score
+    if sigma > 0:
+        kernel = gaussian_kernel(sigma, device)
+        radius = (len(kernel) - 1) // 2
+        padded = responses.index_select(1, _mirror_indices(size_out, radius, device))
+        responses = F.conv1d(padded[:, None, :], kernel.view(1, 1, -1))[:, 0]
+    return responses.T.contiguous()
+
+
 def patch_scores_to_maps(
     patch_scores: torch.Tensor, size: tuple[int, int], sigma: float = DEFAULT_SIGMA
 ) -> torch.Tensor:
-    """patch_scores [B, h, w] -> anomaly maps [B, H, W] at the image size."""
-    upsampled = F.interpolate(
-        patch_scores.unsqueeze(1), size=size, mode="bilinear", align_corners=False
-    ).squeeze(1)
-    return gaussian_blur(upsampled, sigma)
+    """patch_scores [B, h, w] -> anomaly maps [B, H, W] at the image size: bilinear
+    upsampling then `gaussian_blur`. Both are linear and separable, so they are applied as
+    one matrix per axis, rows @ scores @ columns^T (equal to the two steps within float32
+    rounding, a few multiply-adds per pixel instead of a 33-tap blur per axis)."""
+    height, width = patch_scores.shape[-2:]
+    rows = resize_and_blur_matrix(height, size[0], sigma, patch_scores.device)
+    columns = resize_and_blur_matrix(width, size[1], sigma, patch_scores.device)
+    return rows @ patch_scores.float() @ columns.T
 
 
 # -------------------------------------------------------------------------- scoring
