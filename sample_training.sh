@@ -7,10 +7,12 @@
 # goes to RESULTS_PATH/MVTecAD_Results/<name>/ with results.csv and models/mvtec_<category>/.
 # CONFIG picks configurations by name (default: all), e.g. IM224_WR50_L2-3_P01_D1024-1024_PS-3_AN-1.
 # Set GPU=-1 to force the CPU (default GPU=0, which falls back to the CPU without CUDA).
+# Runs with $PYTHON (default python3), which must have patchcore installed: activate its
+# virtual environment first, or set e.g. PYTHON=.venv/bin/python.
 set -euo pipefail
 
 if [ $# -lt 1 ]; then
-  sed -n '2,9p' "$0"
+  sed -n '2,11p' "$0"
   exit 2
 fi
 datapath=$1
@@ -18,7 +20,13 @@ results=${2:-results}
 shift $(( $# >= 2 ? 2 : 1 ))
 selected=("$@")
 gpu=${GPU:-0}
+python=${PYTHON:-python3}
 here=$(cd "$(dirname "$0")" && pwd)
+if ! "$python" -c "import patchcore" 2>/dev/null; then
+  echo "error: '$python' cannot import patchcore; activate the virtual environment where it" \
+       "is installed or set PYTHON=/path/to/venv/bin/python" >&2
+  exit 2
+fi
 
 categories=(bottle cable capsule carpet grid hazelnut leather metal_nut pill screw tile toothbrush transistor wood zipper)
 dataset_flags=()
@@ -38,7 +46,7 @@ run() {
   local -n backbone_flags=$backbone
   local -n size_flags=$size
   echo "=== $name"
-  python "$here/bin/run_patchcore.py" --gpu "$gpu" --seed 0 --save_patchcore_model \
+  "$python" "$here/bin/run_patchcore.py" --gpu "$gpu" --seed 0 --save_patchcore_model \
     --log_group "$name" --log_project MVTecAD_Results "$results" \
     patch_core "${backbone_flags[@]}" --pretrain_embed_dimension 1024 \
       --target_embed_dimension "$target_dim" --anomaly_scorer_num_nn 1 --patchsize "$patchsize" \

@@ -32,9 +32,15 @@ import time
 import uuid
 from pathlib import Path
 
+import tables
+
 UNAVAILABLE = 3
 DIMENSION = 1024
 BLOCK_ROWS = 16384
+COLUMNS = [
+    ("storage", "{storage}"), ("outcome", "{outcome}"), ("peak MiB", "{peak_mib:.0f}"),
+    ("load s", "{load_s:.2f}"), ("score s", "{score_s:.2f}"), ("same scores", "{same}"),
+]  # fmt: skip
 
 
 # --------------------------------------------------------------------- cgroups
@@ -188,12 +194,11 @@ def main() -> None:
                           "reference": reference, "children": results}))  # fmt: skip
         return
     print(f"bank {args.bank_mib} MiB ({DIMENSION}-d), cgroup memory limit {args.limit_mib} MiB")
-    print(f"{'storage':>8}  {'outcome':>8}  {'peak MiB':>9}  {'load s':>7}  {'score s':>8}  "
-          "same scores")  # fmt: skip
-    for result in results:
-        print(f"{result['storage']:>8}  {result['outcome']:>8}  {result['peak_mib']:9.0f}  "
-              f"{result.get('load_s', float('nan')):7.2f}  {result.get('score_s', float('nan')):8.2f}"
-              f"  {result['scores_equal'] if result['returncode'] == 0 else '-'}")  # fmt: skip
+    table = [{**result, "load_s": result.get("load_s", float("nan")),
+              "score_s": result.get("score_s", float("nan")),
+              "same": result["scores_equal"] if result["returncode"] == 0 else "-"}
+             for result in results]  # fmt: skip
+    print(tables.format_table(COLUMNS, table))
 
 
 if __name__ == "__main__":

@@ -1,25 +1,41 @@
 #!/usr/bin/env python
-"""Fit and inference benchmark: this implementation against a straightforward baseline.
+"""Fit and inference benchmark: this implementation against a reference-structured baseline.
 
     python bench/bench_patchcore.py [--sizes 50 100 200] [--backbone wideresnet50]
-                                    [--real ROOT CATEGORY] [--test-images 20]
+        [--real ROOT CATEGORY] [--real-backbone efficientnet_lite0]
+        [--real-percentages 0.01 0.1] [--baseline-iterations N] [--test-images 20]
 
-For each training-set size it generates a synthetic MVTec-layout category, then runs each
-variant in its own process (so peak memory is that variant's alone):
-- `baseline`: the reference implementation's structure, built from this library's pieces:
-  all training features concatenated in float32, greedy coreset by full sweeps over all
-  projected features every iteration;
-- `patchcore`: this library's default path: streamed extraction and projection, features
-  kept in chunks (never concatenated), pruned farthest-point iterations.
-Both use the same configuration (IM224, layer2+layer3, 1024/1024, patch size 3,
-approximate greedy coreset 10 %, FAISS on the CPU) and must produce the same bank.
-Timings do not depend on the backbone's weights, so random weights are used unless
-`--pretrained` is given; AUROCs are only meaningful with pretrained weights.
+Rows: synthetic MVTec-layout texture categories of `--sizes` training images (10 % coreset,
+random backbone weights: timings do not depend on them), and with `--real` a real category
+at each of `--real-percentages` with the pretrained `--real-backbone` (hard data: textured
+surfaces whose features prune poorly). Each variant runs in its own process, so its peak
+memory is its own:
 
-Printed per variant: feature extraction, coreset and fit seconds, inference ms per image
-(batch 1), images/s, peak RSS, coverage radius (largest distance from a feature of the
-first 16 training images to its nearest bank feature, in the full feature space),
-image and pixel AUROC, and the ratios against the baseline measured in the same run.
+- `baseline`: the reference implementation's structure, built from this library's pieces.
+  Fit: every training feature concatenated in float32, projected, and the approximate
+  greedy coreset as the reference loops it (each iteration recomputes all squared norms
+  with batched products, takes square-rooted distances to the new point, concatenates them
+  to the running minima and takes the minimum). Inference: backbone; the reference's
+  aggregation (deeper layers' unfolded neighbourhoods bilinearly resized before pooling);
+  FAISS IndexFlatL2 through numpy; maps upsampled in torch and smoothed per map with
+  scipy.ndimage.gaussian_filter on numpy arrays. With `--baseline-iterations N` its coreset
+  loop is timed on its first N iterations only and extrapolated (every iteration does the
+  same work), and its bank is then the exact selection (marked `~` in the table).
+  The baseline process also times the plain sweep (`farthest_point_selection`: one exact
+  pass over all projected features per iteration, compiled, both cores) on the same
+  features for `SWEEP_ITERATIONS` iterations and extrapolates it: `sweep x` is that time
+  over the row's coreset time.
+- `patchcore`: this library's default path (`PatchCore.fit` / `predict`).
+- `whole-image` (real rows only): the same with `crop="none"`, the whole image with its
+  shorter side resized to 256 and its aspect ratio kept: the cost of inspecting whole images
+  instead of the centre 224 x 224 (its ratios are still against the cropped baseline).
+- `anomalib` (when installed, synthetic rows of `--anomalib-sizes` only).
+
+Printed per row: feature extraction, coreset and fit seconds, inference ms per image
+(batch 1, after one warm-up image), peak RSS, coverage radius (largest distance from a
+feature of the first 16 training images to its nearest bank feature), image and pixel
+AUROC, and ratios against the baseline measured in the same run (`infer x` is this row's
+time over the baseline's: lower is faster).
 """
 
 from __future__ import annotations
@@ -27,6 +43,8 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import math
+import platform
 import resource
 import subprocess
 import sys
@@ -34,39 +52,194 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+import tables
 import torch
+import torch.nn.functional as F
 
 from patchcore.cli.common import CommonOptions, configure_process
 from patchcore.config import PatchCoreConfig, PreprocessingConfig, SamplerConfig
 from patchcore.data.datasets import ImageDataset, list_samples
-from patchcore.evaluation.metrics import compute_metrics
-from patchcore.model.patchcore import PatchCore
-from patchcore.model.samplers import build_sampler, farthest_point_selection
 from patchcore.data.synthetic import SyntheticSpec, generate_category
+from patchcore.evaluation.metrics import compute_metrics
+from patchcore.model.features import patch_grid_size
+from patchcore.model.patchcore import PatchCore
+from patchcore.model.samplers import (
+    build_sampler,
+    farthest_point_selection,
+    pruned_farthest_point_selection,
+)
+from patchcore.model.search import FaissNearestNeighbours
 
-VARIANTS = ("baseline", "patchcore", "anomalib")
+VARIANTS = ("baseline", "patchcore", "whole-image", "anomalib")
 COVERAGE_IMAGES = 16
+SWEEP_ITERATIONS = 30
+BATCH_SIZE = 8
 
 
-def baseline_fit(model: PatchCore, loader) -> tuple[float, float]:
-    """Reference-style fit: concatenate every feature, full-sweep greedy coreset."""
+# ---------------------------------------------------------------- reference structure
+def reference_coreset(projected: torch.Tensor, sampler, count: int, iterations: int):
+    """The reference's approximate greedy loop: each iteration recomputes all squared norms
+    with batched products, takes square-rooted distances to the new point, concatenates
+    them to the running minima and takes the minimum. Runs `iterations` of `count`
+    iterations; returns (seconds extrapolated to `count`, the selection if complete)."""
+
+    def distances(matrix_a, matrix_b):
+        a_times_a = matrix_a.unsqueeze(1).bmm(matrix_a.unsqueeze(2)).reshape(-1, 1)
+        b_times_b = matrix_b.unsqueeze(1).bmm(matrix_b.unsqueeze(2)).reshape(1, -1)
+        a_times_b = matrix_a.mm(matrix_b.T)
+        return (-2 * a_times_b + a_times_a + b_times_b).clamp(0, None).sqrt()
+
+    start = time.perf_counter()
+    generator = torch.Generator().manual_seed(sampler.seed + 1)
+    starts = torch.randperm(len(projected), generator=generator)[: sampler.num_starting_points]
+    minimum = distances(projected, projected[starts]).mean(dim=-1).reshape(-1, 1)
+    selected = []
+    for _ in range(iterations):
+        index = torch.argmax(minimum).item()
+        selected.append(index)
+        new = distances(projected, projected[index : index + 1])
+        minimum = torch.min(torch.cat([minimum, new], dim=-1), dim=1).values.reshape(-1, 1)
+    seconds = (time.perf_counter() - start) * count / max(1, iterations)
+    return seconds, (torch.tensor(selected) if iterations == count else None)
+
+
+def plain_sweep_seconds(projected: torch.Tensor, sampler, count: int) -> float:
+    """The plain sweep on these features, timed over SWEEP_ITERATIONS and extrapolated."""
+    norms = projected.square().sum(dim=1)
+    minimum = sampler._starting_squared_distances(projected, norms)
+    iterations = min(count, SWEEP_ITERATIONS)
+    farthest_point_selection(projected, norms, minimum.clone(), 2)  # warm-up
+    start = time.perf_counter()
+    farthest_point_selection(projected, norms, minimum, iterations)
+    return (time.perf_counter() - start) * count / iterations
+
+
+def baseline_fit(model: PatchCore, loader, iterations: int | None) -> dict:
+    """Reference-structured fit (see the module docstring); returns its figures."""
     start = time.perf_counter()
     features = torch.cat([model.embed(batch["image"])[0] for batch in loader])
     extracted = time.perf_counter()
     sampler = build_sampler(model.config.sampler)
     projected = sampler.project(features)
-    norms = projected.square().sum(dim=1)
-    starts = sampler._starting_squared_distances(projected, norms)
     count = sampler.num_samples(len(projected))
-    selected = farthest_point_selection(projected, norms, starts, count)
+    projected_s = time.perf_counter() - extracted
+    capped = iterations is not None and iterations < count
+    loop_s, selected = reference_coreset(projected, sampler, count,
+                                         iterations if capped else count)  # fmt: skip
+    if selected is None:  # capped: the bank of the exact selection (the same algorithm)
+        norms = projected.square().sum(dim=1)
+        starts = sampler._starting_squared_distances(projected, norms)
+        selected = pruned_farthest_point_selection(projected, norms, starts, count)
+    gather_start = time.perf_counter()
     model.set_memory_bank(features[selected])
-    return extracted - start, time.perf_counter() - extracted
+    gather_s = time.perf_counter() - gather_start
+    return {
+        "extract_s": extracted - start,
+        "coreset_s": projected_s + loop_s + gather_s,
+        "estimated": capped,
+        "sweep_s": plain_sweep_seconds(projected, sampler, count),
+    }
 
 
-def library_fit(model: PatchCore, loader) -> tuple[float, float]:
-    """The library's own fit, which times its two phases."""
-    model.fit(loader)
-    return model.fit_seconds["extraction"], model.fit_seconds["subsampling"]
+class ReferenceStructuredScorer:
+    """The reference implementation's inference structure around this library's backbone
+    and memory bank (see the module docstring)."""
+
+    def __init__(self, model: PatchCore) -> None:
+        self.model = model
+        self.config = model.config
+        self.index = FaissNearestNeighbours(num_workers=torch.get_num_threads())
+        self.index.fit(model.memory_bank)
+
+    def _aggregate(self, feature_maps: list[torch.Tensor]) -> tuple[torch.Tensor, tuple]:
+        """Unfold every layer; resize the deeper layers' unfolded neighbourhoods to the first
+        layer's grid; pool each layer to the pretrain dimension, then all to the target."""
+        patchsize, stride = self.config.patchsize, self.config.patchstride
+        padding = (patchsize - 1) // 2
+        patches, grids = [], []
+        for feature_map in feature_maps:
+            unfolded = F.unfold(feature_map, patchsize, padding=padding, stride=stride)
+            grids.append([patch_grid_size(s, patchsize, stride) for s in feature_map.shape[-2:]])
+            unfolded = unfolded.reshape(*feature_map.shape[:2], patchsize, patchsize, -1)
+            patches.append(unfolded.permute(0, 4, 1, 2, 3))  # [B, h*w, C, p, p]
+        grid = tuple(grids[0])
+        for layer in range(1, len(patches)):
+            batch, _, channels = patches[layer].shape[:3]
+            resized = patches[layer].reshape(batch, *grids[layer], channels, patchsize, patchsize)
+            resized = resized.permute(0, 3, 4, 5, 1, 2).reshape(-1, *grids[layer])
+            resized = F.interpolate(resized.unsqueeze(1), size=grid, mode="bilinear",
+                                    align_corners=False).squeeze(1)  # fmt: skip
+            resized = resized.reshape(batch, channels, patchsize, patchsize, *grid)
+            patches[layer] = resized.permute(0, 4, 5, 1, 2, 3).reshape(
+                batch, -1, channels, patchsize, patchsize
+            )
+        pooled = torch.stack([
+            F.adaptive_avg_pool1d(p.reshape(-1, 1, p[0, 0].numel()),
+                                  self.config.pretrain_embed_dimension).squeeze(1)
+            for p in patches
+        ], dim=1)  # fmt: skip
+        features = F.adaptive_avg_pool1d(pooled.reshape(len(pooled), 1, -1),
+                                         self.config.target_embed_dimension)  # fmt: skip
+        return features.reshape(len(features), -1), grid
+
+    @torch.inference_mode()
+    def predict(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        from scipy import ndimage
+
+        features, grid = self._aggregate(self.model.embedder.extractor(images.float()))
+        query = np.ascontiguousarray(features.cpu().numpy())
+        distances, _ = self.index.index.search(query, self.config.num_nn)
+        patch_scores = np.mean(distances, axis=-1).reshape(len(images), -1)
+        maps = F.interpolate(torch.from_numpy(patch_scores.reshape(len(images), 1, *grid)),
+                             size=tuple(images.shape[-2:]), mode="bilinear",
+                             align_corners=False).squeeze(1).numpy()  # fmt: skip
+        maps = np.stack([ndimage.gaussian_filter(single, sigma=4) for single in maps])
+        return patch_scores.max(axis=1), maps
+
+
+# ----------------------------------------------------------------------- measurement
+def run_variant(args, variant: str, root: str, category: str, percentage: float) -> dict:
+    """One measurement, in this process; returns the figures as a dict."""
+    crop = "none" if variant == "whole-image" else "center"
+    preprocessing = PreprocessingConfig(256, 224, crop=crop)
+    layers = (("_blocks.4", "_blocks.10") if args.backbone == "efficientnet_lite0"
+              else ("layer2", "layer3"))  # fmt: skip
+    config = PatchCoreConfig(
+        backbone_name=args.backbone, layers=layers, pretrained=args.pretrained,
+        preprocessing=preprocessing, sampler=SamplerConfig("approx_greedy_coreset", percentage),
+    )  # fmt: skip
+    root_path = Path(root)
+    train = ImageDataset(list_samples(root_path, category, "train"), preprocessing)
+    loader = torch.utils.data.DataLoader(train, batch_size=BATCH_SIZE, num_workers=1)
+    model = PatchCore(config)
+    figures = {"variant": variant, "train_images": len(train), "percentage": percentage,
+               "sweep_s": math.nan}  # fmt: skip
+    if variant == "baseline":
+        figures.update(baseline_fit(model, loader, args.baseline_iterations))
+        predict = ReferenceStructuredScorer(model).predict
+    else:
+        model.fit(loader)
+        figures.update(extract_s=model.fit_seconds["extraction"],
+                       coreset_s=model.fit_seconds["subsampling"], estimated=False)  # fmt: skip
+
+        def predict(image):
+            prediction = model.predict(image)
+            return prediction.scores.numpy(), prediction.maps.numpy()
+
+    items = _test_items(root_path, category, preprocessing, args.test_images)
+    predict(items[0]["image"][None])  # warm-up
+    start = time.perf_counter()
+    outputs = [predict(item["image"][None]) for item in items]
+    infer_s = (time.perf_counter() - start) / len(items)
+    metrics = compute_metrics(  # maps and masks as lists: whole images differ in size
+        torch.from_numpy(np.concatenate([scores for scores, _ in outputs])),
+        torch.tensor([item["is_anomaly"] for item in items]),
+        [torch.from_numpy(maps[0]) for _, maps in outputs],
+        [item["mask"][0] > 0.5 for item in items],
+    )
+    return _figures(figures, infer_s, coverage_radius(model, train), len(model.memory_bank),
+                    metrics)  # fmt: skip
 
 
 def run_anomalib(root: Path, category: str, pretrained: bool, test_images: int) -> dict:
@@ -83,7 +256,7 @@ def run_anomalib(root: Path, category: str, pretrained: bool, test_images: int) 
     model = PatchcoreModel(layers=["layer2", "layer3"], backbone="wide_resnet50_2",
                            pre_trained=pretrained, num_neighbors=9)  # fmt: skip
     train = ImageDataset(list_samples(root, category, "train"), preprocessing)
-    loader = torch.utils.data.DataLoader(train, batch_size=8, num_workers=1)
+    loader = torch.utils.data.DataLoader(train, batch_size=BATCH_SIZE, num_workers=1)
     model.train()
     start = time.perf_counter()
     with torch.no_grad():
@@ -105,22 +278,16 @@ def run_anomalib(root: Path, category: str, pretrained: bool, test_images: int) 
         torch.cat([o.anomaly_map.reshape(1, 224, 224) for o in outputs]),
         torch.stack([item["mask"][0] > 0.5 for item in items]),
     )
-    return _figures("anomalib", len(train), extracted - start, coreset_done - extracted,
-                    infer_s, float("nan"), len(model.memory_bank), metrics)  # fmt: skip
+    figures = {"variant": "anomalib", "train_images": len(train), "percentage": 0.1,
+               "extract_s": extracted - start, "coreset_s": coreset_done - extracted,
+               "estimated": False, "sweep_s": math.nan}  # fmt: skip
+    return _figures(figures, infer_s, math.nan, len(model.memory_bank), metrics)
 
 
-def _test_items(root: Path, category: str, preprocessing, count: int) -> list[dict]:
-    samples = list_samples(root, category, "test")
-    step = max(1, len(samples) // count)
-    test = ImageDataset(samples[::step][:count], preprocessing)
-    return [test[i] for i in range(len(test))]
-
-
-def _figures(variant, train_images, extract_s, coreset_s, infer_s, radius, bank, metrics) -> dict:
+def _figures(figures: dict, infer_s: float, radius: float, bank: int, metrics: dict) -> dict:
     return {
-        "variant": variant, "train_images": train_images, "extract_s": extract_s,
-        "coreset_s": coreset_s, "fit_s": extract_s + coreset_s, "infer_ms": infer_s * 1e3,
-        "images_per_s": 1.0 / infer_s,
+        **figures, "fit_s": figures["extract_s"] + figures["coreset_s"],
+        "infer_ms": infer_s * 1e3,
         "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
         "coverage_radius": radius, "bank": int(bank),
         "image_auroc": metrics["instance_auroc"], "pixel_auroc": metrics["full_pixel_auroc"],
@@ -131,142 +298,176 @@ def coverage_radius(model: PatchCore, train: ImageDataset) -> float:
     """Largest distance from the features of the first COVERAGE_IMAGES training images
     to the memory bank, in the full feature space."""
     subset = torch.utils.data.Subset(train, range(min(COVERAGE_IMAGES, len(train))))
-    loader = torch.utils.data.DataLoader(subset, batch_size=8)
+    loader = torch.utils.data.DataLoader(subset, batch_size=BATCH_SIZE)
     features = torch.cat([model.embed(batch["image"])[0] for batch in loader])
     squared, _ = model.index.search(features, 1)
     return float(squared.max().sqrt())
 
 
-def run_variant(variant: str, data_root: str, category: str, backbone: str, pretrained: bool,
-                test_images: int) -> dict:  # fmt: skip
-    """One measurement, in this process; returns the figures as a dict."""
-    preprocessing = PreprocessingConfig(256, 224)
-    layers = (
-        ("_blocks.4", "_blocks.10") if backbone == "efficientnet_lite0" else ("layer2", "layer3")
-    )
-    config = PatchCoreConfig(
-        backbone_name=backbone, layers=layers, pretrained=pretrained,
-        preprocessing=preprocessing, sampler=SamplerConfig("approx_greedy_coreset", 0.1),
-    )  # fmt: skip
-    root = Path(data_root)
-    train = ImageDataset(list_samples(root, category, "train"), preprocessing)
-    loader = torch.utils.data.DataLoader(train, batch_size=8, num_workers=1)
-    model = PatchCore(config)
-    fit = baseline_fit if variant == "baseline" else library_fit
-    extract_s, coreset_s = fit(model, loader)
-    items = _test_items(root, category, preprocessing, test_images)
-    model.predict(items[0]["image"][None])  # warm-up
-    start = time.perf_counter()
-    predictions = [model.predict(item["image"][None]) for item in items]
-    infer_s = (time.perf_counter() - start) / len(items)
-    metrics = compute_metrics(
-        torch.cat([p.scores for p in predictions]),
-        torch.tensor([item["is_anomaly"] for item in items]),
-        torch.cat([p.maps for p in predictions]),
-        torch.stack([item["mask"][0] > 0.5 for item in items]),
-    )
-    radius = coverage_radius(model, train)
-    return _figures(variant, len(train), extract_s, coreset_s, infer_s, radius,
-                    len(model.memory_bank), metrics)  # fmt: skip
+def _test_items(root: Path, category: str, preprocessing, count: int) -> list[dict]:
+    samples = list_samples(root, category, "test")
+    step = max(1, len(samples) // count)
+    test = ImageDataset(samples[::step][:count], preprocessing)
+    return [test[i] for i in range(len(test))]
 
 
-def measure_in_subprocess(variant: str, root: Path, category: str, args) -> dict:
+# ------------------------------------------------------------------------- the table
+def measure_in_subprocess(variant: str, dataset: dict, args) -> dict:
     command = [
-        sys.executable, __file__, "--worker", variant, str(root), category,
-        "--backbone", args.backbone, "--test-images", str(args.test_images),
-    ] + (["--pretrained"] if args.pretrained else [])  # fmt: skip
+        sys.executable, __file__, "--worker", variant, str(dataset["root"]),
+        dataset["category"], str(dataset["percentage"]), "--backbone", dataset["backbone"],
+        "--test-images", str(args.test_images),
+    ] + (["--pretrained"] if dataset["pretrained"] else []) + (
+        ["--baseline-iterations", str(args.baseline_iterations)]
+        if args.baseline_iterations else []
+    )  # fmt: skip
     completed = subprocess.run(command, capture_output=True, text=True, check=False)
     if completed.returncode != 0:
         raise SystemExit(f"{variant} failed:\n{completed.stderr[-3000:]}")
     return json.loads(completed.stdout.strip().splitlines()[-1])
 
 
+COLUMNS = [
+    ("data", "{data}"), ("train", "{train_images}"), ("%", "{percentage:.0%}"),
+    ("variant", "{variant}"), ("extract s", "{extract_s:.1f}"), ("coreset s", "{coreset}"),
+    ("coreset x", "{coreset_speedup}"), ("sweep x", "{sweep_speedup}"),
+    ("fit s", "{fit}"), ("infer ms", "{infer_ms:.0f}"), ("infer x", "{infer_ratio:.2f}"),
+    ("peak GiB", "{peak_rss_gib:.2f}"), ("mem x", "{memory_ratio:.2f}"),
+    ("radius", "{coverage_radius:.4g}"), ("radius x", "{radius_ratio:.4f}"),
+    ("img AUROC", "{image_auroc:.3f}"), ("px AUROC", "{pixel_auroc:.3f}"),
+]  # fmt: skip
+
+
 def format_table(rows: list[dict]) -> str:
-    columns = [
-        ("data", "{data}"), ("train", "{train_images}"), ("variant", "{variant}"),
-        ("extract s", "{extract_s:.1f}"), ("coreset s", "{coreset_s:.1f}"),
-        ("fit s", "{fit_s:.1f}"), ("fit x", "{fit_speedup:.2f}"),
-        ("coreset x", "{coreset_speedup:.2f}"), ("infer ms", "{infer_ms:.0f}"),
-        ("img/s", "{images_per_s:.2f}"), ("peak GiB", "{peak_rss_gib:.2f}"),
-        ("mem x", "{memory_ratio:.2f}"), ("radius", "{coverage_radius:.4g}"),
-        ("radius x", "{radius_ratio:.4f}"), ("img AUROC", "{image_auroc:.3f}"),
-        ("px AUROC", "{pixel_auroc:.3f}"),
-    ]  # fmt: skip
-    cells = [[title for title, _ in columns]] + [
-        [template.format(**row) for _, template in columns] for row in rows
-    ]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
-    lines = ["  ".join(cell.rjust(width) for cell, width in zip(row, widths)) for row in cells]
-    lines.insert(1, "-" * len(lines[0]))
-    return "\n".join(lines)
+    return tables.format_table(COLUMNS, rows)
 
 
 def with_ratios(baseline: dict, row: dict) -> dict:
+    """Ratios against the baseline of the same data; `~` marks extrapolated times."""
+    mark = "~" if baseline["estimated"] else ""
+    own_mark = "~" if row["estimated"] else ""
+    speedup = baseline["coreset_s"] / row["coreset_s"]
     return {
         **row,
-        "fit_speedup": baseline["fit_s"] / row["fit_s"],
-        "coreset_speedup": baseline["coreset_s"] / row["coreset_s"],
+        "coreset": f"{own_mark}{row['coreset_s']:.1f}", "fit": f"{own_mark}{row['fit_s']:.1f}",
+        "coreset_speedup": f"{mark}{speedup:.1f}",
+        "sweep_speedup": f"~{baseline['sweep_s'] / row['coreset_s']:.1f}",
+        "infer_ratio": row["infer_ms"] / baseline["infer_ms"],
         "memory_ratio": row["peak_rss_gib"] / baseline["peak_rss_gib"],
         "radius_ratio": row["coverage_radius"] / baseline["coverage_radius"],  # NaN: anomalib
-    }
+    }  # fmt: skip
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--sizes", type=int, nargs="*", default=[50, 100, 200])
-    parser.add_argument("--backbone", default="wideresnet50")
-    parser.add_argument("--pretrained", action="store_true")
+    parser.add_argument(
+        "--sizes",
+        type=int,
+        nargs="*",
+        default=[50, 100, 200],
+        help="synthetic categories' training-set sizes (10 %% coreset)",
+    )
+    parser.add_argument("--backbone", default="wideresnet50", help="backbone of synthetic rows")
+    parser.add_argument(
+        "--pretrained",
+        action="store_true",
+        help="pretrained weights for the synthetic rows (random otherwise)",
+    )
+    parser.add_argument(
+        "--real",
+        nargs=2,
+        metavar=("ROOT", "CATEGORY"),
+        help="a real MVTec-layout category, e.g. ../shared/datasets magnetic_tile",
+    )
+    parser.add_argument(
+        "--real-backbone",
+        default="efficientnet_lite0",
+        help="backbone of the real rows (pretrained weights)",
+    )
+    parser.add_argument("--real-percentages", type=float, nargs="+", default=[0.01, 0.1])
+    parser.add_argument(
+        "--baseline-iterations",
+        type=int,
+        help="time only this many iterations of the baseline's coreset loop "
+        "and extrapolate (marked ~)",
+    )
     parser.add_argument("--test-images", type=int, default=20)
-    parser.add_argument("--real", nargs=2, metavar=("ROOT", "CATEGORY"))
-    parser.add_argument("--anomalib-sizes", type=int, nargs="*", default=[50],
-                        help="sizes at which anomalib is measured (its coreset is slow)")  # fmt: skip
+    parser.add_argument(
+        "--anomalib-sizes",
+        type=int,
+        nargs="*",
+        default=[50],
+        help="sizes at which anomalib is measured (its coreset is slow)",
+    )
     parser.add_argument(
         "--variants",
         nargs="+",
         choices=VARIANTS,
         help="default: baseline and patchcore, plus anomalib when installed",
     )
-    parser.add_argument("--worker", nargs=3, metavar=("VARIANT", "ROOT", "CATEGORY"),
+    parser.add_argument("--worker", nargs=4, metavar=("VARIANT", "ROOT", "CATEGORY", "PCT"),
                         help=argparse.SUPPRESS)  # fmt: skip
     args = parser.parse_args()
-    if args.variants is None:
-        with_anomalib = importlib.util.find_spec("anomalib") is not None
-        args.variants = list(VARIANTS) if with_anomalib else list(VARIANTS[:2])
-        if not with_anomalib:
-            print("anomalib is not installed: its PatchCore is not measured", flush=True)
     if args.worker:
         configure_process(CommonOptions())  # the same process set-up as the commands
-        variant, root, category = args.worker
+        variant, root, category, percentage = args.worker
         if variant == "anomalib":
             result = run_anomalib(Path(root), category, args.pretrained, args.test_images)
         else:
-            result = run_variant(variant, root, category, args.backbone, args.pretrained,
-                                 args.test_images)  # fmt: skip
+            result = run_variant(args, variant, root, category, float(percentage))
         print(json.dumps(result))
         return
-    datasets = []
+    if args.variants is None:
+        with_anomalib = importlib.util.find_spec("anomalib") is not None
+        args.variants = [v for v in VARIANTS if v != "anomalib" or with_anomalib]
+        if not with_anomalib:
+            print("anomalib is not installed: its PatchCore is not measured", flush=True)
+    rows = []
     with tempfile.TemporaryDirectory() as temporary:
+        datasets = []
         for size in args.sizes:
             spec = SyntheticSpec(num_train=size, num_test_good=10, num_test_defective_per_type=4)
             generate_category(Path(temporary) / f"n{size}", "texture", spec)
-            datasets.append(("synthetic", Path(temporary) / f"n{size}", "texture", size))
-        if args.real:
-            datasets.append((args.real[1], Path(args.real[0]), args.real[1], None))
-        rows = []
-        for name, root, category, size in datasets:
-            variants = [v for v in args.variants if v != "anomalib" or size in args.anomalib_sizes]
-            measured = {v: measure_in_subprocess(v, root, category, args) for v in variants}
+            datasets.append(
+                {
+                    "data": "synthetic",
+                    "root": Path(temporary) / f"n{size}",
+                    "category": "texture",
+                    "percentage": 0.1,
+                    "size": size,
+                    "backbone": args.backbone,
+                    "pretrained": args.pretrained,
+                }
+            )
+        for percentage in args.real_percentages if args.real else []:
+            datasets.append(
+                {
+                    "data": args.real[1],
+                    "root": Path(args.real[0]),
+                    "category": args.real[1],
+                    "percentage": percentage,
+                    "size": None,
+                    "backbone": args.real_backbone,
+                    "pretrained": True,
+                }
+            )
+        for dataset in datasets:
+            variants = [
+                v
+                for v in args.variants
+                if (v != "anomalib" or dataset["size"] in args.anomalib_sizes)
+                and (v != "whole-image" or dataset["size"] is None)
+            ]
+            measured = {v: measure_in_subprocess(v, dataset, args) for v in variants}
             reference = measured.get("baseline", next(iter(measured.values())))
             for row in measured.values():
-                rows.append({"data": name, **with_ratios(reference, row)})
-                print(format_table(rows), flush=True)
-                print()
-    import platform
-
-    cores = torch.get_num_threads()
-    print(f"machine: {platform.processor() or platform.machine()}, {cores} torch threads, "
-          f"torch {torch.__version__}, backbone {args.backbone} "
-          f"({'pretrained' if args.pretrained else 'random'} weights)")  # fmt: skip
+                rows.append({"data": dataset["data"], **with_ratios(reference, row)})
+            print(format_table(rows), flush=True)
+            print(flush=True)
+    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} "
+          f"torch threads, torch {torch.__version__}; synthetic rows: {args.backbone} "
+          f"({'pretrained' if args.pretrained else 'random'} weights); real rows: "
+          f"{args.real_backbone} (pretrained weights)")  # fmt: skip
 
 
 if __name__ == "__main__":

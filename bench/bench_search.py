@@ -13,19 +13,24 @@ build seconds, index size, search milliseconds per image (the k-NN calls only) a
 speed-up against exact search, recall@1 of the nearest bank feature against exact search (the first variant),
 image AUROC, pixel AUROC and PRO, and their differences from exact in points.
 
-A variant is `kind[:name=value,...]` with IndexConfig fields, e.g. `ivfpq:pq_m=128,nprobe=16`.
+A variant is `kind[:name=value,...]` with IndexConfig fields, e.g. `ivfpq:pq_m=128,nprobe=16`,
+or, for exact search, the backend: `exact:backend=faiss` (default: the library's default,
+`rerank`). Neighbour distances are recomputed from the bank vectors by the scorer for every
+variant, as in the library, so only the neighbours found differ.
 """
 
 from __future__ import annotations
 
 import argparse
 import platform
+import resource
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+import tables
 from patchcore.cli.common import CommonOptions, configure_process
 from patchcore.config import (
     IndexConfig,
@@ -44,13 +49,25 @@ from patchcore.model.serialization import load_models, save_models
 from patchcore.progress import track
 
 
-def parse_variant(text: str) -> tuple[str, IndexConfig]:
+COLUMNS = [
+    ("variant", "{variant}"), ("build s", "{build:.1f}"), ("index MiB", "{mib:.1f}"),
+    ("ms/img", "{ms:.1f}"), ("speed x", "{speed:.2f}"), ("recall@1", "{recall:.4f}"),
+    ("img AUROC", "{img:.2f}"), ("d img", "{d_img:+.2f}"), ("px AUROC", "{px:.2f}"),
+    ("d px", "{d_px:+.2f}"), ("PRO", "{pro:.2f}"), ("d PRO", "{d_pro:+.2f}"),
+]  # fmt: skip
+
+
+def parse_variant(text: str) -> tuple[str, IndexConfig, str]:
+    """(name, index configuration, exact-search backend) of a `--variants` entry."""
     kind, _, settings = text.partition(":")
-    values = {}
+    values, backend = {}, SearchConfig().backend
     for item in filter(None, settings.split(",")):
         name, _, value = item.partition("=")
-        values[name] = int(value)
-    return text, IndexConfig(kind=kind, **values)
+        if name == "backend":
+            backend = value
+        else:
+            values[name] = int(value)
+    return text, IndexConfig(kind=kind, **values), backend
 
 
 @dataclass
@@ -81,8 +98,9 @@ class Variant:
         return distances, indices
 
 
-def build_variant(name: str, config: IndexConfig, bank: torch.Tensor, threads: int) -> Variant:
-    search = SearchConfig(faiss_num_workers=threads)
+def build_variant(name: str, config: IndexConfig, backend: str, bank: torch.Tensor,
+                  threads: int) -> Variant:  # fmt: skip
+    search = SearchConfig(backend=backend, faiss_num_workers=threads)
     index = build_bank_index(config, search, torch.device("cpu"))
     start = time.perf_counter()
     index.fit(bank)
@@ -120,7 +138,8 @@ def main() -> None:
     parser.add_argument("--sampler", default="approx_greedy_coreset")
     parser.add_argument("-p", "--percentage", type=float, default=0.1)
     parser.add_argument("--model_dir", default=None, help="cache of the fitted model")
-    parser.add_argument("--variants", nargs="+", default=["exact", "ivf", "ivfpq", "hnsw"])
+    parser.add_argument("--variants", nargs="+",
+                        default=["exact", "exact:backend=faiss", "ivf", "ivfpq", "hnsw"])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--test_images", type=int, default=None, help="first N test images")
@@ -130,10 +149,10 @@ def main() -> None:
 
     model = fitted_model(args)
     bank = model.memory_bank
-    if args.variants[0] != "exact":
+    if args.variants[0].partition(":")[0] != "exact":
         parser.error("the first variant must be exact: it is the reference of the others")
-    variants = [build_variant(name, config, bank, args.threads)
-                for name, config in map(parse_variant, args.variants)]  # fmt: skip
+    variants = [build_variant(name, config, backend, bank, args.threads)
+                for name, config, backend in map(parse_variant, args.variants)]  # fmt: skip
 
     samples = list_samples(Path(args.root), args.category, "test")[: args.test_images]
     loader = torch.utils.data.DataLoader(
@@ -165,24 +184,20 @@ def main() -> None:
           f"({model.config.backbone_name}, {model.config.sampler.name} "
           f"{model.config.sampler.percentage:g}); {platform.machine()} "
           f"{args.threads} threads, torch {torch.__version__}")  # fmt: skip
-    header = ("variant", "build s", "index MiB", "ms/img", "speed x", "recall@1",
-              "img AUROC", "d img", "px AUROC", "d px", "PRO", "d PRO")  # fmt: skip
-    first = max(len(variant.name) for variant in variants)
-    print("  ".join([f"{header[0]:>{first}}", *(f"{h:>10}" for h in header[1:])]))
+    reference_ms = 1000 * reference_variant.search_seconds / len(samples)
+    table = []
     for variant, metrics in rows:
         per_image = 1000 * variant.search_seconds / len(samples)
-        reference_ms = 1000 * reference_variant.search_seconds / len(samples)
-        cells = (
-            variant.name, f"{variant.build_seconds:.1f}", f"{variant.size_bytes / 2**20:.1f}",
-            f"{per_image:.1f}", f"{reference_ms / per_image:.2f}",
-            f"{variant.matches / max(variant.queries, 1):.4f}",
-        ) + tuple(
-            text
-            for key in ("instance_auroc", "full_pixel_auroc", "pro")
-            for text in (f"{100 * metrics[key]:.2f}",
-                         f"{100 * (metrics[key] - reference[key]):+.2f}")
-        )  # fmt: skip
-        print("  ".join([f"{cells[0]:>{first}}", *(f"{c:>10}" for c in cells[1:])]))
+        row = {"variant": variant.name, "build": variant.build_seconds,
+               "mib": variant.size_bytes / 2**20, "ms": per_image, "speed": reference_ms / per_image,
+               "recall": variant.matches / max(variant.queries, 1)}  # fmt: skip
+        for key, short in (("instance_auroc", "img"), ("full_pixel_auroc", "px"), ("pro", "pro")):
+            row[short] = 100 * metrics[key]
+            row["d_" + short] = 100 * (metrics[key] - reference[key])
+        table.append(row)
+    print(tables.format_table(COLUMNS, table))
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
+    print(f"peak resident memory of this process: {peak:.2f} GiB")
 
 
 if __name__ == "__main__":

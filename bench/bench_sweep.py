@@ -26,6 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import tables
+
 BIN = Path(sys.executable).parent
 CATEGORIES = ("texture", "object")
 CONFIGURATIONS = {
@@ -34,6 +36,10 @@ CONFIGURATIONS = {
 }
 MODEL = ["patch_core", "-b", "efficientnet_lite0", "-le", "_blocks.4", "-le", "_blocks.10"]
 DATASET = ["dataset", "--resize", "256", "--imagesize", "224"]
+COLUMNS = [
+    ("repeat", "{repeat}"), ("variant", "{variant}"), ("wall s", "{seconds:.1f}"),
+    ("load avg", "{load:.2f}"), ("sequential / this", "{ratio:.2f}"),
+]  # fmt: skip
 
 
 def sweep_file(folder: Path, data: Path) -> Path:
@@ -95,10 +101,12 @@ def main() -> None:
             rows.append((repeat, variant, seconds, load))
     print(f"\n{len(CATEGORIES)} categories x {len(CONFIGURATIONS)} configurations, "
           f"{os.cpu_count()} CPUs, sweep --num_cpus {args.num_cpus}")  # fmt: skip
-    print(f"{'repeat':>6}  {'variant':>10}  {'wall s':>8}  {'load avg':>8}  {'ratio':>6}")
+    table = []
     for repeat, variant, seconds, load in rows:
         baseline = next(s for r, v, s, _ in rows if r == repeat and v == "sequential")
-        print(f"{repeat:>6}  {variant:>10}  {seconds:8.1f}  {load:8.2f}  {baseline / seconds:6.2f}")
+        table.append({"repeat": repeat, "variant": variant, "seconds": seconds, "load": load,
+                      "ratio": baseline / seconds})  # fmt: skip
+    print(tables.format_table(COLUMNS, table))
     if args.keep is None:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -70,8 +70,8 @@ def test_predictions_are_saved_per_image(trained_run, synthetic_root):
     run_folder, _ = trained_run
     saved = read_predictions(run_folder / "predictions" / "mvtec_object")
     test_images = sorted((synthetic_root / "object" / "test").glob("*/*.png"))
-    assert len(saved.scores) == len(test_images) == saved.maps.shape[0] == saved.masks.shape[0]
-    assert saved.maps.shape[1:] == (128, 128) and saved.patch_grid == (16, 16)
+    assert len(saved.scores) == len(test_images) == len(saved.maps) == len(saved.masks)
+    assert {m.shape for m in saved.maps} == {(128, 128)} and set(saved.patch_grids) == {(16, 16)}
     assert saved.metrics == read_results_csv(run_folder / "results.csv")["mvtec_object"]
     assert saved.threshold is not None
     assert sorted(Path(p).name for p in saved.image_paths) == sorted(p.name for p in test_images)
@@ -91,6 +91,34 @@ def test_evaluating_saved_models_reproduces_the_training_metrics(
     assert read_results_csv(tmp_path / "results.csv") == read_results_csv(
         run_folder / "results.csv"
     )
+
+
+def test_evaluating_into_a_used_folder_writes_a_new_one_and_says_so(
+    trained_run, tmp_path, synthetic_root
+):
+    run_folder, _ = trained_run
+    arguments = [
+        "--gpu", "-1", tmp_path / "evaluation", "patch_core_loader",
+        "-p", run_folder / "models" / "mvtec_texture",
+        "dataset", *SAME_LOADING, "-d", "texture", "mvtec", synthetic_root,
+    ]  # fmt: skip
+    first = run(evaluate_cli, arguments)
+    assert first.exit_code == 0, first.output
+    written = (tmp_path / "evaluation" / "results.csv").read_bytes()
+    second = subprocess.run(
+        [sys.executable, "-c", "from patchcore.cli.runs import evaluate_main; evaluate_main()",
+         *map(str, arguments)],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert second.returncode == 0, second.stderr
+    assert (tmp_path / "evaluation" / "results.csv").read_bytes() == written  # untouched
+    new = tmp_path / "evaluation_0"
+    assert f"already holds a results.csv from an earlier run; writing this evaluation to {new}" in (
+        second.stderr
+    )
+    assert f"Results: {new / 'results.csv'}" in second.stdout
+    texture = read_results_csv(run_folder / "results.csv")["mvtec_texture"]
+    assert read_results_csv(new / "results.csv")["mvtec_texture"] == texture
 
 
 def test_contradicting_the_saved_preprocessing_is_an_error(trained_run, tmp_path, synthetic_root):
@@ -201,3 +229,160 @@ def test_dataset_without_defective_images_gives_empty_cells_not_a_crash(tmp_path
     shutil.rmtree(category / "ground_truth")
     lines = results_lines_after_training(tmp_path, "only_good", "mvtec")
     assert lines[1] == "mvtec_only_good" + "," * 6
+
+
+def mixed_size_copy(source: Path, target: Path) -> Path:
+    """The synthetic texture category with every other image cropped to a wide shape, so
+    images (and their masks) come in two sizes."""
+    shutil.copytree(source / "texture", target / "texture")
+    from PIL import Image
+
+    for index, path in enumerate(sorted((target / "texture").rglob("*.png"))):
+        stem = path.stem.removesuffix("_mask")
+        if int(stem) % 2 == 0:
+            with Image.open(path) as image:
+                image.crop((0, 40, image.width, image.height - 40)).save(path)
+    return target
+
+
+@pytest.mark.parametrize("tiles", [[], ["--tile", "64", "--tile_overlap", "0.25"]])
+def test_whole_image_mode_with_mixed_sizes_end_to_end(tmp_path, synthetic_root, tiles):
+    data = mixed_size_copy(synthetic_root, tmp_path / "data")
+    outcome = run(train_cli, [
+        "--gpu", "-1", "--save_patchcore_model", "--save_predictions", "--save_segmentation_images",
+        tmp_path / "results", "patch_core", *SMALL_RANDOM,
+        "sampler", "-p", "0.1", "approx_greedy_coreset",
+        "dataset", "--resize", "96", "--crop", "none", *tiles, *SAME_LOADING,
+        "-d", "texture", "mvtec", data,
+    ])  # fmt: skip
+    assert outcome.exit_code == 0, outcome.output
+    run_folder = tmp_path / "results" / "project" / "group"
+    saved = read_predictions(run_folder / "predictions" / "mvtec_texture")
+    assert {m.shape for m in saved.maps} == {(96, 96), (96, 139)}  # 256x176: int(96 * 256 / 176)
+    assert all(mask.shape == m.shape for mask, m in zip(saved.masks, saved.maps, strict=True))
+    rows = read_results_csv(run_folder / "results.csv")
+    assert 0.5 < rows["mvtec_texture"]["full_pixel_auroc"] <= 1.0
+    overlays = list((run_folder / "segmentation_images" / "mvtec_texture").glob("*.png"))
+    assert len(overlays) == len(saved.scores)
+    evaluated = run(evaluate_cli, [
+        "--gpu", "-1", tmp_path / "evaluated", "patch_core_loader",
+        "-p", run_folder / "models" / "mvtec_texture",
+        "dataset", *SAME_LOADING, "-d", "texture", "mvtec", data,
+    ])  # fmt: skip
+    assert evaluated.exit_code == 0, evaluated.output
+    assert read_results_csv(tmp_path / "evaluated" / "results.csv") == rows
+
+
+def test_reference_format_folder_gives_the_reference_metrics(tmp_path, synthetic_root, caplog):
+    """A folder as the reference writes it (no meta file) evaluated by our command equals
+    the reference's evaluation, transcribed: its transform chains on the files, and sklearn
+    on masks where only 1.0 is defective and any nonzero mask selects an image."""
+    import pickle
+
+    import numpy as np
+    import torch
+    from PIL import Image
+    from sklearn.metrics import roc_auc_score
+    from torchvision import transforms
+
+    from conftest import small_config
+    from patchcore.config import PreprocessingConfig, SamplerConfig
+    from patchcore.data.datasets import list_samples
+    from patchcore.model.patchcore import PatchCore
+    from patchcore.model.serialization import META_FILE, PARAMS_FILE, load_models, save_models
+
+    preprocessing = PreprocessingConfig(resize=100, imagesize=96)
+    config = small_config(
+        backbone_name="efficientnet_lite0", layers=("_blocks.4", "_blocks.10"), pretrained=True,
+        preprocessing=preprocessing, sampler=SamplerConfig("identity"),
+    )  # fmt: skip
+    chain = transforms.Compose(
+        [transforms.Resize(100), transforms.CenterCrop(96), transforms.ToTensor()]
+    )
+    train = [chain(Image.open(s.image_path).convert("RGB"))
+             for s in list_samples(synthetic_root, "object", "train")]  # fmt: skip
+    model = PatchCore(config)
+    model.fit([torch.stack(train)])
+    folder = tmp_path / "reference_model"
+    save_models(folder, [model])
+    (folder / META_FILE).unlink()
+    assert pickle.loads((folder / PARAMS_FILE).read_bytes())["input_shape"] == (3, 96, 96)
+    with caplog.at_level(logging.INFO, logger="patchcore"):
+        outcome = run(evaluate_cli, [
+            "--gpu", "-1", tmp_path / "evaluated", "patch_core_loader", "-p", folder,
+            "dataset", "--resize", "100", *SAME_LOADING, "-d", "object", "mvtec", synthetic_root,
+        ])  # fmt: skip
+    assert outcome.exit_code == 0, outcome.output
+    assert "images are resized to 100 (--resize) and centre-cropped to 96" in caplog.text
+    # Without --resize the reference's 256 is used, and the log says so.
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="patchcore"):
+        load_models(folder)
+    assert "does not record its resize step; images are resized to 256 (--resize)" in caplog.text
+    ours = read_results_csv(tmp_path / "evaluated" / "results.csv")["mvtec_object"]
+    samples = list_samples(synthetic_root, "object", "test")
+    images = torch.stack([chain(Image.open(s.image_path).convert("RGB")) for s in samples])
+    masks = np.stack([
+        chain(Image.open(s.mask_path)).numpy()[0] if s.mask_path else np.zeros((96, 96))
+        for s in samples
+    ])  # fmt: skip
+    prediction = model.predict(images)
+    labels = [int(s.defect_type != "good") for s in samples]
+    assert ours["instance_auroc"] == pytest.approx(roc_auc_score(labels, prediction.scores))
+    maps = prediction.maps.numpy()
+    assert ours["full_pixel_auroc"] == pytest.approx(
+        roc_auc_score(masks.ravel().astype(int), maps.ravel())
+    )
+    chosen = [i for i in range(len(masks)) if np.sum(masks[i]) > 0]
+    assert ours["anomaly_pixel_auroc"] == pytest.approx(
+        roc_auc_score(masks[chosen].ravel().astype(int), maps[chosen].ravel())
+    )
+
+
+def test_a_run_logged_to_a_file_stays_short_and_readable(tmp_path, synthetic_root):
+    """Output redirected to a file (not a terminal): no progress bars, a few log lines."""
+    log = tmp_path / "train.log"
+    with log.open("w") as handle:
+        completed = subprocess.run(
+            [sys.executable, str(REPO / "bin" / "run_patchcore.py"), "--gpu", "-1",
+             "--save_segmentation_images", str(tmp_path / "results"),
+             "patch_core", *SMALL_RANDOM, "sampler", "-p", "0.1", "approx_greedy_coreset",
+             "dataset", *SMALL_DATA, "-d", "texture", "-d", "object", "mvtec", str(synthetic_root)],
+            stdout=handle, stderr=subprocess.STDOUT, check=False,
+        )  # fmt: skip
+    text = log.read_text()
+    assert completed.returncode == 0, text
+    lines = text.splitlines()
+    assert len(lines) < 60, text
+    assert "\r" not in text  # no carriage-return progress updates
+    assert any("Coreset subsampling:" in line and " in " in line for line in lines)
+
+
+def test_sweep_scripts_run_with_the_python_they_are_given(tmp_path):
+    """The sample sweeps call $PYTHON (default python3), not a bare `python`, and say what
+    to do when it cannot import patchcore."""
+    recorder = tmp_path / "python"
+    calls = tmp_path / "calls.txt"
+    recorder.write_text(
+        f'#!/usr/bin/env bash\nif [ "$1" = -c ]; then exit 0; fi\necho "$@" >> {calls}\n'
+    )
+    recorder.chmod(0o755)
+    environment = {"PATH": "/usr/bin:/bin", "PYTHON": str(recorder), "GPU": "-1"}
+    for script, arguments, entry in (
+        ("sample_training.sh", [tmp_path / "mvtec", tmp_path / "results",
+                                "IM224_WR50_L2-3_P01_D1024-1024_PS-3_AN-1"], "run_patchcore.py"),
+        ("sample_evaluation.sh", [tmp_path / "mvtec", tmp_path / "run"],
+         "load_and_evaluate_patchcore.py"),
+    ):  # fmt: skip
+        calls.unlink(missing_ok=True)
+        done = subprocess.run(["bash", REPO / script, *map(str, arguments)], env=environment,
+                              capture_output=True, text=True, check=False)  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        (call,) = calls.read_text().splitlines()
+        assert call.split()[0] == str(REPO / "bin" / entry) and "--gpu -1" in call
+        missing = subprocess.run(["bash", REPO / script, *map(str, arguments)],
+                                 env={**environment, "PYTHON": "/bin/false"},
+                                 capture_output=True, text=True, check=False)  # fmt: skip
+        assert missing.returncode == 2
+        assert "'/bin/false' cannot import patchcore" in missing.stderr
+        assert "PYTHON=/path/to/venv/bin/python" in missing.stderr

@@ -23,7 +23,7 @@ def test_invalid_model_options_name_the_option(changes, message):
 def test_other_configurations_are_validated_once_on_construction():
     with pytest.raises(ConfigurationError, match="--imagesize must be between 32 and --resize"):
         PreprocessingConfig(resize=200, imagesize=224)
-    with pytest.raises(ConfigurationError, match="backend must be one of faiss, torch"):
+    with pytest.raises(ConfigurationError, match="backend must be one of rerank, faiss, torch"):
         SearchConfig(backend="annoy")
     with pytest.raises(ConfigurationError, match="--train_val_split must be in"):
         DatasetConfig("mvtec", "/data", ("bottle",), train_val_split=0.0)

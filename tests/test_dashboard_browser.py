@@ -1,10 +1,12 @@
-"""The dashboard served by a real `streamlit run`, loaded in headless Debian Chromium.
+"""The dashboard served by a real `streamlit run`, loaded and operated in headless Chromium.
 
 Chromium's `--screenshot`/`--dump-dom` fire at the page's load event, before Streamlit has
 rendered anything over its websocket, so the browser is driven through the DevTools protocol
 on a pipe (`--remote-debugging-pipe`, messages are JSON ended by a NUL byte on file
 descriptors 3 and 4): navigate, wait (bounded) until the page shows the metrics and its
-images have loaded, then take the DOM and a screenshot. Only the loopback address is used.
+images have loaded, then read the page, click and type as an operator would, and take a
+screenshot (the README's `docs/dashboard.png` is written by this test when
+PATCHCORE_DASHBOARD_SCREENSHOT names it). Only the loopback address is used.
 """
 
 from __future__ import annotations
@@ -27,8 +29,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import DASHBOARD_CATEGORY, DASHBOARD_ENSEMBLE_RUN, DASHBOARD_GOOD_ONLY
+from patchcore.apps.dashboard import data
 from patchcore.apps.dashboard.launch import streamlit_command
-from test_dashboard import make_dashboard_run
+from patchcore.evaluation.records import read_predictions
+from patchcore.model.serialization import load_ensemble_statistics
 
 CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 WINDOW = (1400, 1000)
@@ -59,10 +64,13 @@ def find_chromium() -> str | None:
 pytest.importorskip(
     "streamlit", reason='Streamlit is not installed (pip install -e ".[dashboard]")'
 )
-pytestmark = pytest.mark.skipif(
-    find_chromium() is None,
-    reason="no Chromium binary on PATH (Debian: apt-get install -y chromium)",
-)
+pytestmark = [
+    pytest.mark.skipif(
+        find_chromium() is None,
+        reason="no Chromium binary on PATH (Debian: apt-get install -y chromium)",
+    ),
+    pytest.mark.slow,
+]
 
 
 def free_port() -> int:
@@ -196,18 +204,99 @@ def wait_for_render(browser: DevToolsPipe, session: str, timeout: float) -> dict
     raise TimeoutError(f"dashboard not rendered within {timeout:.0f} s; last state: {state}")
 
 
-@pytest.fixture(scope="module")
-def dashboard_run(synthetic_root, tmp_path_factory):
-    results = tmp_path_factory.mktemp("dashboard_browser_results")
-    return results, make_dashboard_run(synthetic_root, results)
+def page_text(browser: DevToolsPipe, session: str) -> str:
+    return browser.evaluate(session, "document.body ? document.body.innerText : ''") or ""
+
+
+def wait_for_text(browser: DevToolsPipe, session: str, text: str, timeout: float = 60.0) -> str:
+    """Polls until `text` is on the page and Streamlit has stopped running; returns the text."""
+    deadline = time.monotonic() + timeout
+    state: dict = {}
+    while time.monotonic() < deadline:
+        state = browser.evaluate(session, PAGE_READY) or {}
+        if text in state.get("text", "") and not state.get("running"):
+            return state["text"]
+        time.sleep(0.25)
+    raise TimeoutError(
+        f"'{text}' did not appear within {timeout:.0f} s; the page ends with: "
+        f"{state.get('text', '')[-1500:]!r}"
+    )
+
+
+LIVE = "(e => e.closest('[data-stale=\"true\"]') === null && e.offsetParent !== null)"
+
+
+def click(browser: DevToolsPipe, session: str, selector: str, text: str) -> None:
+    """Clicks the first live element (not left over from the previous run, visible) matching
+    `selector` whose text is `text` (or ends with it: an expander's summary starts with its
+    icon's name), waiting (bounded) for one to appear."""
+    poll(browser, session, f"""(() => {{
+      const all = Array.from(document.querySelectorAll({json.dumps(selector)})).filter({LIVE});
+      const hit = all.find(e => e.innerText.trim() === {json.dumps(text)})
+        || all.find(e => e.innerText.trim().endsWith({json.dumps(text)}));
+      if (hit) {{ hit.click(); }}
+      return hit !== undefined;
+    }})()""", f"nothing to click: {selector} '{text}'")
+
+
+def poll(browser: DevToolsPipe, session: str, script: str, what: str, timeout: float = 30.0):
+    """Evaluates `script` until it returns a true value (which is returned)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = browser.evaluate(session, script)
+        if value:
+            return value
+        time.sleep(0.25)
+    raise TimeoutError(f"{what} within {timeout:.0f} s")
+
+
+def open_expander(browser: DevToolsPipe, session: str, title: str) -> None:
+    """Opens the live expander titled `title` unless it is open already; waits until open."""
+    poll(browser, session, f"""(() => {{
+      const summary = Array.from(document.querySelectorAll('[data-testid="stExpander"] summary'))
+        .filter({LIVE}).find(e => e.innerText.trim().endsWith({json.dumps(title)}));
+      if (!summary) {{ return false; }}
+      const details = summary.closest('details');
+      if (details && details.open) {{ return true; }}
+      summary.click();
+      return false;
+    }})()""", f"no open expander '{title}'")
+    settle(browser, session)
+
+
+def type_text(browser: DevToolsPipe, session: str, selector: str, text: str) -> None:
+    """Types `text` into the live input matching `selector` (replacing its content) and
+    presses Enter, as a keyboard would."""
+    poll(browser, session, f"""(() => {{
+      const input = Array.from(document.querySelectorAll({json.dumps(selector)})).find({LIVE});
+      if (input) {{ input.focus(); input.select(); }}
+      return input !== undefined;
+    }})()""", f"no input {selector}")
+    browser.send("Input.insertText", {"text": text}, session)
+    for kind in ("keyDown", "keyUp"):
+        browser.send("Input.dispatchKeyEvent", {
+            "type": kind, "key": "Enter", "code": "Enter", "windowsVirtualKeyCode": 13,
+            "nativeVirtualKeyCode": 13, **({"text": "\r"} if kind == "keyDown" else {}),
+        }, session)  # fmt: skip
+    settle(browser, session)
+
+
+def settle(browser: DevToolsPipe, session: str, timeout: float = 30.0) -> None:
+    """Waits until Streamlit has finished the rerun an interaction started."""
+    time.sleep(0.5)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not (browser.evaluate(session, PAGE_READY) or {}).get("running"):
+            return
+        time.sleep(0.25)
+    raise TimeoutError(f"Streamlit still running after {timeout:.0f} s")
 
 
 @pytest.fixture
-def served_dashboard(dashboard_run, tmp_path):
-    """`streamlit run` of the app on a free loopback port; always stopped afterwards."""
-    results, _ = dashboard_run
+def served_dashboard(dashboard_results, tmp_path):
+    """`streamlit run` of the app on a free loopback port, scoring allowed; always stopped."""
     port = free_port()
-    command = streamlit_command(results, port, "127.0.0.1", headless=True)
+    command = streamlit_command(dashboard_results, port, "127.0.0.1", True, allow_scoring=True)
     log = (tmp_path / "streamlit.log").open("w")
     server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
                               env={**os.environ, "PYTHONUNBUFFERED": "1"})  # fmt: skip
@@ -220,24 +309,99 @@ def served_dashboard(dashboard_run, tmp_path):
         log.close()
 
 
-def test_page_renders_in_headless_chromium(served_dashboard, tmp_path):
-    browser = DevToolsPipe(find_chromium(), tmp_path / "profile")
-    try:
-        session = browser.open_page(served_dashboard)
-        state = wait_for_render(browser, session, RENDER_TIMEOUT)
-        dom = browser.evaluate(session, "document.documentElement.outerHTML")
-        png = browser.screenshot(session)
-    finally:
-        browser.close()
-    screenshot_path = Path(os.environ.get(SCREENSHOT_ENVIRONMENT_VARIABLE, tmp_path / "page.png"))
-    screenshot_path.write_bytes(png)
-    print(f"screenshot: {screenshot_path}", file=sys.stderr)
-
-    assert "PatchCore inspection dashboard" in dom
-    for text in ("Image AUROC", "Pixel AUROC", "True reject", "False accept", "Inspected images"):
-        assert text in state["text"], text
+def check_screenshot(png: bytes) -> None:
     with Image.open(io.BytesIO(png)) as picture:
         assert picture.format == "PNG" and picture.size == WINDOW
         pixels = np.asarray(picture.convert("L"), dtype=np.float64)
     assert pixels.std() > 10, "screenshot looks blank"
     assert (pixels < 128).mean() > 0.01, "hardly any dark pixels: no text or images drawn"
+
+
+def test_an_operator_session_in_headless_chromium(served_dashboard, dashboard_results, tmp_path):
+    """Opening view, filters, restricted scoring folders, the ensemble's threshold and its
+    new-image scores, in a real browser."""
+    run_folder = dashboard_results / "project" / "group"
+    saved = read_predictions(run_folder / "predictions" / DASHBOARD_CATEGORY)
+    counts = data.confusion_counts(saved.scores, saved.is_anomaly, saved.threshold)
+    browser = DevToolsPipe(find_chromium(), tmp_path / "profile")
+    try:
+        session = browser.open_page(served_dashboard)
+        wait_for_render(browser, session, RENDER_TIMEOUT)
+        dom = browser.evaluate(session, "document.documentElement.outerHTML")
+        png = browser.screenshot(session)
+        screenshot_path = Path(
+            os.environ.get(SCREENSHOT_ENVIRONMENT_VARIABLE, tmp_path / "page.png")
+        )
+        screenshot_path.write_bytes(png)
+        print(f"screenshot: {screenshot_path}", file=sys.stderr)
+
+        # The opening view: the category with defects, not the good-only one sorted first.
+        assert "PatchCore inspection dashboard" in dom
+        text = wait_for_text(browser, session, "Patch score (this cell)")
+        for expected in ("Image AUROC", "Pixel AUROC", "True reject", "False accept",
+                         "Inspected images", "Image score (decides)",
+                         "Patch score (this cell)", "This patch's score is the image score.",
+                         "scoring new images allowed"):  # fmt: skip
+            assert expected in text, expected
+        assert f"project/group · {DASHBOARD_CATEGORY} ·" in text
+        assert f"· {DASHBOARD_GOOD_ONLY} ·" not in text
+        assert f"{100 * saved.metrics['instance_auroc']:.2f} %" in text
+        check_screenshot(png)
+
+        # The new filters.
+        click(browser, session, '[data-testid="stRadio"] label', "escapes")
+        text = wait_for_text(browser, session, f"Inspected images: {counts.false_accept} escapes")
+        click(browser, session, '[data-testid="stRadio"] label', "false rejects")
+        wait_for_text(browser, session, f"Inspected images: {counts.false_reject} false rejects")
+        click(browser, session, '[data-testid="stRadio"] label', "all")
+        wait_for_text(browser, session, f"Inspected images: {len(saved.scores)}")
+
+        # Scoring folders must lie inside the results folder.
+        open_expander(browser, session, "Score new images")
+        folder_input = '[data-testid="stTextInput"] input'
+        type_text(browser, session, folder_input, "../")
+        click(browser, session, '[data-testid="stButton"] button', "Score images")
+        wait_for_text(browser, session, "'..' is not allowed")
+        type_text(browser, session, folder_input, "outside_images")
+        click(browser, session, '[data-testid="stButton"] button', "Score images")
+        wait_for_text(browser, session, "outside the results folder")
+
+        # The ensemble run: its saved combined-scale threshold, and equal new-image scores.
+        model_folder = dashboard_results / DASHBOARD_ENSEMBLE_RUN / "models" / DASHBOARD_CATEGORY
+        statistics = load_ensemble_statistics(model_folder)
+        ensemble = read_predictions(
+            dashboard_results / DASHBOARD_ENSEMBLE_RUN / "predictions" / DASHBOARD_CATEGORY
+        )
+        type_text(browser, session, '[data-testid="stSidebar"] [data-testid="stSelectbox"] input',
+                  "ensemble")  # fmt: skip
+        text = wait_for_text(browser, session, "ensemble of 2, scores combined with normal_stats")
+        start = data.score_text(statistics.threshold, 5)
+        assert f"Starts at {start}: the threshold saved with the model" in text
+        open_expander(browser, session, "Score new images")
+        type_text(browser, session, folder_input, "incoming/object_test")
+        click(browser, session, '[data-testid="stButton"] button', "Score images")
+        run_scores = {
+            f"{Path(path).parent.name}_{Path(path).name}": score
+            for path, score in zip(ensemble.image_paths, ensemble.scores, strict=True)
+        }
+        # The summary line comes before the image grid has rendered: wait for the captions.
+        deadline = time.monotonic() + 60
+        while True:
+            text = wait_for_text(browser, session, f"{len(ensemble.scores)} scored,")
+            shown = [line for line in text.splitlines() if ".png · score " in line]
+            if any(line.split(" · ")[0] in run_scores for line in shown):
+                break
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        assert shown, "no scored image captions"
+        for line in shown:
+            name, _, value = line.partition(" · score ")
+            if name in run_scores:  # the new images' captions (not the test grid's)
+                assert float(value) == pytest.approx(run_scores[name], rel=2e-3), line
+        assert any(line.split(" · ")[0] in run_scores for line in shown)
+        screenshot_path.with_name(f"{screenshot_path.stem}_ensemble.png").write_bytes(
+            browser.screenshot(session)
+        )
+    finally:
+        browser.close()

@@ -311,7 +311,8 @@ def test_export_refuses_ensembles_and_folders_without_models(small_model, tmp_pa
     save_models(tmp_path / "models" / "mvtec_pair", [small_model, small_model])
     outcome = CliRunner().invoke(export_cli, [str(tmp_path), "-o", str(tmp_path / "out")])
     assert outcome.exit_code == 1
-    assert "an ensemble of 2 models; challenge export supports single-backbone" in outcome.output
+    assert "an ensemble of 2 models cannot be exported" in outcome.output
+    assert "combined normal-image scale" in outcome.output and "patchcore-predict" in outcome.output
     (tmp_path / "empty").mkdir()
     with pytest.raises(ModelFormatError, match="no model folders found"):
         export_challenge_models([tmp_path / "empty"], tmp_path / "out")
@@ -341,3 +342,16 @@ def run_script_help(script: str, monkeypatch, capsys) -> str:
 
 def test_export_script_is_a_thin_entry_point(monkeypatch, capsys):
     assert "SOURCES" in run_script_help("export_challenge_models.py", monkeypatch, capsys)
+
+
+@pytest.mark.parametrize("tile", [None, 48])
+def test_module_and_estimator_share_one_scorer_bit_for_bit(tile):
+    preprocessing = PreprocessingConfig(resize=64, imagesize=64, tile=tile, tile_overlap=0.25)
+    config = small_config(preprocessing=preprocessing, num_nn=2, distance="l2")
+    model = PatchCore(config, search=SearchConfig(backend="torch"))
+    images = torch.rand(3, 3, 64, 64, generator=torch.Generator().manual_seed(7))
+    model.fit([images[:2]])
+    expected = model.predict(images)
+    outputs = PatchCoreModule.from_patchcore(model)(images)  # resize and crop are identities
+    assert torch.equal(outputs["pred_score"], expected.scores)
+    assert torch.equal(outputs["anomaly_map"], expected.maps)

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from patchcore.evaluation.ensemble import combine_members
 from patchcore.errors import ConfigurationError
+from patchcore.evaluation.ensemble import combine_members, combine_predictions
 from patchcore.model.calibration import NormalStatistics
 from patchcore.model.scoring import Prediction
 
@@ -44,3 +44,20 @@ def test_normal_stats_without_statistics_and_unknown_mode_are_errors():
         combine_members(members, "normal_stats", [None, None])
     with pytest.raises(ConfigurationError, match="must be one of"):
         combine_members(members, "zscore")
+
+
+def test_patch_scores_are_combined_on_the_image_scores_scale():
+    first = Prediction(torch.tensor([2.0, 4.0]), torch.zeros(2, 2, 2),
+                       torch.tensor([[[1.0, 2.0], [0.0, 0.0]], [[4.0, 3.0], [0.0, 1.0]]]))
+    second = Prediction(torch.tensor([10.0, 30.0]), torch.zeros(2, 2, 2),
+                        torch.tensor([[[10.0, 5.0], [5.0, 5.0]], [[20.0, 30.0], [5.0, 5.0]]]))
+    combined = combine_predictions([first, second], "test_minmax")
+    # Member ranges: scores 2..4 and 10..30; a patch is normalised like its image's score.
+    expected_first_image = ((torch.tensor([[1.0, 2.0], [0.0, 0.0]]) - 2) / 2
+                            + (torch.tensor([[10.0, 5.0], [5.0, 5.0]]) - 10) / 20) / 2
+    torch.testing.assert_close(combined.patch_scores[0], expected_first_image)
+    # Each member's highest patch normalises to its normalised image score.
+    torch.testing.assert_close(combined.scores, torch.tensor([0.0, 1.0]))
+    assert combine_predictions([first]) is first
+    coarse = Prediction(second.scores, second.maps, second.patch_scores[:, :1, :1])
+    assert combine_predictions([first, coarse], "test_minmax").patch_scores.shape == (2, 2, 2)

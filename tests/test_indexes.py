@@ -173,7 +173,7 @@ def test_the_saved_model_records_the_index_and_loading_restores_it(tmp_path, ima
     expected = model.predict(images[8:])
     save_models(tmp_path / "model", [model])
     meta = json.loads((tmp_path / "model" / META_FILE).read_text())
-    assert meta["format_version"] == 2
+    assert meta["format_version"] == 4
     assert meta["config"]["index"]["kind"] == kind
     assert meta["search_index"]["file"] == f"search_index_{kind}.faiss"
     assert (tmp_path / "model" / f"search_index_{kind}.faiss").is_file()
@@ -190,18 +190,28 @@ def test_the_saved_model_records_the_index_and_loading_restores_it(tmp_path, ima
         assert torch.equal(prediction.scores, expected.scores)
 
 
-def test_exact_models_keep_format_version_1_and_an_older_library_refuses_version_2(
+def test_exact_models_keep_format_version_3_and_an_older_library_refuses_version_4(
     tmp_path, images
 ):
     save_models(tmp_path / "exact", [fitted(images, IndexConfig())])
     meta = json.loads((tmp_path / "exact" / META_FILE).read_text())
-    assert meta["format_version"] == 1 and "index" not in meta["config"]
+    assert meta["format_version"] == 3 and "index" not in meta["config"]
     save_models(tmp_path / "ivf", [fitted(images, IndexConfig("ivf"))])
     ivf_meta = json.loads((tmp_path / "ivf" / META_FILE).read_text())
-    # The check a version-1 library makes:
-    assert config_from_meta(meta, "exact", format_version=1).index == IndexConfig()
-    with pytest.raises(ModelFormatError, match="model format version 2 is newer than this library"):
-        config_from_meta(ivf_meta, "ivf", format_version=1)
+    # The check a library that knows up to version 3 makes:
+    assert config_from_meta(meta, "exact", format_version=3).index == IndexConfig()
+    with pytest.raises(ModelFormatError, match="model format version 4 is newer than this library"):
+        config_from_meta(ivf_meta, "ivf", format_version=3)
+    # and this library, on a version it does not know yet:
+    with pytest.raises(ModelFormatError, match="model format version 5 is newer than this library"):
+        config_from_meta({**ivf_meta, "format_version": 5}, "future")
+    # Descriptions of every older version load (version 1: no crop, tiles or index entries).
+    old = {**meta, "format_version": 1}
+    old["config"] = {**meta["config"], "preprocessing": {"resize": 72, "imagesize": 64}}
+    assert config_from_meta(old, "version 1").index == IndexConfig()
+    bad = {**ivf_meta, "config": {**ivf_meta["config"], "index": {"kind": "ivf", "nprobe": "8"}}}
+    with pytest.raises(ModelFormatError, match="'index.nprobe' must be an integer"):
+        config_from_meta(bad, "edited")
     (tmp_path / "ivf" / "search_index_ivf.faiss").unlink()
     with pytest.raises(ModelFormatError, match="the model's ivf index file is missing"):
         load_models(tmp_path / "ivf")
@@ -288,3 +298,20 @@ def test_a_bank_larger_than_the_memory_limit_is_searched_through_its_mapping():
     assert mapped["peak_mib"] <= 128.5
     assert in_memory["outcome"] == "killed", in_memory  # the limit bites a bank read into RAM
     assert np.isfinite(result["reference"]).all()
+
+
+def test_an_exported_module_searches_exactly_and_records_exact_search(images):
+    """Exported graphs search their bank exactly in chunks: a module made from a model with
+    an approximate index scores like the exact model and records no index (so readers that
+    predate indexes load it)."""
+    from patchcore.model.module import CONFIG_KEY, PatchCoreModule, decode_json
+
+    approximate_model = fitted(images, IndexConfig("ivf", nlist=8, nprobe=1))
+    exact_model = fitted(images, IndexConfig())
+    module = PatchCoreModule.from_patchcore(approximate_model).eval()
+    blob = decode_json(getattr(module, CONFIG_KEY))
+    assert "index" not in blob["config"] and module.config.index == IndexConfig()
+    exact_module = PatchCoreModule.from_patchcore(exact_model).eval()
+    with torch.inference_mode():
+        scores, expected = module(images[8:])["pred_score"], exact_module(images[8:])["pred_score"]
+    assert torch.equal(scores, expected)

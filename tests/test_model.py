@@ -1,26 +1,34 @@
 """PatchCore fit/predict mechanics, save/load, and the model folder format."""
 
 import json
+import math
 import pickle
 
+import numpy as np
 import pytest
 import torch
 
 from conftest import small_config
 from patchcore.config import SearchConfig
-from patchcore.errors import ModelFormatError
+from patchcore.errors import ModelFormatError, OutputError
+from patchcore.evaluation.ensemble import calibrate_ensemble, predict_new_images
 from patchcore.model.feature_store import InMemoryFeatureStore, SpilledFeatureStore, gather_rows
 from patchcore.model.patchcore import PatchCore
+from patchcore.model.samplers import build_sampler
+from patchcore.model.scoring import score_patches
+from patchcore.model.search import build_index
 from patchcore.model.serialization import (
+    EXACT_SEARCH_FORMAT_VERSION,
     INDEX_FILE,
     META_FILE,
     PARAMS_FILE,
+    config_from_meta,
+    load_ensemble_statistics,
     load_model,
     load_models,
     member_prefixes,
     save_models,
 )
-from patchcore.model.samplers import build_sampler
 
 
 @pytest.fixture
@@ -86,13 +94,74 @@ def test_score_reweighting_scales_the_image_score_by_a_weight_in_0_1(random_imag
     torch.testing.assert_close(ratio[0].double(), expected, rtol=1e-4, atol=1e-6)
 
 
-def test_torch_and_faiss_backends_give_the_same_predictions(fitted):
-    torch_model = PatchCore(fitted.config, search=SearchConfig(backend="torch"))
-    torch_model.set_memory_bank(fitted.memory_bank)
-    query = torch.rand(2, 3, 64, 64)
-    torch.testing.assert_close(
-        torch_model.predict(query).maps, fitted.predict(query).maps, rtol=1e-4, atol=1e-4
+# A bank in 4 dimensions with a dense corner (a, b, c) and an isolated feature d.
+EQ7_BANK = torch.tensor([
+    [1.0, 0.0, 0.0, 0.0],  # a: 1 from the origin
+    [0.0, 1.5, 0.0, 0.0],  # b: 1.5 from the origin, 1.80 from a
+    [0.0, 0.0, 1.5, 0.0],  # c: 1.5 from the origin, 1.80 from a
+    [21.0, 0.0, 0.0, 0.0],  # d: 20 from a, 21.05 from b and c
+])  # fmt: skip
+EQ7_QUERIES = torch.tensor([[0.0, 0.0, 0.0, 0.0], [20.0, 0.0, 0.0, 0.0]])
+
+
+@pytest.mark.parametrize("backend", ["rerank", "torch", "faiss"])
+def test_eq7_weight_in_a_constructed_bank_is_the_hand_computed_one(backend):
+    """Eq. 7 of the paper: s = (1 - exp|t - m*| / sum over N_b(m*) of exp|t - m|) * s*, with
+    m* the bank feature nearest to the worst test patch t and N_b(m*) its b nearest bank
+    features (m* included). A candidate whose nearest normal feature lies in a dense region
+    (its neighbours about as close to t) is down-weighted; one whose nearest normal feature
+    is isolated, a rare normal occurrence, keeps its score: the effect the paper describes."""
+    config = small_config(
+        target_embed_dimension=4, score_reweighting=True, reweighting_neighbours=3
     )
+    index = build_index(SearchConfig(backend=backend), torch.device("cpu"))
+    index.fit(EQ7_BANK)
+    # Two images of one patch each: t = origin (m* = a, N_3 = {a, b, c}) and t = 20 e1
+    # (m* = d, 1 away; N_3 = {d, a, b or c}, 19 and 20.06 away).
+    patch_scores, image_scores = score_patches(EQ7_QUERIES, (1, 1), index, config)
+    assert patch_scores.flatten().tolist() == [1.0, 1.0]  # s* = squared distance 1, both
+    dense = 1 - math.exp(1) / (math.exp(1) + 2 * math.exp(1.5))  # = 1 - 1 / (1 + 2 e^0.5)
+    isolated = 1 - math.exp(1) / (math.exp(1) + math.exp(19) + math.exp(math.sqrt(402.25)))
+    assert dense == pytest.approx(0.767303, abs=1e-6) and isolated > 1 - 1e-7
+    torch.testing.assert_close(image_scores, torch.tensor([dense, isolated]), rtol=0, atol=1e-6)
+    # The weight reads raw distances: scaled to the tens and hundreds of units that real
+    # backbone features have, the same geometry's gaps are many units wide, the softmax
+    # saturates and the weight is 1 to within a millionth (see the README).
+    _, scaled = score_patches(30 * EQ7_QUERIES, (1, 1), _fitted(index, 30 * EQ7_BANK), config)
+    dense_scaled = 1 - 1 / (1 + 2 * math.exp(15))
+    assert 1 - dense_scaled < 1e-6
+    torch.testing.assert_close(scaled, torch.tensor([900 * dense_scaled, 900.0]))
+
+
+def _fitted(index, bank):
+    index.fit(bank)
+    return index
+
+
+@pytest.mark.parametrize("backend", ["torch", "faiss"])
+def test_every_search_backend_gives_the_same_predictions(fitted, backend):
+    other = PatchCore(fitted.config, search=SearchConfig(backend=backend))
+    other.set_memory_bank(fitted.memory_bank)
+    query = torch.rand(2, 3, 64, 64)
+    expected, predicted = other.predict(query), fitted.predict(query)
+    torch.testing.assert_close(predicted.scores, expected.scores, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(predicted.maps, expected.maps, rtol=1e-4, atol=1e-5)
+
+
+def test_fast_coreset_path_builds_the_plain_sweeps_bank(monkeypatch):
+    """Enough patches for the lazy selection (more than the plain sweep's small-input
+    limit): the fitted bank is bit-identical to the one the plain sweep selects."""
+    from patchcore.model import samplers
+
+    images = torch.rand(140, 3, 64, 64, generator=torch.Generator().manual_seed(4))
+    assert len(images) * 64 > samplers._PLAIN_SWEEP_ROWS  # 8x8 patches per image
+    batches = list(images.split(20))
+    fast = PatchCore(small_config())
+    fast.fit(batches)
+    monkeypatch.setattr(samplers, "_PLAIN_SWEEP_ROWS", 10**9)
+    plain = PatchCore(small_config())
+    plain.fit(batches)
+    assert torch.equal(fast.memory_bank, plain.memory_bank)
 
 
 def test_save_and_load_give_identical_predictions(tmp_path, fitted, random_images):
@@ -122,6 +191,52 @@ def test_ensemble_members_are_saved_with_reference_prefixes(tmp_path, fitted, ra
     assert [m.config.backbone_name for m in loaded] == ["resnet18", "resnet34"]
 
 
+def test_an_ensemble_threshold_is_measured_on_its_combined_scale_and_saved_with_every_member(
+    tmp_path, fitted, random_images
+):
+    second = PatchCore(small_config(backbone_name="resnet34"))
+    second.fit([random_images])
+    members = [fitted, second]
+    held_out = torch.rand(5, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    calibration = [model.calibrate([held_out]) for model in members]
+    statistics = calibrate_ensemble(members, calibration, 0.9)
+    # The scale new images are scored on (predict, dashboard) is the one calibrated here.
+    scores, maps = predict_new_images(members, held_out)
+    assert statistics.threshold == pytest.approx(float(np.quantile(scores.double(), 0.9)))
+    assert statistics.image_score_max == pytest.approx(float(scores.max()))
+    assert statistics.pixel_score_min == pytest.approx(float(maps.min()))
+    assert statistics.num_images == 5 and statistics.threshold_quantile == 0.9
+
+    folder = tmp_path / "ensemble"
+    save_models(folder, members, statistics)
+    assert load_ensemble_statistics(folder) == statistics
+    metas = [json.loads((folder / f"{prefix}{META_FILE}").read_text())
+             for prefix in member_prefixes(folder)]  # fmt: skip
+    # Exact search: written as version 3, the oldest that describes an ensemble's threshold.
+    assert [meta["format_version"] for meta in metas] == [EXACT_SEARCH_FORMAT_VERSION] * 2 == [3, 3]
+    assert metas[0]["ensemble"] == metas[1]["ensemble"]
+    assert metas[0]["ensemble"]["members"] == 2
+    # A library that knows only format 2 refuses these folders with a clear message.
+    with pytest.raises(ModelFormatError, match="format version 3 is newer than this library"):
+        config_from_meta(metas[0], "member meta", format_version=2)
+    # Members that disagree (a folder mixing two saves) are refused.
+    metas[1]["ensemble"]["normal_statistics"]["threshold"] += 1.0
+    (folder / f"Ensemble-2-2_{META_FILE}").write_text(json.dumps(metas[1]))
+    with pytest.raises(ModelFormatError, match="record different ensemble statistics"):
+        load_ensemble_statistics(folder)
+    # Folders of format 2 (no ensemble entry) still load, without a combined threshold.
+    for meta, prefix in zip(metas, member_prefixes(folder), strict=True):
+        meta.pop("ensemble")
+        meta["format_version"] = 2
+        (folder / f"{prefix}{META_FILE}").write_text(json.dumps(meta))
+    assert len(load_models(folder)) == 2 and load_ensemble_statistics(folder) is None
+    with pytest.raises(ModelFormatError, match="belong to an ensemble"):
+        save_models(tmp_path / "single", [fitted], statistics)
+    assert load_ensemble_statistics(tmp_path / "ensemble") is None
+    save_models(tmp_path / "single", [fitted])
+    assert load_ensemble_statistics(tmp_path / "single") is None
+
+
 def test_saving_over_a_folder_replaces_it_and_a_failed_save_leaves_the_old_one(
     tmp_path, fitted, monkeypatch
 ):
@@ -134,7 +249,7 @@ def test_saving_over_a_folder_replaces_it_and_a_failed_save_leaves_the_old_one(
         raise OSError("disk full")
 
     monkeypatch.setattr("patchcore.model.serialization.write_memory_bank", broken_write)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(OutputError, match=f"{target}: cannot write \\(disk full\\)"):
         save_models(target, [fitted])
     assert (target / INDEX_FILE).read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no staging leftovers

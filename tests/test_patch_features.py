@@ -57,3 +57,45 @@ def test_patch_grid_size_same_padding():
     assert patch_grid_size(28, 3, 1) == 28
     assert patch_grid_size(28, 5, 1) == 28
     assert patch_grid_size(28, 3, 2) == 14
+
+
+def test_axis_pooling_has_the_arithmetic_of_adaptive_average_pooling():
+    from patchcore.model.features import average_pool_axis
+
+    generator = torch.Generator().manual_seed(2)
+    for length, size in [(4608, 1024), (9216, 1024), (360, 1024), (1008, 1024), (2048, 1024),
+                         (17, 5), (5, 17), (7, 7), (100, 1)]:  # fmt: skip
+        values = torch.randn(3, length, 6, generator=generator)
+        expected = F.adaptive_avg_pool1d(values.transpose(1, 2).reshape(-1, 1, length), size)
+        expected = expected.reshape(3, 6, size).transpose(1, 2)
+        assert torch.equal(average_pool_axis(values, size), expected), (length, size)
+
+
+def test_features_are_bit_identical_to_pooling_transposed_neighbourhoods():
+    """The aggregator's speed-up (pooling along the unfolded tensor's feature axis) changes
+    no bit of the features of the straightforward form: transpose, then adaptive pooling."""
+
+    def transposed_form(aggregator, maps):
+        per_layer = []
+        for layer_map in maps:
+            batch, _, height, width = layer_map.shape
+            unfolded = F.unfold(layer_map, aggregator.patchsize, padding=1)
+            rows = unfolded.transpose(1, 2).reshape(batch * height * width, 1, -1)
+            pooled = F.adaptive_avg_pool1d(rows, aggregator.pretrain_embed_dimension)
+            per_layer.append(pooled.reshape(batch, height, width, -1).permute(0, 3, 1, 2))
+        grid = per_layer[0].shape[-2:]
+        per_layer = [per_layer[0]] + [
+            F.interpolate(layer, size=grid, mode="bilinear", align_corners=False)
+            for layer in per_layer[1:]
+        ]
+        stacked = torch.stack(per_layer, dim=1).permute(0, 3, 4, 1, 2)
+        stacked = stacked.reshape(-1, 1, stacked.shape[-2] * stacked.shape[-1])
+        return F.adaptive_avg_pool1d(stacked, aggregator.target_embed_dimension).squeeze(1)
+
+    generator = torch.Generator().manual_seed(3)
+    maps = [torch.randn(2, 24, 10, 10, generator=generator).relu(),
+            torch.randn(2, 40, 5, 5, generator=generator).relu()]  # fmt: skip
+    for pretrain, target in [(64, 48), (300, 700), (1024, 1024)]:
+        aggregator = PatchFeatureAggregator(3, 1, pretrain, target)
+        features, _ = aggregator(maps)
+        assert torch.equal(features, transposed_form(aggregator, maps))

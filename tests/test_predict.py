@@ -12,12 +12,15 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from patchcore.data.datasets import ImageDataset, list_samples
-from patchcore.model.patchcore import PatchCore
-from patchcore.model.serialization import save_models
 from patchcore.apps.predict import COLUMNS, output_stems, streamed_results
 from patchcore.cli.predict import predict_cli
+from patchcore.config import PreprocessingConfig
+from patchcore.data.datasets import ImageDataset, list_samples
+from patchcore.data.preprocessing import inspected_region
+from patchcore.evaluation.visualization import colour_bar_rgb, grey_out
 from patchcore.model.calibration import colour_range
+from patchcore.model.patchcore import PatchCore
+from patchcore.model.serialization import save_models
 from test_deploy import fit_small_model, run_script_help
 
 
@@ -138,26 +141,77 @@ def test_heat_maps_and_masks_are_written_at_the_input_size(models, synthetic_roo
     assert sorted(p.name for p in (tmp_path / "heat").iterdir()) == names
     assert sorted(p.name for p in (tmp_path / "masks").iterdir()) == names
     rows = {Path(row["path"]).parent.name: row for row in read_rows(tmp_path / "out.csv")}
+    model = models["model"]
+    seen = inspected_region((256, 256), model.config.preprocessing).numpy()
+    assert 0 < seen.sum() < seen.size  # a centre crop: the border was never inspected
     for name in names:
+        row = rows[name.split("_")[0]]
+        assert row["heatmap"] == str(tmp_path / "heat" / name)
+        assert row["mask"] == str(tmp_path / "masks" / name)
         heat = np.asarray(Image.open(tmp_path / "heat" / name))
         original = np.asarray(Image.open(test_folder / name.replace("_", "/", 1)).convert("RGB"))
-        assert heat.shape == original.shape == (256, 256, 3)
-        assert not np.array_equal(heat, original)
+        assert original.shape == (256, 256, 3)
+        # The image at its own size, then the colour bar below it.
+        assert heat.shape[1:] == (256, 3) and heat.shape[0] > 256
+        image_part, bar = heat[:256], heat[256:]
+        assert not np.array_equal(image_part[seen], original[seen])
+        assert np.array_equal(image_part[~seen], grey_out(original, original, seen)[~seen])
+        expected_bar = colour_bar_rgb(
+            colour_range(models["threshold"], model.normal_statistics), models["threshold"], 256
+        )
+        assert np.array_equal(bar, expected_bar)
         mask = np.asarray(Image.open(tmp_path / "masks" / name))
         assert mask.shape == (256, 256) and set(np.unique(mask)) <= {0, 255}
-        if rows[name.split("_")[0]]["decision"] == "accept":
+        assert not mask[~seen].any()
+        if row["decision"] == "accept":
             assert not mask.any()  # the map never exceeds the image score
+
+
+def test_regions_outside_the_crop_are_grey_not_edge_streaks():
+    picture = np.full((6, 8, 3), 200, dtype=np.uint8)
+    seen = np.zeros((6, 8), dtype=bool)
+    seen[1:5, 2:6] = True
+    heat = np.zeros_like(picture)
+    heat[..., 0] = 255  # red: a strong score colour everywhere, like a repeated crop edge
+    greyed = grey_out(heat, picture, seen)
+    assert np.array_equal(greyed[seen], heat[seen])
+    assert len(np.unique(greyed[~seen])) == 1  # one flat grey from the image, no red left
+    assert grey_out(heat, picture, np.ones((6, 8), dtype=bool)) is heat
+    # The inspected region is the crop's footprint on the input: a 72 -> 64 crop of a
+    # 72 x 72 input leaves 4 pixels on every side.
+    region = inspected_region((72, 72), PreprocessingConfig(resize=72, imagesize=64)).numpy()
+    assert region[4:68, 4:68].all() and region.sum() == 64 * 64
+    assert inspected_region((50, 70), PreprocessingConfig(resize=36, crop="none")).all()
 
 
 def test_mask_threshold_sets_the_pixel_threshold(models, synthetic_root, tmp_path):
     image = synthetic_root / "texture" / "test" / "good" / "001.png"
+    seen = inspected_region((256, 256), models["model"].config.preprocessing).numpy()
     for mask_threshold, expected in (("-1", 255), ("1e9", 0)):
         code, output = predict(
             models["calibrated"], [image], tmp_path / "out.csv", "--masks", tmp_path / "m",
             "--mask_threshold", mask_threshold,
         )  # fmt: skip
         assert code == 0, output
-        assert set(np.unique(np.asarray(Image.open(tmp_path / "m" / "001.png")))) == {expected}
+        mask = np.asarray(Image.open(tmp_path / "m" / "001.png"))
+        assert set(np.unique(mask[seen])) == {expected} and not mask[~seen].any()
+
+
+def test_outputs_are_named_after_the_given_path_not_a_link_target(
+    models, synthetic_root, tmp_path
+):
+    target = synthetic_root / "texture" / "test" / "good" / "000.png"
+    (tmp_path / "line").mkdir()
+    link = tmp_path / "line" / "part_17.png"
+    link.symlink_to(target)
+    code, output = predict(
+        models["calibrated"], [link], tmp_path / "out.jsonl", "--heatmaps", tmp_path / "heat",
+    )  # fmt: skip
+    assert code == 0, output
+    (record,) = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert record["path"] == str(link)
+    assert record["heatmap"] == str(tmp_path / "heat" / "part_17.png") and record["mask"] == ""
+    assert [p.name for p in (tmp_path / "heat").iterdir()] == ["part_17.png"]
 
 
 def test_missing_threshold_is_an_error_naming_both_fixes(models, synthetic_root, tmp_path):
@@ -181,7 +235,8 @@ def test_bad_inputs_and_ensembles_are_one_line_errors(models, synthetic_root, tm
     save_models(tmp_path / "pair", [model, model])
     image = synthetic_root / "texture" / "test" / "good" / "000.png"
     code, output = predict(tmp_path / "pair", [image], tmp_path / "o.csv")
-    assert code == 1 and "the model has no saved threshold and no --threshold" in output
+    assert code == 1
+    assert "the ensemble has no saved threshold on its combined scale and no --threshold" in output
     code, output = predict(tmp_path / "pair", [image], tmp_path / "o.csv", "--threshold", "0.5")
     assert code == 0 and "1 scored" in output
     save_models(tmp_path / "uncalibrated_pair", [models["uncalibrated_model"]] * 2)
@@ -198,13 +253,16 @@ def test_output_stems_are_unique_relative_paths(tmp_path):
 def test_results_stream_to_a_temporary_file_and_appear_at_the_end(tmp_path):
     target = tmp_path / "out.csv"
     with streamed_results(target, json_lines=False) as writer:
-        writer.write({"path": "p", "score": 1.5, "threshold": 1.0, "decision": "reject"})
-        assert "p,1.5,1.0,reject" in writer.temporary.read_text()
+        writer.write({"path": "p", "score": 1.5, "threshold": 1.0, "decision": "reject",
+                      "heatmap": "h/p.png", "mask": ""})  # fmt: skip
+        assert "p,1.5,1.0,reject,h/p.png," in writer.temporary.read_text()
         assert not target.exists()
-    assert target.read_text().splitlines() == ["path,score,threshold,decision", "p,1.5,1.0,reject"]
+    assert target.read_text().splitlines() == [
+        "path,score,threshold,decision,heatmap,mask", "p,1.5,1.0,reject,h/p.png,"]  # fmt: skip
     assert [p.name for p in tmp_path.iterdir()] == ["out.csv"]
     with pytest.raises(KeyboardInterrupt), streamed_results(tmp_path / "x.csv", False) as writer:
-        writer.write({"path": "q", "score": 0.5, "threshold": 1.0, "decision": "accept"})
+        writer.write({"path": "q", "score": 0.5, "threshold": 1.0, "decision": "accept",
+                      "heatmap": "", "mask": ""})  # fmt: skip
         raise KeyboardInterrupt
     assert [p.name for p in tmp_path.iterdir()] == ["out.csv"]
 
@@ -217,4 +275,4 @@ def test_heat_map_colour_scale_centres_the_threshold(models):
 
 
 def test_predict_script_is_a_thin_entry_point(monkeypatch, capsys):
-    assert "MODEL_DIR" in run_script_help("predict_patchcore.py", monkeypatch, capsys)
+    assert "MODEL INPUTS..." in run_script_help("predict_patchcore.py", monkeypatch, capsys)

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from patchcore.errors import OutputError
 from patchcore.evaluation import reporting
 from patchcore.evaluation.metrics import METRIC_NAMES as METRIC_COLUMNS
 from patchcore.evaluation.reporting import (
@@ -128,7 +129,7 @@ def test_failed_replace_leaves_no_file(tmp_path: Path, monkeypatch: pytest.Monke
         raise OSError("disk on fire")
 
     monkeypatch.setattr(reporting.os, "replace", failing_replace)
-    with pytest.raises(OSError, match="disk on fire"):
+    with pytest.raises(OutputError, match="results.csv: cannot write \\(disk on fire\\)"):
         write_results_csv(tmp_path / "results.csv", _example_rows())
     assert list(tmp_path.iterdir()) == []
 
@@ -162,7 +163,7 @@ def test_failure_keeps_previous_results(tmp_path: Path, monkeypatch: pytest.Monk
         raise OSError("flush failed")
 
     monkeypatch.setattr(reporting.os, "fsync", failing_fsync)
-    with pytest.raises(OSError, match="flush failed"):
+    with pytest.raises(OutputError, match="results.csv: cannot write \\(flush failed\\)"):
         write_results_csv(path, _example_rows())
     assert path.read_text() == before
     assert [p.name for p in tmp_path.iterdir()] == ["results.csv"]

@@ -7,14 +7,19 @@ import torch
 
 from patchcore.config import SamplerConfig
 from patchcore.errors import ConfigurationError
+from patchcore.model import native, samplers
+from patchcore.model.native import coreset_kernels
 from patchcore.model.samplers import (
     ApproximateGreedyCoresetSampler,
     GreedyCoresetSampler,
     IdentitySampler,
     build_sampler,
+    exact_squared_distances,
     farthest_point_selection,
     pruned_farthest_point_selection,
 )
+
+THREADS = torch.get_num_threads()
 
 
 def pairwise_distances(a, b):
@@ -136,3 +141,98 @@ def test_pruned_selection_equals_the_full_sweep(duplicates):
     full = farthest_point_selection(features, norms, start.clone(), 400)
     pruned = pruned_farthest_point_selection(features, norms, start.clone(), 400, chunk_size=32)
     assert torch.equal(full, pruned)
+
+
+# ------------------------------------------------- exact arithmetic, fast path identity
+def _start(features):
+    """Approximate-greedy starting distances (mean distance to 5 rows, squared)."""
+    return torch.cdist(features.double(), features[:5].double()).mean(dim=1).square().float()
+
+
+def _hard_cases():
+    """Data on which a wrong bound or tie-break would show: structure, exact ties (repeated
+    rows, integer grids), near ties (rows one float32 step apart) and very unequal scales."""
+    generator = torch.Generator().manual_seed(3)
+    latent = torch.randn(2500, 6, generator=generator)
+    manifold = latent @ torch.randn(6, 24, generator=generator)
+    manifold += 0.05 * torch.randn(2500, 24, generator=generator)
+    repeated = manifold.clone()
+    repeated[1000:1400] = repeated[7]
+    repeated[1400:1500] = repeated[11]
+    grid = torch.randint(0, 4, (2000, 20), generator=generator).float()  # many equal distances
+    near = torch.randn(300, 16, generator=generator).repeat(6, 1)
+    near[300:] = torch.nextafter(near[300:], near[300:] + 1)  # one step apart
+    near[600:] = torch.nextafter(near[600:], near[600:] + 1)
+    clusters = torch.cat([torch.randn(400, 32, generator=generator) * 0.01 + 50.0 * k
+                          for k in range(5)])  # fmt: skip
+    scales = torch.randn(2000, 16, generator=generator) * torch.logspace(-3, 3, 2000)[:, None]
+    return {"manifold": manifold, "repeated": repeated, "grid": grid, "near": near,
+            "clusters": clusters, "scales": scales}  # fmt: skip
+
+
+HARD_CASES = _hard_cases()
+
+
+def test_compiled_distances_are_the_exact_torch_ones():
+    kernels = coreset_kernels()
+    if kernels is None:
+        pytest.skip("no C compiler")
+    for name, features in HARD_CASES.items():
+        features = features.contiguous()
+        rows = torch.arange(len(features))
+        compiled = torch.empty(len(features))
+        for point in (features[0], features[len(features) // 2]):
+            point = point.contiguous()
+            kernels.exact_distances(features.data_ptr(), features.shape[1], rows.data_ptr(),
+                                    len(rows), point.data_ptr(), compiled.data_ptr())  # fmt: skip
+            assert torch.equal(compiled, exact_squared_distances(features, point)), name
+
+
+@pytest.mark.parametrize("name", sorted(HARD_CASES))
+def test_fast_selection_is_the_plain_sweep_ties_included(name):
+    features = HARD_CASES[name]
+    count = len(features) // 4
+    start = _start(features)
+    plain = farthest_point_selection(features, None, start.clone(), count)
+    assert torch.equal(pruned_farthest_point_selection(features, None, start, count), plain)
+    small_tiles = pruned_farthest_point_selection(features, None, start, count, chunk_size=40)
+    assert torch.equal(small_tiles, plain)
+    if name == "grid":  # the plain sweep in pure torch (no compiler) selects the same too
+        assert torch.equal(samplers._torch_exact_sweep(features, start.clone(), count), plain)
+
+
+def test_fast_selection_is_the_same_with_float32_products_and_one_thread(monkeypatch):
+    features = HARD_CASES["repeated"]
+    start = _start(features)
+    plain = farthest_point_selection(features, None, start.clone(), 600)
+    monkeypatch.setattr(samplers, "bfloat16_is_fast", lambda: False)
+    assert torch.equal(pruned_farthest_point_selection(features, None, start, 600), plain)
+    torch.set_num_threads(1)
+    try:
+        assert torch.equal(pruned_farthest_point_selection(features, None, start, 600), plain)
+    finally:
+        torch.set_num_threads(THREADS)
+
+
+def test_selection_without_a_compiler_is_the_same(monkeypatch, tmp_path):
+    features = HARD_CASES["manifold"][:800]
+    start = _start(features)
+    compiled = pruned_farthest_point_selection(features, None, start, 100)
+    monkeypatch.setattr(native, "_compiler", lambda: None)
+    native.coreset_kernels.cache_clear()
+    try:
+        assert native.coreset_kernels() is None
+        assert torch.equal(pruned_farthest_point_selection(features, None, start, 100), compiled)
+    finally:
+        native.coreset_kernels.cache_clear()
+
+
+def test_plain_sweep_updates_the_minimum_distances_in_place():
+    features = HARD_CASES["manifold"]
+    start = _start(features)
+    minimum = start.clone()
+    selected = farthest_point_selection(features, None, minimum, 50)
+    expected = start.clone()
+    for index in selected:
+        expected = torch.minimum(expected, exact_squared_distances(features, features[index]))
+    assert torch.equal(minimum, expected)

@@ -189,7 +189,7 @@ class RecordingRay:
     """Stands in for the `ray` module: records each task's resource request, and runs
     nothing (every task returns no rows)."""
 
-    class exceptions:  # noqa: N801 - mirrors ray.exceptions
+    class exceptions:  # mirrors ray.exceptions
         RayError = RuntimeError
 
     def __init__(self, gpus: int) -> None:

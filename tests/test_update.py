@@ -15,7 +15,8 @@ from patchcore.config import SamplerConfig, SearchConfig
 from patchcore.data.datasets import ImageDataset, Sample, list_samples
 from patchcore.model.patchcore import PatchCore
 from patchcore.model.serialization import INDEX_FILE, load_models, save_models
-from patchcore.model.update import UpdateLimits, continue_coreset, nearest_squared_distances
+from patchcore.model.samplers import select_farthest_points
+from patchcore.model.update import UpdateLimits, nearest_squared_distances
 
 
 def fitted_model(root: Path) -> PatchCore:
@@ -107,20 +108,44 @@ def test_the_continuation_is_the_farthest_point_sequence_against_bank_and_picks(
     bank, new, start = bank_and_new
     torch.testing.assert_close(start.double(), torch.cdist(new.double(), bank.double()).square().amin(1),
                                rtol=1e-5, atol=1e-5)  # fmt: skip
-    picks = continue_coreset(new, start, 150)  # more than one round (64, then 128)
+    picks = select_farthest_points(new, start, 150, stop_at=0.0)
 
     expected, _ = naive_continuation(bank.double().numpy(), new.double().numpy(), 150)
     assert picks.tolist() == expected
     assert min(expected) >= 30
+    # Features already in the bank (distance 0) are never picked: 270 of 300 at most.
+    assert sorted(select_farthest_points(new, start, 300, stop_at=0.0).tolist()) == list(range(30, 300))
 
 
 def test_the_continuation_stops_at_the_target_distance(bank_and_new):
     bank, new, start = bank_and_new
     expected, distances = naive_continuation(bank.double().numpy(), new.double().numpy(), 150)
     target = (distances[99] + distances[100]) / 2  # between the 100th and 101st picks
-    assert continue_coreset(new, start, 300, target).tolist() == expected[:100]
-    assert continue_coreset(new, start, 70, target).tolist() == expected[:70]  # the cap first
-    assert len(continue_coreset(new, start, 300, float(start.max()) + 1)) == 0
+    assert select_farthest_points(new, start, 300, stop_at=target).tolist() == expected[:100]
+    assert select_farthest_points(new, start, 70, stop_at=target).tolist() == expected[:70]  # cap
+    assert len(select_farthest_points(new, start, 300, stop_at=float(start.max()) + 1)) == 0
+    assert len(select_farthest_points(new, start, 0)) == 0
+
+
+def test_the_lazy_selection_stops_where_the_plain_sweep_stops():
+    """Above 8192 rows the CPU selection is the lazy tiled one; continued from a bank and
+    stopped at a distance, it picks what the plain sweep picks."""
+    from patchcore.model.samplers import farthest_point_selection
+
+    generator = torch.Generator().manual_seed(9)
+    bank = torch.randn(50, 16, generator=generator)
+    new = torch.randn(9000, 16, generator=generator)
+    start = nearest_squared_distances(bank, new, torch.device("cpu"), threads=1)
+    plain = farthest_point_selection(new, new.square().sum(dim=1), start.clone(), 2000)
+    minimum, distances = start.clone(), []  # each pick's distance when it was picked
+    for pick in plain.tolist():
+        distances.append(float(minimum[pick]))
+        minimum = torch.minimum(minimum, (new - new[pick]).square().sum(dim=1))
+    stop_at = (distances[1499] + distances[1500]) / 2
+    lazy = select_farthest_points(new, start, 2000, stop_at=stop_at)
+    expected = farthest_point_selection(new, new.square().sum(dim=1), start.clone(), 2000,
+                                        stop_at=stop_at)  # fmt: skip
+    assert lazy.tolist() == expected.tolist() == plain[:1500].tolist()
 
 
 def test_limits_cap_the_number_of_added_features():
@@ -189,9 +214,9 @@ def test_a_failed_update_leaves_the_model_as_it_was(saved, tmp_path, monkeypatch
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr("patchcore.model.serialization.write_memory_bank", broken)
-    with pytest.raises(OSError):
-        CliRunner().invoke(update_cli, [str(model_dir), str(worst), "--num_workers", "0"],
-                           catch_exceptions=False)  # fmt: skip
+    code, output = update(model_dir, worst)
+    assert code == 1 and "No space left on device" in output
+    assert len(output.strip().splitlines()) == 1 and output.startswith("Error: ")
     assert {path.name: path.read_bytes() for path in model_dir.iterdir()} == files
     assert sorted(path.name for path in tmp_path.iterdir()) == [".model.lock", "model"]  # no staging
 
@@ -214,3 +239,43 @@ def test_bad_input_gets_one_line_errors(saved, tmp_path):
     assert code == 2 and "--percentage must be in (0, 1]" in output
     code, output = update(folder, worst, "--target_score", "-1")
     assert code == 2 and "--target_score must be a finite number >= 0, got -1.0" in output
+
+
+def test_an_ensemble_updates_every_member_and_keeps_or_recalibrates_its_combined_scale(
+    synthetic_root, tmp_path
+):
+    from patchcore.evaluation.ensemble import calibrate_ensemble
+    from patchcore.model.serialization import load_ensemble_statistics
+
+    dataset = ImageDataset(list_samples(synthetic_root, "texture", "train"),
+                           small_config().preprocessing)  # fmt: skip
+    loader = torch.utils.data.DataLoader(dataset, batch_size=6)
+    members = [PatchCore(small_config(seed=seed)) for seed in (0, 1)]
+    predictions = []
+    for member in members:
+        member.fit(loader)
+        predictions.append(member.calibrate(loader))
+    saved = calibrate_ensemble(members, predictions)
+    save_models(tmp_path / "ensemble", members, saved)
+    new_image = max((synthetic_root / "texture" / "test").glob("*/*.png"))
+
+    code, output = update(tmp_path / "ensemble", new_image, "--output", tmp_path / "kept",
+                          "--target_score", "0")  # every new feature joins every member
+    assert code == 0, output
+    updated = load_models(tmp_path / "kept")
+    assert [len(u.memory_bank) for u in updated] == [len(m.memory_bank) + 64 for m in members]
+    assert load_ensemble_statistics(tmp_path / "kept") == saved
+    assert f"threshold kept at {saved.threshold:.6g}" in output
+
+    good = synthetic_root / "texture" / "test" / "good"
+    code, output = update(tmp_path / "ensemble", new_image, "--output", tmp_path / "recalibrated",
+                          "--normal_images", good)  # fmt: skip
+    assert code == 0, output
+    updated = load_models(tmp_path / "recalibrated")
+    normal = ImageDataset([Sample(p, None, "good", False) for p in sorted(good.glob("*.png"))],
+                          small_config().preprocessing)  # fmt: skip
+    normal_loader = torch.utils.data.DataLoader(normal, batch_size=6)
+    expected = calibrate_ensemble(updated, [m.predict_batches(normal_loader) for m in updated])
+    recalibrated = load_ensemble_statistics(tmp_path / "recalibrated")
+    assert recalibrated.threshold == pytest.approx(expected.threshold, rel=1e-6)
+    assert recalibrated.num_images == len(normal) and recalibrated != saved

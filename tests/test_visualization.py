@@ -116,12 +116,12 @@ def test_default_colour_range_comes_from_shared_helper(
     calls = []
 
     def recording_range(threshold, statistics, maps) -> tuple[float, float]:
-        calls.append(maps.shape)
+        calls.append([m.shape for m in maps])
         return colour_range(threshold, statistics, maps)
 
     monkeypatch.setattr(visualization, "default_colour_range", recording_range)
     save_segmentation_images(tmp_path, **inputs)
-    assert calls == [(COUNT, HEIGHT, WIDTH)]  # once, over all maps together
+    assert calls == [[(HEIGHT, WIDTH)] * COUNT]  # once, over all maps together
 
 
 def test_explicit_colour_range_is_used_and_not_recomputed(
@@ -215,3 +215,28 @@ def test_empty_input_writes_nothing(tmp_path: Path) -> None:
         [],
     )
     assert paths == []
+
+
+def test_every_colour_bar_marks_the_threshold() -> None:
+    from matplotlib.colors import Normalize
+
+    panel = visualization.SegmentationPanel(
+        np.zeros((16, 16, 3)), np.zeros((16, 16)), None, 1.5, "x"
+    )
+    figure = visualization.render_segmentation_figure(panel, Normalize(0.0, 2.0), 1.2)
+    bar_axes = figure.axes[-1]  # the colour bar of the anomaly-map panel
+    marks = {float(line.get_ydata()[0]) for line in bar_axes.lines}
+    assert marks == {1.2}
+    assert any(text.get_text() == "threshold 1.200" for text in bar_axes.texts)
+    without = visualization.render_segmentation_figure(panel, Normalize(0.0, 2.0), None)
+    assert not without.axes[-1].lines
+    # The colour bar image of predict's heat maps and the dashboard: the same colours, a
+    # dark line at the threshold (the middle of a threshold-centred scale).
+    bar = visualization.colour_bar_rgb((0.0, 2.0), 1.0, 400)
+    plain = visualization.colour_bar_rgb((0.0, 2.0), None, 400)
+    assert bar.shape == plain.shape and bar.shape[1] == 400 and bar.dtype == np.uint8
+    added_dark = (bar.max(axis=-1) < 60) & (plain.max(axis=-1) >= 60)
+    columns = np.flatnonzero(added_dark.sum(axis=0) >= 10)  # a line across the bar
+    assert len(columns) and abs(columns.mean() - 200) < 4
+    assert visualization._threshold_label(21293.2) == "threshold 21293"
+    assert visualization._threshold_label(0.68403) == "threshold 0.6840"

@@ -11,10 +11,13 @@ from patchcore.errors import ConfigurationError
 
 SAMPLER_NAMES = ("identity", "greedy_coreset", "approx_greedy_coreset")
 DISTANCES = ("squared_l2", "l2")
-SEARCH_BACKENDS = ("faiss", "torch")
+SEARCH_BACKENDS = ("rerank", "faiss", "torch")
 INDEX_KINDS = ("exact", "ivf", "ivfpq", "hnsw")
 BANK_STORAGES = ("memory", "mmap")
 NORMALISATIONS = ("test_minmax", "normal_stats")
+EXPORT_FORMATS = ("torch", "onnx", "openvino")  # patchcore-export --format
+RUNTIMES = ("torch", "onnxruntime", "openvino")  # patchcore-predict --runtime
+DEFAULT_BANK_CHUNK_SIZE = 4096  # bank rows per step of the exported models' search
 
 EFFICIENTNET_LITE0 = "efficientnet_lite0"
 # Sensible layers for each backbone family when a user gives none: mid-level stages.
@@ -82,7 +85,7 @@ class PreprocessingConfig:
             f"--resize must be an integer >= {MIN_IMAGE_SIDE}, got {self.resize}",
         )
         _require(
-            MIN_IMAGE_SIDE <= self.imagesize <= self.resize,
+            self.crop == "none" or MIN_IMAGE_SIDE <= self.imagesize <= self.resize,
             f"--imagesize must be between {MIN_IMAGE_SIDE} and --resize ({self.resize}), "
             f"got {self.imagesize}",
         )
@@ -243,14 +246,18 @@ class PatchCoreConfig:
 class SearchConfig:
     """How nearest neighbours are searched at run time (not part of the saved model).
 
-    `backend` is the exact search's engine (approximate indexes are always FAISS).
+    `backend` is the exact search's engine; all backends are exact. `rerank` (default): a
+    bfloat16 product pass bounds every distance and only possible neighbours are ranked in
+    float32 (fastest on CPUs with bfloat16 instructions; falls back to `faiss`, or to
+    `torch` on a GPU, where it does not apply). `faiss`: FAISS IndexFlatL2, as the
+    reference. `torch`: matrix products. Approximate indexes (`IndexConfig`) are always FAISS.
     `bank_storage="mmap"` keeps the memory bank in a memory-mapped file (the model folder's
     bank file, or a temporary file under TMPDIR while fitting) instead of in RAM, searched
     by FAISS in blocks, so a bank larger than memory can be used. `index`, when given,
     replaces the model's saved `IndexConfig` for this run (the index is rebuilt from the bank).
     """
 
-    backend: str = "faiss"
+    backend: str = "rerank"
     faiss_on_gpu: bool = False
     faiss_num_workers: int = 4
     query_chunk_size: int = 4096

@@ -3,21 +3,34 @@
 Everything this library writes (results, predictions, overlays, models, exports) goes
 through `staged_path`: the content is written to a hidden staging path beside the target
 and moved into place when complete. A crash leaves the previous version (or nothing) and a
-hidden `.<name>.partial-*` leftover that readers skip (`is_staging`).
+hidden `.<name>.partial-<host>-<pid>-*` leftover that readers skip (`is_staging`); the next
+save of the same folder removes the leftovers of processes of this host that have ended.
+
+A write that fails in the file system (disk full, read-only folder, ...) raises an
+`OutputError` naming the file and the fix (`output_error`); `check_writable` finds an
+unwritable output before any work is done.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
+import re
 import shutil
+import socket
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
+from patchcore.errors import OutputError
+
 STAGING_MARK = ".partial-"
 RETIRED_MARK = ".retired-"
+_OWNER = re.compile(r"(?:\.partial-|\.retired-)(?P<host>\w*)-(?P<pid>\d+)-[0-9a-f]+$", re.ASCII)
+_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+_NOT_WRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS)
 
 
 def is_staging(path: Path) -> bool:
@@ -26,8 +39,92 @@ def is_staging(path: Path) -> bool:
     return name.startswith(".") and (STAGING_MARK in name or RETIRED_MARK in name)
 
 
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9_]", "_", socket.gethostname())[:32]
+
+
 def _hidden_sibling(path: Path, mark: str) -> Path:
-    return path.parent / f".{path.name}{mark}{uuid.uuid4().hex[:12]}"
+    owner = f"{_host()}-{os.getpid()}-{uuid.uuid4().hex[:12]}"
+    return path.parent / f".{path.name}{mark}{owner}"
+
+
+def output_error(path: Path, error: OSError) -> OutputError:
+    """The one-line error for `path` that could not be written because of `error`."""
+    reason = error.strerror or str(error)
+    if error.errno in _FULL:
+        fix = "free space on that disk, or write the output somewhere else"
+    elif error.errno in _NOT_WRITABLE:
+        fix = "the folder is not writable: choose another output location or change its permissions"
+    else:
+        fix = "check that the output location is a writable folder"
+    return OutputError(f"{path}: cannot write ({reason}); {fix}")
+
+
+def check_writable(path: Path) -> Path:
+    """Checks, before any work, that `path` (a folder, created later if missing) can be
+    written: a probe folder is created and removed in it or in its nearest existing parent,
+    so nothing is left behind. Raises `output_error`'s OutputError; returns `path`."""
+    path = Path(path)
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise OutputError(f"{path}: cannot write there, {existing} is not a folder")
+    probe = _hidden_sibling(existing / "write-check", STAGING_MARK)
+    try:
+        os.mkdir(probe)
+        os.rmdir(probe)
+    except OSError as error:
+        raise output_error(path, error) from error
+    return path
+
+
+def make_folder(folder: Path) -> Path:
+    """Creates `folder` and its parents if missing; an OutputError (`output_error`) if not
+    possible. Returns the folder."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise output_error(folder, error) from error
+    return folder
+
+
+def _owner_has_ended(leftover: str) -> bool:
+    """True when the staging name `leftover` was made by a process of this host that has
+    ended (its id is not running); False when it may still be writing, or is not ours."""
+    owner = _OWNER.search(leftover)
+    if owner is None or owner["host"] != _host():
+        return False
+    try:
+        os.kill(int(owner["pid"]), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # exists, but belongs to another user
+        return False
+    return False
+
+
+def remove_stale_leftovers(path: Path) -> list[Path]:
+    """Removes the staging and retired leftovers of `path` that crashed processes of this
+    host left behind (see `_owner_has_ended`); returns what was removed."""
+    path = Path(path)
+    removed = []
+    prefixes = (f".{path.name}{STAGING_MARK}", f".{path.name}{RETIRED_MARK}")
+    with os.scandir(path.parent) as entries:
+        for entry in entries:
+            if entry.name.startswith(prefixes) and _owner_has_ended(entry.name):
+                shutil.rmtree(entry.path, ignore_errors=True)
+                removed.append(Path(entry.path))
+    return removed
+
+
+def _about(error: OSError, path: Path, staging: Path) -> bool:
+    """Whether `error` concerns writing `path` (no file named, or a file of the staging)."""
+    names = [name for name in (error.filename, error.filename2) if name is not None]
+    return not names or any(
+        str(name).startswith(str(staging)) or Path(name) == path for name in names
+    )
 
 
 @contextlib.contextmanager
@@ -38,12 +135,19 @@ def staged_path(path: Path, folder: bool = False) -> Iterator[Path]:
     derive content from the name, such as torch archives, see the final name); for a folder
     (`folder=True`) it is an empty folder. Parent folders are created. Staging folders are
     made with `os.mkdir`, so the result gets the permissions the umask gives any other file.
-    If the block raises, the staging is removed and `path` is left as it was.
+    If the block raises, the staging is removed and `path` is left as it was; a file-system
+    error while writing `path` becomes an OutputError (`output_error`). Saving a folder
+    first removes the leftovers of earlier saves of it that crashed (`remove_stale_leftovers`).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     staging = _hidden_sibling(path, STAGING_MARK)
-    os.mkdir(staging)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if folder:
+            remove_stale_leftovers(path)
+        os.mkdir(staging)
+    except OSError as error:
+        raise output_error(path, error) from error
     try:
         if folder:
             yield staging
@@ -51,6 +155,10 @@ def staged_path(path: Path, folder: bool = False) -> Iterator[Path]:
         else:
             yield staging / path.name
             os.replace(staging / path.name, path)
+    except OSError as error:
+        if not _about(error, path, staging):
+            raise
+        raise output_error(path, error) from error
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 

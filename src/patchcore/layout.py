@@ -13,7 +13,9 @@ loads nothing heavy (no torch), so readers of runs stay fast.
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,6 +68,13 @@ def run_folder_path(results_path: Path, project: str, group: str) -> Path:
     return Path(results_path) / project / group
 
 
+def _cannot_create(folder: Path, error: OSError) -> OutputError:
+    return OutputError(
+        f"{folder}: cannot create the run folder ({error.strerror}); choose a writable "
+        "RESULTS_PATH or free space on its disk"
+    )
+
+
 def create_run_folder(results_path: Path, project: str, group: str) -> Path:
     """Creates `results_path/project/group`, or `group_0`, `group_1`, ... if taken; never reuses
     a folder, also when several processes start runs of the same group at once."""
@@ -73,7 +82,7 @@ def create_run_folder(results_path: Path, project: str, group: str) -> Path:
     try:
         project_folder.mkdir(parents=True, exist_ok=True)
     except OSError as error:
-        raise OutputError(f"{project_folder}: cannot create the run folder ({error.strerror})") from error
+        raise _cannot_create(project_folder, error) from error
     candidates = [group] + [f"{group}_{counter}" for counter in range(MAX_RUNS_PER_GROUP)]
     for candidate in candidates:
         folder = project_folder / candidate
@@ -82,6 +91,19 @@ def create_run_folder(results_path: Path, project: str, group: str) -> Path:
         except FileExistsError:
             continue
         except OSError as error:
-            raise OutputError(f"{folder}: cannot create the run folder ({error.strerror})") from error
+            raise _cannot_create(folder, error) from error
         return folder
     raise ConfigurationError(f"{project_folder}: too many runs named '{group}'")
+
+
+@contextlib.contextmanager
+def new_run_folder(results_path: Path, project: str, group: str) -> Iterator[Path]:
+    """`create_run_folder` for the block; if the block fails before anything was written
+    into the folder, the empty folder is removed, so a corrected rerun gets the same name."""
+    folder = create_run_folder(results_path, project, group)
+    try:
+        yield folder
+    except BaseException:
+        with contextlib.suppress(OSError):  # not empty: what was written stays
+            folder.rmdir()
+        raise

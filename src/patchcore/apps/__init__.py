@@ -3,7 +3,10 @@ evaluation) and the operator dashboard. Click commands live in `patchcore.cli`."
 
 from patchcore.exports import lazy_exports
 
-__all__ = ["train_run", "evaluate_run", "run_prediction", "export_challenge_models", "run_challenge"]
+__all__ = [
+    "train_run", "evaluate_run", "run_prediction", "export_challenge_models", "export_models",
+    "open_exported", "run_challenge",
+]  # fmt: skip
 
 __getattr__, __dir__ = lazy_exports(
     __name__,
@@ -12,6 +15,8 @@ __getattr__, __dir__ = lazy_exports(
         "evaluate_run": "patchcore.apps.runs",
         "run_prediction": "patchcore.apps.predict",
         "export_challenge_models": "patchcore.apps.export",
+        "export_models": "patchcore.apps.export",
+        "open_exported": "patchcore.apps.runtimes",
         "run_challenge": "patchcore.apps.challenge",
     },
 )

@@ -47,6 +47,7 @@ from patchcore.evaluation.metrics import (
     pixel_f1max,
 )
 from patchcore.evaluation.reporting import write_results_csv
+from patchcore.files import check_writable
 from patchcore.progress import track
 
 LOGGER = logging.getLogger(__name__)
@@ -292,6 +293,7 @@ def evaluate_category(cls: type, category: str, options: ChallengeOptions) -> di
 
 def run_challenge(options: ChallengeOptions) -> dict[str, dict[str, float]]:
     """Evaluates every category, rewriting the CSV after each; returns the rows."""
+    check_writable(options.output.parent)
     cls = load_module_class(options.module_path, options.class_name)
     categories = options.categories or available_categories(
         options.dataset_path, options.weights_path

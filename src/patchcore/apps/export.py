@@ -1,4 +1,18 @@
-"""Exporting saved models: one self-contained `<category>.pth` per model folder.
+"""Exporting saved models: deployable files per model folder.
+
+`export_models` (`patchcore-export`) writes, per saved model folder and named by category:
+- `torch`: `<category>.pth`, the `PatchCoreModule` state dict (the challenge format below);
+- `onnx`: `<category>.onnx`, the whole model as one ONNX graph (opset `ONNX_OPSET`), made by
+  torch's ONNX exporter (`torch.onnx.export(..., dynamo=True)`, the torch.export-based one)
+  from `FixedSizePatchCore`: preprocessing, backbone up to the last layer used, patch
+  aggregation, the memory bank as a constant, the bank-chunked exact search, image score
+  (Eq. 7 when configured), upsampled and smoothed map, and the decision against the saved
+  threshold. Input `images` float32 [batch, 3, H, W] in [0, 1] with a dynamic batch and the
+  fixed (H, W) given at export; outputs `pred_score` [batch], `anomaly_map` [batch, H, W]
+  and, with a threshold, `pred_label` [batch] (bool);
+- `openvino`: `<category>.xml` + `.bin`, OpenVINO IR converted from that ONNX graph by
+  `openvino.convert_model`, FP32 weights, or FP16 weights with `fp16`.
+ONNX and OpenVINO files describe themselves (`patchcore.apps.runtimes.ExportRecord`).
 
 `export_challenge_models` (`patchcore-export-challenge`) writes a `PatchCoreModule` state dict
 per saved model folder, named by category, plus a `requirements.txt` for evaluators.
@@ -6,25 +20,55 @@ per saved model folder, named by category, plus a `requirements.txt` for evaluat
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
+import io
 import logging
+import os
+import tempfile
+import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torchvision
 
 from patchcore import __version__
-from patchcore.config import DATASET_NAMES, PatchCoreConfig, SearchConfig
-from patchcore.errors import ConfigurationError, ModelFormatError
-from patchcore.files import atomic_write, atomic_write_text, is_staging
+from patchcore.apps.runtimes import (
+    INPUT_NAME,
+    METADATA_KEY,
+    ONNX_SUFFIX,
+    OPENVINO_SUFFIX,
+    ExportRecord,
+)
+from patchcore.config import (
+    DATASET_NAMES,
+    EXPORT_FORMATS,
+    MIN_IMAGE_SIDE,
+    PatchCoreConfig,
+    SearchConfig,
+)
+from patchcore.errors import ConfigurationError, ModelFormatError, OutputError, missing_dependency
+from patchcore.files import (
+    atomic_write,
+    atomic_write_text,
+    check_writable,
+    is_staging,
+    staged_path,
+)
 from patchcore.layout import MODELS_FOLDER
 from patchcore.model.backbones import EFFICIENTNET_LITE0, TORCHVISION_ALIASES
-from patchcore.model.module import PatchCoreModule
+from patchcore.model.chunked_search import DEFAULT_BANK_CHUNK_SIZE
+from patchcore.model.module import FixedSizePatchCore, PatchCoreModule
 from patchcore.model.patchcore import PatchCore
-from patchcore.model.serialization import PARAMS_FILE, load_models
+from patchcore.model.serialization import PARAMS_FILE, exact_search_config, load_models
 
 LOGGER = logging.getLogger(__name__)
 
+ONNX_OPSET = 18
+EXAMPLE_BATCH = 2  # traced with two images so that the batch stays a dynamic dimension
 WEIGHTS_SUFFIX = ".pth"
 ALTERNATIVE_SUFFIX = ".pt"
 REQUIREMENTS_FILE = "requirements.txt"
@@ -38,7 +82,16 @@ TIMM_REQUIREMENTS = ("timm",)
 
 
 def _is_model_folder(folder: Path) -> bool:
-    return folder.is_dir() and not is_staging(folder) and any(folder.glob(f"*{PARAMS_FILE}"))
+    if not folder.is_dir() or not any(folder.glob(f"*{PARAMS_FILE}")):
+        return False
+    if is_staging(folder):
+        LOGGER.warning(
+            "Skipping %s: an unfinished copy left by an interrupted save (the next save of "
+            "that model removes it; it can be deleted)",
+            folder,
+        )
+        return False
+    return True
 
 
 def find_model_folders(path: Path) -> list[Path]:
@@ -91,13 +144,17 @@ def requirements_text(configs: Sequence[PatchCoreConfig]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _load_exportable(folder: Path, device: torch.device | str) -> PatchCore:
-    """The model of a folder; ensembles are refused."""
+def _load_exportable(folder: Path, device: torch.device | str, holder: str) -> PatchCore:
+    """The model of a folder; ensembles are refused, with the reason. `holder` names what
+    an export holds (a challenge module, an exported graph)."""
     models = load_models(folder, device, SearchConfig(backend="torch"))
     if len(models) != 1:
         raise ConfigurationError(
-            f"{folder}: an ensemble of {len(models)} models; challenge export supports "
-            "single-backbone models only"
+            f"{folder}: an ensemble of {len(models)} models cannot be exported: {holder} "
+            "holds one model and its own score scale, while an ensemble decides on its "
+            "members' combined normal-image scale (normalised scores, averaged). Score it "
+            "with patchcore-predict, which uses that scale and the threshold saved with the "
+            "members"
         )
     return models[0]
 
@@ -115,6 +172,18 @@ def _unique_categories(folders: list[Path]) -> dict[str, Path]:
     return categories
 
 
+def _save(state: dict, temporary: Path, path: Path) -> None:
+    """torch.save to `temporary`; its failed writes (a full disk) are RuntimeErrors, reported
+    as an OutputError naming `path`."""
+    try:
+        torch.save(state, temporary)
+    except RuntimeError as error:
+        raise OutputError(
+            f"{path}: cannot write the weights file ({str(error).splitlines()[0]}); free "
+            "space on that disk, or write the export somewhere else"
+        ) from error
+
+
 def export_challenge_models(
     sources: Sequence[Path],
     output_folder: Path,
@@ -127,17 +196,19 @@ def export_challenge_models(
     folder. Models are loaded on `device`; the files hold CPU tensors. Returns the written
     paths.
     """
+    output_folder = check_writable(Path(output_folder))
     folders = [folder for source in sources for folder in find_model_folders(Path(source))]
     categories = _unique_categories(folders)
-    output_folder = Path(output_folder)
     written, configs = [], []
     suffixes = (WEIGHTS_SUFFIX, ALTERNATIVE_SUFFIX) if also_pt else (WEIGHTS_SUFFIX,)
     for category, folder in categories.items():
-        model = _load_exportable(folder, device)
+        model = _load_exportable(folder, device, "a challenge module")
         state = PatchCoreModule.from_patchcore(model).cpu().state_dict()
         for suffix in suffixes:
             path = output_folder / f"{category}{suffix}"
-            atomic_write(path, lambda temporary, state=state: torch.save(state, temporary))
+            atomic_write(
+                path, lambda temporary, state=state, path=path: _save(state, temporary, path)
+            )
             written.append(path)
         configs.append(model.config)
         LOGGER.info("Exported %s as %s", folder, category)
@@ -145,3 +216,209 @@ def export_challenge_models(
     return [*written, requirements]
 
 
+# ----------------------------------------------------------------- patchcore-export
+def parse_input_size(text: str) -> tuple[int, int]:
+    """`HEIGHTxWIDTH` (e.g. `480x640`) or one number for a square -> (height, width)."""
+    parts = str(text).lower().replace(" ", "").split("x")
+    if len(parts) not in (1, 2) or not all(part.isdigit() for part in parts):
+        raise ConfigurationError(
+            f"--input_size must be HEIGHTxWIDTH (e.g. 480x640) or one number, got '{text}'"
+        )
+    height, width = int(parts[0]), int(parts[-1])
+    if min(height, width) < MIN_IMAGE_SIDE:
+        raise ConfigurationError(
+            f"--input_size sides must be at least {MIN_IMAGE_SIDE} pixels, got '{text}'"
+        )
+    return height, width
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """What `export_models` writes; checked once when built.
+
+    `input_size`: the (height, width) of exported graphs' inputs; None takes the model's
+    resize size as a square (the input whose shorter side needs no resizing).
+    `threshold`: the decision threshold to build in; None keeps the model's saved one.
+    """
+
+    formats: tuple[str, ...]
+    input_size: tuple[int, int] | None = None
+    fp16: bool = False
+    bank_chunk_size: int = DEFAULT_BANK_CHUNK_SIZE
+    threshold: float | None = None
+
+    def __post_init__(self) -> None:
+        if not self.formats:
+            raise ConfigurationError(f"give at least one --format ({', '.join(EXPORT_FORMATS)})")
+        unknown = [name for name in self.formats if name not in EXPORT_FORMATS]
+        if unknown:
+            raise ConfigurationError(
+                f"unknown export format '{unknown[0]}'; choose from {', '.join(EXPORT_FORMATS)}"
+            )
+        if self.fp16 and "openvino" not in self.formats:
+            raise ConfigurationError("--fp16 applies to OpenVINO IR; add --format openvino")
+        if self.bank_chunk_size < 1:
+            raise ConfigurationError(f"--bank_chunk_size must be >= 1, got {self.bank_chunk_size}")
+        if self.threshold is not None and not np.isfinite(self.threshold):
+            raise ConfigurationError(f"--threshold must be a finite number, got {self.threshold}")
+
+    def size_for(self, config: PatchCoreConfig) -> tuple[int, int]:
+        if self.input_size is not None:
+            return self.input_size
+        return config.preprocessing.resize, config.preprocessing.resize
+
+
+def _check_export_dependencies(formats: Sequence[str]) -> None:
+    """Fails before any work when a package that a requested format needs is missing."""
+    if "onnx" in formats or "openvino" in formats:
+        for module, package in (("onnx", "onnx"), ("onnxscript", "onnxscript")):
+            if importlib.util.find_spec(module) is None:
+                extra = "export" if "onnx" in formats else "openvino"
+                raise missing_dependency("exporting to ONNX or OpenVINO", package, extra)
+    if "openvino" in formats and importlib.util.find_spec("openvino") is None:
+        raise missing_dependency("exporting to OpenVINO", "openvino", "openvino")
+
+
+EXPORTER_LOGGERS = ("onnxscript", "onnx_ir", "torch.onnx", "torch.export", "torch._export")
+
+
+@contextlib.contextmanager
+def _quiet_exporter():
+    """Keeps the exporter's progress prints, warnings and info logs off the terminal; the
+    prints go to the debug log."""
+    captured = io.StringIO()
+    loggers = [logging.getLogger(name) for name in EXPORTER_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    try:
+        for logger in loggers:
+            logger.setLevel(max(logger.getEffectiveLevel(), logging.WARNING))
+        with warnings.catch_warnings(), contextlib.redirect_stdout(captured):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
+        if captured.getvalue().strip():
+            LOGGER.debug("torch.onnx: %s", captured.getvalue().strip())
+
+
+def onnx_program(graph: FixedSizePatchCore, record: ExportRecord):
+    """The ONNX program of `graph` with `record` stored as its metadata."""
+    example = torch.rand(
+        EXAMPLE_BATCH, 3, *graph.input_size, generator=torch.Generator().manual_seed(0)
+    ).to(graph.module.memory_bank.device)
+    batch = torch.export.Dim("batch", min=1)
+    with _quiet_exporter():
+        program = torch.onnx.export(
+            graph,
+            (example,),
+            None,
+            dynamo=True,
+            opset_version=ONNX_OPSET,
+            input_names=[INPUT_NAME],
+            output_names=list(graph.output_names),
+            dynamic_shapes={"images": {0: batch}},
+            verbose=False,
+        )
+    program.model.metadata_props[METADATA_KEY] = record.to_json()
+    program.model.producer_name = "patchcore"
+    program.model.producer_version = __version__
+    return program
+
+
+def write_onnx(program, path: Path) -> Path:
+    """Saves an ONNX program to `path` atomically (weights inside the file up to 2 GB)."""
+    with staged_path(path) as temporary, _quiet_exporter():
+        program.save(temporary)
+        data = [item for item in temporary.parent.iterdir() if item != temporary]
+        for item in data:  # external weights of models over 2 GB
+            os.replace(item, path.parent / item.name)
+    return path
+
+
+def write_openvino(onnx_path: Path, path: Path, record: ExportRecord, fp16: bool) -> Path:
+    """Converts the ONNX graph at `onnx_path` to OpenVINO IR `path` (+ `.bin`), atomically."""
+    import openvino
+
+    model = openvino.convert_model(str(onnx_path))
+    model.set_rt_info(record.to_json(), [METADATA_KEY])
+    with staged_path(path) as temporary:
+        openvino.save_model(model, str(temporary), compress_to_fp16=fp16)
+        os.replace(temporary.with_suffix(".bin"), path.with_suffix(".bin"))
+    return path
+
+
+def export_record(
+    model: PatchCore,
+    module: PatchCoreModule,
+    graph: FixedSizePatchCore,
+    folder: Path,
+    precision: str,
+) -> ExportRecord:
+    """The self-description of `graph`, exported from `model` (saved in `folder`)."""
+    return ExportRecord(
+        config=exact_search_config(model.config),
+        input_size=graph.input_size,
+        threshold=graph.threshold,
+        normal_statistics=module.statistics(),
+        bank_size=int(module.memory_bank.shape[0]),
+        bank_chunk_size=module.bank_chunk_size,
+        onnx_opset=ONNX_OPSET,
+        precision=precision,
+        source=str(folder),
+    )
+
+
+def export_model(
+    model: PatchCore, folder: Path, output_folder: Path, name: str, options: ExportOptions
+) -> list[Path]:
+    """Writes `model` (loaded from `folder`) in every format of `options`; the paths."""
+    module = PatchCoreModule.from_patchcore(model, options.threshold).cpu().eval()
+    module.bank_chunk_size = options.bank_chunk_size
+    written = []
+    if "torch" in options.formats:
+        path = output_folder / f"{name}{WEIGHTS_SUFFIX}"
+        state = module.state_dict()
+        written.append(atomic_write(path, lambda temporary: _save(state, temporary, path)))
+    if "onnx" not in options.formats and "openvino" not in options.formats:
+        return written
+    graph = FixedSizePatchCore(module, options.size_for(model.config)).eval()
+    program = onnx_program(graph, export_record(model, module, graph, folder, "fp32"))
+    with tempfile.TemporaryDirectory(prefix="patchcore-export-") as scratch:
+        onnx_path = Path(scratch) / f"{name}{ONNX_SUFFIX}"
+        if "onnx" in options.formats:
+            onnx_path = write_onnx(program, output_folder / f"{name}{ONNX_SUFFIX}")
+            written.append(onnx_path)
+        else:
+            write_onnx(program, onnx_path)
+        if "openvino" in options.formats:
+            precision = "fp16" if options.fp16 else "fp32"
+            record = export_record(model, module, graph, folder, precision)
+            path = output_folder / f"{name}{OPENVINO_SUFFIX}"
+            written.append(write_openvino(onnx_path, path, record, options.fp16))
+            written.append(path.with_suffix(".bin"))
+    return written
+
+
+def export_models(
+    sources: Sequence[Path],
+    output_folder: Path,
+    options: ExportOptions,
+    device: torch.device | str = "cpu",
+) -> list[Path]:
+    """Exports every model folder of `sources` (model folders, folders of them, run folders)
+    into `output_folder` as `<category>.<suffix>` in the formats of `options`; the paths.
+
+    Models are loaded on `device` and exported from the CPU.
+    """
+    _check_export_dependencies(options.formats)
+    output_folder = check_writable(Path(output_folder))
+    folders = [folder for source in sources for folder in find_model_folders(Path(source))]
+    categories = _unique_categories(folders)
+    written = []
+    for category, folder in categories.items():
+        model = _load_exportable(folder, device, "an exported graph")
+        paths = export_model(model, folder, output_folder, category, options)
+        written.extend(paths)
+        LOGGER.info("Exported %s as %s", folder, ", ".join(path.name for path in paths))
+    return written

@@ -1,30 +1,48 @@
 """Scoring new images with a saved model: accept/reject decisions, heat maps and masks.
 
-The job behind `patchcore-predict MODEL_DIR INPUT...`. INPUTs are image files, folders
-(searched recursively) or glob patterns. Images go through the model's own preprocessing
-(`patchcore.data.preprocessing`), exactly as in evaluation, and are scored by the model or,
-for an ensemble, by its members combined with their normal-image statistics
-(`patchcore.evaluation.ensemble.predict_new_images`). An image is rejected by
-`patchcore.model.calibration.decide`: its score is above the threshold (`--threshold`, or the
-one saved with the model) or is not a finite number.
+The job behind `patchcore-predict MODEL INPUT...`. INPUTs are image files, folders
+(searched recursively) or glob patterns. MODEL is a saved model folder or a file written by
+`patchcore-export`, run by `--runtime`:
+- a model folder (runtime `torch`, the default): images go through the model's own
+  preprocessing (`patchcore.data.preprocessing`), exactly as in evaluation, and are scored by
+  the model or, for an ensemble, by its members combined with their normal-image statistics
+  (`patchcore.evaluation.ensemble.predict_new_images`);
+- an exported file (`.pth` with `torch`, `.onnx` with `onnxruntime` or `openvino`, `.xml`
+  with `openvino`; see `patchcore.apps.runtimes`): the decoded image enters the exported
+  graph whole, as float RGB in [0, 1], and the graph does the resize and crop on tensors
+  and returns the map on the image's own frame. ONNX and OpenVINO graphs take the input
+  size fixed at export only; an image of another size stops the run with a one-line error
+  naming it.
+An image is rejected by `patchcore.model.calibration.decide`: its score is above the
+threshold (`--threshold`, or the one saved with the model) or is not a finite number.
 
-Results (path, score, threshold, decision per image; CSV, or JSON lines for a `.jsonl`
-output) are streamed to a temporary file next to the output as images are scored, and moved
-into place when the run ends, so a large folder never has to fit in memory.
+Results (path, score, threshold, decision per image, and the heat-map and mask files written
+for it; CSV, or JSON lines for a `.jsonl` output) are streamed to a temporary file next to the
+output as images are scored, and moved into place when the run ends, so a large folder never
+has to fit in memory. An ensemble decides on its members' combined normal-image scale, with the
+threshold saved with its members (`patchcore-train` with held-out normal images).
 
-Heat maps and masks are PNGs at each input image's own size (the crop's map is mapped back
-onto the whole image by `patchcore.data.preprocessing.map_to_input_frame`; outside a centre
-crop the nearest crop-edge value is used). Every heat map uses the same colour scale, fixed
-by the model (`patchcore.model.calibration.colour_range`): from the lowest pixel score of its
-held-out normal images (0 without statistics) up to the value that puts the threshold in the
-middle of the colour bar; values outside are clipped.
-A mask marks the pixels whose anomaly-map value is above the decision threshold (or
-`--mask_threshold`). The map never exceeds its image score (without score re-weighting), so
-accepted images get empty masks; the Gaussian smoothing lowers narrow peaks, so a rejected
-image whose anomaly is a single patch may get an empty mask too (a lower `--mask_threshold`
-then shows it).
+Heat maps and masks are PNGs named after each input as given on the command line (a symbolic
+link's own name, not its target's), relative to the inputs' common folder. The heat map is the
+input image at its own size with the anomaly map blended over it (the crop's map is mapped back
+onto the whole image by `patchcore.data.preprocessing.map_to_input_frame`); pixels outside a
+centre crop, which the model never saw, are drawn grey. Below the image (its first H rows are
+pixel-aligned with the input) is the colour bar with the decision threshold marked. Every heat
+map of a model uses the same colour scale, the model's own
+(`patchcore.model.calibration.colour_range`: from the lowest pixel score of its held-out normal
+images up to the value that puts its saved threshold in the middle; with no saved threshold,
+the decision threshold in the middle from 0), so a colour means the same score in predict's heat
+maps, evaluation overlays and the dashboard; values outside are clipped.
+A mask (same size as the input) marks the pixels, inside the inspected region only, whose
+anomaly-map value is above the decision threshold (or `--mask_threshold`) or is not a finite
+number (`decide`, per pixel). The map never exceeds its image score (without score
+re-weighting), so accepted images get empty masks; the Gaussian smoothing lowers narrow peaks,
+so a rejected image whose anomaly is a single patch may get an empty mask too (a lower
+`--mask_threshold` then shows it).
 
-Unreadable files are logged, skipped and counted; the run goes on.
+Unreadable files are logged, skipped and counted; the run goes on. INPUT folders are
+searched through symbolic links to folders too (each real folder once). The output file's
+folder and the heat-map and mask folders are checked for writing before any image is scored.
 """
 
 from __future__ import annotations
@@ -36,7 +54,7 @@ import json
 import logging
 import math
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,21 +62,30 @@ import numpy as np
 import torch
 from PIL import Image
 
-from patchcore.config import PreprocessingConfig, SearchConfig
+from patchcore.apps.runtimes import ExportedModel, open_exported
+from patchcore.config import RUNTIMES, PreprocessingConfig, SearchConfig
 from patchcore.data.datasets import IMAGE_EXTENSIONS, image_files
-from patchcore.data.preprocessing import image_tensor, map_to_input_frame, open_image
-from patchcore.errors import ConfigurationError, DataError
-from patchcore.evaluation.ensemble import predict_new_images
-from patchcore.evaluation.visualization import blend_heatmap
-from patchcore.files import atomic_write, staged_path, unique_file_stems
-from patchcore.model.calibration import colour_range, decide, decision_label
+from patchcore.data.preprocessing import (
+    check_working_size,
+    image_tensor,
+    inspected_region,
+    map_to_input_frame,
+    open_image,
+    to_tensor,
+    working_size,
+)
+from patchcore.errors import ConfigurationError, DataError, ModelFormatError
+from patchcore.evaluation.ensemble import decision_statistics, predict_new_images
+from patchcore.evaluation.visualization import blend_heatmap, colour_bar_rgb, grey_out
+from patchcore.files import atomic_write, check_writable, staged_path, unique_file_stems
+from patchcore.model.calibration import NormalStatistics, colour_range, decide, decision_label
 from patchcore.model.patchcore import PatchCore
-from patchcore.model.serialization import load_models
+from patchcore.model.serialization import PARAMS_FILE, load_ensemble_statistics, load_models
 from patchcore.progress import track
 
 LOGGER = logging.getLogger(__name__)
 
-COLUMNS = ("path", "score", "threshold", "decision")
+COLUMNS = ("path", "score", "threshold", "decision", "heatmap", "mask")
 
 
 @dataclass(frozen=True)
@@ -76,8 +103,13 @@ class PredictOptions:
     batch_size: int = 8
     num_workers: int = 4
     search: SearchConfig = field(default_factory=SearchConfig)
+    runtime: str | None = None
 
     def __post_init__(self) -> None:
+        if self.runtime is not None and self.runtime not in RUNTIMES:
+            raise ConfigurationError(
+                f"--runtime must be one of {', '.join(RUNTIMES)}, got '{self.runtime}'"
+            )
         if not self.inputs:
             raise ConfigurationError("give at least one INPUT image, folder or pattern")
         if self.batch_size < 1:
@@ -147,12 +179,13 @@ def resolve_inputs(inputs: Sequence[str]) -> list[Path]:
 
 
 def output_stems(paths: Sequence[Path]) -> list[str]:
-    """Unique file stems for per-image outputs: each path relative to the inputs' common
-    folder, parts joined by '_' (e.g. `crack/000.png` -> `crack_000`); clashes get `-2`, ..."""
-    resolved = [path.resolve() for path in paths]
-    root = Path(os.path.commonpath([path.parent for path in resolved])) if resolved else Path()
+    """Unique file stems for per-image outputs: each path as given (made absolute, symbolic
+    links not followed) relative to the inputs' common folder, parts joined by '_' (e.g.
+    `crack/000.png` -> `crack_000`); clashes get `-2`, ..."""
+    absolute = [Path(os.path.abspath(path)) for path in paths]
+    root = Path(os.path.commonpath([path.parent for path in absolute])) if absolute else Path()
     return unique_file_stems(
-        ["_".join(path.relative_to(root).with_suffix("").parts) for path in resolved]
+        ["_".join(path.relative_to(root).with_suffix("").parts) for path in absolute]
     )
 
 
@@ -167,10 +200,14 @@ class LoadedImage:
 
 
 class PredictionDataset(torch.utils.data.Dataset):
-    """Decodes inputs through the evaluation pipeline; unreadable files become errors."""
+    """Decodes inputs through the evaluation pipeline (or, with `preprocessing` None, whole,
+    as float RGB in [0, 1] for exported graphs); unreadable files become errors."""
 
     def __init__(
-        self, paths: Sequence[Path], preprocessing: PreprocessingConfig, keep_originals: bool
+        self,
+        paths: Sequence[Path],
+        preprocessing: PreprocessingConfig | None,
+        keep_originals: bool,
     ) -> None:
         self.paths = list(paths)
         self.preprocessing = preprocessing
@@ -182,10 +219,20 @@ class PredictionDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> LoadedImage:
         try:
             picture = open_image(self.paths[index], "RGB")
-            image = image_tensor(picture, self.preprocessing)
+            if self.preprocessing is None:
+                image = to_tensor(picture)
+            else:
+                check_working_size(
+                    self.paths[index],
+                    working_size((picture.height, picture.width), self.preprocessing),
+                    self.preprocessing,
+                )
+                image = image_tensor(picture, self.preprocessing)
         except DataError as error:
             return LoadedImage(index, None, None, str(error))
-        original = torch.from_numpy(np.array(picture, dtype=np.uint8)).permute(2, 0, 1) if self.keep_originals else None
+        original = None
+        if self.keep_originals:
+            original = torch.from_numpy(np.array(picture, dtype=np.uint8)).permute(2, 0, 1)
         return LoadedImage(index, image, original, "")
 
 
@@ -232,22 +279,60 @@ class ImageOutputs:
     mask_threshold: float
     colour_range: tuple[float, float]
     preprocessing: PreprocessingConfig
+    threshold: float | None = None  # marked on the colour bar
+    maps_on_input_frame: bool = False  # True for exported graphs' maps
 
-    def write(self, original: torch.Tensor, crop_map: torch.Tensor, stem: str) -> None:
-        """original uint8 [3, H, W], crop_map [c, c] -> heat map and mask PNGs at H x W."""
+    def write(self, original: torch.Tensor, model_map, stem: str) -> dict:
+        """original uint8 [3, H, W] and its anomaly map -> heat map and mask PNGs for H x W;
+        returns their paths under `heatmap` and `mask` ('' when not asked for). The map is
+        on the model's input frame (mapped back here), or already [H, W] with
+        `maps_on_input_frame`."""
         size = tuple(original.shape[-2:])
-        full_map = map_to_input_frame(crop_map[None].float(), size, self.preprocessing)[0].numpy()
+        if self.maps_on_input_frame:
+            full_map = np.asarray(model_map, dtype=np.float32)
+        else:
+            full_map = map_to_input_frame(model_map[None].float(), size, self.preprocessing)
+            full_map = full_map[0].numpy()
+        seen = inspected_region(size, self.preprocessing).numpy()
+        written = {"heatmap": "", "mask": ""}
         if self.heatmaps is not None:
             image = original.permute(1, 2, 0).numpy()
-            write_png(
-                self.heatmaps / f"{stem}.png", blend_heatmap(image, full_map, self.colour_range)
-            )
+            heat = grey_out(blend_heatmap(image, full_map, self.colour_range), image, seen)
+            bar = colour_bar_rgb(self.colour_range, self.threshold, heat.shape[1])
+            written["heatmap"] = str(self.heatmaps / f"{stem}.png")
+            write_png(Path(written["heatmap"]), np.concatenate([heat, bar], axis=0))
         if self.masks is not None:
-            mask = (full_map > self.mask_threshold).astype(np.uint8) * 255
-            write_png(self.masks / f"{stem}.png", mask)
+            mask = (decide(full_map, self.mask_threshold) & seen).astype(np.uint8) * 255
+            written["mask"] = str(self.masks / f"{stem}.png")
+            write_png(Path(written["mask"]), mask)
+        return written
 
 
 # ---------------------------------------------------------------------- running
+Score = Callable[[torch.Tensor], tuple[np.ndarray, object]]
+
+
+@dataclass(frozen=True)
+class Scorer:
+    """What scores a batch of same-size images, whichever the runtime.
+
+    `whole_images`: `score` takes decoded images whole and returns maps on their own frame
+    (exported graphs); otherwise images go through `preprocessing`'s PIL chain first and
+    maps come back on the model's input frame. `threshold`: the saved decision threshold,
+    or None; `statistics`: the normal-image statistics whose scale the heat maps use, or
+    None. `input_size`: the only (height, width) `score` takes, if fixed.
+    """
+
+    score: Score
+    preprocessing: PreprocessingConfig
+    whole_images: bool
+    threshold: float | None
+    statistics: NormalStatistics | None
+    input_size: tuple[int, int] | None
+    name: str
+    ensemble: bool = False
+
+
 def load_scoring_models(options: PredictOptions) -> list[PatchCore]:
     """The model (or ensemble members) of MODEL_DIR; an ensemble's members must carry their
     normal-image statistics, the scale its scores are combined on."""
@@ -261,27 +346,104 @@ def load_scoring_models(options: PredictOptions) -> list[PatchCore]:
     return models
 
 
-def saved_decision_statistics(models: list[PatchCore]):
-    """The normal statistics whose threshold decides for these models: a single model's own,
-    None for an ensemble (whose combined scale has no saved threshold)."""
-    return models[0].normal_statistics if len(models) == 1 else None
+def saved_decision_statistics(models: list[PatchCore], model_dir: Path) -> NormalStatistics | None:
+    """The normal statistics whose threshold decides for the model in `model_dir`: a single
+    model's own; an ensemble's combined-scale statistics saved with its members."""
+    return decision_statistics(models, load_ensemble_statistics(model_dir))
 
 
-def decision_threshold(models: list[PatchCore], options: PredictOptions) -> float:
-    """--threshold, else the model's saved threshold; an error naming both when neither."""
-    if options.threshold is not None:
-        return options.threshold
-    statistics = saved_decision_statistics(models)
-    if statistics is not None:
-        return statistics.threshold
-    raise ConfigurationError(
-        f"{options.model_dir}: the model has no saved threshold and no --threshold was given; "
-        "pass --threshold T, or retrain with --save_patchcore_model (which calibrates and "
-        "saves a threshold on held-out normal images, see --train_val_split)"
+def folder_scorer(options: PredictOptions) -> Scorer:
+    """A saved model folder (or ensemble) scored by this library in torch."""
+    models = load_scoring_models(options)
+
+    def score(images: torch.Tensor) -> tuple[np.ndarray, object]:
+        scores, maps = predict_new_images(models, images)
+        return scores.numpy(), maps
+
+    statistics = saved_decision_statistics(models, options.model_dir)
+    threshold = None if statistics is None else statistics.threshold
+    return Scorer(
+        score, models[0].config.preprocessing, False, threshold, statistics, None,
+        str(options.model_dir), ensemble=len(models) > 1,
+    )  # fmt: skip
+
+
+def exported_scorer(model: ExportedModel) -> Scorer:
+    """An exported file run by its runtime on whole images."""
+
+    def score(images: torch.Tensor) -> tuple[np.ndarray, object]:
+        outputs = model.predict(images)
+        return outputs.scores, outputs.maps
+
+    return Scorer(
+        score, model.config.preprocessing, True, model.threshold, model.normal_statistics,
+        model.input_size, str(model.path),
+    )  # fmt: skip
+
+
+EXPORTED_SUFFIXES = {
+    "torch": (".pth", ".pt"), "onnxruntime": (".onnx",), "openvino": (".xml", ".onnx"),
+}  # fmt: skip
+
+
+def _exported_file_in(folder: Path, runtime: str) -> Path:
+    """The one exported file of `runtime` in an export folder."""
+    for suffix in EXPORTED_SUFFIXES[runtime]:
+        files = sorted(path for path in folder.glob(f"*{suffix}") if path.is_file())
+        if len(files) == 1:
+            return files[0]
+        if len(files) > 1:
+            raise ConfigurationError(
+                f"{folder}: several {suffix} files ({', '.join(path.name for path in files)}); "
+                "give the file itself as MODEL"
+            )
+    raise ModelFormatError(
+        f"{folder}: no {' or '.join(EXPORTED_SUFFIXES[runtime])} file for --runtime {runtime}, "
+        f"and no saved model ({PARAMS_FILE}); for an exported runtime run patchcore-export "
+        "MODEL_DIR -o OUT --format onnx (or openvino) and give OUT or the file"
     )
 
 
-def _loader(paths: list[Path], preprocessing: PreprocessingConfig, options: PredictOptions):
+def load_scorer(options: PredictOptions) -> Scorer:
+    """The scorer of MODEL and --runtime (see the module docstring)."""
+    path = Path(options.model_dir)
+    runtime = options.runtime
+    if path.is_dir() and any(path.glob(f"*{PARAMS_FILE}")):
+        if runtime not in (None, "torch"):
+            raise ConfigurationError(
+                f"{path} is a saved model folder, which runs in torch; for --runtime {runtime} "
+                f"export it first: patchcore-export {path} -o OUT --format "
+                f"{'onnx' if runtime == 'onnxruntime' else 'openvino'}"
+            )
+        return folder_scorer(options)
+    if path.is_dir():
+        path = _exported_file_in(path, runtime or "torch")
+    model = open_exported(path, runtime, options.device)
+    LOGGER.info("Scoring with %s in %s", path, model.runtime)
+    return exported_scorer(model)
+
+
+def decision_threshold(scorer: Scorer, options: PredictOptions) -> float:
+    """--threshold, else the model's saved threshold; an error naming both when neither."""
+    if options.threshold is not None:
+        return options.threshold
+    if scorer.threshold is not None:
+        return scorer.threshold
+    what = (
+        "the ensemble has no saved threshold on its combined scale"
+        if scorer.ensemble
+        else "the model has no saved threshold"
+    )
+    raise ConfigurationError(
+        f"{options.model_dir}: {what} and no --threshold was given; pass --threshold T, or "
+        "retrain with --save_patchcore_model (which calibrates and saves a threshold on "
+        "held-out normal images, see --train_val_split)"
+    )
+
+
+def _loader(
+    paths: list[Path], preprocessing: PreprocessingConfig | None, options: PredictOptions
+):
     dataset = PredictionDataset(paths, preprocessing, options.keeps_originals)
     return torch.utils.data.DataLoader(
         dataset,
@@ -294,9 +456,9 @@ def _loader(paths: list[Path], preprocessing: PreprocessingConfig, options: Pred
 
 @dataclass(frozen=True)
 class _Job:
-    """What every batch needs: the models, the threshold, and where results go."""
+    """What every batch needs: the scorer, the threshold, and where results go."""
 
-    models: list[PatchCore]
+    scorer: Scorer
     threshold: float
     paths: list[Path]
     stems: list[str]
@@ -312,44 +474,64 @@ def _same_size_groups(items: list[LoadedImage]) -> list[list[LoadedImage]]:
     return list(groups.values())
 
 
+def _check_size(job: _Job, item: LoadedImage) -> None:
+    size = job.scorer.input_size
+    if size is not None and tuple(item.image.shape[-2:]) != size:
+        raise DataError(
+            f"{job.paths[item.index]}: image is {item.image.shape[-2]}x{item.image.shape[-1]} "
+            f"(height x width) but {Path(job.scorer.name).name} takes {size[0]}x{size[1]} "
+            "images, the size fixed at export; resize the images or export again with "
+            "--input_size"
+        )
+
+
 def _score_batch(job: _Job, batch: list[LoadedImage], writer: ResultWriter) -> tuple[int, int]:
     """Scores the readable images of a batch and writes their results; (scored, rejected)."""
     for item in batch:
         if item.image is None:
             LOGGER.warning("Skipping unreadable file: %s", item.error)
+        else:
+            _check_size(job, item)
     scored = rejected = 0
     for group in _same_size_groups([item for item in batch if item.image is not None]):
-        scores, maps = predict_new_images(job.models, torch.stack([item.image for item in group]))
+        scores, maps = job.scorer.score(torch.stack([item.image for item in group]))
         for item, score, model_map in zip(group, scores, maps, strict=True):
             is_rejected = bool(decide(float(score), job.threshold))
             rejected += int(is_rejected)
+            written = {"heatmap": "", "mask": ""}
+            if job.draw:
+                written = job.images.write(item.original, model_map, job.stems[item.index])
             writer.write({
                 "path": str(job.paths[item.index]), "score": float(score),
-                "threshold": job.threshold, "decision": decision_label(is_rejected),
+                "threshold": job.threshold, "decision": decision_label(is_rejected), **written,
             })  # fmt: skip
-            if job.draw:
-                job.images.write(item.original, model_map, job.stems[item.index])
         scored += len(group)
     return scored, rejected
 
 
 def run_prediction(options: PredictOptions) -> PredictionSummary:
     """Scores every input image, streaming results; returns the counts."""
+    for folder in (options.output.parent, options.heatmaps, options.masks):
+        if folder is not None:
+            check_writable(folder)
     paths = resolve_inputs(options.inputs)
-    models = load_scoring_models(options)
-    threshold = decision_threshold(models, options)
-    preprocessing = models[0].config.preprocessing
+    scorer = load_scorer(options)
+    statistics = scorer.statistics
+    threshold = decision_threshold(scorer, options)
     images = ImageOutputs(
         options.heatmaps,
         options.masks,
         threshold if options.mask_threshold is None else options.mask_threshold,
-        colour_range(threshold, saved_decision_statistics(models)),
-        preprocessing,
+        colour_range(statistics.threshold if statistics else threshold, statistics),
+        scorer.preprocessing,
+        threshold,
+        maps_on_input_frame=scorer.whole_images,
     )
-    job = _Job(models, threshold, paths, output_stems(paths), images, options.keeps_originals)
+    job = _Job(scorer, threshold, paths, output_stems(paths), images, options.keeps_originals)
     scored = rejected = 0
+    loader = _loader(paths, None if scorer.whole_images else scorer.preprocessing, options)
     with streamed_results(options.output, options.json_lines) as writer:
-        for batch in track(_loader(paths, preprocessing, options), "Predicting", unit="batch"):
+        for batch in track(loader, "Predicting", unit="batch"):
             batch_scored, batch_rejected = _score_batch(job, batch, writer)
             scored += batch_scored
             rejected += batch_rejected

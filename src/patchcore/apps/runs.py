@@ -18,14 +18,20 @@ import torch
 from patchcore.config import DatasetConfig, PatchCoreConfig, PreprocessingConfig, SearchConfig
 from patchcore.data.datasets import split_loader
 from patchcore.errors import ConfigurationError
+from patchcore.evaluation.ensemble import calibrate_ensemble, decision_statistics
 from patchcore.evaluation.records import write_predictions
 from patchcore.evaluation.reporting import merge_results_csv, write_results_csv
 from patchcore.evaluation.testset import TestSetResult, evaluate_models
 from patchcore.evaluation.visualization import save_segmentation_images
-from patchcore.layout import RunLayout
-from patchcore.model.calibration import DEFAULT_THRESHOLD_QUANTILE, colour_range
+from patchcore.files import check_writable
+from patchcore.layout import RESULTS_FILE, RunLayout, create_run_folder
+from patchcore.model.calibration import (
+    DEFAULT_THRESHOLD_QUANTILE,
+    NormalStatistics,
+    colour_range,
+)
 from patchcore.model.patchcore import PatchCore
-from patchcore.model.serialization import load_models, save_models
+from patchcore.model.serialization import load_ensemble_statistics, load_models, save_models
 
 LOGGER = logging.getLogger(__name__)
 
@@ -78,22 +84,21 @@ class PreprocessingRequest:
                 )
 
 
-def _single_threshold(models: list[PatchCore]) -> float | None:
-    """A single model's calibrated threshold (ensembles' scores are rescaled, so none)."""
-    if len(models) == 1 and models[0].normal_statistics is not None:
-        return models[0].normal_statistics.threshold
-    return None
-
-
 def _write_optional_outputs(
-    layout: RunLayout, models: list[PatchCore], result: TestSetResult, output: OutputOptions
+    layout: RunLayout,
+    models: list[PatchCore],
+    result: TestSetResult,
+    output: OutputOptions,
+    ensemble_statistics: NormalStatistics | None,
 ) -> None:
-    """Overlays and per-image predictions of one evaluated dataset, as asked."""
-    threshold = _single_threshold(models)
+    """Overlays and per-image predictions of one evaluated dataset, as asked. Both decide and
+    colour with the statistics of the scale the scores are on (a single model's own, an
+    ensemble's combined `normal_stats` scale; none on a test-set min-max scale)."""
+    statistics = decision_statistics(models, ensemble_statistics, output.ensemble_normalisation)
+    threshold = None if statistics is None else statistics.threshold
     if output.save_predictions:
-        write_predictions(layout.dataset_predictions(result.name), result.records(threshold))
+        write_predictions(layout.dataset_predictions(result.name), result.records(statistics))
     if output.save_segmentation_images:
-        statistics = models[0].normal_statistics if threshold is not None else None
         save_segmentation_images(
             layout.segmentation_images(result.name),
             result.images,
@@ -105,6 +110,33 @@ def _write_optional_outputs(
             colour_range=colour_range(threshold, statistics, result.maps),
             threshold=threshold,
         )
+
+
+@dataclass(frozen=True)
+class CategoryData:
+    """The loaders of one category: its files listed, opened and size-checked."""
+
+    name: str
+    train: torch.utils.data.DataLoader
+    validation: torch.utils.data.DataLoader | None
+    test: torch.utils.data.DataLoader
+
+
+def prepare_training_data(dataset: DatasetConfig, device: torch.device) -> list[CategoryData]:
+    """The loaders of every category, built before any work: each image is listed, its header
+    read (PNG files verified) and each mask's presence and size checked, so bad data of any
+    category is reported in milliseconds per image, before a model is fitted or a run
+    folder is made."""
+    LOGGER.info("Checking the images of %d dataset(s)", len(dataset.categories))
+    return [
+        CategoryData(
+            dataset.run_name(category),
+            split_loader(dataset, category, "train", device),
+            split_loader(dataset, category, "val", device),
+            split_loader(dataset, category, "test", device),
+        )
+        for category in dataset.categories
+    ]
 
 
 def _evaluate(models: list[PatchCore], loader, name: str, output: OutputOptions) -> TestSetResult:
@@ -124,40 +156,66 @@ def train_run(
     device: torch.device,
     search: SearchConfig,
     output: OutputOptions,
+    data: list[CategoryData] | None = None,
 ) -> dict[str, dict[str, float]]:
-    """Fits one model per backbone on each category, evaluates, saves; returns metrics."""
+    """Fits one model per backbone on each category, evaluates, saves; returns metrics.
+
+    `data` is `prepare_training_data(dataset, device)` when the caller checked the data
+    already (before creating the run folder); it is prepared here otherwise.
+    """
     layout = RunLayout(run_folder)
     rows: dict[str, dict[str, float]] = {}
-    for position, category in enumerate(dataset.categories):
-        name = dataset.run_name(category)
-        LOGGER.info("Training on %s (%d/%d)", name, position + 1, len(dataset.categories))
-        train_loader = split_loader(dataset, category, "train", device)
-        validation_loader = split_loader(dataset, category, "val", device)
-        test_loader = split_loader(dataset, category, "test", device)
-        models = []
+    categories = prepare_training_data(dataset, device) if data is None else data
+    for position, category in enumerate(categories):
+        name = category.name
+        LOGGER.info("Training on %s (%d/%d)", name, position + 1, len(categories))
+        train_loader, validation_loader = category.train, category.validation
+        test_loader = category.test
+        models, calibration = [], []
+        calibration_loader = _calibration_loader(
+            name, validation_loader, train_loader, len(model_configs), output
+        )
         for config in model_configs:
             model = PatchCore(replace(config, preprocessing=dataset.preprocessing), device, search)
             model.fit(train_loader)
-            if validation_loader is not None:
-                model.calibrate(validation_loader, output.threshold_quantile)
-            elif output.save_models or output.ensemble_normalisation == "normal_stats":
-                LOGGER.warning(
-                    "%s: no held-out normal images (--train_val_split 1); the threshold and "
-                    "normal statistics come from the training images and are optimistic",
-                    name,
-                )
-                model.calibrate(train_loader, output.threshold_quantile)
+            if calibration_loader is not None:
+                calibration.append(model.calibrate(calibration_loader, output.threshold_quantile))
             models.append(model)
+        ensemble_statistics = None
+        if len(models) > 1 and calibration:
+            ensemble_statistics = calibrate_ensemble(models, calibration, output.threshold_quantile)
+            LOGGER.info(
+                "%s: ensemble threshold %.6g on the members' combined normal-image scale",
+                name, ensemble_statistics.threshold,
+            )  # fmt: skip
         result = _evaluate(models, test_loader, name, output)
         rows[name] = result.metrics
         if output.save_models:
-            save_models(layout.model(name), models)
+            save_models(layout.model(name), models, ensemble_statistics)
         if output.merge_results:
             merge_results_csv(layout.results_csv, rows, output.results_order)
         else:
             write_results_csv(layout.results_csv, rows)
-        _write_optional_outputs(layout, models, result, output)
+        _write_optional_outputs(layout, models, result, output, ensemble_statistics)
     return rows
+
+
+def _calibration_loader(name: str, validation_loader, train_loader, members: int, output):
+    """The held-out normal images the models calibrate on; the training images (with a
+    warning) when there are none but a threshold or normal statistics are needed."""
+    if validation_loader is not None:
+        return validation_loader
+    needs_statistics = output.save_models or (
+        members > 1 and output.ensemble_normalisation == "normal_stats"
+    )
+    if not needs_statistics:
+        return None
+    LOGGER.warning(
+        "%s: no held-out normal images (--train_val_split 1); the threshold and normal "
+        "statistics come from the training images and are optimistic",
+        name,
+    )
+    return train_loader
 
 
 def evaluate_run(
@@ -169,17 +227,20 @@ def evaluate_run(
     search: SearchConfig,
     output: OutputOptions,
 ) -> dict[str, dict[str, float]]:
-    """Evaluates saved models: one folder per category, or one folder for all of them."""
+    """Evaluates saved models (one folder per category, or one folder for all of them) and
+    writes into `results_folder` (`evaluation_folder` picks one that holds no results)."""
     if len(model_folders) not in (1, len(dataset.categories)):
         raise ConfigurationError(
             f"give one -p model folder per dataset ({len(dataset.categories)}) or a single one "
             f"for all; got {len(model_folders)}"
         )
+    check_writable(results_folder)
     layout = RunLayout(results_folder)
     rows: dict[str, dict[str, float]] = {}
     for position, category in enumerate(dataset.categories):
         folder = Path(model_folders[min(position, len(model_folders) - 1)])
         models = load_models(folder, device, search, preprocessing.resize or 256)
+        ensemble_statistics = load_ensemble_statistics(folder)
         saved = models[0].config.preprocessing
         if any(model.config.preprocessing != saved for model in models):
             raise ConfigurationError(f"{folder}: ensemble members disagree on preprocessing")
@@ -190,5 +251,19 @@ def evaluate_run(
         result = _evaluate(models, test_loader, name, output)
         rows[name] = result.metrics
         write_results_csv(layout.results_csv, rows)
-        _write_optional_outputs(layout, models, result, output)
+        _write_optional_outputs(layout, models, result, output, ensemble_statistics)
     return rows
+
+
+def evaluation_folder(results_folder: Path) -> Path:
+    """Where an evaluation writes: RESULTS_PATH, or, when it already holds a results.csv,
+    a new sibling folder `RESULTS_PATH_0`, `_1`, ... (logged), so nothing is overwritten."""
+    results_folder = Path(results_folder)
+    if not RunLayout(results_folder).results_csv.exists():
+        return results_folder
+    folder = create_run_folder(results_folder.parent, "", results_folder.name)
+    LOGGER.warning(
+        "%s already holds a %s from an earlier run; writing this evaluation to %s instead",
+        results_folder, RESULTS_FILE, folder,
+    )  # fmt: skip
+    return folder

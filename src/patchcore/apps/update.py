@@ -3,7 +3,8 @@
 Every member of the model (one, or an ensemble's) continues its greedy coreset over the new
 images' patch features (`patchcore.model.update`). When held-out normal images are given,
 the threshold and normal statistics are measured again on them (same quantile as before,
-or `--threshold_quantile`); otherwise the saved ones are kept and the log says so.
+or `--threshold_quantile`), an ensemble's combined scale too; otherwise the saved ones are
+kept and the log says so.
 
 The new version is written next to the old one and moved into place only when complete
 (`patchcore.files.staged_path`): until then MODEL_DIR is the old model, and a failure leaves
@@ -27,10 +28,16 @@ from patchcore.apps.predict import resolve_inputs
 from patchcore.config import PreprocessingConfig, SearchConfig
 from patchcore.data.datasets import GOOD, ImageDataset, Sample, SizeGroupedBatchSampler
 from patchcore.errors import ConfigurationError, ModelFormatError
+from patchcore.evaluation.ensemble import calibrate_ensemble, decision_statistics
 from patchcore.files import exclusive_lock
-from patchcore.model.calibration import DEFAULT_THRESHOLD_QUANTILE
+from patchcore.model.calibration import DEFAULT_THRESHOLD_QUANTILE, NormalStatistics
 from patchcore.model.patchcore import PatchCore
-from patchcore.model.serialization import load_models, save_models
+from patchcore.model.serialization import (
+    load_ensemble_statistics,
+    load_models,
+    read_json,
+    save_models,
+)
 from patchcore.model.update import UpdateLimits, UpdateReport, add_normal_images
 
 LOGGER = logging.getLogger(__name__)
@@ -60,10 +67,9 @@ class UpdateOptions:
             raise ConfigurationError(f"--batch_size must be >= 1, got {self.batch_size}")
         if self.num_workers < 0:
             raise ConfigurationError(f"--num_workers must be >= 0, got {self.num_workers}")
-        if self.threshold_quantile is not None and not 0.0 <= self.threshold_quantile <= 1.0:
-            raise ConfigurationError(
-                f"--threshold_quantile must be in [0, 1], got {self.threshold_quantile}"
-            )
+        quantile = self.threshold_quantile
+        if quantile is not None and not 0.0 <= quantile <= 1.0:
+            raise ConfigurationError(f"--threshold_quantile must be in [0, 1], got {quantile}")
 
     @property
     def destination(self) -> Path:
@@ -76,7 +82,7 @@ class UpdateSummary:
 
     images: int
     reports: list[UpdateReport]
-    thresholds: list[tuple[float | None, float | None]]
+    decision_threshold: tuple[float | None, float | None]  # before, after: the one deciding
     calibration_images: int
     destination: Path
 
@@ -85,7 +91,7 @@ class UpdateSummary:
             f"{r.added} of {r.new_features} new patch features (bank {r.bank_before} -> "
             f"{r.bank_after})" for r in self.reports
         )  # fmt: skip
-        before, after = self.thresholds[0]
+        before, after = self.decision_threshold
         if self.calibration_images:
             threshold = (f"threshold {_number(before)} -> {_number(after)} "
                          f"(recalibrated on {self.calibration_images} normal images)")  # fmt: skip
@@ -116,32 +122,46 @@ def _read_history(folder: Path) -> list:
     path = folder / HISTORY_FILE
     if not path.is_file():
         return []
-    try:
-        history = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ModelFormatError(f"{path}: not valid JSON ({error})") from error
+    history = read_json(path)
     if not isinstance(history, list):
         raise ModelFormatError(f"{path}: expected a list of updates")
     return history
 
 
-def _recalibrate(models: list[PatchCore], options: UpdateOptions) -> int:
-    """Measures every member's normal statistics again on --normal_images; their count."""
-    if not options.normal_images:
+def _threshold(statistics: NormalStatistics | None) -> float | None:
+    return statistics.threshold if statistics is not None else None
+
+
+def _recalibrate(
+    models: list[PatchCore],
+    loader: torch.utils.data.DataLoader | None,
+    ensemble_statistics: NormalStatistics | None,
+    options: UpdateOptions,
+) -> NormalStatistics | None:
+    """Measures every member's normal statistics again on the held-out normal images of
+    `loader` (and an ensemble's combined scale, as training does); returns the ensemble's
+    statistics (the saved ones when there is nothing to recalibrate on)."""
+    if loader is None:
         LOGGER.warning(
             "No --normal_images given: the threshold and normal statistics are the ones saved "
             "before the update (new normal features only lower scores, so it errs towards "
             "accepting); give held-out normal images to recalibrate"
         )
-        return 0
-    loader = image_loader(options.normal_images, models[0].config.preprocessing, options)
+        return ensemble_statistics
+    predictions = []
     for model in models:
         previous = model.normal_statistics
         quantile = options.threshold_quantile
         if quantile is None:
             quantile = previous.threshold_quantile if previous else DEFAULT_THRESHOLD_QUANTILE
-        model.calibrate(loader, quantile)
-    return len(loader.dataset)
+        predictions.append(model.calibrate(loader, quantile))
+    if len(models) == 1:
+        return None
+    quantile = options.threshold_quantile
+    if quantile is None:
+        quantile = (ensemble_statistics.threshold_quantile if ensemble_statistics
+                    else DEFAULT_THRESHOLD_QUANTILE)  # fmt: skip
+    return calibrate_ensemble(models, predictions, quantile)
 
 
 def run_update(options: UpdateOptions) -> UpdateSummary:
@@ -153,15 +173,20 @@ def run_update(options: UpdateOptions) -> UpdateSummary:
 
 def _update(options: UpdateOptions) -> UpdateSummary:
     models = load_models(options.model_dir, options.device, options.search)
+    ensemble_before = load_ensemble_statistics(options.model_dir)
     history = _read_history(options.model_dir)
-    loader = image_loader(options.images, models[0].config.preprocessing, options)
-    before = [model.normal_statistics.threshold if model.normal_statistics else None
-              for model in models]  # fmt: skip
+    preprocessing = models[0].config.preprocessing
+    loader = image_loader(options.images, preprocessing, options)
+    normal_loader = (image_loader(options.normal_images, preprocessing, options)
+                     if options.normal_images else None)  # fmt: skip
+    before = [_threshold(model.normal_statistics) for model in models]
+    decision_before = _threshold(decision_statistics(models, ensemble_before))
     threads = options.search.faiss_num_workers
     reports = [add_normal_images(model, loader, options.limits, threads) for model in models]
-    calibration_images = _recalibrate(models, options)
-    after = [model.normal_statistics.threshold if model.normal_statistics else None
-             for model in models]  # fmt: skip
+    ensemble_after = _recalibrate(models, normal_loader, ensemble_before, options)
+    calibration_images = len(normal_loader.dataset) if normal_loader is not None else 0
+    after = [_threshold(model.normal_statistics) for model in models]
+    decision_after = _threshold(decision_statistics(models, ensemble_after))
     history.append({
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "library_version": __version__,
@@ -171,10 +196,11 @@ def _update(options: UpdateOptions) -> UpdateSummary:
         "members": [asdict(report) for report in reports],
         "calibration_images": calibration_images,
         "thresholds": [{"before": b, "after": a} for b, a in zip(before, after, strict=True)],
+        "decision_threshold": {"before": decision_before, "after": decision_after},
     })  # fmt: skip
-    save_models(options.destination, models,
+    save_models(options.destination, models, ensemble_after,
                 extra_files={HISTORY_FILE: json.dumps(history, indent=2)})  # fmt: skip
     return UpdateSummary(
-        len(loader.dataset), reports, list(zip(before, after, strict=True)),
-        calibration_images, options.destination,
+        len(loader.dataset), reports, (decision_before, decision_after), calibration_images,
+        options.destination,
     )  # fmt: skip

@@ -200,11 +200,23 @@ def run_guarded(job: Callable[[], None], common: CommonOptions) -> None:
     try:
         job()
     except PatchCoreError as error:
-        if common.debug or os.environ.get(DEBUG_ENVIRONMENT_VARIABLE, "0") not in ("", "0"):
+        if _show_traceback(common):
             raise
         # Errors raised in DataLoader workers arrive wrapped; their last line is ours.
         lines = str(error).strip().splitlines()
         raise click.ClickException(lines[-1] if lines else repr(error)) from error
+    except OSError as error:
+        # A file-system fault that no boundary turned into a PatchCoreError: one line still.
+        if _show_traceback(common):
+            raise
+        where = f"{error.filename}: " if error.filename else ""
+        raise click.ClickException(
+            f"{where}{error.strerror or error} (--debug shows where it happened)"
+        ) from error
+
+
+def _show_traceback(common: CommonOptions) -> bool:
+    return common.debug or os.environ.get(DEBUG_ENVIRONMENT_VARIABLE, "0") not in ("", "0")
 
 
 @contextlib.contextmanager

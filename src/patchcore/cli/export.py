@@ -1,5 +1,5 @@
-"""`patchcore-export-challenge`: saved models as self-contained weights files
-(`patchcore.apps.export`)."""
+"""`patchcore-export` (deployable files: torch, ONNX, OpenVINO) and
+`patchcore-export-challenge` (self-contained weights files); jobs in `patchcore.apps.export`."""
 
 from __future__ import annotations
 
@@ -7,7 +7,51 @@ from pathlib import Path
 
 import click
 
-from patchcore.cli.common import common_options, run_guarded
+from patchcore.cli.common import common_options, run_guarded, usage_errors
+from patchcore.config import DEFAULT_BANK_CHUNK_SIZE
+
+
+@click.command()
+@click.argument("sources", nargs=-1, required=True,
+                type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--output", "-o", "output_folder", required=True,
+              type=click.Path(file_okay=False, path_type=Path),
+              help="Folder for <category>.pth / .onnx / .xml+.bin files.")
+@click.option("--format", "-f", "formats", multiple=True, required=True,
+              help="Format to write: torch, onnx or openvino; repeat for several.")
+@click.option("--input_size", default=None, metavar="HEIGHTxWIDTH",
+              help="Fixed input size of ONNX/OpenVINO graphs, e.g. 480x640 or 256; "
+                   "default: the model's --resize as a square.")
+@click.option("--fp16", is_flag=True,
+              help="OpenVINO IR with FP16 weights (half the file; see the README for accuracy).")
+@click.option("--threshold", type=float,
+              help="Decision threshold built into the graphs; default: the model's saved one.")
+@click.option("--bank_chunk_size", type=int, default=DEFAULT_BANK_CHUNK_SIZE, show_default=True,
+              help="Memory-bank rows per search step; the search holds images x patches x "
+                   "this many distances at a time.")
+@common_options()
+def export_deployment_cli(sources, output_folder, formats, input_size, fp16, threshold,
+                          bank_chunk_size, common):  # fmt: skip
+    """Export saved models (SOURCES: model folders, or run folders with models/) for
+    deployment: a PatchCoreModule weights file (torch), an ONNX graph (onnx) or OpenVINO IR
+    (openvino), named by category. Graphs take float RGB [B, 3, H, W] in [0, 1] and return
+    pred_score, anomaly_map and pred_label."""
+
+    def job() -> None:
+        from patchcore.apps.export import ExportOptions, export_models, parse_input_size
+
+        with usage_errors():
+            options = ExportOptions(
+                formats=tuple(dict.fromkeys(name.lower() for name in formats)),
+                input_size=None if input_size is None else parse_input_size(input_size),
+                fp16=fp16,
+                bank_chunk_size=bank_chunk_size,
+                threshold=threshold,
+            )
+        for path in export_models(list(sources), output_folder, options, common.torch_device()):
+            click.echo(str(path))
+
+    run_guarded(job, common)
 
 
 @click.command()
@@ -30,6 +74,11 @@ def export_cli(sources, output_folder, also_pt, common):  # fmt: skip
             click.echo(str(path))
 
     run_guarded(job, common)
+
+
+def export_deployment_main() -> None:
+    """Entry point of `patchcore-export`."""
+    export_deployment_cli()
 
 
 def export_main() -> None:

@@ -7,11 +7,11 @@ from pathlib import Path
 import click
 
 from patchcore.cli.common import common_options, run_guarded, usage_errors
-from patchcore.config import SEARCH_BACKENDS
+from patchcore.config import RUNTIMES, SEARCH_BACKENDS
 
 
 @click.command()
-@click.argument("model_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("model_dir", metavar="MODEL", type=click.Path(exists=True, path_type=Path))
 @click.argument("inputs", nargs=-1, required=True)
 @click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path),
               default=Path("predictions.csv"), show_default=True,
@@ -28,14 +28,19 @@ from patchcore.config import SEARCH_BACKENDS
               help="Images per forward pass.")
 @click.option("--num_workers", type=int, default=4, show_default=True,
               help="Image-decoding processes.")
-@click.option("--nn_backend", type=click.Choice(SEARCH_BACKENDS), default="faiss",
+@click.option("--nn_backend", type=click.Choice(SEARCH_BACKENDS), default="rerank",
               show_default=True,
-              help="Exact nearest-neighbour search with FAISS or with torch matrix products.")
+              help="Exact nearest-neighbour search: bfloat16 pass with float32 re-ranking "
+                   "(rerank), FAISS (faiss) or torch matrix products (torch).")
+@click.option("--runtime", type=click.Choice(RUNTIMES), default=None,
+              help="What runs MODEL: torch (model folders, .pth; the default), onnxruntime "
+                   "(.onnx) or openvino (.xml, .onnx); default: by the file's kind.")
 @common_options()
 def predict_cli(model_dir, inputs, output, heatmaps, masks, mask_threshold, threshold,
-                batch_size, num_workers, nn_backend, common):  # fmt: skip
-    """Score new images (INPUTS: files, folders, glob patterns) with the model in MODEL_DIR:
-    one accept/reject decision per image, optional heat maps and masks."""
+                batch_size, num_workers, nn_backend, runtime, common):  # fmt: skip
+    """Score new images (INPUTS: files, folders, glob patterns) with MODEL, a saved model
+    folder or a file written by patchcore-export (or that export's folder): one
+    accept/reject decision per image, optional heat maps and masks."""
     from patchcore.apps.predict import PredictOptions, run_prediction
     from patchcore.config import SearchConfig
 
@@ -53,6 +58,7 @@ def predict_cli(model_dir, inputs, output, heatmaps, masks, mask_threshold, thre
                 batch_size=batch_size,
                 num_workers=num_workers,
                 search=SearchConfig(backend=nn_backend),
+                runtime=runtime,
             )
         click.echo(run_prediction(options).line())
 

@@ -199,8 +199,9 @@ def _search_options(function):
         help="Threads FAISS searches with on the CPU.",
     )(function)  # fmt: skip
     return click.option(
-        "--nn_backend", type=click.Choice(SEARCH_BACKENDS), default="faiss", show_default=True,
-        help="Exact nearest-neighbour search with FAISS or with torch matrix products.",
+        "--nn_backend", type=click.Choice(SEARCH_BACKENDS), default="rerank", show_default=True,
+        help="Exact nearest-neighbour search: bfloat16 pass with float32 re-ranking (rerank), "
+        "FAISS (faiss) or torch matrix products (torch).",
     )(function)  # fmt: skip
 
 
@@ -341,14 +342,16 @@ def _train(commands, results_path, **params):
         return request
 
     def job() -> None:
-        from patchcore.apps.runs import OutputOptions, train_run
-        from patchcore.layout import create_run_folder
+        from patchcore.apps.runs import OutputOptions, prepare_training_data, train_run
+        from patchcore.layout import new_run_folder
 
         device = common.torch_device()
-        run_folder = create_run_folder(request.results_path, request.log_project,
-                                       request.log_group)  # fmt: skip
-        rows = train_run(run_folder, list(request.configs), request.dataset, device,
-                         request.search, OutputOptions(**request.outputs))  # fmt: skip
+        data = prepare_training_data(request.dataset, device)  # bad data: no run folder made
+        with new_run_folder(
+            request.results_path, request.log_project, request.log_group
+        ) as run_folder:
+            rows = train_run(run_folder, list(request.configs), request.dataset, device,
+                             request.search, OutputOptions(**request.outputs), data)  # fmt: skip
         _show_results(rows, run_folder / "results.csv")
 
     run_guarded(job, common)
@@ -442,7 +445,8 @@ _dataset_command(train_cli, training=True)
 @common_options(seed=EVALUATE_SEED)
 @_output_options
 def evaluate_cli(common, **_options):
-    """Evaluate saved PatchCore models on each dataset; writes RESULTS_PATH/results.csv."""
+    """Evaluate saved PatchCore models on each dataset; writes RESULTS_PATH/results.csv, or,
+    when RESULTS_PATH holds one already, RESULTS_PATH_0 (_1, ...) instead (never overwrites)."""
 
 
 @evaluate_cli.result_callback()
@@ -456,7 +460,7 @@ def _evaluate(commands, results_path, **params):
     dataset: DatasetOptions = parts["dataset"]
 
     def job() -> None:
-        from patchcore.apps.runs import OutputOptions, evaluate_run
+        from patchcore.apps.runs import OutputOptions, evaluate_run, evaluation_folder
 
         output = OutputOptions(
             save_segmentation_images=params["save_segmentation_images"],
@@ -464,7 +468,7 @@ def _evaluate(commands, results_path, **params):
             ensemble_normalisation=params["ensemble_normalisation"],
         )
         device = common.torch_device()
-        folder = Path(results_path)
+        folder = evaluation_folder(Path(results_path))
         rows = evaluate_run(
             folder, [Path(p) for p in loader.model_folders], dataset.config, dataset.request,
             device, loader.search, output,

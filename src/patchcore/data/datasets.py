@@ -16,6 +16,7 @@ so an image's scores never depend on which other images share its batch.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +24,7 @@ import torch
 
 from patchcore.config import DatasetConfig, PreprocessingConfig
 from patchcore.data.preprocessing import (
+    check_working_size,
     image_size_of,
     image_tensor,
     mask_tensor,
@@ -59,13 +61,31 @@ class Sample:
 
 
 def image_files(folder: Path, recursive: bool = False) -> list[Path]:
-    """Image files in `folder`, sorted by name."""
-    pattern = "**/*" if recursive else "*"
-    return sorted(
-        path
-        for path in folder.glob(pattern)
-        if path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS
-    )
+    """Image files in `folder` (and, with `recursive`, in every folder below it, symbolic
+    links to folders followed, each real folder visited once), sorted by path."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    if not recursive:
+        return sorted(path for path in folder.iterdir() if _is_image_file(path))
+    found, visited = [], set()
+    for current, subfolders, files in os.walk(folder, followlinks=True):
+        status = os.stat(current)
+        if (status.st_dev, status.st_ino) in visited:  # a link back up: a cycle
+            LOGGER.warning("%s: skipped, a link to a folder already searched", current)
+            subfolders.clear()
+            continue
+        visited.add((status.st_dev, status.st_ino))
+        for path in map(Path(current).joinpath, files):
+            if _is_image_file(path):
+                found.append(path)
+            elif path.is_symlink() and not path.exists():
+                LOGGER.warning("%s: skipped, a broken link", path)
+    return sorted(found)
+
+
+def _is_image_file(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file()
 
 
 def _split_training(files: list[Path], split: str, train_val_split: float) -> list[Path]:
@@ -165,8 +185,14 @@ class ImageDataset(torch.utils.data.Dataset):
         return self._original_sizes
 
     def working_sizes(self) -> list[tuple[int, int]]:
-        """(height, width) of every image as the model sees it."""
-        return [working_size(size, self.preprocessing) for size in self.original_sizes()]
+        """(height, width) of every image as the model sees it; a DataError names the first
+        image too small for the model (or for a tile) before any work starts, and one
+        warning counts the images smaller than the model's input (they are upsampled)."""
+        sizes = [working_size(size, self.preprocessing) for size in self.original_sizes()]
+        for sample, size in zip(self.samples, sizes, strict=True):
+            check_working_size(sample.image_path, size, self.preprocessing)
+        _warn_small_images(self.samples, self.original_sizes(), sizes)
+        return sizes
 
     def load_mask(self, sample: Sample, image_size: tuple[int, int]) -> torch.Tensor:
         """The mask of `sample` for an image of (height, width) `image_size`; zeros without one."""
@@ -197,10 +223,30 @@ class ImageDataset(torch.utils.data.Dataset):
         }
 
 
+def _warn_small_images(
+    samples: list[Sample], originals: list[tuple[int, int]], working: list[tuple[int, int]]
+) -> None:
+    """One warning for the images whose shorter side is below the model input's shorter side
+    (the crop size with the centre crop): they are upsampled, and tiny ones (a 1x1 file) hold
+    next to nothing to inspect."""
+    small = [
+        (min(original), str(sample.image_path), original, size)
+        for sample, original, size in zip(samples, originals, working, strict=True)
+        if min(original) < min(size)
+    ]
+    if small:
+        _, path, (height, width), (input_height, input_width) = min(small)
+        LOGGER.warning(
+            "%d of %d images are smaller than the model's input and are upsampled; the "
+            "smallest is %s (%dx%d, inspected at %dx%d)",
+            len(small), len(samples), path, width, height, input_width, input_height,
+        )  # fmt: skip
+
+
 def _checked_size(sample: Sample) -> tuple[int, int]:
-    width, height = image_size_of(sample.image_path)
+    width, height = image_size_of(sample.image_path, verify=True)
     if sample.mask_path is not None:
-        mask_width, mask_height = image_size_of(sample.mask_path)
+        mask_width, mask_height = image_size_of(sample.mask_path, verify=True)
         if (mask_width, mask_height) != (width, height):
             raise DataError(
                 f"{sample.mask_path}: mask is {mask_width}x{mask_height} but its image "

@@ -23,13 +23,20 @@ Masks, two rules (`mask_rule`):
 A mask stored as 0/1 (not 0/255) is detected, logged with its file name, and read as 0/255.
 
 `to_model_input` and `map_to_input_frame` are the tensor forms of the same geometry, for
-callers that hold float images already (the exported module): resize and crop on tensors,
-and anomaly maps sampled back onto the input's frame.
+callers that hold float images already (the exported module and exported graphs): resize and
+crop on tensors, and anomaly maps sampled back onto the input's frame. The tensor resize is
+torch's antialiased bilinear resize (what `torchvision.transforms.v2.functional.resize` does
+on tensors), written as a weighted sum of a few shifted copies of the image along each axis
+(`ResizeTaps`, the exact weights torch uses, read off torch itself), cropped rows and
+columns only: gathers, products and sums that every runtime computes alike (OpenVINO's
+antialiased Resize does not match torch's). It differs from PIL's resize of the uint8 file
+by uint8 rounding only, since PIL resizes 8-bit pixels.
 """
 
 from __future__ import annotations
 
 import logging
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,9 +44,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
-from torchvision.transforms.v2 import functional as TF
 
-from patchcore.config import MASK_RULES, PreprocessingConfig
+from patchcore.config import MASK_RULES, MIN_IMAGE_SIDE, PreprocessingConfig
 from patchcore.errors import ConfigurationError, DataError
 
 LOGGER = logging.getLogger(__name__)
@@ -83,16 +89,26 @@ def open_image(path: Path, mode: str = "RGB") -> Image.Image:
         with Image.open(path) as image:
             image.load()
             return _eight_bit(path, image).convert(mode)
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as error:
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError,
+            Image.DecompressionBombError) as error:  # fmt: skip
         raise DataError(f"{path}: cannot read image ({error})") from error
 
 
-def image_size_of(path: Path) -> tuple[int, int]:
-    """(width, height) of an image file from its header, without decoding the pixels."""
+def image_size_of(path: Path, verify: bool = False) -> tuple[int, int]:
+    """(width, height) of an image file from its header, without decoding the pixels.
+
+    `verify=True` also checks the file's structure without decoding it (Pillow's `verify`:
+    for PNG every chunk and its checksum, so a truncated or damaged PNG is found at a few
+    milliseconds per image; other formats' pixel data is checked when it is decoded).
+    """
     try:
         with Image.open(path) as image:
-            return image.size
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as error:
+            size = image.size
+            if verify:
+                image.verify()
+            return size
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError,
+            Image.DecompressionBombError) as error:  # fmt: skip
         raise DataError(f"{path}: cannot read image ({error})") from error
 
 
@@ -128,6 +144,21 @@ def working_size(size: tuple[int, int], config: PreprocessingConfig) -> tuple[in
     if config.crop == "center":
         return config.imagesize, config.imagesize
     return resized_size(size, config.resize, config.max_size)
+
+
+def check_working_size(path: Path, size: tuple[int, int], config: PreprocessingConfig) -> None:
+    """A DataError naming `path` when its working (height, width) `size` is smaller than the
+    model's smallest input or than a tile."""
+    if min(size) < MIN_IMAGE_SIDE:
+        raise DataError(
+            f"{path}: the working image is {size[1]}x{size[0]} pixels, smaller than the "
+            f"{MIN_IMAGE_SIDE} pixels the patch grid needs; use a larger --resize or --max_size"
+        )
+    if config.tile is not None and config.tile > min(size):
+        raise DataError(
+            f"{path}: --tile {config.tile} is larger than the working image ({size[1]}x{size[0]}); "
+            "use a smaller --tile or a larger --resize"
+        )
 
 
 @dataclass(frozen=True)
@@ -201,17 +232,162 @@ def load_image(path: Path, config: PreprocessingConfig) -> tuple[torch.Tensor, t
     return image_tensor(picture, config), (picture.height, picture.width)
 
 
+# ------------------------------------------------------------------ model input
+INPUT_RANGE_TOLERANCE = 0.01  # rounding of resizes; far below 0..255 or normalised inputs
+
+
+def check_model_input(images: torch.Tensor) -> None:
+    """A DataError unless `images` is a non-empty float batch [B, 3, H, W] of finite values
+    in [0, 1] (within INPUT_RANGE_TOLERANCE): 0..255 pixels, mean/std-normalised images and
+    NaN or infinite values would otherwise give meaningless scores without a word."""
+    if images.ndim != 4 or images.shape[1] != 3 or not images.is_floating_point():
+        raise DataError(
+            "expected float RGB images [B, 3, H, W] in [0, 1], got "
+            f"{images.dtype} {list(images.shape)}"
+        )
+    if images.shape[0] == 0:
+        raise DataError("expected at least one image, got an empty batch [0, 3, H, W]")
+    finite = torch.isfinite(images)
+    if not bool(finite.all()):
+        raise DataError(
+            f"images hold {int((~finite).sum())} values that are not finite numbers (NaN or "
+            "infinite); such an image cannot be scored"
+        )
+    low, high = (float(value) for value in torch.aminmax(images))
+    if low < -INPUT_RANGE_TOLERANCE or high > 1.0 + INPUT_RANGE_TOLERANCE:
+        raise DataError(
+            f"expected images with values in [0, 1], got values from {low:.4g} to {high:.4g}; "
+            "divide 8-bit pixels by 255 and do not normalise (the model does that itself)"
+        )
+
+
 # --------------------------------------------------------------- tensors (export)
-def to_model_input(images: torch.Tensor, config: PreprocessingConfig) -> torch.Tensor:
+RESIZE_BLOCK = 512  # impulses resized at a time when reading off resize weights
+
+
+@dataclass(frozen=True)
+class ResizeTaps:
+    """One axis of an antialiased bilinear resize as taps: output position i is
+    sum_k weights[i, k] * input[indices[i, k]], with indices and weights [out, K]."""
+
+    indices: torch.Tensor
+    weights: torch.Tensor
+
+
+@functools.lru_cache(maxsize=32)
+def resize_taps(
+    in_length: int, out_length: int, first: int = 0, count: int | None = None
+) -> ResizeTaps:
+    """The taps of torch's antialiased bilinear resize of one axis from `in_length` to
+    `out_length` (align_corners=False), for the `count` outputs from `first` on (a crop).
+
+    The weights are read off torch by resizing unit impulses, so they are exactly the ones
+    `F.interpolate(..., antialias=True)` uses. (The impulses lie along the width of a
+    height-2 image: a [N, 1, H, 1] tensor is also channels-last and is resized differently.)
+    Results are cached CPU tensors; callers must not modify them.
+    """
+    count = out_length - first if count is None else count
+    columns = []
+    for start in range(0, in_length, RESIZE_BLOCK):
+        number = min(RESIZE_BLOCK, in_length - start)
+        impulses = torch.zeros(number, 1, 2, in_length)
+        impulses[torch.arange(number), 0, :, start + torch.arange(number)] = 1.0
+        resized = F.interpolate(
+            impulses, size=(2, out_length), mode="bilinear", align_corners=False, antialias=True
+        )
+        columns.append(resized[:, 0, 0, first : first + count])
+    dense = torch.cat(columns).T  # [count, in_length]
+    used = dense != 0
+    lowest = used.int().argmax(dim=1)
+    highest = in_length - 1 - used.flip(1).int().argmax(dim=1)
+    width = int((highest - lowest).max()) + 1
+    indices = lowest[:, None] + torch.arange(width)[None, :]
+    inside = indices <= highest[:, None]
+    indices = indices.clamp_max(in_length - 1)
+    weights = torch.where(inside, dense.gather(1, indices), torch.zeros(()))
+    return ResizeTaps(indices, weights)
+
+
+def apply_taps(images: torch.Tensor, dim: int, taps: ResizeTaps) -> torch.Tensor:
+    """Resamples `images` along `dim` with `taps`: a sum over taps of gathered, weighted copies."""
+    shape = [1] * images.ndim
+    shape[dim] = -1
+    indices = taps.indices.to(images.device)
+    weights = taps.weights.to(images.device, images.dtype)
+    result = None
+    for tap in range(indices.shape[1]):
+        term = images.index_select(dim, indices[:, tap]) * weights[:, tap].view(shape)
+        result = term if result is None else result + term
+    return result
+
+
+@dataclass(frozen=True)
+class AxisGeometry:
+    """How one axis of an input becomes the model's: `taps` (resize and crop in one), or
+    the plain slice [start, start + length) when the axis is not resized."""
+
+    start: int
+    length: int
+    taps: ResizeTaps | None
+
+
+def input_geometry(
+    size: tuple[int, int], config: PreprocessingConfig
+) -> tuple[AxisGeometry, AxisGeometry]:
+    """(rows, columns) geometry taking a float input of (height, width) `size` to the
+    model's input: `image_tensor`'s resize and crop, on tensors."""
+    frame = frame_of(tuple(size), config)
+    axes = []
+    for length, resized, offset, crop in zip(
+        size, frame.resized, (frame.top, frame.left), frame.size, strict=True
+    ):
+        taps = None if resized == length else resize_taps(int(length), int(resized), offset, crop)
+        axes.append(AxisGeometry(offset, crop, taps))
+    return axes[0], axes[1]
+
+
+def to_model_input(
+    images: torch.Tensor,
+    config: PreprocessingConfig,
+    geometry: tuple[AxisGeometry, AxisGeometry] | None = None,
+) -> torch.Tensor:
     """Float images [B, 3, H, W] in [0, 1] -> the model's input, with the same geometry as
-    `image_tensor` computed on tensors (bilinear, antialiased); values differ from PIL's
-    uint8 resize by rounding only."""
-    frame = frame_of(tuple(images.shape[-2:]), config)
-    if tuple(images.shape[-2:]) != frame.resized:
-        images = TF.resize(images, list(frame.resized), antialias=True)
-    if frame.size != frame.resized:
-        images = images[..., frame.top : frame.top + frame.size[0], frame.left : frame.left + frame.size[1]]
+    `image_tensor` computed on tensors (antialiased bilinear, see the module docstring);
+    values differ from PIL's uint8 resize by rounding only. `geometry` is
+    `input_geometry((H, W), config)`, computed here when not given."""
+    if geometry is None:
+        geometry = input_geometry(tuple(images.shape[-2:]), config)
+    # Columns first, as torch's resize does.
+    for dim, axis in ((-1, geometry[1]), (-2, geometry[0])):
+        if axis.taps is not None:
+            images = apply_taps(images, dim, axis.taps)
+        elif axis.length != images.shape[dim]:
+            images = images.narrow(dim, axis.start, axis.length)
     return images
+
+
+def _crop_coordinates(frame: Frame, device) -> list[torch.Tensor]:
+    """Per axis, where the centre of each input pixel lands in the model's input frame (in
+    that frame's pixels, float64): where the resize sends it, minus the crop offset."""
+    return [
+        (torch.arange(length, device=device, dtype=torch.float64) + 0.5) * (new_length / length)
+        - offset
+        for length, new_length, offset in zip(
+            frame.original, frame.resized, (frame.top, frame.left), strict=True
+        )
+    ]
+
+
+def inspected_region(input_size: tuple[int, int], config: PreprocessingConfig) -> torch.Tensor:
+    """bool [H, W] on an input of `input_size`: True where the pixel's centre lies inside the
+    model's input (all True without a centre crop). Outside it, `map_to_input_frame` only
+    repeats the crop's edge values: the model never saw those pixels."""
+    frame = frame_of(tuple(input_size), config)
+    inside = [
+        (coordinates >= 0) & (coordinates < crop)
+        for coordinates, crop in zip(_crop_coordinates(frame, "cpu"), frame.size, strict=True)
+    ]
+    return inside[0][:, None] & inside[1][None, :]
 
 
 def map_to_input_frame(
@@ -221,19 +397,17 @@ def map_to_input_frame(
 
     Each input pixel centre is sent where the resize sent it, and the map is sampled there
     bilinearly (the geometry of `align_corners=False` resizing). Points outside a centre crop
-    take the nearest crop-edge value. With an identity resize, the crop region of the result
-    equals `maps`.
+    take the nearest crop-edge value (`inspected_region` tells them apart; what an operator
+    sees greys them out). With an identity resize, the crop region of the result equals
+    `maps`.
     """
     frame = frame_of(tuple(input_size), config)
-    axes = []
-    for length, new_length, offset, crop in zip(
-        input_size, frame.resized, (frame.top, frame.left), frame.size, strict=True
-    ):
-        centres = torch.arange(length, device=maps.device, dtype=torch.float64) + 0.5
-        in_crop = centres * (new_length / length) - offset
-        axes.append((2.0 * in_crop / crop - 1.0).float())
+    axes = [
+        (2.0 * coordinates / crop - 1.0).float()
+        for coordinates, crop in zip(_crop_coordinates(frame, maps.device), frame.size, strict=True)
+    ]
     rows, columns = torch.meshgrid(axes[0], axes[1], indexing="ij")
-    grid = torch.stack((columns, rows), dim=-1).expand(len(maps), -1, -1, -1)
+    grid = torch.stack((columns, rows), dim=-1).expand(maps.shape[0], -1, -1, -1)
     sampled = F.grid_sample(
         maps.unsqueeze(1), grid, mode="bilinear", padding_mode="border", align_corners=False
     )

@@ -105,16 +105,75 @@ def _check_instances(scores: np.ndarray, labels: np.ndarray) -> None:
         )
 
 
-def _check_pixels(maps: np.ndarray, masks: np.ndarray) -> None:
-    """Raise a one-line DataError unless maps is [N, H, W], non-empty, and masks matches it."""
-    if maps.ndim != 3:
-        raise DataError(f"maps has shape {maps.shape} but must be [N, H, W]")
-    if maps.size == 0:
-        raise DataError(f"maps has shape {maps.shape}; at least one pixel is required")
-    if masks.shape != maps.shape:
+@dataclass(frozen=True)
+class _Pixels:
+    """The pixels of N maps and masks, flattened image after image.
+
+    Attributes:
+        values: every map value, as float32 when that is exact.
+        flags: True for a defective pixel.
+        sizes: [N] pixels per image (images may differ in size).
+        images: the masks' image shapes, to find regions in each.
+    """
+
+    values: NDArray[np.floating]
+    flags: NDArray[np.bool_]
+    sizes: NDArray[np.int64]
+    shapes: tuple[tuple[int, int], ...]
+
+    def image_masks(self) -> Iterator[NDArray[np.bool_]]:
+        """Each image's mask in its own shape."""
+        start = 0
+        for size, shape in zip(self.sizes, self.shapes):
+            yield self.flags[start : start + size].reshape(shape)
+            start += size
+
+
+def _is_image_list(array) -> bool:
+    return isinstance(array, list | tuple)
+
+
+def _pixels(maps, masks) -> _Pixels:
+    """Checked, flattened maps and masks: [N, H, W] arrays or tensors, or lists of N [H_i, W_i]
+    ones (images of different sizes). A one-line DataError names any mismatch."""
+    map_list = list(maps) if _is_image_list(maps) else None
+    mask_list = list(masks) if _is_image_list(masks) else None
+    if map_list is None and mask_list is None:
+        map_values, mask_flags = _as_values(maps, "maps"), _as_flags(masks)
+        if map_values.ndim != 3:
+            raise DataError(f"maps has shape {map_values.shape} but must be [N, H, W]")
+        if map_values.size == 0:
+            raise DataError(f"maps has shape {map_values.shape}; at least one pixel is required")
+        if mask_flags.shape != map_values.shape:
+            raise DataError(
+                f"masks has shape {mask_flags.shape} but maps has {map_values.shape}; they must match"
+            )
+        count, height, width = map_values.shape
+        sizes = np.full(count, height * width, dtype=np.int64)
+        return _Pixels(map_values.reshape(-1), mask_flags.reshape(-1), sizes,
+                       ((height, width),) * count)  # fmt: skip
+    map_list = map_list if map_list is not None else list(maps)
+    mask_list = mask_list if mask_list is not None else list(masks)
+    if len(mask_list) != len(map_list) or not map_list:
         raise DataError(
-            f"masks has shape {masks.shape} but maps has {maps.shape}; they must match"
+            f"masks has {len(mask_list)} images but maps has {len(map_list)}; they must match "
+            "and there must be at least one"
         )
+    values = [_as_values(m, "maps") for m in map_list]
+    flags = [_as_flags(m) for m in mask_list]
+    for index, (value, flag) in enumerate(zip(values, flags)):
+        if value.ndim != 2 or value.shape != flag.shape:
+            raise DataError(
+                f"image {index}: map has shape {value.shape} and mask {flag.shape}; they must "
+                "be the same [H, W]"
+            )
+    dtype = np.result_type(*values)
+    return _Pixels(
+        np.concatenate([value.reshape(-1).astype(dtype, copy=False) for value in values]),
+        np.concatenate([flag.reshape(-1) for flag in flags]),
+        np.array([value.size for value in values], dtype=np.int64),
+        tuple(value.shape for value in values),
+    )
 
 
 def _check_max_fpr(max_fpr: float) -> None:
@@ -306,22 +365,25 @@ class _Regions:
     sizes: NDArray[np.int64]
 
 
-def _find_regions(masks: NDArray[np.bool_]) -> _Regions:
+def _find_regions(pixels: _Pixels) -> _Regions:
     """Label the defect regions of each mask, numbering them on across images."""
     eight_connected = np.ones((3, 3), dtype=bool)  # corner contact joins two pixels
-    ids = np.zeros(masks.shape, dtype=np.uint32)
+    ids = np.zeros(pixels.flags.size, dtype=np.uint32)
     sizes = [np.zeros(1, dtype=np.int64)]
-    offset = 0
-    for image_mask, image_ids in zip(masks, ids):
-        if not image_mask.any():
-            continue
-        found = ndimage.label(image_mask, structure=eight_connected, output=image_ids)
-        sizes.append(np.bincount(image_ids.reshape(-1), minlength=found + 1)[1:])
-        image_ids[image_mask] += np.uint32(offset)
-        offset += found
+    offset, start = 0, 0
+    for image_mask in pixels.image_masks():
+        stop = start + image_mask.size
+        if image_mask.any():
+            image_ids, found = ndimage.label(image_mask, structure=eight_connected)
+            image_ids = image_ids.astype(np.uint32).reshape(-1)
+            sizes.append(np.bincount(image_ids, minlength=found + 1)[1:])
+            image_ids[image_ids != 0] += np.uint32(offset)
+            ids[start:stop] = image_ids
+            offset += found
+        start = stop
     region_sizes = np.concatenate(sizes)
-    region_sizes[0] = masks.size - region_sizes.sum()
-    return _Regions(ids.reshape(-1), region_sizes)
+    region_sizes[0] = pixels.flags.size - region_sizes.sum()
+    return _Regions(ids, region_sizes)
 
 
 def _curve_prefix(
@@ -398,28 +460,27 @@ def full_pixel_auroc(maps: Array, masks: Array) -> float:
     """Pixel-level ROC AUC over every pixel of every image.
 
     Args:
-        maps: [N, H, W] anomaly maps.
-        masks: [N, H, W] ground-truth masks, nonzero = defective pixel.
+        maps: [N, H, W] anomaly maps, or a list of N [H_i, W_i] maps.
+        masks: the ground-truth masks in the same form, nonzero = defective pixel.
 
     Returns:
         The ROC AUC, or NaN if the pixels are all defective or all defect-free.
     """
-    values, flags = _as_values(maps, "maps"), _as_flags(masks)
-    _check_pixels(values, flags)
-    return _auroc_from_counts(_rank_and_count(values, flags), "full_pixel_auroc")
+    pixels = _pixels(maps, masks)
+    return _auroc_from_counts(_rank_and_count(pixels.values, pixels.flags), "full_pixel_auroc")
 
 
-def anomaly_pixel_auroc(maps: Array, masks: Array) -> float:
-    """Pixel-level ROC AUC over the images whose mask has at least one defective pixel.
+def anomaly_pixel_auroc(maps: Array, masks: Array, defect_images: Array | None = None) -> float:
+    """Pixel-level ROC AUC over the images with a defect: by default those whose mask has at
+    least one defective pixel, or the [N] `defect_images` flags when given.
 
-    Args and returns as `full_pixel_auroc`; NaN if no mask has a defective pixel.
+    Args and returns as `full_pixel_auroc`; NaN if no image is selected.
     """
-    values, flags = _as_values(maps, "maps"), _as_flags(masks)
-    _check_pixels(values, flags)
-    defective = _defective_images(flags)
-    if not defective.any():
+    pixels = _pixels(maps, masks)
+    selected = _selected_pixels(pixels, _defective_images(pixels, defect_images))
+    if not selected.any():
         return _no_defect_nan("anomaly_pixel_auroc")
-    counts = _rank_and_count(values[defective], flags[defective])
+    counts = _rank_and_count(pixels.values[selected], pixels.flags[selected])
     return _auroc_from_counts(counts, "anomaly_pixel_auroc")
 
 
@@ -434,18 +495,17 @@ def pro(maps: Array, masks: Array, max_fpr: float = DEFAULT_MAX_FPR) -> float:
     interpolation; its trapezoid area is divided by max_fpr, so a perfect map gives 1.
 
     Args:
-        maps: [N, H, W] anomaly maps.
-        masks: [N, H, W] ground-truth masks, nonzero = defective pixel.
+        maps: [N, H, W] anomaly maps, or a list of N [H_i, W_i] maps.
+        masks: the ground-truth masks in the same form, nonzero = defective pixel.
         max_fpr: upper FPR limit of the integration, in (0, 1].
 
     Returns:
         The normalised area, or NaN if there is no defect region (or no defect-free pixel).
     """
     _check_max_fpr(max_fpr)
-    values, flags = _as_values(maps, "maps"), _as_flags(masks)
-    _check_pixels(values, flags)
-    regions = _find_regions(flags)
-    ranking = _rank(values, regions.ids)
+    pixels = _pixels(maps, masks)
+    regions = _find_regions(pixels)
+    ranking = _rank(pixels.values, regions.ids)
     return _pro_from_ranking(ranking.payloads, ranking.tie_ends, regions.sizes, max_fpr)
 
 
@@ -465,20 +525,33 @@ def pixel_f1max(maps: Array, masks: Array) -> float:
     """Best pixel-level F1 score over all thresholds, over every pixel of every image.
 
     Args:
-        maps: [N, H, W] anomaly maps.
-        masks: [N, H, W] ground-truth masks, nonzero = defective pixel.
+        maps: [N, H, W] anomaly maps, or a list of N [H_i, W_i] maps.
+        masks: the ground-truth masks in the same form, nonzero = defective pixel.
 
     Returns:
         The best F1, or NaN if no pixel is defective.
     """
-    values, flags = _as_values(maps, "maps"), _as_flags(masks)
-    _check_pixels(values, flags)
-    return _f1max_from_counts(_rank_and_count(values, flags), "pixel_f1max")
+    pixels = _pixels(maps, masks)
+    return _f1max_from_counts(_rank_and_count(pixels.values, pixels.flags), "pixel_f1max")
 
 
-def _defective_images(masks: NDArray[np.bool_]) -> NDArray[np.bool_]:
-    """[N] flags: True for the images whose mask has at least one defective pixel."""
-    return masks.reshape(len(masks), -1).any(axis=1)
+def _defective_images(pixels: _Pixels, defect_images: Array | None = None) -> NDArray[np.bool_]:
+    """[N] flags: `defect_images` when given, else the images whose mask has a defective pixel."""
+    if defect_images is not None:
+        flags = _as_flags(defect_images).reshape(-1)
+        if flags.size != pixels.sizes.size:
+            raise DataError(
+                f"defect_images has {flags.size} entries but there are {pixels.sizes.size} "
+                "images; they must match"
+            )
+        return flags
+    starts = np.concatenate(([0], np.cumsum(pixels.sizes)[:-1]))
+    return np.logical_or.reduceat(pixels.flags, starts)
+
+
+def _selected_pixels(pixels: _Pixels, images: NDArray[np.bool_]) -> NDArray[np.bool_]:
+    """Per pixel: does its image belong to the selected `images`."""
+    return np.repeat(images, pixels.sizes)
 
 
 def _no_defect_nan(what: str) -> float:
@@ -486,14 +559,13 @@ def _no_defect_nan(what: str) -> float:
     return math.nan
 
 
-def _pixel_payloads(regions: _Regions, defective: NDArray[np.bool_]) -> NDArray[np.uint32]:
-    """Per pixel, (region id << 1) | (its image has a defect), to carry through a ranking.
-
-    One uint32 then holds the pixel's label (region id != 0), its region for PRO and its
-    membership in the anomalous-image subset.
+def _pixel_payloads(regions: _Regions, in_subset: NDArray[np.bool_]) -> NDArray[np.uint32]:
+    """Per pixel, (region id << 1) | (its image is in the anomaly subset), to carry through a
+    ranking: one uint32 then holds the pixel's label (region id != 0), its region for PRO and
+    its membership in the anomalous-image subset.
     """
     payloads = regions.ids << 1
-    payloads |= np.repeat(defective, regions.ids.size // len(defective))
+    payloads |= in_subset
     return payloads
 
 
@@ -509,19 +581,18 @@ def _subset_auroc(
 
 
 def _pixel_metrics(
-    maps: NDArray[np.floating], masks: NDArray[np.bool_], max_fpr: float
+    pixels: _Pixels, defect_images: NDArray[np.bool_], max_fpr: float
 ) -> dict[str, float]:
     """full/anomaly pixel AUROC, PRO and pixel F1-max, all from one ranking of the maps.
 
     Each metric is reduced to a number before the next one's arrays are built, to bound
     the peak memory.
     """
-    defective = _defective_images(masks)
-    if not defective.any():
+    if not pixels.flags.any():
         nan = _no_defect_nan("pixel metrics")
         return dict.fromkeys(("full_pixel_auroc", "anomaly_pixel_auroc", "pro", "pixel_f1max"), nan)
-    regions = _find_regions(masks)
-    ranking = _rank(maps, _pixel_payloads(regions, defective))
+    regions = _find_regions(pixels)
+    ranking = _rank(pixels.values, _pixel_payloads(regions, _selected_pixels(pixels, defect_images)))
     sorted_ids = ranking.payloads >> 1
     sorted_flags = sorted_ids != 0
     all_pixels = _counts(sorted_flags, ranking.tie_ends)
@@ -538,38 +609,27 @@ def _pixel_metrics(
     }
 
 
-def _pixel_inputs(
-    maps: Array | None, masks: Array | None, num_images: int
-) -> tuple[NDArray[np.floating], NDArray[np.bool_]] | None:
-    """Converted and checked maps and masks of `num_images` images; None if one is missing."""
-    if maps is None or masks is None:
-        if maps is not None or masks is not None:
-            LOGGER.warning("only one of maps and masks was given; pixel metrics are NaN")
-        return None
-    map_values, mask_flags = _as_values(maps, "maps"), _as_flags(masks)
-    _check_pixels(map_values, mask_flags)
-    if len(map_values) != num_images:
-        raise DataError(
-            f"maps has {len(map_values)} images but scores has {num_images}; they must match"
-        )
-    return map_values, mask_flags
-
-
 def compute_metrics(
     scores: Array,
     labels: Array,
     maps: Array | None = None,
     masks: Array | None = None,
     max_fpr: float = DEFAULT_MAX_FPR,
+    defect_images: Array | None = None,
 ) -> dict[str, float]:
     """All metrics of an evaluation run, the pixel ones sharing a single sort of the maps.
 
     Args:
         scores: [N] image anomaly scores.
         labels: [N] image labels, 1 (nonzero) = defective.
-        maps: optional [N, H, W] anomaly maps of the same N images.
-        masks: optional [N, H, W] ground-truth masks, nonzero = defective pixel.
+        maps: optional [N, H, W] anomaly maps of the same N images, or a list of N [H_i, W_i]
+            maps when the images differ in size.
+        masks: optional ground-truth masks in the same form, nonzero = defective pixel.
         max_fpr: FPR limit of the PRO integration.
+        defect_images: optional [N] flags of the images the anomaly-pixel AUROC uses; by
+            default the images whose mask has a defective pixel. (The reference mask rule
+            selects images with any nonzero soft mask value, see
+            `patchcore.data.preprocessing`.)
 
     Returns:
         {instance_auroc, full_pixel_auroc, anomaly_pixel_auroc, pro, instance_f1max,
@@ -582,11 +642,21 @@ def compute_metrics(
     _check_max_fpr(max_fpr)
     score_values, label_flags = _as_values(scores, "scores"), _as_flags(labels)
     _check_instances(score_values, label_flags)
-    pixels = _pixel_inputs(maps, masks, len(score_values))
+    pixels = None
+    if maps is not None and masks is not None:
+        pixels = _pixels(maps, masks)
+        if pixels.sizes.size != score_values.size:
+            raise DataError(
+                f"maps has {pixels.sizes.size} images but scores has {score_values.size}; "
+                "they must match"
+            )
+        subset = _defective_images(pixels, defect_images)
+    elif maps is not None or masks is not None:
+        LOGGER.warning("only one of maps and masks was given; pixel metrics are NaN")
     results = dict.fromkeys(METRIC_NAMES, math.nan)
     instance_counts = _rank_and_count(score_values, label_flags)
     results["instance_auroc"] = _auroc_from_counts(instance_counts, "instance_auroc")
     results["instance_f1max"] = _f1max_from_counts(instance_counts, "instance_f1max")
     if pixels is not None:
-        results.update(_pixel_metrics(*pixels, max_fpr))
+        results.update(_pixel_metrics(pixels, subset, max_fpr))
     return results

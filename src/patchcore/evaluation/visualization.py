@@ -1,4 +1,11 @@
-"""Segmentation overlay PNGs: input image, ground truth and anomaly heat map side by side.
+"""Heat maps and their colour language, and the segmentation overlay PNGs of evaluations.
+
+One colour language for every picture the toolkit draws (overlays, `patchcore-predict`'s heat
+maps, the dashboard): the `jet` colour map blended at half opacity over the image, on the
+model's colour scale (`patchcore.model.calibration.colour_range`: the decision threshold in
+the middle when the model has one), and a colour bar with the threshold marked
+(`draw_colour_bar`, `colour_bar_rgb`). Pixels the model never saw (outside a centre crop)
+are drawn grey (`grey_out`), never in a score colour.
 
 Every heat map drawn by one call of `save_segmentation_images` uses the same colour
 scale (by default the minimum and maximum over all maps given), so the same colour means
@@ -11,6 +18,7 @@ pyplot, so no global figure registry is touched and calls are safe from worker t
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,8 +33,9 @@ from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 
 from patchcore.errors import DataError
-from patchcore.files import atomic_write, unique_file_stems
+from patchcore.files import atomic_write, make_folder, unique_file_stems
 from patchcore.model.calibration import colour_range as default_colour_range
+from patchcore.model.calibration import decide, decision_label
 from patchcore.progress import track
 
 LOGGER = logging.getLogger(__name__)
@@ -36,6 +45,10 @@ FIGURE_DPI = 100
 HEATMAP_CMAP = "jet"
 HEATMAP_ALPHA = 0.5
 IMAGE_RANGE_TOLERANCE = 1e-3
+UNSEEN_GREY = 160  # grey level of pixels outside the region the model inspected
+UNSEEN_IMAGE_WEIGHT = 0.35  # how much of the image shows through that grey
+COLOUR_BAR_HEIGHT = 0.74  # inches (74 pixels at the base resolution)
+COLOUR_BAR_BASE_WIDTH = 640  # pixels; wider bars are drawn at a proportionally higher dpi
 
 ArrayLike = torch.Tensor | np.ndarray
 
@@ -74,6 +87,83 @@ def blend_heatmap(
     return np.round(blended).astype(np.uint8)
 
 
+def grey_out(drawn: np.ndarray, original: np.ndarray, seen: np.ndarray | None) -> np.ndarray:
+    """`drawn` uint8 [H, W, 3] (e.g. a heat map over `original`) with the pixels where `seen`
+    [H, W] is False replaced by the original washed to grey: they were never inspected, so
+    they get no score colour. `drawn` itself when every pixel was seen."""
+    if seen is None or seen.all():
+        return drawn
+    washed = UNSEEN_IMAGE_WEIGHT * original.astype(np.float64) + (1 - UNSEEN_IMAGE_WEIGHT) * UNSEEN_GREY
+    result = drawn.copy()
+    result[~seen] = np.round(washed[~seen]).astype(np.uint8)
+    return result
+
+
+def _threshold_label(threshold: float) -> str:
+    """'threshold 21293', 'threshold 0.6840': four significant digits, never an exponent."""
+    if threshold == 0 or not math.isfinite(threshold):
+        return f"threshold {threshold:g}"
+    decimals = max(0, 3 - math.floor(math.log10(abs(threshold))))
+    return f"threshold {threshold:.{decimals}f}"
+
+
+def draw_colour_bar(
+    figure: Figure,
+    norm: Normalize,
+    threshold: float | None,
+    orientation: str = "vertical",
+    **placement,
+):
+    """The heat maps' colour bar on `figure` (placed with colorbar's `ax=`/`cax=` keywords),
+    labelled "anomaly score", with the threshold marked by a black-and-white line; a
+    threshold beyond the scale is marked at the end it lies past."""
+    colour_bar = figure.colorbar(
+        ScalarMappable(norm=norm, cmap=HEATMAP_CMAP), orientation=orientation, **placement
+    )
+    colour_bar.set_label("anomaly score", fontsize=8)
+    colour_bar.ax.tick_params(labelsize=7)
+    if threshold is None:
+        return colour_bar
+    value = min(max(threshold, norm.vmin), norm.vmax)
+    label = _threshold_label(threshold)
+    if value != threshold:
+        label += " (beyond the scale)"
+    axes = colour_bar.ax
+    line = axes.axhline if orientation == "vertical" else axes.axvline
+    line(value, color="white", linewidth=3.5)
+    line(value, color="black", linewidth=1.5)
+    if orientation == "vertical":
+        axes.annotate(label, xy=(0.0, value), xycoords=("axes fraction", "data"),
+                      xytext=(-3, 0), textcoords="offset points", ha="right", va="center",
+                      fontsize=7, rotation=90)  # fmt: skip
+    else:
+        fraction = (value - norm.vmin) / (norm.vmax - norm.vmin)
+        align = "left" if fraction < 0.15 else "right" if fraction > 0.85 else "center"
+        axes.annotate(label, xy=(value, 1.0), xycoords=("data", "axes fraction"),
+                      xytext=(0, 2), textcoords="offset points", ha=align, va="bottom",
+                      fontsize=7)  # fmt: skip
+    return colour_bar
+
+
+def colour_bar_rgb(
+    colour_range: tuple[float, float], threshold: float | None, width: int
+) -> np.ndarray:
+    """A horizontal colour bar `width` pixels wide as uint8 [h, width, 3] (white background):
+    the heat maps' colours from low to high score, tick labels, the threshold marked."""
+    vmin, vmax = _check_colour_range(colour_range)
+    dpi = FIGURE_DPI * max(1.0, width / COLOUR_BAR_BASE_WIDTH)
+    height = max(1, round(COLOUR_BAR_HEIGHT * dpi))
+    figure = Figure(figsize=(width / dpi, height / dpi), dpi=dpi, facecolor="white")
+    canvas = FigureCanvasAgg(figure)
+    axes = figure.add_axes((0.06, 0.56, 0.88, 0.17))
+    draw_colour_bar(figure, Normalize(vmin=vmin, vmax=vmax), threshold, "horizontal", cax=axes)
+    axes.xaxis.set_label_position("bottom")
+    canvas.draw()
+    pixels = np.asarray(canvas.buffer_rgba())[..., :3]
+    figure.clear()
+    return np.ascontiguousarray(pixels[:height, :width])
+
+
 def _check_colour_range(colour_range: tuple[float, float]) -> tuple[float, float]:
     """Validate an explicit (vmin, vmax): two finite numbers with vmin < vmax."""
     if len(colour_range) != 2:
@@ -84,31 +174,47 @@ def _check_colour_range(colour_range: tuple[float, float]) -> tuple[float, float
     return vmin, vmax
 
 
-def _images_hwc(images: ArrayLike) -> np.ndarray:
-    """Validate images [N, 3 or 1, H, W] in [0, 1]; return them as RGB [N, H, W, 3]."""
-    array = _to_numpy(images)
-    if array.ndim != 4 or array.shape[1] not in (1, 3):
-        raise DataError(f"images: expected shape [N, 3, H, W], got {list(array.shape)}")
-    if array.size and (
-        array.min() < -IMAGE_RANGE_TOLERANCE or array.max() > 1 + IMAGE_RANGE_TOLERANCE
-    ):
-        raise DataError(
-            f"images: values must be de-normalised RGB in [0, 1], "
-            f"got range [{array.min():.3g}, {array.max():.3g}]"
-        )
-    rgb = np.repeat(array, 3, axis=1) if array.shape[1] == 1 else array
-    return np.clip(rgb.transpose(0, 2, 3, 1), 0.0, 1.0)
+def _image_list(images) -> list[np.ndarray]:
+    """Validate images ([N, 3 or 1, H, W], or a list of [3 or 1, H, W] of any sizes) in
+    [0, 1]; return them as RGB [H, W, 3] arrays."""
+    if not isinstance(images, list | tuple):
+        array = _to_numpy(images)
+        if array.ndim != 4:
+            raise DataError(f"images: expected shape [N, 3, H, W], got {list(array.shape)}")
+        images = list(array)
+    result = []
+    for image in images:
+        array = _to_numpy(image)
+        if array.ndim != 3 or array.shape[0] not in (1, 3):
+            raise DataError(f"images: expected shape [N, 3, H, W], got {list(array.shape)}")
+        if array.size and (
+            array.min() < -IMAGE_RANGE_TOLERANCE or array.max() > 1 + IMAGE_RANGE_TOLERANCE
+        ):
+            raise DataError(
+                f"images: values must be de-normalised RGB in [0, 1], "
+                f"got range [{array.min():.3g}, {array.max():.3g}]"
+            )
+        rgb = np.repeat(array, 3, axis=0) if array.shape[0] == 1 else array
+        result.append(np.clip(rgb.transpose(1, 2, 0), 0.0, 1.0))
+    return result
 
 
-def _maps_nhw(values: ArrayLike, argument: str, count: int, size: tuple[int, int]) -> np.ndarray:
-    """Validate maps [N, H, W] or [N, 1, H, W] matching the images; return [N, H, W]."""
-    array = _to_numpy(values)
-    if array.ndim == 4 and array.shape[1] == 1:
-        array = array[:, 0]
-    expected = [count, *size]
-    if list(array.shape) != expected:
-        raise DataError(f"{argument}: expected shape {expected}, got {list(array.shape)}")
-    return array
+def _map_list(values, argument: str, sizes: list[tuple[int, int]]) -> list[np.ndarray]:
+    """Validate maps ([N, H, W], [N, 1, H, W] or a list of [H, W] / [1, H, W]) matching the
+    images' sizes; return them as [H, W] arrays."""
+    if not isinstance(values, list | tuple):
+        values = list(_to_numpy(values))
+    if len(values) != len(sizes):
+        raise DataError(f"{argument}: expected {len(sizes)} maps, got {len(values)}")
+    result = []
+    for value, size in zip(values, sizes):
+        array = _to_numpy(value)
+        if array.ndim == 3 and array.shape[0] == 1:
+            array = array[0]
+        if array.shape != tuple(size):
+            raise DataError(f"{argument}: expected shape {list(size)}, got {list(array.shape)}")
+        result.append(array)
+    return result
 
 
 def _per_image(values: Sequence | ArrayLike, argument: str, count: int) -> list:
@@ -124,9 +230,9 @@ def _title(name: str, score: float, threshold: float | None) -> str:
     text = f"{name}  |  score {score:.4g}"
     if threshold is None:
         return text
-    if score > threshold:
-        return f"{text} > threshold {threshold:.4g}: reject"
-    return f"{text} <= threshold {threshold:.4g}: accept"
+    rejected = bool(decide(score, threshold))
+    relation = ("not finite," if not np.isfinite(score) else ">") if rejected else "<="
+    return f"{text} {relation} threshold {threshold:.4g}: {decision_label(rejected)}"
 
 
 def _plain_axes(axes: Axes, title: str) -> None:
@@ -149,15 +255,14 @@ def _draw_mask(axes: Axes, image: np.ndarray, mask: np.ndarray | None) -> None:
     )  # fmt: skip
 
 
-def _draw_heatmap(figure: Figure, axes: Axes, panel: SegmentationPanel, norm: Normalize) -> None:
+def _draw_heatmap(
+    figure: Figure, axes: Axes, panel: SegmentationPanel, norm: Normalize, threshold: float | None
+) -> None:
     """The anomaly map over the image on the shared scale, with its colour bar."""
     _plain_axes(axes, "anomaly map")
     axes.imshow(panel.image)
     axes.imshow(panel.anomaly_map, cmap=HEATMAP_CMAP, norm=norm, alpha=HEATMAP_ALPHA)
-    scale = ScalarMappable(norm=norm, cmap=HEATMAP_CMAP)
-    colour_bar = figure.colorbar(scale, ax=axes, fraction=0.046, pad=0.03)
-    colour_bar.set_label("anomaly score", fontsize=9)
-    colour_bar.ax.tick_params(labelsize=8)
+    draw_colour_bar(figure, norm, threshold, ax=axes, fraction=0.046, pad=0.03)
 
 
 def render_segmentation_figure(
@@ -170,7 +275,7 @@ def render_segmentation_figure(
     _plain_axes(image_axes, "image")
     image_axes.imshow(panel.image)
     _draw_mask(mask_axes, panel.image, panel.mask)
-    _draw_heatmap(figure, map_axes, panel, norm)
+    _draw_heatmap(figure, map_axes, panel, norm, threshold)
     figure.suptitle(_title(panel.name, panel.score, threshold), fontsize=12)
     return figure
 
@@ -197,15 +302,17 @@ def save_segmentation_images(
     """Write one overlay PNG per image to `output_folder/<name>.png`; return the paths.
 
     images [N, 3, H, W] in [0, 1]; anomaly_maps [N, H, W]; scores [N]; names [N], made
-    safe and distinct as file names (`patchcore.files.unique_file_stems`). masks [N, 1, H, W] or [N, H, W] in {0, 1}, or None; has_mask[i] False
-    means image i has no ground truth. One colour scale is shared by all maps:
+    safe and distinct as file names (`patchcore.files.unique_file_stems`). masks
+    [N, 1, H, W] or [N, H, W] in {0, 1}, or None; has_mask[i] False means image i has no
+    ground truth. Images of different sizes are given as lists of per-image tensors. One colour scale is shared by all maps:
     `colour_range`, or by default the global min and max. With a `threshold`, the title
-    says whether the image score rejects (score > threshold) or accepts the image.
+    says whether the image is rejected (`decide`: score above the threshold or not finite)
+    or accepted.
     """
-    image_array = _images_hwc(images)
-    count, size = image_array.shape[0], image_array.shape[1:3]
-    map_array = _maps_nhw(anomaly_maps, "anomaly_maps", count, size)
-    mask_array = None if masks is None else _maps_nhw(masks, "masks", count, size)
+    image_array = _image_list(images)
+    count, sizes = len(image_array), [image.shape[:2] for image in image_array]
+    map_array = _map_list(anomaly_maps, "anomaly_maps", sizes)
+    mask_array = None if masks is None else _map_list(masks, "masks", sizes)
     score_list = [float(s) for s in _per_image(scores, "scores", count)]
     stems = unique_file_stems([str(name) for name in _per_image(names, "names", count)])
     mask_flags = [True] * count if has_mask is None else _per_image(has_mask, "has_mask", count)
@@ -217,8 +324,7 @@ def save_segmentation_images(
         vmin, vmax = _check_colour_range(colour_range)
     norm = Normalize(vmin=vmin, vmax=vmax)
 
-    output_folder = Path(output_folder)
-    output_folder.mkdir(parents=True, exist_ok=True)
+    output_folder = make_folder(output_folder)
     paths = []
     for index in track(range(count), "Writing segmentation images", unit="image"):
         has_truth = mask_array is not None and bool(mask_flags[index])

@@ -5,7 +5,8 @@ from patchcore.exports import lazy_exports
 
 __all__ = [
     "PatchCore", "Prediction", "NormalStatistics", "decide", "colour_range",
-    "score_images", "save_models", "load_models", "PatchCoreModule", "load_backbone",
+    "score_images", "save_models", "load_models", "PatchCoreModule", "FixedSizePatchCore",
+    "load_backbone",
     "build_embedder", "build_sampler", "build_index",
 ]  # fmt: skip
 
@@ -21,6 +22,7 @@ __getattr__, __dir__ = lazy_exports(
         "save_models": "patchcore.model.serialization",
         "load_models": "patchcore.model.serialization",
         "PatchCoreModule": "patchcore.model.module",
+        "FixedSizePatchCore": "patchcore.model.module",
         "load_backbone": "patchcore.model.backbones",
         "build_embedder": "patchcore.model.features",
         "build_sampler": "patchcore.model.samplers",

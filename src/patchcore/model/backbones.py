@@ -108,7 +108,7 @@ def _torchvision_state_dict(name: str, weights: torchvision.models.WeightsEnum) 
         return torch.load(cached, map_location="cpu", weights_only=True)
     LOGGER.info("Downloading weights of %s to %s", name, cached)
     try:
-        return weights.get_state_dict(progress=True, check_hash=True)
+        return weights.get_state_dict(progress=True, check_hash=True, weights_only=True)
     except OSError as error:  # URLError and socket errors are OSErrors
         raise BackboneError(
             f"weights of backbone '{name}' are missing: {cached} does not exist and "

@@ -14,6 +14,8 @@ import tempfile
 import numpy as np
 import torch
 
+from patchcore.errors import OutputError
+
 
 def gather_rows(chunks: list[torch.Tensor], indices: torch.Tensor) -> torch.Tensor:
     """Rows `indices` of the row-wise concatenation of `chunks`, without concatenating them."""
@@ -54,8 +56,14 @@ class SpilledFeatureStore:
     """Writes appended float32 feature batches to an anonymous temporary file."""
 
     def __init__(self, directory: str | None = None) -> None:
-        # The store owns the file for its whole life and closes it in close().
-        self._file = tempfile.TemporaryFile(prefix="patchcore-features-", dir=directory)  # noqa: SIM115
+        self._directory = directory or tempfile.gettempdir()
+        try:
+            # The store owns the file for its whole life and closes it in close().
+            self._file = tempfile.TemporaryFile(  # noqa: SIM115
+                prefix="patchcore-features-", dir=directory
+            )
+        except OSError as error:
+            raise self._error(error) from error
         self._rows = 0
         self._dimension: int | None = None
 
@@ -66,15 +74,27 @@ class SpilledFeatureStore:
         array = features.detach().to("cpu", torch.float32).contiguous().numpy()
         if self._dimension is None:
             self._dimension = array.shape[1]
-        self._file.write(array.data)
+        try:
+            self._file.write(array.data)
+        except OSError as error:
+            raise self._error(error) from error
         self._rows += len(array)
+
+    def _error(self, error: OSError) -> OutputError:
+        return OutputError(
+            f"{self._directory}: cannot write the temporary file of training features "
+            f"({error.strerror}); free space there, or set TMPDIR to a folder with room"
+        )
 
     def gather(self, indices: torch.Tensor) -> torch.Tensor:
         """The rows `indices` (in that order) as a float32 [len(indices), D] tensor.
 
         Rows are read one by one with pread rather than through a memory map, whose
         read-around would make much of the file resident."""
-        self._file.flush()
+        try:
+            self._file.flush()
+        except OSError as error:
+            raise self._error(error) from error
         descriptor = self._file.fileno()
         row_bytes = self._dimension * 4
         rows = np.empty((len(indices), self._dimension), dtype=np.float32)

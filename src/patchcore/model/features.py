@@ -10,7 +10,9 @@ padded, stride s) is flattened in (channel, row, column) order and average-poole
 first layer's grid. The per-layer vectors are concatenated and average-pooled once more to
 `target_embed_dimension`. The reference resizes the flattened neighbourhoods and pools
 afterwards; both steps are linear and act on different axes, so we pool first (9x less
-data to resize) and get the same features up to float rounding.
+data to resize) and get the same features up to float rounding. Pooling is done along the
+unfolded tensor's feature axis by gathers (`average_pool_axis`), with the exact arithmetic
+of `adaptive_avg_pool1d`, instead of transposing the wide unfolded tensor first.
 
 `PatchEmbedder` chains the two, and `build_embedder` is the one place where a model
 configuration becomes an embedder: the estimator and the exported module both use it.
@@ -101,9 +103,14 @@ class PatchFeatureAggregator(torch.nn.Module):
             padding=(self.patchsize - 1) // 2,
             stride=self.stride,
         )  # [B, C*p*p, h*w], channel-major within each neighbourhood
-        neighbourhoods = unfolded.transpose(1, 2).reshape(batch * grid_h * grid_w, 1, -1)
-        pooled = F.adaptive_avg_pool1d(neighbourhoods, self.pretrain_embed_dimension)
-        return pooled.reshape(batch, grid_h, grid_w, -1).permute(0, 3, 1, 2)
+        pooled = average_pool_axis(unfolded, self.pretrain_embed_dimension)  # [B, D, h*w]
+        # [B, h, w, D] memory, seen as [B, D, h, w]: the layout the resizing kernel gets
+        return (
+            pooled.transpose(1, 2)
+            .contiguous()
+            .reshape(batch, grid_h, grid_w, -1)
+            .permute(0, 3, 1, 2)
+        )
 
     def forward(self, feature_maps: list[torch.Tensor]) -> tuple[torch.Tensor, tuple[int, int]]:
         """Returns features [B*h*w, target_dim] in (image, row, column) order and the grid (h, w)."""
@@ -116,9 +123,44 @@ class PatchFeatureAggregator(torch.nn.Module):
         batch = per_layer[0].shape[0]
         # [B, L, D, h, w] -> [B*h*w, L*D] with each layer's D values contiguous.
         stacked = torch.stack(per_layer, dim=1).permute(0, 3, 4, 1, 2)
-        stacked = stacked.reshape(batch * grid[0] * grid[1], 1, -1)
-        features = F.adaptive_avg_pool1d(stacked, self.target_embed_dimension).squeeze(1)
+        stacked = stacked.reshape(batch * grid[0] * grid[1], -1, 1)
+        features = average_pool_axis(stacked, self.target_embed_dimension).squeeze(2)
         return features, (int(grid[0]), int(grid[1]))
+
+
+def average_pool_axis(values: torch.Tensor, size: int) -> torch.Tensor:
+    """`F.adaptive_avg_pool1d` along axis 1 of values [B, L, M] (to [B, size, M]), with its
+    arithmetic: output j is the float sum, in order, of inputs floor(j L / size) up to
+    ceil((j + 1) L / size), divided by their count. Each input row is a contiguous M-vector,
+    so no transposed copy of a wide unfolded tensor is needed."""
+    length = values.shape[1]
+    if size == 1:  # torch averages to one value with its own reduction order
+        pooled = F.adaptive_avg_pool1d(values.transpose(1, 2).reshape(-1, 1, length), 1)
+        return pooled.reshape(values.shape[0], values.shape[2], 1).transpose(1, 2)
+    starts, counts = _pooling_windows(length, size)
+    device = values.device
+
+    def rows(indices: list[int]) -> torch.Tensor:
+        return torch.tensor(indices, dtype=torch.long, device=device)
+
+    total = values.index_select(1, rows(starts))
+    for offset in range(1, max(counts)):
+        if offset < min(counts):
+            total += values.index_select(1, rows([start + offset for start in starts]))
+        else:
+            longer = [j for j, count in enumerate(counts) if count > offset]
+            total[:, rows(longer)] += values.index_select(
+                1, rows([starts[j] + offset for j in longer])
+            )
+    return total / torch.tensor(counts, dtype=values.dtype, device=device)[None, :, None]
+
+
+def _pooling_windows(length: int, size: int) -> tuple[list[int], list[int]]:
+    """First input and input count of each of `size` adaptive-pooling windows over `length`
+    (plain integers: the windows depend on shapes only, so exported graphs hold constants)."""
+    starts = [j * length // size for j in range(size)]
+    ends = [-(-(j + 1) * length // size) for j in range(size)]
+    return starts, [end - start for start, end in zip(starts, ends)]
 
 
 class PatchEmbedder(torch.nn.Module):

@@ -9,11 +9,12 @@ memory-mapped bank searched in blocks.
 - `ApproximateIndex`: a FAISS IndexIVFFlat (`ivf`), IndexIVFPQ (`ivfpq`) or IndexHNSWFlat
   (`hnsw`) built from the bank (`IndexConfig`), saved with the model and read back on load.
 
-Every index exposes `bank` (the full vectors, in RAM or mapped: Eq. 7 re-weighting, saving,
-export and model updates need them) and `search(queries, k)` returning squared L2
-distances and bank indices, nearest first, as the scorer expects. Approximate distances
-are FAISS's: exact distances to the candidates found by `ivf` and `hnsw`, distances
-estimated from the codes by `ivfpq`.
+Every index exposes `bank` (the full vectors, in RAM or mapped: the scorer's distances,
+Eq. 7 re-weighting, saving, export and model updates need them) and `search(queries, k)`
+returning squared L2 distances and bank indices, nearest first, as the scorer expects. The
+scorer recomputes the found neighbours' distances from the bank vectors
+(`scoring.neighbour_distances`), so FAISS's distances only rank: IVF-PQ's, estimated from
+the codes, never become scores.
 """
 
 from __future__ import annotations

@@ -16,9 +16,14 @@ version 1 (patchcore 0.1) load too.
 
 `forward` preprocesses with the model's saved geometry (`patchcore.data.preprocessing.
 to_model_input`), scores through the one scorer (`patchcore.model.scoring.score_images`,
-with exact torch search, so no FAISS is needed), and maps the anomaly map back onto the
-input frame (`map_to_input_frame`): pixels outside a centre crop, which the model never
-saw, take the value of the nearest crop edge. A map always has the input's height and width.
+with the exact bank-chunked search of `patchcore.model.chunked_search`, so no FAISS is
+needed and memory stays bounded), and maps the anomaly map back onto the input frame
+(`map_to_input_frame`): pixels outside a centre crop, which the model never saw, take the
+value of the nearest crop edge. A map always has the input's height and width.
+
+`FixedSizePatchCore` is the same computation for one input size, with the threshold's
+decision inside: the graph that `patchcore-export` writes as ONNX and OpenVINO IR. Both run
+`PatchCoreModule.score`, so an exported graph computes what the module computes.
 """
 from __future__ import annotations
 
@@ -30,14 +35,21 @@ import torch
 
 from patchcore import __version__
 from patchcore.config import PatchCoreConfig
-from patchcore.data.preprocessing import map_to_input_frame, to_model_input
+from patchcore.data.preprocessing import (
+    AxisGeometry,
+    ResizeTaps,
+    check_model_input,
+    input_geometry,
+    map_to_input_frame,
+    to_model_input,
+)
 from patchcore.errors import DataError, ModelFormatError
 from patchcore.model.calibration import NormalStatistics, decide
+from patchcore.model.chunked_search import DEFAULT_BANK_CHUNK_SIZE, BankChunkedSearch
 from patchcore.model.features import build_embedder
 from patchcore.model.patchcore import PatchCore
 from patchcore.model.scoring import score_images
-from patchcore.model.search import TorchNearestNeighbours
-from patchcore.model.serialization import config_from_meta
+from patchcore.model.serialization import config_fields, config_from_meta, exact_search_config
 
 FORMAT_NAME = "patchcore-challenge-module"
 FORMAT_VERSION = 2
@@ -46,6 +58,7 @@ BANK_KEY = "memory_bank"
 EMBEDDER_PREFIX = "embedder.extractor."
 VERSION_1_EMBEDDER_PREFIX = "feature_extractor."
 STATISTICS_FIELDS = tuple(field.name for field in dataclasses.fields(NormalStatistics))
+OUTPUT_NAMES = ("pred_score", "anomaly_map", "pred_label")
 
 
 # ------------------------------------------------------------------ configuration blob
@@ -72,7 +85,7 @@ def config_blob(config: PatchCoreConfig) -> dict:
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
         "library_version": __version__,
-        "config": dataclasses.asdict(config),
+        "config": config_fields(config),
         "normal_statistics_fields": list(STATISTICS_FIELDS),
     }
 
@@ -108,12 +121,18 @@ class PatchCoreModule(torch.nn.Module):
     `pred_score` [B], the anomaly map [B, H, W] under both `anomaly_maps` and
     `anomaly_map`, and, when the weights carry a threshold, `pred_label` [B] (bool,
     `patchcore.model.calibration.decide`: above the threshold or not finite).
+    `bank_chunk_size` bounds the search's memory (see `patchcore.model.chunked_search`).
+    An empty batch, NaN or infinite values, or values outside [0, 1] beyond rounding (0..255
+    pixels, mean/std-normalised images) raise a DataError saying so; in a traced or exported
+    graph, where values cannot be checked, a non-finite score is still a reject.
+    A memory bank holding NaN or infinite values is refused by `load_state_dict`.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, bank_chunk_size: int = DEFAULT_BANK_CHUNK_SIZE) -> None:
         super().__init__()
         self.config: PatchCoreConfig | None = None
         self.embedder: torch.nn.Module | None = None
+        self.bank_chunk_size = bank_chunk_size
         self.register_buffer(CONFIG_KEY, torch.zeros(0, dtype=torch.uint8))
         self.register_buffer(BANK_KEY, torch.zeros(0, 0))
         self.register_buffer("threshold", torch.tensor(math.nan, dtype=torch.float64))
@@ -133,7 +152,7 @@ class PatchCoreModule(torch.nn.Module):
         if threshold is None and statistics is not None:
             threshold = statistics.threshold
         module = cls()
-        module._configure(model.config)
+        module._configure(exact_search_config(model.config))  # the module searches exactly
         module.embedder.load_state_dict(model.embedder.state_dict())
         module.memory_bank = model.memory_bank.detach().to("cpu", torch.float32).clone()
         module.threshold = torch.tensor(
@@ -182,6 +201,12 @@ class PatchCoreModule(torch.nn.Module):
                 f"state dict entry '{BANK_KEY}' must have shape [M > 0, {dimension}], "
                 f"got {list(bank.shape)}"
             )
+        finite = torch.isfinite(bank)
+        if not bool(finite.all()):
+            raise ModelFormatError(
+                f"state dict entry '{BANK_KEY}' holds {int((~finite).sum())} values that are "
+                "not finite numbers (NaN or infinite); the weights file is damaged"
+            )
 
     # ---------------------------------------------------------------- properties
     @property
@@ -203,6 +228,18 @@ class PatchCoreModule(torch.nn.Module):
             )
         return self.config
 
+    def score(
+        self, images: torch.Tensor, geometry: tuple[AxisGeometry, AxisGeometry]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Float images [B, 3, H, W] on the module's device and their `input_geometry` ->
+        image scores [B] and anomaly maps [B, H, W]: the computation every runtime runs."""
+        config = self._require_config()
+        model_input = to_model_input(images, config.preprocessing, geometry)
+        search = BankChunkedSearch(self.memory_bank, self.bank_chunk_size)
+        prediction = score_images(self.embedder, search, config, model_input)
+        maps = map_to_input_frame(prediction.maps, tuple(images.shape[-2:]), config.preprocessing)
+        return prediction.scores, maps
+
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """images float [B, 3, H, W] in [0, 1] -> pred_score, anomaly_maps/anomaly_map [B, H, W].
@@ -216,17 +253,82 @@ class PatchCoreModule(torch.nn.Module):
                 "PatchCoreModule expects float RGB images [B, 3, H, W] in [0, 1], got "
                 f"{images.dtype} {list(images.shape)}"
             )
+        if _eager():
+            try:
+                check_model_input(images)
+            except DataError as error:
+                raise DataError(f"PatchCoreModule: {error}") from error
         images = images.to(self.memory_bank.device, torch.float32)
-        model_input = to_model_input(images, config.preprocessing)
-        index = TorchNearestNeighbours(self.memory_bank.device)
-        index.fit(self.memory_bank)
-        prediction = score_images(self.embedder, index, config, model_input)
-        maps = map_to_input_frame(prediction.maps, tuple(images.shape[-2:]), config.preprocessing)
-        outputs = {"pred_score": prediction.scores, "anomaly_maps": maps, "anomaly_map": maps}
+        geometry = input_geometry(tuple(images.shape[-2:]), config.preprocessing)
+        scores, maps = self.score(images, geometry)
+        outputs = {"pred_score": scores, "anomaly_maps": maps, "anomaly_map": maps}
         threshold = self.decision_threshold
         if threshold is not None:
-            outputs["pred_label"] = decide(prediction.scores, threshold)
+            outputs["pred_label"] = decide(scores, threshold)
         return outputs
+
+
+_AXES = ("rows", "columns")
+
+
+class FixedSizePatchCore(torch.nn.Module):
+    """A `PatchCoreModule` for inputs of one (height, width): the exported graph.
+
+    `forward(images)` takes float RGB [B, 3, height, width] in [0, 1], any B, and returns
+    the tuple (pred_score [B], anomaly_map [B, height, width]) followed, when the module
+    carries a threshold, by pred_label [B] (bool, `decide`). The resize taps of the input
+    size are computed once here and held as buffers, so a traced graph holds them as
+    constants.
+    """
+
+    def __init__(self, module: PatchCoreModule, input_size: tuple[int, int]) -> None:
+        super().__init__()
+        config = module._require_config()
+        self.module = module
+        self.input_size = (int(input_size[0]), int(input_size[1]))
+        self.threshold = module.decision_threshold
+        geometry = input_geometry(self.input_size, config.preprocessing)
+        self._slices = tuple((axis.start, axis.length) for axis in geometry)
+        self._resized = tuple(axis.taps is not None for axis in geometry)
+        device = module.memory_bank.device
+        for name, axis in zip(_AXES, geometry, strict=True):
+            if axis.taps is not None:
+                self.register_buffer(f"{name}_indices", axis.taps.indices.clone().to(device))
+                self.register_buffer(f"{name}_weights", axis.taps.weights.clone().to(device))
+
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        return OUTPUT_NAMES if self.threshold is not None else OUTPUT_NAMES[:2]
+
+    def geometry(self) -> tuple[AxisGeometry, AxisGeometry]:
+        axes = []
+        for name, (start, length), resized in zip(_AXES, self._slices, self._resized, strict=True):
+            taps = None
+            if resized:
+                weights = getattr(self, f"{name}_weights")
+                taps = ResizeTaps(getattr(self, f"{name}_indices"), weights)
+            axes.append(AxisGeometry(start, length, taps))
+        return axes[0], axes[1]
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        expected = (3, *self.input_size)
+        if images.ndim != 4 or tuple(images.shape[1:]) != expected:
+            raise DataError(
+                f"this exported model takes float RGB images [B, {', '.join(map(str, expected))}]"
+                f", got {list(images.shape)}"
+            )
+        scores, maps = self.module.score(images, self.geometry())
+        if self.threshold is None:
+            return scores, maps
+        return scores, maps, decide(scores, self.threshold)
+
+
+def _eager() -> bool:
+    """False while a graph is traced, compiled or exported: the value checks of the input
+    (finite, in range, not empty) need concrete values and run in eager mode only."""
+    compiling = getattr(torch.compiler, "is_compiling", lambda: False)()
+    return not (torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or compiling)
 
 
 def _rename_version_1_keys(state_dict, prefix: str) -> None:

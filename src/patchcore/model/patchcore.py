@@ -17,9 +17,14 @@ from dataclasses import replace
 import torch
 
 from patchcore.config import PatchCoreConfig, SearchConfig
-from patchcore.data.preprocessing import cut_tiles
+from patchcore.data.preprocessing import check_model_input, cut_tiles
 from patchcore.errors import DataError
-from patchcore.model.calibration import DEFAULT_THRESHOLD_QUANTILE, NormalStatistics
+from patchcore.model.calibration import (
+    DEFAULT_THRESHOLD_QUANTILE,
+    NormalStatistics,
+    measure_normal_statistics,
+)
+from patchcore.model.bank_file import MappedBank, non_finite_count
 from patchcore.model.feature_store import feature_store_for
 from patchcore.model.features import build_embedder
 from patchcore.model.indexes import build_bank_index, gather_bank
@@ -64,6 +69,7 @@ class PatchCore:
     def training_features(self, images: torch.Tensor) -> torch.Tensor:
         """Patch features [N, D] a batch of normal images adds to the memory bank: those of
         every tile with tiled inspection, of the whole images otherwise."""
+        check_model_input(images)
         preprocessing = self.config.preprocessing
         if preprocessing.tile is not None:
             images = cut_tiles(images, preprocessing.tile, preprocessing.tile_overlap)[0]
@@ -83,15 +89,23 @@ class PatchCore:
         projected = []
         start = time.perf_counter()
         try:
-            for batch in track(batches, "Extracting training features", unit="batch"):
+            for number, batch in enumerate(
+                track(batches, "Extracting training features", unit="batch"), start=1
+            ):
                 features = self.training_features(images_of(batch))
+                if not bool(torch.isfinite(features).all()):
+                    raise DataError(
+                        f"training batch {number}: the backbone gives patch features that are "
+                        "not finite numbers (NaN or infinite); check the backbone's weights"
+                    )
                 store.append(features)
                 projected.append(sampler.project(features))
             if not projected:
                 raise DataError("no training images: the memory bank would be empty")
             dimension = features.shape[1]
             extracted = time.perf_counter()
-            selected = sampler.select_projected(torch.cat(projected))
+            projected = torch.cat(projected)  # the per-batch parts are freed here
+            selected = sampler.select_projected(projected)
             del projected
             num_features = len(store)
             self.set_memory_bank(gather_bank(self.index, store, selected, self.device))
@@ -112,14 +126,40 @@ class PatchCore:
             self.fit_seconds["subsampling"],
         )
 
-    def set_memory_bank(self, bank: torch.Tensor) -> None:
+    def set_memory_bank(self, bank: torch.Tensor | MappedBank) -> None:
+        """Makes `bank` [M, D] (in RAM, or a memory-mapped file) the memory bank; refuses non-finite values, and lowers k (and
+        Eq. 7's neighbourhood) to M with a warning when the bank is smaller, so the
+        configuration (and a saved model) says what scoring really uses."""
         if bank.ndim != 2 or bank.shape[1] != self.config.target_embed_dimension or not len(bank):
             raise DataError(
                 f"memory bank must have shape [M > 0, {self.config.target_embed_dimension}], "
                 f"got {list(bank.shape)}"
             )
+        non_finite = non_finite_count(bank)  # block by block: a mapped bank stays on disk
+        if non_finite:
+            raise DataError(
+                f"the memory bank holds {non_finite} values that are not finite "
+                "numbers (NaN or infinite); a model with such a bank would score images wrongly"
+            )
+        self._fit_neighbourhoods(len(bank))
         self.index.fit(bank)
         self.memory_bank = self.index.bank
+
+    def _fit_neighbourhoods(self, bank_size: int) -> None:
+        limits = [("num_nn", "k = {} nearest neighbours (--anomaly_scorer_num_nn)")]
+        if self.config.score_reweighting:
+            limits.append(("reweighting_neighbours", "the {} neighbours of Eq. 7's re-weighting"))
+        changes = {}
+        for name, description in limits:
+            if getattr(self.config, name) > bank_size:
+                LOGGER.warning(
+                    "The memory bank holds %d features, fewer than %s; scoring uses %d, and a "
+                    "saved model records it",
+                    bank_size, description.format(getattr(self.config, name)), bank_size,
+                )  # fmt: skip
+                changes[name] = bank_size
+        if changes:
+            self.config = replace(self.config, **changes)
 
     # ------------------------------------------------------------------ predict
     @torch.inference_mode()
@@ -127,6 +167,7 @@ class PatchCore:
         """Image scores [B], anomaly maps [B, H, W] (input size) and patch scores [B, h, w]."""
         if self.memory_bank is None:
             raise DataError("the model has no memory bank: call fit() or load a saved model")
+        check_model_input(images)
         return score_images(self.embed, self.index, self.config, images).cpu()
 
     def predict_batches(self, batches: Iterable, description: str = "Inferring") -> Prediction:
@@ -137,17 +178,15 @@ class PatchCore:
         return Prediction.concatenate(parts)
 
     # -------------------------------------------------------------- calibration
-    def calibrate(self, batches: Iterable, quantile: float = DEFAULT_THRESHOLD_QUANTILE) -> None:
-        """Measures scores of held-out normal images: normalisation statistics and threshold."""
+    def calibrate(
+        self, batches: Iterable, quantile: float = DEFAULT_THRESHOLD_QUANTILE
+    ) -> Prediction:
+        """Measures scores of held-out normal images: normalisation statistics and threshold
+        (`patchcore.model.calibration.measure_normal_statistics`). Returns the images'
+        predictions, so an ensemble can calibrate its combined scale on the same images."""
         prediction = self.predict_batches(batches, description="Calibrating on normal images")
-        self.normal_statistics = NormalStatistics(
-            image_score_min=float(prediction.scores.min()),
-            image_score_max=float(prediction.scores.max()),
-            pixel_score_min=float(prediction.maps.min()),
-            pixel_score_max=float(prediction.maps.max()),
-            threshold=float(torch.quantile(prediction.scores.double(), quantile)),
-            threshold_quantile=quantile,
-            num_images=len(prediction.scores),
+        self.normal_statistics = measure_normal_statistics(
+            prediction.scores, prediction.maps, quantile
         )
         LOGGER.info(
             "Calibrated on %d normal images: threshold %.6g (quantile %.3g)",
@@ -155,3 +194,4 @@ class PatchCore:
             self.normal_statistics.threshold,
             quantile,
         )
+        return prediction

@@ -8,16 +8,32 @@ from that matrix have a closed form that we use instead).
 
 Distances are tracked squared: the square root is monotonic, so every arg-max, and hence
 every selection, is the one the reference makes on square-rooted distances.
+
+Continuing a selection (`patchcore-update` adding new normal features to a fitted bank) is
+the same selection started from each candidate's squared distance to what is already
+selected, and stopped before the first pick that would be at most a given distance away:
+`select_farthest_points(features, start, count, stop_at=...)`.
+
+On the CPU every selection path compares the same exact float32 distances (see
+`exact_squared_distances`), so the fast path (`pruned_farthest_point_selection`: lazy tile
+updates, triangle-inequality pruning, bfloat16 matrix products with exact rechecks) selects
+exactly what the plain sweep (`farthest_point_selection`) selects, ties included. The hot
+loops are compiled C (`patchcore.model.native`); without a C compiler both paths fall back
+to pure torch with the same results.
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import math
+from concurrent.futures import ThreadPoolExecutor
 
+import numpy
 import torch
 
 from patchcore.config import SamplerConfig
+from patchcore.model.native import coreset_kernels
 from patchcore.progress import track
 
 LOGGER = logging.getLogger(__name__)
@@ -79,12 +95,10 @@ class GreedyCoresetSampler(IdentitySampler):
             return super().select_projected(projected)
         squared_norms = projected.square().sum(dim=1)
         start_distances = self._starting_squared_distances(projected, squared_norms)
-        count = self.num_samples(len(projected))
-        if projected.device.type == "cpu":
-            return pruned_farthest_point_selection(
-                projected, squared_norms, start_distances, count, self.seed
-            )
-        return farthest_point_selection(projected, squared_norms, start_distances, count)
+        return select_farthest_points(
+            projected, start_distances, self.num_samples(len(projected)), seed=self.seed,
+            squared_norms=squared_norms,
+        )  # fmt: skip
 
     def _starting_squared_distances(
         self, projected: torch.Tensor, squared_norms: torch.Tensor
@@ -126,10 +140,65 @@ class ApproximateGreedyCoresetSampler(GreedyCoresetSampler):
 def squared_distances_to_points(
     features: torch.Tensor, squared_norms: torch.Tensor, indices: torch.Tensor
 ) -> torch.Tensor:
-    """[N, len(indices)] squared L2 distances from every feature to features[indices]."""
+    """[N, len(indices)] squared L2 distances from every feature to features[indices]
+    (matrix-product form, for starting distances and accelerators)."""
     points = features[indices]
     products = features @ points.T
     return (squared_norms[:, None] - 2.0 * products + squared_norms[indices][None, :]).clamp_min(0)
+
+
+# ------------------------------------------------------------------ exact distances
+def exact_squared_distances(features: torch.Tensor, point: torch.Tensor) -> torch.Tensor:
+    """The coreset's exact squared distances on the CPU, in pure torch: for each row, the
+    float32 sum over dimensions, in dimension order, of (row_j - point_j)^2, each product
+    and sum rounded separately. The compiled kernels (`patchcore.model.native`) compute
+    exactly these values; every CPU selection path compares only such values, which is what
+    makes their selections identical."""
+    total = torch.zeros(len(features), dtype=torch.float32)
+    for block_start in range(0, len(features), _BLOCK):
+        columns = features[block_start : block_start + _BLOCK].T.contiguous()
+        partial = torch.zeros(columns.shape[1], dtype=torch.float32)
+        for column, value in zip(columns, point):
+            difference = column - value
+            partial = partial + difference * difference
+        total[block_start : block_start + _BLOCK] = partial
+    return total
+
+
+_BLOCK = 16384  # rows per block where a full-size temporary would be needed otherwise
+_PLAIN_SWEEP_ROWS = 8192  # up to this many rows the plain sweep, in cache, is as fast
+_LANES = 16  # rows per transposed block of the compiled plain sweep
+
+
+def select_farthest_points(
+    features: torch.Tensor,
+    start_squared_distances: torch.Tensor,
+    count: int,
+    stop_at: float | None = None,
+    seed: int = 0,
+    squared_norms: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Indices of up to `count` rows of `features`, in selection order, each the row farthest
+    from the rows selected before it, where `start_squared_distances` are the rows' squared
+    distances to whatever counts as selected already (a fitted bank, when a coreset is
+    continued; the reference's starting distances for a new coreset). With `stop_at`, the
+    selection ends before the first pick whose squared distance is at most `stop_at`. The
+    lazy path on the CPU for large inputs, the plain sweep otherwise; both select the same
+    rows. `start_squared_distances` is not modified."""
+    if count <= 0:
+        return torch.empty(0, dtype=torch.long, device=features.device)
+    if squared_norms is None:
+        squared_norms = features.square().sum(dim=1)
+    minimum = start_squared_distances.to(features.device, torch.float32).clone()
+    if features.device.type == "cpu" and len(features) > _PLAIN_SWEEP_ROWS:
+        return pruned_farthest_point_selection(
+            features, squared_norms, minimum, count, seed, stop_at=stop_at
+        )
+    return farthest_point_selection(features, squared_norms, minimum, count, stop_at=stop_at)
+
+
+def _stops(distance: float, stop_at: float | None) -> bool:
+    return stop_at is not None and distance <= stop_at
 
 
 def farthest_point_selection(
@@ -137,139 +206,283 @@ def farthest_point_selection(
     squared_norms: torch.Tensor,
     min_squared_distances: torch.Tensor,
     num_samples: int,
+    stop_at: float | None = None,
 ) -> torch.Tensor:
     """Greedy farthest-point iterations, each a full sweep over all features.
 
-    `min_squared_distances` is updated in place. This is the straightforward form (used on
-    GPUs, where a sweep is cheap, and as the baseline the pruned form is tested against).
+    `min_squared_distances` is updated in place. Ties go to the lowest row index. With
+    `stop_at`, fewer rows are returned when the farthest remaining row is at most that far
+    (squared) from the selection (see `select_farthest_points`). On the
+    CPU, distances are the exact ones of `exact_squared_distances` (compiled kernel when
+    available, both cores); elsewhere (GPUs, where a sweep is cheap) the matrix-product
+    form with `squared_norms`. This is the plain form the fast CPU path is tested against
+    and the baseline it is measured against.
     """
+    if features.device.type != "cpu":
+        return _matrix_product_sweep(
+            features, squared_norms, min_squared_distances, num_samples, stop_at
+        )
+    kernels = coreset_kernels()
+    features = features.float().contiguous()
+    if kernels is None:
+        return _torch_exact_sweep(features, min_squared_distances, num_samples, stop_at)
+    return _compiled_sweep(kernels, features, min_squared_distances, num_samples, stop_at)
+
+
+def _matrix_product_sweep(features, squared_norms, min_squared_distances, num_samples,
+                          stop_at=None):  # fmt: skip
     selected = torch.empty(num_samples, dtype=torch.long, device=features.device)
     for step in track(range(num_samples), "Coreset subsampling"):
         index = torch.argmax(min_squared_distances)
+        if _stops(float(min_squared_distances[index]), stop_at):
+            return selected[:step]
         selected[step] = index
         distances = squared_distances_to_points(features, squared_norms, index.view(1)).squeeze(1)
         torch.minimum(min_squared_distances, distances, out=min_squared_distances)
     return selected
 
 
-_BLOCK = 16384  # rows per block where a full-size temporary would be needed otherwise
+def _torch_exact_sweep(features, min_squared_distances, num_samples, stop_at=None):
+    selected = torch.empty(num_samples, dtype=torch.long)
+    for step in track(range(num_samples), "Coreset subsampling"):
+        index = torch.argmax(min_squared_distances)  # first maximum: lowest index
+        if _stops(float(min_squared_distances[index]), stop_at):
+            return selected[:step]
+        selected[step] = index
+        distances = exact_squared_distances(features, features[index])
+        torch.minimum(min_squared_distances, distances, out=min_squared_distances)
+    return selected
 
 
-class _ChunkedFeatures:
-    """Features regrouped into spatially compact chunks of at most `chunk_size` rows.
+def _compiled_sweep(kernels, features, min_squared_distances, num_samples, stop_at=None):
+    """The plain sweep with the compiled kernel, on rows transposed in blocks of 16 (so the
+    vector lanes hold 16 rows), split between the intra-op threads."""
+    count, dimension = features.shape
+    blocks = -(-count // _LANES)
+    transposed = torch.empty(blocks, dimension, _LANES)
+    kernels.transpose_blocks(features.data_ptr(), count, dimension, 0, blocks,
+                             transposed.data_ptr())  # fmt: skip
+    minimum = min_squared_distances.float().contiguous()
+    threads = max(1, min(torch.get_num_threads(), blocks // 64))
+    edges = [blocks * part // threads for part in range(threads + 1)]
+    values = (ctypes.c_float * threads)()
+    rows = (ctypes.c_int64 * threads)()
+    point = torch.empty(dimension)
 
-    Rows are clustered around `num_pivots` centres (a few seeded k-means steps), and each
-    cluster is cut into chunks in original row order. Every chunk knows its pivot and a
-    radius bounding its rows' distance to the pivot, so one distance from a new coreset
-    point to the pivot bounds the distances to all rows of the chunk (triangle inequality).
-    Padding rows have minimum distance -inf and are never selected or updated.
-    """
+    def sweep_part(part: int) -> None:
+        kernels.sweep_blocks(
+            transposed.data_ptr(), dimension, edges[part], edges[part + 1], point.data_ptr(),
+            minimum.data_ptr(), count, ctypes.addressof(values) + 4 * part,
+            ctypes.addressof(rows) + 8 * part,
+        )  # fmt: skip
 
-    def __init__(self, features, squared_norms, min_squared, chunk_size, num_pivots, seed):
-        assignment, centres = _kmeans(features, num_pivots, seed)
-        order = torch.argsort(assignment, stable=True)  # original order within a cluster
-        sorted_assignment = assignment[order]
-        counts = torch.bincount(sorted_assignment, minlength=len(centres))
-        starts = torch.cumsum(counts, 0) - counts
-        position_in_cluster = torch.arange(len(order)) - starts[sorted_assignment]
-        chunk_in_cluster = position_in_cluster // chunk_size
-        chunks_per_cluster = (counts + chunk_size - 1) // chunk_size
-        first_chunk = torch.cumsum(chunks_per_cluster, 0) - chunks_per_cluster
-        chunk_of_row = first_chunk[sorted_assignment] + chunk_in_cluster
-        slot_of_row = position_in_cluster % chunk_size
-        num_chunks = int(chunks_per_cluster.sum())
-        dimension = features.shape[1]
-        # Chunk and slot of each row in original order (no reordered copy of the features).
-        chunk_of = torch.empty_like(chunk_of_row).index_copy_(0, order, chunk_of_row)
-        slot_of = torch.empty_like(slot_of_row).index_copy_(0, order, slot_of_row)
-        self.rows = torch.full((num_chunks, chunk_size), -1, dtype=torch.long)
-        self.rows[chunk_of, slot_of] = torch.arange(len(order))
-        self.features = torch.zeros(num_chunks, chunk_size, dimension)
-        self.features[chunk_of, slot_of] = features
-        self.squared_norms = torch.zeros(num_chunks, chunk_size)
-        self.squared_norms[chunk_of, slot_of] = squared_norms
-        self.min_squared = torch.full((num_chunks, chunk_size), -math.inf)
-        self.min_squared[chunk_of, slot_of] = min_squared
-        chunk_cluster = torch.repeat_interleave(torch.arange(len(centres)), chunks_per_cluster)
-        self.pivots = centres[chunk_cluster]
-        offsets = torch.cat([
-            torch.linalg.vector_norm(block - centres[cluster], dim=1)
-            for block, cluster in zip(features.split(_BLOCK), assignment.split(_BLOCK))
-        ])  # fmt: skip
-        self.radii = torch.zeros(num_chunks).scatter_reduce_(
-            0, chunk_of, offsets, "amax", include_self=True
-        )
-        self.radii = self.radii * (1 + 1e-5) + 1e-6  # float rounding margin
-        self.chunk_max, positions = self.min_squared.max(dim=1)
-        self.chunk_argmax = self.rows.gather(1, positions[:, None]).squeeze(1)
+    selected = torch.empty(num_samples, dtype=torch.long)
+    index = int(torch.argmax(minimum))
+    with ThreadPoolExecutor(threads) as pool:
+        for step in track(range(num_samples), "Coreset subsampling"):
+            if _stops(float(minimum[index]), stop_at):
+                selected = selected[:step]
+                break
+            selected[step] = index
+            point.copy_(features[index])
+            list(pool.map(sweep_part, range(threads)))
+            best = max(range(threads), key=lambda part: (values[part], -rows[part]))
+            index = rows[best]
+    if minimum.data_ptr() != min_squared_distances.data_ptr():
+        min_squared_distances.copy_(minimum)
+    return selected
 
 
-def _kmeans(features: torch.Tensor, count: int, seed: int, steps: int = 4, sample: int = 32768):
-    """Seeded Lloyd steps on a sample, then one assignment of all rows.
-
-    Returns (cluster of each row, cluster centres), with no empty cluster."""
-    generator = torch.Generator().manual_seed(seed + 2)
-    order = torch.randperm(len(features), generator=generator)
-    subset = features[order[:sample]]
-    centres = subset[:count].clone()
-    for _ in range(steps):
-        assignment = torch.cdist(subset, centres).argmin(dim=1)
-        used = torch.unique(assignment)
-        centres = torch.zeros(len(centres), features.shape[1]).index_add_(0, assignment, subset)
-        centres = centres[used] / torch.bincount(assignment)[used][:, None]
-    assignment = torch.cat([
-        torch.cdist(block, centres, compute_mode="use_mm_for_euclid_dist").argmin(dim=1)
-        for block in features.split(_BLOCK)
-    ])  # fmt: skip
-    used, assignment = torch.unique(assignment, return_inverse=True)
-    return assignment, centres[used]
-
-
+# ----------------------------------------------------------- lazy, pruned selection
 def pruned_farthest_point_selection(
     features: torch.Tensor,
     squared_norms: torch.Tensor,
     min_squared_distances: torch.Tensor,
     num_samples: int,
     seed: int = 0,
-    chunk_size: int = 128,
+    chunk_size: int = 1024,
+    stop_at: float | None = None,
 ) -> torch.Tensor:
-    """The same selections as `farthest_point_selection`, skipping rows that cannot change.
+    """The same selections as `farthest_point_selection` (CPU), computed lazily, with the same
+    `stop_at`.
 
-    A row's minimum distance can only drop if the new point is closer than its current
-    minimum; whole chunks whose pivot bound rules that out are skipped. Late iterations,
-    when minimum distances are small, touch a small fraction of the rows, so the loop
-    stays in cache instead of sweeping all features every time. Ties are broken towards
-    the lowest row index, as `torch.argmax` does in the straightforward form. CPU only.
+    Rows are grouped into tiles of `chunk_size` consecutive rows (neighbouring patches of
+    an image). A tile's largest minimum distance, once known, stays an upper bound while
+    coreset points are added, so a tile is brought up to date only when it could hold the
+    next farthest point, and then with every point added since, in one matrix product
+    (compute-bound, where a sweep is bound by memory bandwidth). Points that the triangle
+    inequality (tile centre and radius) shows cannot change the tile are skipped. The
+    product uses bfloat16 copies of the rows centred on their tile (float32 copies where
+    the CPU lacks bfloat16 instructions); a pair is computed exactly whenever the
+    product's rounding bound cannot rule out that it lowers the row's minimum distance, so
+    every minimum distance that decides a selection is the exact one, and ties go to the
+    lowest row index as in the sweep. `min_squared_distances` is not modified;
+    `squared_norms` and `seed` are unused (kept for the shared signature).
     """
-    num_pivots = max(16, min(1024, int(math.sqrt(len(features)))))
-    chunks = _ChunkedFeatures(
-        features, squared_norms, min_squared_distances, chunk_size, num_pivots, seed
-    )
-    # Absolute slack for the rounding of squared distances expanded as |x|^2 - 2xc + |c|^2.
-    slack = 1e-5 * 2 * float(squared_norms.max())
-    selected = torch.empty(num_samples, dtype=torch.long)
-    # Reused every iteration: no large allocation (and page faults) inside the loop.
-    block_buffer = torch.empty_like(chunks.features)
-    product_buffer = torch.empty(chunks.features.shape[:2])
-    for step in track(range(num_samples), "Coreset subsampling"):
-        best = chunks.chunk_max.max()
-        index = chunks.chunk_argmax[chunks.chunk_max == best].min()
-        selected[step] = index
-        point = features[index]
-        lower = torch.linalg.vector_norm(chunks.pivots - point, dim=1) - chunks.radii
-        active = torch.nonzero((lower <= 0) | (lower * lower <= chunks.chunk_max + slack))[:, 0]
-        block = torch.index_select(chunks.features, 0, active, out=block_buffer[: len(active)])
-        products = torch.matmul(block, point, out=product_buffer[: len(active)])
-        distances = (chunks.squared_norms.index_select(0, active) - 2.0 * products
-                     + squared_norms[index]).clamp_min_(0.0)  # fmt: skip
-        updated = torch.minimum(chunks.min_squared.index_select(0, active), distances)
-        chunks.min_squared.index_copy_(0, active, updated)
-        maxima, positions = updated.max(dim=1)
-        chunks.chunk_max.index_copy_(0, active, maxima)
-        chunks.chunk_argmax.index_copy_(
-            0, active, chunks.rows.index_select(0, active).gather(1, positions[:, None])[:, 0]
-        )
-    return selected
+    del squared_norms
+    features = features.float().contiguous()
+    kernels = coreset_kernels()
+    if kernels is None or features.device.type != "cpu":
+        return farthest_point_selection(
+            features, features.square().sum(dim=1), min_squared_distances.clone(), num_samples,
+            stop_at,
+        )  # fmt: skip
+    del seed  # tiles are consecutive rows; kept for the signature
+    tiles = _LazyTiles(kernels, features, min_squared_distances, chunk_size)
+    return tiles.run(num_samples, stop_at)
+
+
+_PENDING_BATCH = 4096  # coreset points per matrix product
+_PRODUCT_WIDTHS = torch.tensor([16 * 2 ** (k // 2) * (3 if k % 2 else 2) // 2 for k in range(24)])
+_UNIT_ROUNDOFF = 2.0**-24
+
+
+def _product_width(count: int) -> int:
+    """Column count of a product, from a short list of sizes (one compiled kernel each)."""
+    return int(_PRODUCT_WIDTHS[torch.searchsorted(_PRODUCT_WIDTHS, count)])
+
+
+def bfloat16_is_fast() -> bool:
+    """bfloat16 products pay where the CPU has bfloat16 (AVX-512 BF16, AMX) instructions."""
+    try:
+        flags = open("/proc/cpuinfo").read()  # noqa: SIM115
+    except OSError:
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
+class _LazyTiles:
+    """State of a lazy, pruned farthest-point selection (see
+    `pruned_farthest_point_selection`). Tile t holds rows order[edges[t]:edges[t + 1]]."""
+
+    def __init__(self, kernels, features, min_squared_distances, tile_size):
+        self.kernels = kernels
+        self.features = features
+        count, dimension = features.shape
+        self.dimension = dimension
+        self.minimum = min_squared_distances.detach().float().clone().contiguous()
+        num_tiles = max(1, -(-count // tile_size))
+        self.num_tiles = num_tiles
+        self.order = torch.arange(count)  # tiles of consecutive rows: neighbouring patches
+        self.edges = torch.tensor([count * tile // num_tiles for tile in range(num_tiles + 1)])
+        self.half = int(bfloat16_is_fast())
+        gamma = dimension * _UNIT_ROUNDOFF / (1 - dimension * _UNIT_ROUNDOFF)
+        product_rounding = 2.0**-8 if self.half else 0.0
+        # Bound of the product's error relative to (|x~|^2 + |c~|^2) / 2, with margin for
+        # evaluating the test in float32; and the exact distance's relative rounding.
+        self.eta = product_rounding * (1 + gamma) + gamma + 64 * _UNIT_ROUNDOFF
+        self.shrink = 1.0 - (2 * dimension + 64) * _UNIT_ROUNDOFF
+        self.copies = torch.empty(count, dimension, dtype=self.low_precision)
+        self.row_norms = torch.empty(count)
+        self.row_errors = torch.empty(count)
+        self.centres = torch.empty(num_tiles, dimension)
+        self.radii = numpy.empty(num_tiles, dtype=numpy.float32)
+        self.bounds = numpy.empty(num_tiles, dtype=numpy.float32)  # upper bound if stale
+        self.argmax = numpy.empty(num_tiles, dtype=numpy.int64)
+        self.stale = numpy.zeros(num_tiles, dtype=numpy.uint8)
+        self.applied = [0] * num_tiles  # coreset points applied to each tile so far
+        self._prepare(0, num_tiles)
+
+    @property
+    def low_precision(self) -> torch.dtype:
+        return torch.bfloat16 if self.half else torch.float32
+
+    def _prepare(self, first: int, last: int) -> None:
+        sums = torch.empty(self.dimension, dtype=torch.float64)
+        self.kernels.prepare_tiles(
+            self.features.data_ptr(), self.dimension, self.order.data_ptr(),
+            self.edges.data_ptr(), first, last, self.shrink, self.minimum.data_ptr(),
+            self.half, self.copies.data_ptr(), self.row_norms.data_ptr(),
+            self.row_errors.data_ptr(), self.centres.data_ptr(), self.radii.ctypes.data,
+            self.bounds.ctypes.data, self.argmax.ctypes.data, sums.data_ptr(),
+        )  # fmt: skip
+
+    def run(self, num_samples: int, stop_at: float | None = None) -> torch.Tensor:
+        """Selects `num_samples` rows (fewer with `stop_at`)."""
+        self.selected = torch.empty(num_samples, dtype=torch.long)
+        worker = _TileWorker(self, num_samples)
+        kernels, dimension, shrink = self.kernels, self.dimension, self.shrink
+        features, row_bytes = self.features.data_ptr(), 4 * dimension
+        centres, radii = self.centres.data_ptr(), self.radii.ctypes.data
+        bounds, stale = self.bounds.ctypes.data, self.stale.ctypes.data
+        argmax = self.argmax.ctypes.data
+        tile, row = ctypes.c_int64(), ctypes.c_int64()
+        previous_threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # many small products: threads would only synchronise
+        try:
+            for step in track(range(num_samples), "Coreset subsampling"):
+                while kernels.next_tiles(bounds, stale, argmax, self.num_tiles, 1,
+                                         ctypes.addressof(tile), ctypes.addressof(row)):  # fmt: skip
+                    worker.update(tile.value, step)
+                # The chosen row's tile is up to date: its minimum distance is the exact one.
+                if _stops(float(self.minimum[row.value]), stop_at):
+                    self.selected = self.selected[:step]
+                    break
+                self.selected[step] = row.value
+                kernels.mark_stale(features + row.value * row_bytes, centres, radii, bounds,
+                                   self.num_tiles, dimension, shrink, stale)  # fmt: skip
+        finally:
+            torch.set_num_threads(previous_threads)
+        self.stats = dict(zip(("updates", "pairs", "checks"), worker.stats))
+        LOGGER.debug("Lazy coreset: %s", self.stats)
+        return self.selected
+
+
+class _TileWorker:
+    """Brings tiles up to date, with its own scratch space."""
+
+    def __init__(self, tiles: _LazyTiles, num_samples: int):
+        self.tiles = tiles
+        capacity = _product_width(min(num_samples, _PENDING_BATCH))
+        dimension = tiles.dimension
+        self.copies = torch.zeros(capacity, dimension, dtype=tiles.low_precision)
+        self.norms = torch.empty(capacity)
+        self.errors = torch.empty(capacity)
+        self.ids = torch.empty(capacity, dtype=torch.long)
+        self.scratch = torch.empty(capacity)
+        self.products = torch.empty(int(max(tiles.edges.diff())) * capacity,
+                                    dtype=tiles.low_precision)  # fmt: skip
+        self.best_value = ctypes.c_float()
+        self.best_row = ctypes.c_int64()
+        self.stats = [0, 0, 0]  # tile updates, (row, point) pairs, exact computations
+        self.tile_copies = [tiles.copies[low:high] for low, high in
+                            zip(tiles.edges[:-1].tolist(), tiles.edges[1:].tolist())]  # fmt: skip
+
+    def update(self, tile: int, step: int) -> None:
+        """Applies to `tile` every coreset point selected since its last update."""
+        tiles = self.tiles
+        kernels, dimension = tiles.kernels, tiles.dimension
+        features = tiles.features.data_ptr()
+        first, tiles.applied[tile] = tiles.applied[tile], step
+        tiles.stale[tile] = 0
+        copies = self.tile_copies[tile]
+        low, rows = int(tiles.edges[tile]), len(copies)
+        centre = tiles.centres.data_ptr() + 4 * dimension * tile
+        for start in range(first, step, _PENDING_BATCH):
+            kept = kernels.pending_points(
+                features, dimension, tiles.selected.data_ptr() + 8 * start,
+                min(step, start + _PENDING_BATCH) - start, centre, float(tiles.radii[tile]),
+                float(tiles.bounds[tile]), tiles.shrink, self.copies.data_ptr(), tiles.half,
+                self.norms.data_ptr(), self.errors.data_ptr(), self.ids.data_ptr(),
+            )  # fmt: skip
+            if kept == 0:
+                continue
+            width = _product_width(kept)
+            products = self.products[: rows * width].view(rows, width)
+            torch.mm(copies, self.copies[:width].T, out=products)
+            checks = kernels.apply_points(
+                features, dimension, tiles.order.data_ptr() + 8 * low, rows,
+                products.data_ptr(), tiles.half, kept, width, self.ids.data_ptr(),
+                self.norms.data_ptr(), self.errors.data_ptr(),
+                tiles.row_norms.data_ptr() + 4 * low, tiles.row_errors.data_ptr() + 4 * low,
+                tiles.eta, tiles.shrink, self.scratch.data_ptr(), tiles.minimum.data_ptr(),
+                ctypes.addressof(self.best_value), ctypes.addressof(self.best_row),
+            )  # fmt: skip
+            tiles.bounds[tile] = self.best_value.value
+            tiles.argmax[tile] = self.best_row.value
+            self.stats[0] += 1
+            self.stats[1] += rows * kept
+            self.stats[2] += checks
 
 
 def build_sampler(config: SamplerConfig):

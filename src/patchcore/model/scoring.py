@@ -4,11 +4,17 @@ Every consumer (`PatchCore.predict`, the exported `PatchCoreModule`, evaluation,
 the dashboard) scores through `score_features`, so a model scores the same wherever it runs.
 
 - A patch's score is the mean distance to its k nearest memory-bank features (squared L2
-  like the reference's FAISS IndexFlatL2, or L2 with `distance="l2"`).
+  like the reference's FAISS IndexFlatL2, or L2 with `distance="l2"`). The search finds
+  the neighbours; their distances are then recomputed from the differences
+  (`neighbour_distances`): the search's ||q||^2 - 2 q.b + ||b||^2 loses the digits its
+  terms share (1e-4 to 1e-3 of the distance when features are long and close to the bank),
+  so its values would depend on how a backend or runtime sums (FAISS, torch, ONNX Runtime,
+  OpenVINO, CPU or GPU), while the recomputed ones agree to float rounding of the distance.
 - An image's score is its largest patch score, optionally re-weighted by the paper's Eq. 7.
 - The anomaly map is the patch-score grid upsampled bilinearly to the image size, then
   smoothed by a Gaussian equal to `scipy.ndimage.gaussian_filter(map, sigma)` (truncate
-  4.0, mode 'reflect', i.e. edge-including mirror padding), done in torch on the maps' device.
+  4.0, mode 'reflect', i.e. edge-including mirror padding), done in torch on the maps' device
+  (both steps folded into one small matrix per axis).
 - Tiled inspection (`preprocessing.tile`): each tile's patch scores are upsampled to the
   tile's pixels and stitched into one map of the whole image, averaged where tiles overlap;
   the image score is the largest value of that stitched map, which is then smoothed.
@@ -31,7 +37,14 @@ TRUNCATE = 4.0
 
 
 class NearestNeighbourSearch(Protocol):
-    """What the scorer needs of a search backend (see `patchcore.model.search`)."""
+    """What the scorer needs of a search backend (see `patchcore.model.search`).
+
+    The scorer uses the returned distances to rank only and recomputes those of the found
+    neighbours (`neighbour_distances`), unless the search returns them computed that way
+    already (an attribute `exact_distances = True`). A search may also gather bank rows
+    itself (a method `rows(indices)`): `patchcore.model.chunked_search` does both, so an
+    exported graph holds the bank only in its search chunks.
+    """
 
     bank: torch.Tensor
 
@@ -40,20 +53,41 @@ class NearestNeighbourSearch(Protocol):
         ...
 
 
+Maps = torch.Tensor | list[torch.Tensor]  # [N, H, W], or N maps [H_i, W_i] of different sizes
+
+
+def concatenate_maps(parts: list[Maps]) -> Maps:
+    """Maps of several batches as one [N, H, W] tensor, or as a list of per-image maps when
+    the images differ in size (whole-image inspection)."""
+    per_image = [single for part in parts for single in part]
+    if len({tuple(single.shape) for single in per_image}) <= 1:
+        return torch.stack(per_image) if per_image else torch.empty(0, 0, 0)
+    return per_image
+
+
+def maps_range(maps: Maps) -> tuple[float, float]:
+    """The smallest and largest value over all maps."""
+    return (
+        min(float(single.min()) for single in maps),
+        max(float(single.max()) for single in maps),
+    )
+
+
 @dataclass
 class Prediction:
-    """Scores of a batch of images: image scores [B], anomaly maps [B, H, W], patch scores [B, h, w]."""
+    """Scores of images: image scores [B], anomaly maps and patch scores, each a [B, H, W]
+    tensor (one batch, or images of one size) or a list of per-image maps (`Maps`)."""
 
     scores: torch.Tensor
-    maps: torch.Tensor
-    patch_scores: torch.Tensor
+    maps: Maps
+    patch_scores: Maps
 
     @staticmethod
     def concatenate(parts: list[Prediction]) -> Prediction:
         return Prediction(
             torch.cat([part.scores for part in parts]),
-            torch.cat([part.maps for part in parts]),
-            torch.cat([part.patch_scores for part in parts]),
+            concatenate_maps([part.maps for part in parts]),
+            concatenate_maps([part.patch_scores for part in parts]),
         )
 
     def cpu(self) -> Prediction:
@@ -92,14 +126,34 @@ def gaussian_blur(maps: torch.Tensor, sigma: float = DEFAULT_SIGMA) -> torch.Ten
     return smoothed.reshape(maps.shape[0], width, height).transpose(1, 2).contiguous()
 
 
+def resize_and_blur_matrix(
+    size_in: int, size_out: int, sigma: float, device: torch.device
+) -> torch.Tensor:
+    """[size_out, size_in] float32: the linear map of one axis that resizes bilinearly
+    (align_corners=False) and then smooths like `gaussian_blur` (plain float32 operations
+    only, so exported graphs keep working)."""
+    units = torch.eye(size_in, device=device)[:, None, :, None]
+    resized = F.interpolate(units, size=(size_out, 1), mode="bilinear", align_corners=False)
+    responses = resized[:, 0, :, 0]  # [size_in, size_out]: response to each unit score
+    if sigma > 0:
+        kernel = gaussian_kernel(sigma, device)
+        radius = (len(kernel) - 1) // 2
+        padded = responses.index_select(1, _mirror_indices(size_out, radius, device))
+        responses = F.conv1d(padded[:, None, :], kernel.view(1, 1, -1))[:, 0]
+    return responses.T.contiguous()
+
+
 def patch_scores_to_maps(
     patch_scores: torch.Tensor, size: tuple[int, int], sigma: float = DEFAULT_SIGMA
 ) -> torch.Tensor:
-    """patch_scores [B, h, w] -> anomaly maps [B, H, W] at the image size."""
-    upsampled = F.interpolate(
-        patch_scores.unsqueeze(1), size=size, mode="bilinear", align_corners=False
-    ).squeeze(1)
-    return gaussian_blur(upsampled, sigma)
+    """patch_scores [B, h, w] -> anomaly maps [B, H, W] at the image size: bilinear
+    upsampling then `gaussian_blur`. Both are linear and separable, so they are applied as
+    one matrix per axis, rows @ scores @ columns^T (equal to the two steps within float32
+    rounding, a few multiply-adds per pixel instead of a 33-tap blur per axis)."""
+    height, width = patch_scores.shape[-2:]
+    rows = resize_and_blur_matrix(height, size[0], sigma, patch_scores.device)
+    columns = resize_and_blur_matrix(width, size[1], sigma, patch_scores.device)
+    return rows @ patch_scores.float() @ columns.T
 
 
 # -------------------------------------------------------------------------- scoring
@@ -118,16 +172,38 @@ def reweighting_factor(
     features (m* included), searched with `index`. Distances here are L2, as in the paper.
     """
     device = features.device
-    rows = torch.arange(len(worst_patch), device=device)
+    rows = torch.arange(worst_patch.shape[0], device=device)
     test_features = features[rows, worst_patch]  # [B, D]
-    nearest = neighbours[rows, worst_patch, 0]  # [B]
-    bank = index.bank.to(device)
-    _, neighbourhood = index.search(bank[nearest], neighbourhood_size)
+    nearest_feature = bank_rows(index, neighbours[rows, worst_patch, 0], device)  # [B, D]
+    _, neighbourhood = index.search(nearest_feature, neighbourhood_size)
     neighbourhood_distances = torch.linalg.vector_norm(
-        bank[neighbourhood.to(device)] - test_features[:, None, :], dim=-1
+        bank_rows(index, neighbourhood, device) - test_features[:, None, :], dim=-1
     )  # [B, b]
-    nearest_distance = torch.linalg.vector_norm(bank[nearest] - test_features, dim=-1)
+    nearest_distance = torch.linalg.vector_norm(nearest_feature - test_features, dim=-1)
     return 1.0 - torch.exp(nearest_distance - torch.logsumexp(neighbourhood_distances, dim=1))
+
+
+def bank_rows(
+    index: NearestNeighbourSearch, indices: torch.Tensor, device: torch.device
+) -> torch.Tensor:
+    """The bank features at `indices` (any shape) -> [*indices.shape, D] on `device`."""
+    gather = getattr(index, "rows", None)
+    if gather is not None:
+        return gather(indices).to(device)
+    return index.bank[indices.to(index.bank.device)].to(device)
+
+
+def neighbour_distances(
+    features: torch.Tensor, bank: torch.Tensor, neighbours: torch.Tensor
+) -> torch.Tensor:
+    """Squared L2 distances [Q, k] from features [Q, D] to their found bank features (bank
+    indices [Q, k]), on the features' device, computed from the differences (see the
+    module docstring); one bank column at a time, so at most [Q, D] more memory."""
+    columns = []
+    for column in range(neighbours.shape[1]):
+        rows = bank[neighbours[:, column].to(bank.device)].to(features.device)
+        columns.append((rows - features).square().sum(dim=1))
+    return torch.stack(columns, dim=1)
 
 
 def score_patches(
@@ -142,6 +218,8 @@ def score_patches(
     grid_h, grid_w = grid
     batch = features.shape[0] // (grid_h * grid_w)
     squared, neighbours = index.search(features, config.num_nn)
+    if not getattr(index, "exact_distances", False):
+        squared = neighbour_distances(features, index.bank, neighbours)
     distances = squared if config.distance == "squared_l2" else squared.sqrt()
     patch_scores = distances.to(device).mean(dim=1).reshape(batch, grid_h, grid_w)
     image_scores, worst_patch = patch_scores.reshape(batch, -1).max(dim=1)
@@ -210,7 +288,7 @@ def score_images(
     features, grid = embed(tiles)
     patch_scores, _ = score_patches(features, grid, index, config)
     stitched = stitch_tiles(patch_scores, origins, tile, image_size)
-    image_scores = stitched.reshape(len(stitched), -1).amax(dim=1)
+    image_scores = stitched.flatten(1).amax(dim=1)
     cell = tile / grid[0]
     patch_grid = (max(1, round(image_size[0] / cell)), max(1, round(image_size[1] / cell)))
     stitched_patches = F.adaptive_avg_pool2d(stitched.unsqueeze(1), patch_grid).squeeze(1)

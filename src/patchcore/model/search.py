@@ -8,7 +8,10 @@ so model folders stay readable by the reference implementation and vice versa.
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -61,6 +64,88 @@ class TorchNearestNeighbours:
         return torch.cat(distances), torch.cat(indices)
 
 
+class RerankedNearestNeighbours:
+    """Exact search in two passes: a bfloat16 product pass bounds every distance, then only
+    the bank rows whose bound can reach a query's k nearest are ranked with float32
+    distances of the original vectors.
+
+    The product pass multiplies centred bfloat16 copies extended by their squared norms
+    (split in two bfloat16 parts), so it yields approximate squared distances directly;
+    their error is bounded from the copies' rounding, float32 accumulation and the
+    bfloat16 output (see `rerank_neighbours` in `coreset_kernels.c`). The results are those
+    of a brute-force float32 search: the same neighbours (ties to the lower index) and
+    distances equal within float32 rounding. Needs the compiled kernels
+    (`patchcore.model.native`) and pays where the CPU has bfloat16 instructions (AMX,
+    AVX-512 BF16); `build_index` falls back to FAISS otherwise.
+    """
+
+    def __init__(self, query_chunk_size: int = 256) -> None:
+        from patchcore.model.native import coreset_kernels
+
+        self.kernels = coreset_kernels()
+        self.query_chunk_size = query_chunk_size
+        self.bank = torch.empty(0, 0)
+
+    def fit(self, bank: torch.Tensor) -> None:
+        self.bank = bank.detach().to("cpu", torch.float32).contiguous()
+        self.centre = self.bank.double().mean(dim=0).float()
+        self.width = -(-(self.bank.shape[1] + 4) // 32) * 32
+        copies, norms, errors = self._extended_copies(self.bank, bank_side=True)
+        self.bank_copies = copies
+        self.bank_norm = float(norms.max()) if len(norms) else 0.0
+        self.bank_error = float(errors.max()) if len(errors) else 0.0
+
+    def _extended_copies(self, rows: torch.Tensor, bank_side: bool):
+        """Extended bfloat16 copies [len(rows), width], their norms and error norms (see
+        `extended_copies` in `coreset_kernels.c`)."""
+        copies = torch.empty(len(rows), self.width, dtype=torch.bfloat16)
+        norms, errors = torch.empty(len(rows)), torch.empty(len(rows))
+        self.kernels.extended_copies(
+            rows.data_ptr(), len(rows), rows.shape[1], self.centre.data_ptr(), int(bank_side),
+            copies.data_ptr(), self.width, norms.data_ptr(), errors.data_ptr(),
+        )  # fmt: skip
+        return copies, norms, errors
+
+    def search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """queries [Q, D] -> (squared distances [Q, k], indices [Q, k]), nearest first.
+
+        The product pass uses torch's intra-op threads; the re-ranking splits the queries
+        between as many threads."""
+        queries = queries.detach().to("cpu", torch.float32).contiguous()
+        k = min(k, len(self.bank))
+        distances = torch.empty(len(queries), k)
+        indices = torch.empty(len(queries), k, dtype=torch.long)
+        threads = max(1, min(torch.get_num_threads(), len(queries) // 64))
+        with ThreadPoolExecutor(threads) as pool:
+            for start in range(0, len(queries), self.query_chunk_size):
+                chunk = queries[start : start + self.query_chunk_size]
+                copies, norms, errors = self._extended_copies(chunk, bank_side=False)
+                approximate = torch.mm(copies, self.bank_copies.T)
+                edges = [start + len(chunk) * part // threads for part in range(threads + 1)]
+                parts = [(queries, approximate, norms, errors, start, first, last, k,
+                          distances, indices) for first, last in itertools.pairwise(edges)]  # fmt: skip
+                list(pool.map(lambda part: self._rerank(*part), parts))
+        return distances.clamp_min_(0.0), indices
+
+    def _rerank(self, queries, approximate, norms, errors, offset, first, last, k,
+                distances, indices) -> None:  # fmt: skip
+        """Exact ranking of queries [first, last) (rows first - offset.. of the chunk's
+        product pass, norms and errors) into distances and indices."""
+        if first == last:
+            return
+        row = first - offset
+        gamma = (self.width + 8) * 2.0**-24 * 1.01 + 2.0**-16
+        candidates = torch.empty(len(self.bank), dtype=torch.long)
+        smallest = torch.empty(k)
+        self.kernels.rerank_neighbours(
+            queries[first].data_ptr(), self.bank.data_ptr(), self.bank.shape[1], last - first,
+            len(self.bank), approximate[row].data_ptr(), approximate.shape[1],
+            norms[row].data_ptr(), errors[row].data_ptr(), self.bank_norm, self.bank_error,
+            gamma, k, smallest.data_ptr(), candidates.data_ptr(), distances[first].data_ptr(),
+            indices[first].data_ptr(),
+        )  # fmt: skip
+
+
 class FaissNearestNeighbours:
     """Exact search with a FAISS IndexFlatL2, moved to the GPU when asked and possible."""
 
@@ -98,36 +183,79 @@ class FaissNearestNeighbours:
         return torch.from_numpy(distances), torch.from_numpy(indices)
 
 
+def reranking_applies(device: torch.device) -> bool:
+    """The re-ranking search runs on the CPU, with the compiled kernels, and pays where the
+    CPU has bfloat16 instructions."""
+    from patchcore.model.native import coreset_kernels
+    from patchcore.model.samplers import bfloat16_is_fast
+
+    return device.type == "cpu" and bfloat16_is_fast() and coreset_kernels() is not None
+
+
 def build_index(config: SearchConfig, device: torch.device):
-    """The search backend named in `config`."""
-    if config.backend == "torch":
+    """The search backend named in `config` (`rerank` where it applies: see SearchConfig)."""
+    backend = config.backend
+    if backend == "rerank":
+        if reranking_applies(device):
+            return RerankedNearestNeighbours()
+        use_faiss = faiss_available() and (config.faiss_on_gpu or device.type != "cuda")
+        backend = "faiss" if use_faiss else "torch"
+        LOGGER.debug("re-ranking search does not apply here; searching with %s", backend)
+    if backend == "torch":
         return TorchNearestNeighbours(device, config.query_chunk_size)
     return FaissNearestNeighbours(config.faiss_on_gpu, config.faiss_num_workers)
 
 
 def write_memory_bank(bank: torch.Tensor, path: Path) -> None:
-    """Stores the memory bank as a FAISS IndexFlatL2 file (the reference's format)."""
+    """Stores the memory bank as a FAISS IndexFlatL2 file (the reference's format).
+
+    The index is serialised in memory and written by Python: FAISS's own file writer only
+    prints a failed close (a full disk) and returns, leaving a truncated file behind.
+    """
     if not faiss_available():
         raise ConfigurationError("saving a model needs faiss (pip install faiss-cpu)")
     import faiss
 
     index = faiss.IndexFlatL2(bank.shape[1])
     index.add(bank.detach().to("cpu", torch.float32).contiguous().numpy())
-    faiss.write_index(index, str(path))
+    data = faiss.serialize_index(index)
+    with open(path, "wb") as handle:
+        handle.write(memoryview(data))
+        handle.flush()
+        os.fsync(handle.fileno())
 
 
 def read_memory_bank(path: Path) -> torch.Tensor:
-    """Reads the vectors of a flat FAISS index file back into a [M, D] float32 tensor."""
+    """Reads the vectors of a flat FAISS index file back into a [M, D] float32 tensor; a
+    ModelFormatError names the file when it is missing, damaged, of another index type, or
+    holds values that are not finite numbers."""
     if not faiss_available():
         raise ModelFormatError(f"{path}: reading a model needs faiss (pip install faiss-cpu)")
     import faiss
 
     if not path.is_file():
         raise ModelFormatError(f"{path}: memory bank file is missing")
-    index = faiss.read_index(str(path))
+    try:
+        data = np.fromfile(path, dtype=np.uint8)
+        index = faiss.deserialize_index(data)
+    except OSError as error:
+        raise ModelFormatError(f"{path}: cannot read the memory bank ({error.strerror})") from error
+    except RuntimeError as error:
+        raise ModelFormatError(
+            f"{path}: not a readable FAISS index, the file is damaged or incomplete; save "
+            "or train the model again"
+        ) from error
     if not isinstance(index, faiss.IndexFlat):
         raise ModelFormatError(
             f"{path}: expected an exact flat FAISS index, found {type(index).__name__}"
         )
     vectors = index.reconstruct_n(0, index.ntotal) if index.ntotal else np.zeros((0, index.d))
-    return torch.from_numpy(np.ascontiguousarray(vectors, dtype=np.float32))
+    bank = torch.from_numpy(np.ascontiguousarray(vectors, dtype=np.float32))
+    bad = int((~torch.isfinite(bank)).sum())
+    if bad:
+        raise ModelFormatError(
+            f"{path}: the memory bank holds {bad} values that are not finite numbers (NaN or "
+            "infinite), so it would score images wrongly; train the model again"
+        )
+    return bank
+

@@ -6,12 +6,15 @@ Per member, with the reference implementation's file names:
 - `nnscorer_search_index.faiss`: the memory bank as a flat FAISS index;
 - `patchcore_meta.json`: our self-description: format version, library version, the full
   model configuration (backbone, weights, layers, dimensions, patch size, k, distance,
-  preprocessing, sampler, search index) and the normal-data statistics and threshold;
-- `search_index_<kind>.faiss` (format version 2, approximate search only): the trained FAISS
-  IVF-Flat, IVF-PQ or HNSW index, read back as it was saved.
-A model is written in the oldest format version that describes it: version 1 for exact
-search (no `index` entry, so older versions of this library still read it), version 2 when
-it carries an approximate index, which older versions refuse with a message to upgrade.
+  preprocessing, sampler, search index) and the normal-data statistics and threshold; in
+  an ensemble, also the statistics and threshold of the ensemble's combined scale
+  (`"ensemble"`, the same in every member's file);
+- `search_index_<kind>.faiss` (approximate search only): the trained FAISS IVF-Flat, IVF-PQ
+  or HNSW index, read back as it was saved.
+A model is written in the oldest format version that describes it (`format_version_of`):
+3 for exact search (no `index` entry, so libraries that know version 3 still read it), 4
+when it carries an approximate index, which those libraries refuse with a message to
+upgrade. Every older version loads.
 Folders written by the reference (no meta file) load with the preprocessing the caller gives.
 With `SearchConfig(bank_storage="mmap")` the bank file is memory-mapped instead of read.
 Pickles are read with an unpickler that only accepts plain data: no code runs on load.
@@ -24,6 +27,7 @@ import dataclasses
 import io
 import json
 import logging
+import math
 import pickle
 import re
 from collections.abc import Mapping
@@ -39,8 +43,8 @@ from patchcore.config import (
     SamplerConfig,
     SearchConfig,
 )
-from patchcore.errors import ModelFormatError, PatchCoreError
-from patchcore.files import staged_path
+from patchcore.errors import ConfigurationError, ModelFormatError, PatchCoreError
+from patchcore.files import is_staging, staged_path
 from patchcore.model.bank_file import MappedBank, write_bank_file
 from patchcore.model.calibration import NormalStatistics
 from patchcore.model.indexes import bank_storage_of
@@ -50,12 +54,41 @@ from patchcore.model.search import read_memory_bank, write_memory_bank
 LOGGER = logging.getLogger(__name__)
 
 FORMAT_NAME = "patchcore-model"
-FORMAT_VERSION = 2
-EXACT_FORMAT_VERSION = 1
+# 2: preprocessing gained crop, max_size and tiles; 3: ensembles carry their combined scale's
+# statistics and threshold; 4: an approximate search index (the configuration's `index` and
+# its `search_index_<kind>.faiss`). Older versions still load; a newer one is refused with a
+# clear error. A model is written in the oldest version that describes it.
+FORMAT_VERSION = 4
+EXACT_SEARCH_FORMAT_VERSION = 3  # what a model without an approximate index is written as
 PARAMS_FILE = "patchcore_params.pkl"
 INDEX_FILE = "nnscorer_search_index.faiss"
 META_FILE = "patchcore_meta.json"
+ENSEMBLE_KEY = "ensemble"
+ENSEMBLE_NORMALISATION = "normal_stats"
 _ENSEMBLE_PREFIX = re.compile(r"^Ensemble-(\d+)-(\d+)_$")
+# Configuration fields every self-description holds since format version 1; fields added
+# later are optional and take their defaults (e.g. preprocessing.crop, added in version 2).
+REQUIRED_FIELDS = {
+    PatchCoreConfig: (
+        "backbone_name",
+        "layers",
+        "pretrained",
+        "pretrain_embed_dimension",
+        "target_embed_dimension",
+        "patchsize",
+        "patchstride",
+        "num_nn",
+        "distance",
+        "score_reweighting",
+        "reweighting_neighbours",
+        "preprocessing",
+        "sampler",
+        "seed",
+    ),
+    PreprocessingConfig: ("resize", "imagesize"),
+    SamplerConfig: ("name", "percentage", "projection_dimension", "num_starting_points", "seed"),
+    IndexConfig: ("kind",),  # the `index` entry itself is optional (format version 4)
+}
 
 
 def member_prefix(position: int, count: int) -> str:
@@ -79,7 +112,9 @@ def read_plain_pickle(path: Path):
         return _PlainDataUnpickler(io.BytesIO(path.read_bytes())).load()
     except PatchCoreError:
         raise
-    except (pickle.UnpicklingError, EOFError, ValueError) as error:
+    except OSError as error:
+        raise ModelFormatError(f"{path}: cannot read ({error.strerror})") from error
+    except (pickle.UnpicklingError, EOFError, ValueError, IndexError, KeyError) as error:
         raise ModelFormatError(f"{path}: not a readable parameter file ({error})") from error
 
 
@@ -105,19 +140,29 @@ def approximate_index_file(kind: str) -> str:
 
 def config_fields(config: PatchCoreConfig) -> dict:
     """`config` as plain data for a self-description; exact search (the default) leaves the
-    `index` entry out, so the description reads like a version-1 one."""
+    `index` entry out, so the description reads like a version-3 one."""
     fields = dataclasses.asdict(config)
     if not config.index.approximate:
         del fields["index"]
     return fields
 
 
-def _meta(model: PatchCore, prefix: str) -> dict:
+def exact_search_config(config: PatchCoreConfig) -> PatchCoreConfig:
+    """`config` with exact search: what an exported model records, whose graph searches its
+    bank exactly, in chunks, whatever index the saved model used."""
+    return dataclasses.replace(config, index=IndexConfig())
+
+
+def format_version_of(config: PatchCoreConfig) -> int:
+    """The oldest format version that describes a model of `config`."""
+    return FORMAT_VERSION if config.index.approximate else EXACT_SEARCH_FORMAT_VERSION
+
+
+def _meta(model: PatchCore, prefix: str, ensemble: dict | None) -> dict:
     statistics = model.normal_statistics
-    approximate = model.config.index.approximate
     meta = {
         "format": FORMAT_NAME,
-        "format_version": FORMAT_VERSION if approximate else EXACT_FORMAT_VERSION,
+        "format_version": format_version_of(model.config),
         "library_version": __version__,
         "config": config_fields(model.config),
         "normalisation": {
@@ -126,14 +171,26 @@ def _meta(model: PatchCore, prefix: str) -> dict:
         },
         "memory_bank_shape": list(model.memory_bank.shape),
         "normal_statistics": dataclasses.asdict(statistics) if statistics else None,
+        ENSEMBLE_KEY: ensemble,
     }
-    if approximate:
+    if model.config.index.approximate:
         file = f"{prefix}{approximate_index_file(model.config.index.kind)}"
         meta["search_index"] = {"file": file, **model.index.describe()}
     return meta
 
 
-def _write_member(folder: Path, model: PatchCore, prefix: str) -> None:
+def _ensemble_meta(count: int, statistics: NormalStatistics | None) -> dict | None:
+    """What every member of an ensemble of `count` records about the ensemble as a whole."""
+    if count == 1:
+        return None
+    return {
+        "members": count,
+        "normalisation": ENSEMBLE_NORMALISATION,
+        "normal_statistics": dataclasses.asdict(statistics) if statistics else None,
+    }
+
+
+def _write_member(folder: Path, model: PatchCore, prefix: str, ensemble: dict | None) -> None:
     if model.memory_bank is None:
         raise ModelFormatError("cannot save a model that has not been fitted")
     with open(folder / f"{prefix}{PARAMS_FILE}", "wb") as handle:
@@ -144,17 +201,28 @@ def _write_member(folder: Path, model: PatchCore, prefix: str) -> None:
         write_memory_bank(model.memory_bank, folder / f"{prefix}{INDEX_FILE}")
     if model.config.index.approximate:
         model.index.write(folder / f"{prefix}{approximate_index_file(model.config.index.kind)}")
-    (folder / f"{prefix}{META_FILE}").write_text(json.dumps(_meta(model, prefix), indent=2))
+    meta = _meta(model, prefix, ensemble)
+    (folder / f"{prefix}{META_FILE}").write_text(json.dumps(meta, indent=2))
 
 
 def save_models(
-    folder: Path, models: list[PatchCore], extra_files: Mapping[str, str] | None = None
+    folder: Path,
+    models: list[PatchCore],
+    ensemble_statistics: NormalStatistics | None = None,
+    extra_files: Mapping[str, str] | None = None,
 ) -> None:
-    """Writes one model or an ensemble's members into `folder`, replacing it atomically;
-    `extra_files` (name -> text, e.g. an update history) are written into it as well."""
+    """Writes one model or an ensemble's members into `folder`, replacing it atomically.
+
+    `ensemble_statistics`: an ensemble's combined-scale statistics and threshold
+    (`patchcore.evaluation.ensemble.calibrate_ensemble`), saved with every member.
+    `extra_files` (name -> text, e.g. an update history) are written into the folder too.
+    """
+    if ensemble_statistics is not None and len(models) == 1:
+        raise ModelFormatError("ensemble statistics belong to an ensemble of several models")
+    ensemble = _ensemble_meta(len(models), ensemble_statistics)
     with staged_path(Path(folder), folder=True) as staging:
         for position, model in enumerate(models):
-            _write_member(staging, model, member_prefix(position, len(models)))
+            _write_member(staging, model, member_prefix(position, len(models)), ensemble)
         for name, text in (extra_files or {}).items():
             (staging / name).write_text(text, encoding="utf-8")
     LOGGER.info("Saved %d model(s) to %s", len(models), folder)
@@ -163,6 +231,11 @@ def save_models(
 def member_prefixes(folder: Path) -> list[str]:
     """Prefixes of the models in `folder`, in ensemble order ('' for a single model)."""
     folder = Path(folder)
+    if is_staging(folder):
+        raise ModelFormatError(
+            f"{folder}: an unfinished copy left by an interrupted save, not a model; use the "
+            "model folder beside it, or delete it"
+        )
     if not folder.is_dir():
         raise ModelFormatError(f"{folder}: model folder does not exist")
     prefixes = [path.name[: -len(PARAMS_FILE)] for path in folder.glob(f"*{PARAMS_FILE}")]
@@ -179,12 +252,19 @@ def member_prefixes(folder: Path) -> list[str]:
     return sorted(prefixes, key=lambda prefix: int(_ENSEMBLE_PREFIX.match(prefix).group(1)))
 
 
-def read_meta(path: Path) -> dict:
-    """The JSON object of a meta file; ModelFormatError when it is not one."""
+def read_json(path: Path):
+    """The JSON value in a file of a model folder; ModelFormatError when it cannot be read."""
     try:
-        meta = json.loads(path.read_text())
+        return json.loads(Path(path).read_text())
+    except OSError as error:
+        raise ModelFormatError(f"{path}: cannot read ({error.strerror})") from error
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ModelFormatError(f"{path}: not valid JSON ({error})") from error
+
+
+def read_meta(path: Path) -> dict:
+    """The JSON object of a meta file; ModelFormatError when it is not one."""
+    meta = read_json(path)
     if not isinstance(meta, dict):
         raise ModelFormatError(f"{path}: not a {FORMAT_NAME} description")
     return meta
@@ -206,25 +286,76 @@ def config_from_meta(
         )
     if not isinstance(meta.get("config"), dict):
         raise ModelFormatError(f"{where}: holds no configuration")
-    fields = dict(meta["config"])
-    fields["layers"] = tuple(fields["layers"])
-    fields["preprocessing"] = PreprocessingConfig(**fields["preprocessing"])
-    fields["sampler"] = SamplerConfig(**fields["sampler"])
-    if "index" in fields:
-        fields["index"] = _index_config(fields["index"], where)
-    known = {field.name for field in dataclasses.fields(PatchCoreConfig)}
-    unknown = sorted(set(fields) - known)
+    return _typed_config(PatchCoreConfig, meta["config"], where, "")
+
+
+def _typed_config(cls: type, values, where: str, prefix: str):
+    """The configuration dataclass `cls` built from the JSON object `values`, every field
+    checked against its declared type; a ModelFormatError names the first bad field."""
+    if not isinstance(values, dict):
+        raise ModelFormatError(f"{where}: configuration '{prefix.rstrip('.')}' is not an object")
+    fields = {field.name: field for field in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
     if unknown:
         raise ModelFormatError(f"{where}: unknown configuration fields {unknown}")
-    return PatchCoreConfig(**fields)
+    missing = [name for name in REQUIRED_FIELDS.get(cls, ()) if name not in values]
+    if missing:
+        raise ModelFormatError(
+            f"{where}: configuration field '{prefix}{missing[0]}' is missing; the file is "
+            "damaged or was edited: restore it, or save the model again"
+        )
+    typed = {
+        name: _typed_value(value, str(fields[name].type), where, prefix + name)
+        for name, value in values.items()
+    }
+    try:
+        return cls(**typed)
+    except ConfigurationError as error:
+        raise ModelFormatError(f"{where}: {error}") from error
 
 
-def _index_config(fields, where: str) -> IndexConfig:
-    known = {field.name for field in dataclasses.fields(IndexConfig)}
-    if not isinstance(fields, dict) or set(fields) - known:
-        unknown = sorted(set(fields) - known) if isinstance(fields, dict) else fields
-        raise ModelFormatError(f"{where}: unknown search index fields {unknown}")
-    return IndexConfig(**fields)
+_NESTED = {
+    "PreprocessingConfig": PreprocessingConfig,
+    "SamplerConfig": SamplerConfig,
+    "IndexConfig": IndexConfig,
+}
+_TYPE_NAMES = {
+    "int": "an integer",
+    "float": "a number",
+    "bool": "true or false",
+    "str": "a string",
+    "tuple[str, ...]": "a list of strings",
+}
+
+
+def _typed_value(value, annotation: str, where: str, name: str):
+    """`value` as the field type `annotation` (as written in the dataclass) says."""
+    kinds = [kind.strip() for kind in annotation.split("|")]
+    if value is None and "None" in kinds:
+        return None
+    kind = next(kind for kind in kinds if kind != "None")
+    if kind in _NESTED:
+        return _typed_config(_NESTED[kind], value, where, name + ".")
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    valid = {
+        "int": isinstance(value, int) and not isinstance(value, bool),
+        "float": number and math.isfinite(value),
+        "bool": isinstance(value, bool),
+        "str": isinstance(value, str),
+        "tuple[str, ...]": isinstance(value, list | tuple)
+        and all(isinstance(item, str) for item in value),
+    }.get(kind)
+    if valid is None:  # a type this check does not know: the dataclass validates it
+        return value
+    if not valid:
+        raise ModelFormatError(
+            f"{where}: configuration field '{name}' must be {_TYPE_NAMES[kind]}, got "
+            f"{json.dumps(value)}; the file is damaged or was edited: restore it, or save "
+            "the model again"
+        )
+    if kind == "float":
+        return float(value)
+    return tuple(value) if kind == "tuple[str, ...]" else value
 
 
 def _config_from_reference(params: dict, path: Path, resize: int) -> PatchCoreConfig:
@@ -232,17 +363,40 @@ def _config_from_reference(params: dict, path: Path, resize: int) -> PatchCoreCo
     missing = [key for key in required if key not in params]
     if missing:
         raise ModelFormatError(f"{path}: missing parameters {missing}")
-    imagesize = int(params["input_shape"][-1])
-    return PatchCoreConfig(
-        backbone_name=params["backbone.name"],
-        layers=tuple(params["layers_to_extract_from"]),
-        pretrain_embed_dimension=int(params.get("pretrain_embed_dimension", 1024)),
-        target_embed_dimension=int(params.get("target_embed_dimension", 1024)),
-        patchsize=int(params["patchsize"]),
-        patchstride=int(params.get("patchstride", 1)),
-        num_nn=int(params.get("anomaly_scorer_num_nn", 1)),
-        preprocessing=PreprocessingConfig(resize=max(resize, imagesize), imagesize=imagesize),
-    )
+    try:
+        imagesize = int(params["input_shape"][-1])
+        return PatchCoreConfig(
+            backbone_name=str(params["backbone.name"]),
+            layers=tuple(str(layer) for layer in params["layers_to_extract_from"]),
+            pretrain_embed_dimension=int(params.get("pretrain_embed_dimension", 1024)),
+            target_embed_dimension=int(params.get("target_embed_dimension", 1024)),
+            patchsize=int(params["patchsize"]),
+            patchstride=int(params.get("patchstride", 1)),
+            num_nn=int(params.get("anomaly_scorer_num_nn", 1)),
+            preprocessing=PreprocessingConfig(resize=max(resize, imagesize), imagesize=imagesize),
+        )
+    except (TypeError, ValueError, IndexError) as error:  # ConfigurationError is a ValueError
+        raise ModelFormatError(f"{path}: malformed parameters ({error})") from error
+
+
+def _statistics_from_meta(values, where: str) -> NormalStatistics:
+    """The normal statistics of a meta file: every field a finite number."""
+    names = [field.name for field in dataclasses.fields(NormalStatistics)]
+    if not isinstance(values, dict) or sorted(values) != sorted(names):
+        raise ModelFormatError(
+            f"{where}: 'normal_statistics' must hold exactly the fields {names}; the file is "
+            "damaged or was edited: restore it, or save the model again"
+        )
+    for name in names:
+        value = values[name]
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        if not number or not math.isfinite(value):
+            raise ModelFormatError(
+                f"{where}: 'normal_statistics.{name}' must be a finite number, got "
+                f"{json.dumps(value)}; the file is damaged or was edited: restore it, or save "
+                "the model again"
+            )
+    return NormalStatistics(**{**values, "num_images": int(values["num_images"])})
 
 
 def load_model(
@@ -267,9 +421,13 @@ def load_model(
         meta = read_meta(meta_path)
         config = config_from_meta(meta, str(meta_path))
     else:
-        LOGGER.info("%s has no %s: reading it as a reference-format model", folder, META_FILE)
         meta = {}
         config = _config_from_reference(params, params_path, reference_resize)
+        LOGGER.info(
+            "%s has no %s: reading it as a reference-format model, which does not record its "
+            "resize step; images are resized to %d (--resize) and centre-cropped to %d",
+            folder, META_FILE, config.preprocessing.resize, config.preprocessing.imagesize,
+        )  # fmt: skip
     search = search or SearchConfig()
     model = PatchCore(config, device, search)
     if search.index is None and config.index.approximate:
@@ -279,8 +437,8 @@ def load_model(
         model.set_memory_bank(MappedBank(bank_path))
     else:
         model.set_memory_bank(read_memory_bank(bank_path))
-    if meta.get("normal_statistics"):
-        model.normal_statistics = NormalStatistics(**meta["normal_statistics"])
+    if meta.get("normal_statistics") is not None:
+        model.normal_statistics = _statistics_from_meta(meta["normal_statistics"], str(meta_path))
     return model
 
 
@@ -295,3 +453,41 @@ def load_models(
         load_model(folder, prefix, device, search, reference_resize)
         for prefix in member_prefixes(folder)
     ]
+
+
+def load_ensemble_statistics(folder: Path) -> NormalStatistics | None:
+    """The combined-scale statistics and threshold saved with an ensemble's members, or None
+    (a single model, an ensemble saved without held-out normal images or by an older version,
+    or a reference-format folder). Members that disagree are a ModelFormatError."""
+    folder = Path(folder)
+    prefixes = member_prefixes(folder)
+    if len(prefixes) == 1:
+        return None
+    recorded = []
+    for prefix in prefixes:
+        meta_path = folder / f"{prefix}{META_FILE}"
+        if not meta_path.is_file():
+            return None
+        meta = read_meta(meta_path)
+        config_from_meta(meta, str(meta_path))  # checks the format version
+        recorded.append(meta.get(ENSEMBLE_KEY))
+    if any(entry != recorded[0] for entry in recorded):
+        raise ModelFormatError(
+            f"{folder}: the ensemble members record different ensemble statistics; the folder "
+            "mixes members of different saves"
+        )
+    entry = recorded[0]
+    where = f"{folder / (prefixes[0] + META_FILE)}: '{ENSEMBLE_KEY}'"
+    if entry is None:
+        return None
+    if not isinstance(entry, dict):
+        raise ModelFormatError(f"{where} is not an object; restore the file, or save again")
+    if entry.get("normal_statistics") is None:
+        return None
+    members, normalisation = entry.get("members"), entry.get("normalisation")
+    if members != len(prefixes) or normalisation != ENSEMBLE_NORMALISATION:
+        raise ModelFormatError(
+            f"{where} holds statistics for {members} members combined with "
+            f"'{normalisation}', but the folder holds {len(prefixes)} members"
+        )
+    return _statistics_from_meta(entry["normal_statistics"], where)

@@ -2,10 +2,10 @@
 
 The memory bank of a greedy-coreset model is a farthest-point sequence: each feature was
 the one farthest from everything chosen before it. Continuing it over new normal features
-means starting every new feature's distance at its distance to the existing bank and
-running the same farthest-point iterations (`samplers.farthest_point_selection`): each pick
-is the new feature farthest from the bank plus the new features already picked. The old
-bank is kept as it is; the picks are appended to it.
+is the training sampler's own selection (`samplers.select_farthest_points`) started from
+every new feature's distance to the existing bank: each pick is the new feature farthest
+from the bank plus the new features already picked. The old bank is kept as it is; the
+picks are appended to it.
 
 The continuation runs in the space the model scores in (the full patch features, squared
 L2; fitting projects them to 128 dimensions only to make the pass over all training
@@ -32,14 +32,12 @@ from patchcore.errors import ConfigurationError, DataError
 from patchcore.model.bank_file import row_blocks, temporary_bank_file
 from patchcore.model.indexes import bank_storage_of
 from patchcore.model.patchcore import PatchCore, images_of
-from patchcore.model.samplers import farthest_point_selection
+from patchcore.model.samplers import select_farthest_points
+from patchcore.model.scoring import neighbour_distances
 from patchcore.model.search import build_index
 from patchcore.progress import track
 
 LOGGER = logging.getLogger(__name__)
-
-FIRST_ROUND = 64  # picks per round double from here; the target is checked between rounds
-LARGEST_ROUND = 2048
 
 
 @dataclass(frozen=True)
@@ -101,61 +99,21 @@ def squared_target(target: float | None, config: PatchCoreConfig) -> float:
 def nearest_squared_distances(
     bank: torch.Tensor, queries: torch.Tensor, device: torch.device, threads: int
 ) -> torch.Tensor:
-    """Squared distance from every query to its nearest bank row, by exact search: FAISS's
-    blocked brute force straight on the bank's memory on the CPU (a mapped bank is not
-    copied), chunked matrix products on an accelerator."""
+    """Squared distance from every query to its nearest bank row. The row is found by exact
+    search (FAISS's blocked brute force straight on the bank's memory on the CPU, so a mapped
+    bank is not copied; chunked matrix products on an accelerator); the distance is then
+    computed from the differences, as the scorer computes scores (`neighbour_distances`)."""
     if device.type == "cpu":
         import faiss
 
         faiss.omp_set_num_threads(threads)
         array = queries.to(torch.float32).contiguous().numpy()
-        distances, _ = faiss.knn(array, bank.numpy(), 1)
-        return torch.from_numpy(distances[:, 0]).clamp_min(0.0)
-    index = build_index(SearchConfig(backend="torch"), device)
-    index.fit(bank)
-    return index.search(queries, 1)[0][:, 0].clamp_min(0.0)
-
-
-def continue_coreset(
-    new_features: torch.Tensor, start_distances: torch.Tensor, count: int,
-    target: float = -1.0,
-) -> torch.Tensor:  # fmt: skip
-    """Indices (into `new_features`) of up to `count` farthest-point picks continuing a
-    coreset whose squared distances to the new features are `start_distances`.
-
-    Picks are made in rounds (64, 128, ... 2048 picks) by `farthest_point_selection`, which keeps
-    the minimum distances up to date between rounds; picking stops before the first pick
-    whose distance is at most `target` (squared; -1: no target), and never picks a feature
-    at distance 0 (already in the bank, or a copy of an earlier pick).
-    """
-    minimum = start_distances.to(new_features.device, torch.float32).clone()
-    norms = new_features.square().sum(dim=1)
-    picks: list[torch.Tensor] = []
-    remaining, size = count, FIRST_ROUND
-    floor = max(target, 0.0)
-    while remaining > 0 and float(minimum.max()) > floor:
-        before = minimum.clone()
-        round_picks = farthest_point_selection(new_features, norms, minimum, min(size, remaining))
-        distances = _pick_distances(new_features, before, round_picks)
-        kept = int((distances > floor).int().cumprod(0).sum())
-        picks.append(round_picks[:kept])
-        if kept < len(round_picks):
-            break
-        remaining -= kept
-        size = min(2 * size, LARGEST_ROUND)
-    return torch.cat(picks).cpu() if picks else torch.empty(0, dtype=torch.long)
-
-
-def _pick_distances(
-    features: torch.Tensor, before: torch.Tensor, picks: torch.Tensor
-) -> torch.Tensor:
-    """The squared distance each pick of a round had when it was picked: to the bank and the
-    earlier rounds (`before`) and to the earlier picks of its own round."""
-    points = features[picks].double()
-    pairwise = torch.cdist(points, points).square()
-    earlier = torch.ones_like(pairwise, dtype=torch.bool).tril(diagonal=-1)
-    within = torch.where(earlier, pairwise, torch.inf).amin(dim=1)
-    return torch.minimum(before[picks].double(), within).float()
+        nearest = torch.from_numpy(faiss.knn(array, bank.numpy(), 1)[1])
+    else:
+        index = build_index(SearchConfig(backend="torch"), device)
+        index.fit(bank)
+        nearest = index.search(queries, 1)[1]
+    return neighbour_distances(queries, bank, nearest)[:, 0]
 
 
 def _extended_bank(model: PatchCore, rows: torch.Tensor):
@@ -184,9 +142,9 @@ def add_normal_images(
     target = limits.target(model)
     count = limits.count(model.config, len(new_features), bank_size, target is not None)
     start = nearest_squared_distances(model.memory_bank, new_features, model.device, threads)
-    picks = continue_coreset(
-        new_features, start, count, squared_target(target, model.config)
-    )
+    # Features at distance 0 (already in the bank, or copies of a pick) are never picked.
+    stop_at = max(squared_target(target, model.config), 0.0)
+    picks = select_farthest_points(new_features, start, count, stop_at=stop_at).cpu()
     if len(picks):
         model.set_memory_bank(_extended_bank(model, new_features[picks.to(new_features.device)]))
     report = UpdateReport(len(new_features), len(picks), bank_size, len(model.memory_bank))

@@ -1,15 +1,20 @@
 """Streamlit script of the operator dashboard.
 
-    streamlit run app.py -- --results RESULTS_DIR        (or `patchcore-dashboard --results DIR`)
+    patchcore-dashboard --results RESULTS_DIR [--allow_scoring]
+    (or: streamlit run app.py -- --results RESULTS_DIR [--allow_scoring])
 
 The results folder comes from `--results`, else from the PATCHCORE_RESULTS environment
-variable, and can be changed in the sidebar. Everything shown is read from what a run saved
-(`--save_predictions`, `--save_patchcore_model`); only "Score new images" runs the model.
+variable, and cannot be changed from the page: every run shown lies inside it (see
+`data.ResultsRoot`). Everything shown is read from what a run saved (`--save_predictions`,
+`--save_patchcore_model`); the page is read-only unless the server was started with
+`--allow_scoring` (or PATCHCORE_ALLOW_SCORING=1), which enables "Score new images" on folders
+inside the results folder.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import math
 import os
@@ -25,13 +30,14 @@ import streamlit as st
 from patchcore.apps.dashboard import data
 from patchcore.config import PreprocessingConfig
 from patchcore.errors import PatchCoreError
-from patchcore.evaluation.records import DatasetPredictions, read_predictions
+from patchcore.evaluation.records import DatasetPredictions, read_decision_table, read_predictions
 from patchcore.evaluation.reporting import COLUMN_TITLES, read_results_csv
 from patchcore.layout import RESULTS_FILE, RunLayout
-from patchcore.model.serialization import load_models, member_prefixes
+from patchcore.model.serialization import load_ensemble_statistics, load_models
 
 TITLE = "PatchCore inspection dashboard"
 RESULTS_ENVIRONMENT_VARIABLE = "PATCHCORE_RESULTS"
+ALLOW_SCORING_ENVIRONMENT_VARIABLE = "PATCHCORE_ALLOW_SCORING"
 PAGE_SIZE = 24
 GRID_COLUMNS = 2
 GRID_HEIGHT = 1100
@@ -48,6 +54,17 @@ DEFECTIVE_COLOUR = "#d62728"
 
 
 @dataclass(frozen=True)
+class Settings:
+    """How the server was started: the results folder (or why it is unusable), the device,
+    and whether new images may be scored."""
+
+    root: data.ResultsRoot | None
+    problem: str
+    device: str
+    allow_scoring: bool
+
+
+@dataclass(frozen=True)
 class View:
     """The category being inspected and everything derived from it for one script run."""
 
@@ -56,8 +73,9 @@ class View:
     predictions: DatasetPredictions
     folder: str
     stamp: float
-    resize_crop: tuple[int, int] | None
+    preprocessing: tuple | None  # the saved model's PreprocessingConfig fields, or None
     scale: tuple[float, float]
+    settings: Settings
 
     @property
     def key(self) -> str:
@@ -75,17 +93,25 @@ class Controls:
 
 # ---------------------------------------------------------------------------- inputs
 def script_arguments() -> argparse.Namespace:
-    """`--results` and `--device` given after `--` to the Streamlit script."""
+    """`--results`, `--device` and `--allow_scoring` given after `--` to the script."""
     parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     parser.add_argument("--results", default=None)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--allow_scoring", action="store_true")
     arguments, _ = parser.parse_known_args(sys.argv[1:])
     return arguments
 
 
-def default_results_dir() -> str:
-    """`--results` from the script arguments, else the PATCHCORE_RESULTS variable, else ''."""
-    return script_arguments().results or os.environ.get(RESULTS_ENVIRONMENT_VARIABLE, "")
+def settings() -> Settings:
+    """The server's settings: script arguments first, then the environment variables."""
+    arguments = script_arguments()
+    folder = arguments.results or os.environ.get(RESULTS_ENVIRONMENT_VARIABLE, "")
+    allow = arguments.allow_scoring or os.environ.get(ALLOW_SCORING_ENVIRONMENT_VARIABLE) == "1"
+    try:
+        root, problem = data.ResultsRoot.of(folder), ""
+    except PatchCoreError as error:
+        root, problem = None, str(error)
+    return Settings(root, problem, arguments.device, allow)
 
 
 # ----------------------------------------------------------------------- cached loads
@@ -97,23 +123,40 @@ def load_predictions(folder: str, stamp: float) -> DatasetPredictions:
 
 @st.cache_data(max_entries=32, show_spinner=False)
 def category_colour_range(folder: str, stamp: float) -> tuple[float, float]:
-    return data.colour_range(load_predictions(folder, stamp).maps)
+    return data.colour_range(load_predictions(folder, stamp))
 
 
 @st.cache_data(max_entries=32, show_spinner=False)
-def view_preprocessing(run_folder: str, category: str, stamp: float) -> tuple[int, int] | None:
+def view_preprocessing(run_folder: str, category: str, stamp: float) -> tuple | None:
     preprocessing = data.saved_preprocessing(data.model_folder(Path(run_folder), category))
-    return None if preprocessing is None else (preprocessing.resize, preprocessing.imagesize)
+    return None if preprocessing is None else dataclasses.astuple(preprocessing)
+
+
+@st.cache_data(max_entries=32, show_spinner=False)
+def view_config(run_folder: str, category: str, stamp: float):
+    return data.saved_config(data.model_folder(Path(run_folder), category))
+
+
+@st.cache_data(max_entries=32, show_spinner=False)
+def category_outlooks(run_folder: str, stamps: tuple[tuple[str, float], ...]):
+    outlooks = []
+    for category, _ in stamps:
+        try:
+            folder = data.predictions_folder(Path(run_folder), category)
+            outlooks.append(data.category_outlook(category, read_decision_table(folder)))
+        except (PatchCoreError, OSError, ValueError, KeyError):
+            continue
+    return outlooks
 
 
 @st.cache_data(max_entries=4096, show_spinner=False)
 def view_image(
-    path: str, mtime: float, resize_crop: tuple[int, int] | None, size: tuple[int, int]
+    path: str, mtime: float, preprocessing: tuple | None, size: tuple[int, int]
 ) -> np.ndarray | None:
     """The input image as the model saw it, or None when it cannot be read."""
-    preprocessing = None if resize_crop is None else PreprocessingConfig(*resize_crop)
+    config = None if preprocessing is None else PreprocessingConfig(*preprocessing)
     try:
-        return data.load_view_image(Path(path), preprocessing, size)
+        return data.load_view_image(Path(path), config, size)
     except PatchCoreError:
         return None
 
@@ -126,8 +169,13 @@ def read_results(path: str, mtime: float) -> pd.DataFrame:
 
 
 @st.cache_resource(max_entries=2, show_spinner="Loading the saved model…")
-def load_run_models(folder: str, stamp: float):
-    return load_models(Path(folder), script_arguments().device)
+def load_run_models(folder: str, stamp: float, device: str):
+    return load_models(Path(folder), device)
+
+
+@st.cache_data(max_entries=32, show_spinner=False)
+def saved_ensemble_statistics(folder: str, stamp: float):
+    return load_ensemble_statistics(Path(folder))
 
 
 def file_mtime(path: str) -> float:
@@ -139,8 +187,8 @@ def file_mtime(path: str) -> float:
 
 def input_image(view: View, index: int) -> np.ndarray | None:
     path = view.predictions.image_paths[index]
-    size = tuple(view.predictions.maps.shape[-2:])
-    return view_image(path, file_mtime(path), view.resize_crop, size)
+    size = tuple(view.predictions.maps[index].shape)
+    return view_image(path, file_mtime(path), view.preprocessing, size)
 
 
 def image_and_overlay(view: View, index: int) -> tuple[np.ndarray, np.ndarray, bool]:
@@ -149,7 +197,7 @@ def image_and_overlay(view: View, index: int) -> tuple[np.ndarray, np.ndarray, b
     image = input_image(view, index)
     found = image is not None
     if not found:
-        image = data.placeholder_image(tuple(predictions.maps.shape[-2:]))
+        image = data.placeholder_image(tuple(predictions.maps[index].shape))
     mask = predictions.masks[index] if predictions.has_mask[index] else None
     return image, data.overlay(image, predictions.maps[index], view.scale, mask), found
 
@@ -161,12 +209,12 @@ def _keep_valid(key: str, options: list) -> None:
         st.session_state[key] = options[0]
 
 
-def choose_run(results_dir: str) -> data.RunInfo | None:
-    runs = data.find_runs(Path(results_dir)) if results_dir else []
+def choose_run(root: data.ResultsRoot) -> data.RunInfo | None:
+    runs = data.find_runs(root)
     if not runs:
         st.info(
-            "No run found. Give the results folder of a run (a folder containing "
-            "results.csv), e.g. after `patchcore-demo` or `patchcore-train --save_predictions`."
+            f"No run found under {root.path}. A run is a folder containing results.csv, e.g. "
+            "after `patchcore-demo` or `patchcore-train --save_predictions`."
         )
         return None
     labels = {run.label: run for run in runs}
@@ -175,23 +223,36 @@ def choose_run(results_dir: str) -> data.RunInfo | None:
         "Run (newest first)",
         list(labels),
         key="run",
-        format_func=lambda name: _run_text(labels[name]),
+        format_func=lambda name: data.middle_truncated(name or "."),
+        help="Run folders under the results folder; long names are shortened in the middle.",
     )
-    return labels[label]
+    run = labels[label]
+    st.sidebar.caption(f"{run.label or '.'} · written {_when(run)}")
+    return run
 
 
-def _run_text(run: data.RunInfo) -> str:
-    when = datetime.datetime.fromtimestamp(run.modified).strftime("%Y-%m-%d %H:%M")
-    return f"{run.label or '.'}  ({when})"
+def _when(run: data.RunInfo) -> str:
+    return datetime.datetime.fromtimestamp(run.modified).strftime("%Y-%m-%d %H:%M")
 
 
 def choose_category(run: data.RunInfo) -> str | None:
+    """The category picker; it opens on the category with the most rejects (among those with
+    defective images, `data.opening_category`)."""
     categories = data.list_categories(run.folder)
     if not categories:
         return None
+    stamps = tuple(
+        (category, data.folder_stamp(RunLayout(run.folder).dataset_predictions(category)))
+        for category in categories
+    )
+    outlooks = category_outlooks(str(run.folder), stamps)
+    opening = data.opening_category(outlooks) if outlooks else categories[0]
     key = f"category:{run.label}"
     _keep_valid(key, categories)
-    return st.sidebar.selectbox("Category", categories, key=key)
+    return st.sidebar.selectbox(
+        "Category", categories, index=categories.index(opening), key=key,
+        help="Opens on the category with the most rejected images among those with defects.",
+    )  # fmt: skip
 
 
 def _reset_threshold(key: str, value: float) -> None:
@@ -213,7 +274,9 @@ def choose_controls(view: View) -> Controls:
     st.sidebar.button(
         "Reset threshold", key=f"reset:{view.key}", on_click=_reset_threshold, args=(key, start)
     )
-    which = st.sidebar.radio("Show", data.FILTERS, key=f"filter:{view.key}", horizontal=True)
+    which = st.sidebar.radio(
+        "Show", data.FILTERS, key=f"filter:{view.key}", horizontal=True, help=data.FILTER_HELP
+    )
     order = st.sidebar.selectbox("Sort", data.SORT_ORDERS, key=f"order:{view.key}")
     return Controls(float(threshold), predictions.threshold, which, order)
 
@@ -230,6 +293,11 @@ def show_metrics(view: View) -> None:
     columns = st.columns(len(HEADLINE_METRICS))
     for column, (name, label) in zip(columns, HEADLINE_METRICS, strict=True):
         column.metric(label, _percent(metrics.get(name)))
+    if not view.predictions.is_anomaly.any():
+        st.caption(
+            "This category has no defective test images, so its detection metrics are "
+            "undefined (—); the decisions below are false rejects or true accepts only."
+        )
 
 
 def score_histogram(view: View, controls: Controls) -> alt.LayerChart:
@@ -338,7 +406,7 @@ def show_grid(view: View, controls: Controls, order: np.ndarray, selected_key: s
 
 @st.cache_data(max_entries=2048, show_spinner=False)
 def tile_png(
-    view_identity: tuple[str, float, tuple[int, int] | None, tuple[float, float]],
+    view_identity: tuple[str, float, tuple | None, tuple[float, float]],
     index: int,
     image_mtime: float,
     _view: View,
@@ -349,7 +417,7 @@ def tile_png(
 
 
 def show_tile(view: View, controls: Controls, index: int, selected_key: str) -> None:
-    identity = (view.folder, view.stamp, view.resize_crop, view.scale)
+    identity = (view.folder, view.stamp, view.preprocessing, view.scale)
     mtime = file_mtime(view.predictions.image_paths[index])
     png, found = tile_png(identity, index, mtime, view)
     caption = data.image_caption(view.predictions, index, controls.threshold)
@@ -370,7 +438,7 @@ def show_detail(view: View, controls: Controls, order: np.ndarray, selected_key:
         format_func=lambda i: f"{predictions.image_names[i]} ({data.score_text(predictions.scores[i])})",
     )  # fmt: skip
     score = float(predictions.scores[index])
-    rejected = score > controls.threshold
+    rejected = bool(data.rejected_mask(np.array([score]), controls.threshold)[0])
     label = data.true_label(bool(predictions.is_anomaly[index]), predictions.defect_types[index])
     st.markdown(
         f"**{predictions.image_names[index]}** · score **{data.score_text(score, 5)}** · "
@@ -382,9 +450,22 @@ def show_detail(view: View, controls: Controls, order: np.ndarray, selected_key:
     show_patch(view, index, rejected)
 
 
+def suspicious_patch(view: View, index: int) -> data.SuspiciousPatch:
+    predictions = view.predictions
+    model_stamp = data.folder_stamp(RunLayout(view.run.folder).model(view.category))
+    return data.most_suspicious_patch(
+        predictions.maps[index],
+        predictions.patch_grids[index],
+        float(predictions.scores[index]),
+        None if predictions.patch_scores is None else predictions.patch_scores[index],
+        predictions.members,
+        view_config(str(view.run.folder), view.category, model_stamp),
+    )
+
+
 def show_patch(view: View, index: int, rejected: bool) -> None:
     predictions = view.predictions
-    patch = data.most_suspicious_patch(predictions.maps[index], predictions.patch_grid)
+    patch = suspicious_patch(view, index)
     image, heat, found = image_and_overlay(view, index)
     boxed_image, boxed_heat = data.draw_box(image, patch.box), data.draw_box(heat, patch.box)
     if not found:
@@ -401,13 +482,23 @@ def show_patch(view: View, index: int, rejected: bool) -> None:
         data.zoomed_patch(image, patch.box), data.zoomed_patch(thin, patch.box)
     )
     st.image(zoomed, caption="3 × 3 patch cells around it, enlarged", width="stretch")
-    st.metric("Patch score (anomaly-map peak)", data.score_text(patch.score, 5))
-    st.caption(patch_text(view, index, patch))
+    columns = st.columns(2)
+    columns[0].metric(
+        "Image score (decides)", data.score_text(patch.image_score, 5)
+    )
+    columns[1].metric(
+        "Patch score (this cell)", "—" if patch.score is None else data.score_text(patch.score, 5)
+    )
+    st.caption(
+        f"{patch.relation} The heat map's peak, {data.score_text(patch.map_peak, 5)}, is lower: "
+        "the map is smoothed (Gaussian, σ = 4 px) and only colours the image; it is not "
+        f"compared with the threshold. {patch_text(view, index, patch)}"
+    )
 
 
 def patch_text(view: View, index: int, patch: data.SuspiciousPatch) -> str:
     predictions = view.predictions
-    grid_h, grid_w = predictions.patch_grid
+    grid_h, grid_w = predictions.patch_grids[index]
     top, left, bottom, right = patch.box
     text = (
         f"Cell row {patch.cell[0]}, column {patch.cell[1]} of the {grid_h} × {grid_w} patch "
@@ -425,19 +516,17 @@ def patch_text(view: View, index: int, patch: data.SuspiciousPatch) -> str:
 
 def show_browser(view: View, controls: Controls) -> None:
     predictions = view.predictions
-    chosen = data.select_images(predictions.scores, controls.threshold, controls.which)
+    chosen = data.select_images(
+        predictions.scores, predictions.is_anomaly, controls.threshold, controls.which
+    )
     order = data.sort_images(chosen, predictions.scores, predictions.image_names, controls.order)
     st.subheader(
         f"Inspected images: {len(order)} {controls.which if controls.which != 'all' else ''}"
     )
     if not len(order):
-        st.info(f"No image is {controls.which} at this threshold.")
+        st.info(f"No image is among the {controls.which} at this threshold.")
         return
-    st.caption(
-        "Each image beside its anomaly map (one colour scale for the whole category: "
-        f"{data.score_text(view.scale[0])} blue to {data.score_text(view.scale[1])} red); "
-        "ground truth outlined in magenta."
-    )
+    show_colour_bar(view, controls)
     selected_key = f"selected:{view.key}"
     grid_column, detail_column = st.columns([3, 2], gap="medium")
     with grid_column:
@@ -446,36 +535,81 @@ def show_browser(view: View, controls: Controls) -> None:
         show_detail(view, controls, order, selected_key)
 
 
+@st.cache_data(max_entries=64, show_spinner=False)
+def colour_bar_png(scale: tuple[float, float], threshold: float) -> bytes:
+    return data.png_bytes(data.colour_bar(scale, threshold))
+
+
+def show_colour_bar(view: View, controls: Controls) -> None:
+    saved = view.predictions.threshold
+    where = (
+        f"the model's saved threshold, {data.score_text(saved, 5)}, sits in the middle"
+        if saved is not None
+        else "no saved threshold: the scale spans this category's maps"
+    )
+    st.image(
+        colour_bar_png(view.scale, controls.threshold),
+        caption=(
+            "Each image beside its anomaly map, on the model's colour scale (the same colours as "
+            f"the evaluation overlays and patchcore-predict's heat maps; {where}); the black "
+            "line marks the threshold in use. Ground truth outlined in magenta."
+        ),
+        width=640,
+    )
+
+
 # ---------------------------------------------------------------------- new images
 def show_scoring(view: View, controls: Controls) -> None:
-    folder = data.model_folder(view.run.folder, view.category)
     state_key = f"scored:{view.key}"
     with st.expander("Score new images", expanded=state_key in st.session_state):
+        if not view.settings.allow_scoring:
+            st.info(
+                "This dashboard is read-only: scoring new images is off. Start it with "
+                "`patchcore-dashboard --allow_scoring` to score folders inside the results "
+                "folder."
+            )
+            return
+        folder = data.model_folder(view.run.folder, view.category)
         if folder is None:
             st.info(
                 "This run did not save the model of this category (--save_patchcore_model), "
                 "so new images cannot be scored here."
             )
             return
-        path = st.text_input("Folder of images", key=f"new-folder:{view.key}")
+        stamp = data.folder_stamp(folder)
+        decision = data.new_image_decision(
+            view.predictions, controls.threshold, saved_ensemble_statistics(str(folder), stamp)
+        )
+        if decision.refusal:
+            st.warning(decision.refusal)
+            return
+        root = view.settings.root
+        path = st.text_input(
+            f"Folder of images inside {root.path}", key=f"new-folder:{view.key}",
+            help="A folder inside the results folder (relative to it, or absolute); nothing "
+                 "outside it can be read.",
+        )  # fmt: skip
         recursive = st.checkbox("Include sub-folders", key=f"new-recursive:{view.key}")
         if st.button("Score images", key=f"score:{view.key}"):
-            scored = score_folder(folder, Path(path), recursive) if path else None
-            if not path:
+            models = load_run_models(str(folder), stamp, view.settings.device)
+            scored = score_folder(models, root, path, recursive) if path.strip() else None
+            if not path.strip():
                 st.warning("Give the folder of the images to score first.")
             if scored is not None:
                 st.session_state[state_key] = scored
         if state_key in st.session_state:
-            show_scored(view, controls, st.session_state[state_key])
+            scale = view.scale if decision.scale is None else decision.scale
+            show_scored(st.session_state[state_key], decision.threshold, decision.note, scale)
 
 
-def score_folder(folder: Path, path: Path, recursive: bool) -> data.ScoredImages | None:
+def score_folder(
+    models, root: data.ResultsRoot, path: str, recursive: bool
+) -> data.ScoredImages | None:
     try:
-        files = data.folder_images(path, recursive)
+        files = data.folder_images(root, path, recursive)
         if not files:
             st.warning(f"{path} holds no image files.")
             return None
-        models = load_run_models(str(folder), data.folder_stamp(folder))
         with st.spinner(f"Scoring {len(files)} image(s)…"):
             return data.score_images(models, files)
     except PatchCoreError as error:
@@ -483,39 +617,37 @@ def score_folder(folder: Path, path: Path, recursive: bool) -> data.ScoredImages
         return None
 
 
-def show_scored(view: View, controls: Controls, scored: data.ScoredImages) -> None:
-    if len(view_models_members(view)) > 1:
-        st.caption(
-            "Ensemble: members are combined with their normal-image statistics; the scores are "
-            "comparable to the run's only if it used --ensemble_normalisation normal_stats."
-        )
-    decisions = [data.decision_text(score, controls.threshold) for score in scored.scores]
+def show_scored(
+    scored: data.ScoredImages, threshold: float, note: str, scale: tuple[float, float]
+) -> None:
+    decisions = [data.decision_text(score, threshold) for score in scored.scores]
     table = pd.DataFrame({"path": scored.paths, "score": scored.scores, "decision": decisions})
     st.markdown(
         f"**{len(scored.paths)} scored, {decisions.count('reject')} rejected at "
-        f"{data.score_text(controls.threshold, 5)}**"
+        f"{data.score_text(threshold, 5)}**"
+    )
+    st.caption(
+        "Scored like patchcore-predict scores them (an ensemble's members combined on their "
+        f"normal-image scale); {note}."
     )
     st.dataframe(table.sort_values("score", ascending=False), hide_index=True, width="stretch")
     if scored.unreadable:
         lines = "\n".join(f"- {reason}" for _, reason in scored.unreadable)
         st.warning(f"{len(scored.unreadable)} file(s) could not be read:\n{lines}")
-    show_new_rejects(view, controls, scored)
+    show_new_rejects(scored, threshold, scale)
 
 
-def view_models_members(view: View) -> list[str]:
-    folder = data.model_folder(view.run.folder, view.category)
-    return [] if folder is None else member_prefixes(folder)
-
-
-def show_new_rejects(view: View, controls: Controls, scored: data.ScoredImages) -> None:
-    rejected = np.flatnonzero(data.rejected_mask(scored.scores, controls.threshold))
+def show_new_rejects(
+    scored: data.ScoredImages, threshold: float, scale: tuple[float, float]
+) -> None:
+    rejected = np.flatnonzero(data.rejected_mask(scored.scores, threshold))
     top = rejected[np.argsort(-scored.scores[rejected], kind="stable")][:TOP_NEW_IMAGES]
     if not len(top):
         return
     st.markdown(f"**Top {len(top)} rejected**")
     columns = st.columns(3)
     for position, index in enumerate(top):
-        heat = data.overlay(scored.images[index], scored.maps[index], view.scale)
+        heat = data.overlay(scored.images[index], scored.maps[index], scale)
         caption = (
             f"{Path(scored.paths[index]).name} · score {data.score_text(scored.scores[index])}"
         )
@@ -539,25 +671,37 @@ def show_run_without_predictions(run: data.RunInfo) -> None:
     show_results_table(run)
 
 
-def build_view(run: data.RunInfo, category: str) -> View:
+def build_view(run: data.RunInfo, category: str, settings: Settings) -> View:
     folder = data.predictions_folder(run.folder, category)
     stamp = data.folder_stamp(folder)
     predictions = load_predictions(str(folder), stamp)
     model_stamp = data.folder_stamp(RunLayout(run.folder).model(category))
-    resize_crop = view_preprocessing(str(run.folder), category, model_stamp)
+    preprocessing = view_preprocessing(str(run.folder), category, model_stamp)
     scale = category_colour_range(str(folder), stamp)
-    return View(run, category, predictions, str(folder), stamp, resize_crop, scale)
+    return View(run, category, predictions, str(folder), stamp, preprocessing, scale, settings)
+
+
+def model_note(view: View) -> str:
+    if view.preprocessing is None:
+        return "no saved model: images resized to the map size"
+    config = PreprocessingConfig(*view.preprocessing)
+    if config.crop == "none":
+        return f"whole images resized to {config.resize} (shorter side) as the saved model saw them"
+    return (
+        f"images resized to {config.resize} and cropped to {config.imagesize} as the saved "
+        "model saw them"
+    )
 
 
 def show_category(view: View) -> None:
     controls = choose_controls(view)
-    model_note = (
-        f"images resized to {view.resize_crop[0]} and cropped to {view.resize_crop[1]} "
-        "as the saved model saw them"
-        if view.resize_crop
-        else "no saved model: images resized to the map size"
-    )
-    st.caption(f"{view.run.folder} · {view.category} · {model_note}")
+    ensemble = ""
+    if view.predictions.members > 1:
+        ensemble = (
+            f" · ensemble of {view.predictions.members}, scores combined with "
+            f"{view.predictions.normalisation or 'an unrecorded normalisation'}"
+        )
+    st.caption(f"{view.run.label or '.'} · {view.category} · {model_note(view)}{ensemble}")
     show_overview(view, controls)
     show_browser(view, controls)
     show_scoring(view, controls)
@@ -568,8 +712,15 @@ def show_category(view: View) -> None:
 def main() -> None:
     st.set_page_config(page_title="PatchCore dashboard", layout="wide")
     st.title(TITLE)
-    results_dir = st.sidebar.text_input("Results folder", value=default_results_dir())
-    run = choose_run(results_dir)
+    current = settings()
+    if current.root is None:
+        st.error(current.problem)
+        return
+    st.sidebar.caption(
+        f"Runs under {current.root.path}"
+        + (" · scoring new images allowed" if current.allow_scoring else " · read-only")
+    )
+    run = choose_run(current.root)
     if run is None:
         return
     category = choose_category(run)
@@ -577,7 +728,7 @@ def main() -> None:
         show_run_without_predictions(run)
         return
     try:
-        view = build_view(run, category)
+        view = build_view(run, category, current)
     except PatchCoreError as error:
         st.error(str(error))
         return

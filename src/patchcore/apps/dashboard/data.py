@@ -7,8 +7,13 @@ an image is rejected when its score is strictly above the threshold. Defective i
 positive class, so a *true reject* is a caught defect, a *false reject* a good image thrown
 out, a *true accept* a good image passed and a *false accept* an escaped defect.
 
-Images are shown as the model saw them: resized and centre-cropped with the saved model's
-preprocessing when the run has the model, otherwise resized to the anomaly maps' size.
+Everything the dashboard reads lies inside one results folder (`ResultsRoot`): paths are
+resolved (symbolic links followed) and refused when they lead outside it, and a run's files
+are refused when they lead outside the run. The exception are the input images a run
+recorded in its predictions (the dataset it was evaluated on), which are shown read-only.
+
+Images are shown as the model saw them: preprocessed with the saved model's preprocessing
+when the run has the model, otherwise resized to the anomaly maps' size.
 """
 
 from __future__ import annotations
@@ -26,12 +31,12 @@ import numpy as np
 from PIL import Image, ImageDraw
 from scipy import ndimage
 
-from patchcore.config import PreprocessingConfig
+from patchcore.config import PatchCoreConfig, PreprocessingConfig
 from patchcore.data.datasets import image_files
 from patchcore.data.preprocessing import image_tensor, open_image
 from patchcore.errors import ConfigurationError, DataError, ModelFormatError
-from patchcore.evaluation.records import SUMMARY_FILE, DatasetPredictions
-from patchcore.evaluation.visualization import blend_heatmap
+from patchcore.evaluation.records import SUMMARY_FILE, DatasetPredictions, DecisionTable
+from patchcore.evaluation.visualization import blend_heatmap, colour_bar_rgb
 from patchcore.files import is_staging
 from patchcore.layout import RESULTS_FILE, RUN_CONTENT_FOLDERS, RunLayout
 from patchcore.model.calibration import (
@@ -49,7 +54,11 @@ if TYPE_CHECKING:
 
 LOGGER = logging.getLogger(__name__)
 
-FILTERS = ("all", "rejected", "accepted")
+FILTERS = ("all", "rejected", "accepted", "false rejects", "escapes")
+FILTER_HELP = (
+    "false rejects: good images rejected at the threshold; escapes: defective images accepted"
+)
+RUN_NAME_LIMIT = 38
 SORT_ORDERS = ("score, highest first", "score, lowest first", "name")
 
 GROUND_TRUTH_COLOUR = (255, 0, 255)  # magenta: not in the jet colour map
@@ -59,6 +68,41 @@ MISSING_IMAGE_GREY = 128
 
 
 # ----------------------------------------------------------------------------- runs
+@dataclass(frozen=True)
+class ResultsRoot:
+    """The one folder the dashboard reads runs from (resolved, symbolic links followed)."""
+
+    path: Path
+
+    @classmethod
+    def of(cls, folder: Path | str) -> ResultsRoot:
+        """The root at `folder`; DataError when it is not an existing folder."""
+        text = str(folder).strip()
+        if not text:
+            raise DataError("no results folder given: start the dashboard with --results DIR")
+        path = Path(text).expanduser().resolve()
+        if not path.is_dir():
+            raise DataError(f"{folder}: the results folder does not exist or is not a folder")
+        return cls(path)
+
+    def inside(self, path: Path | str) -> Path:
+        """`path` (relative to the root, or absolute) resolved, symbolic links followed;
+        DataError when it contains '..' or leads outside the root."""
+        candidate = Path(str(path).strip()).expanduser()
+        if ".." in candidate.parts:
+            raise DataError(f"{path}: '..' is not allowed; give a folder inside {self.path}")
+        resolved = (self.path / candidate).resolve()
+        if not resolved.is_relative_to(self.path):
+            raise DataError(f"{path}: outside the results folder {self.path}; only folders "
+                            "inside it can be used")  # fmt: skip
+        return resolved
+
+
+def _within(path: Path, folder: Path) -> bool:
+    """True when `path`, resolved (symbolic links followed), lies inside resolved `folder`."""
+    return Path(path).resolve().is_relative_to(Path(folder).resolve())
+
+
 @dataclass(frozen=True)
 class RunInfo:
     """One run folder: where it is, its name relative to the results folder, when written."""
@@ -72,48 +116,72 @@ class RunInfo:
         return bool(list_categories(self.folder))
 
 
-def find_runs(results_dir: Path) -> list[RunInfo]:
-    """Folders under `results_dir` (itself included) holding results.csv, newest first."""
-    results_dir = Path(results_dir)
-    if not results_dir.is_dir():
-        return []
+def find_runs(root: ResultsRoot | Path) -> list[RunInfo]:
+    """Folders under the root (itself included) holding results.csv, newest first. Symbolic
+    links to folders are not followed, and a results.csv leading outside its run is skipped."""
+    if not isinstance(root, ResultsRoot):
+        if not Path(root).is_dir():
+            return []
+        root = ResultsRoot.of(root)
     runs = []
-    for folder, subfolders, files in os.walk(results_dir):
+    for folder, subfolders, files in os.walk(root.path):
         subfolders[:] = sorted(
             name for name in subfolders if name not in RUN_CONTENT_FOLDERS and name[0] != "."
         )
-        if RESULTS_FILE in files:
-            path = Path(folder)
-            label = path.relative_to(results_dir).as_posix()
+        path = Path(folder)
+        if RESULTS_FILE in files and _within(path / RESULTS_FILE, path):
+            label = path.relative_to(root.path).as_posix()
             modified = (path / RESULTS_FILE).stat().st_mtime
             runs.append(RunInfo(path, label, modified))
     return sorted(runs, key=lambda run: (-run.modified, run.label))
 
 
+def middle_truncated(text: str, limit: int = RUN_NAME_LIMIT) -> str:
+    """`text` shortened to `limit` characters by an ellipsis in the middle, so that both the
+    start (project) and the end (the run's distinguishing suffix) stay visible."""
+    if len(text) <= limit:
+        return text
+    head = (limit - 1) // 2
+    tail = limit - 1 - head
+    return f"{text[:head]}…{text[-tail:]}"
+
+
 def list_categories(run_folder: Path) -> list[str]:
-    """Datasets with saved predictions in a run (sorted); empty without --save_predictions."""
+    """Datasets with saved predictions in a run (sorted); empty without --save_predictions.
+    Entries leading outside the run (symbolic links) are skipped."""
     folder = RunLayout(run_folder).predictions
-    if not folder.is_dir():
+    if not folder.is_dir() or not _within(folder, run_folder):
         return []
     return sorted(
         path.name
         for path in folder.iterdir()
-        if not is_staging(path) and (path / SUMMARY_FILE).is_file()
+        if not is_staging(path)
+        and (path / SUMMARY_FILE).is_file()
+        and _within(path / SUMMARY_FILE, run_folder)
     )
 
 
 def predictions_folder(run_folder: Path, category: str) -> Path:
-    return RunLayout(run_folder).dataset_predictions(category)
+    """A dataset's predictions folder; DataError when it leads outside the run."""
+    folder = RunLayout(run_folder).dataset_predictions(category)
+    if not _within(folder, run_folder):
+        raise DataError(f"{folder} leads outside its run folder {run_folder}; not shown")
+    return folder
 
 
 def model_folder(run_folder: Path, category: str) -> Path | None:
-    """The saved model folder of a dataset, or None when the run did not save it."""
+    """The saved model folder of a dataset, or None when the run did not save it (or it
+    leads outside the run)."""
     folder = RunLayout(run_folder).model(category)
+    if not _within(folder, run_folder):
+        return None
     try:
-        member_prefixes(folder)
+        prefixes = member_prefixes(folder)
     except ModelFormatError:
         return None
-    return folder
+    if not all(_within(path, run_folder) for path in folder.iterdir()):
+        return None
+    return folder if prefixes else None
 
 
 def folder_stamp(folder: Path) -> float:
@@ -125,8 +193,8 @@ def folder_stamp(folder: Path) -> float:
     return max(times, default=folder.stat().st_mtime)
 
 
-def saved_preprocessing(folder: Path | None) -> PreprocessingConfig | None:
-    """Resize/crop recorded in a saved model's meta file; None without one."""
+def saved_config(folder: Path | None) -> PatchCoreConfig | None:
+    """The configuration recorded in a saved model's meta file; None without one."""
     if folder is None:
         return None
     meta_path = Path(folder) / f"{member_prefixes(folder)[0]}{META_FILE}"
@@ -134,11 +202,17 @@ def saved_preprocessing(folder: Path | None) -> PreprocessingConfig | None:
         LOGGER.info("%s has no %s: images are resized to the map size", folder, META_FILE)
         return None
     try:
-        return config_from_meta(read_meta(meta_path), str(meta_path)).preprocessing
+        return config_from_meta(read_meta(meta_path), str(meta_path))
     except (ModelFormatError, ConfigurationError, TypeError) as error:
-        LOGGER.warning("%s: unreadable preprocessing (%s); images are resized to the map size",
+        LOGGER.warning("%s: unreadable configuration (%s); images are resized to the map size",
                        meta_path, error)  # fmt: skip
         return None
+
+
+def saved_preprocessing(folder: Path | None) -> PreprocessingConfig | None:
+    """The preprocessing recorded in a saved model's meta file; None without one."""
+    config = saved_config(folder)
+    return None if config is None else config.preprocessing
 
 
 # ------------------------------------------------------------------------ decisions
@@ -241,13 +315,50 @@ def slider_range(scores: np.ndarray, threshold: float, steps: int = 1000) -> Sli
     return SliderRange(low, high, step, f"%.{decimals}f")
 
 
-def select_images(scores: np.ndarray, threshold: float, which: str) -> np.ndarray:
-    """Indices of the images a filter keeps: all, rejected or accepted."""
+def select_images(
+    scores: np.ndarray, is_anomaly: np.ndarray, threshold: float, which: str
+) -> np.ndarray:
+    """Indices of the images a filter keeps: all, rejected, accepted, false rejects (good
+    images rejected) or escapes (defective images accepted)."""
     if which not in FILTERS:
         raise ConfigurationError(f"filter must be one of {', '.join(FILTERS)}, got '{which}'")
     rejected = rejected_mask(scores, threshold)
-    keep = {"all": np.ones_like(rejected), "rejected": rejected, "accepted": ~rejected}[which]
+    defective = np.asarray(is_anomaly, dtype=bool)
+    keep = {
+        "all": np.ones_like(rejected),
+        "rejected": rejected,
+        "accepted": ~rejected,
+        "false rejects": rejected & ~defective,
+        "escapes": ~rejected & defective,
+    }[which]
     return np.flatnonzero(keep)
+
+
+@dataclass(frozen=True)
+class CategoryOutlook:
+    """What the opening view ranks a category by, at its starting threshold."""
+
+    name: str
+    rejected: int
+    defective: int
+
+
+def category_outlook(name: str, table: DecisionTable) -> CategoryOutlook:
+    start, _ = initial_threshold(table.threshold, table.scores, table.is_anomaly)
+    return CategoryOutlook(
+        name, int(rejected_mask(table.scores, start).sum()), int(table.is_anomaly.sum())
+    )
+
+
+def opening_category(outlooks: Sequence[CategoryOutlook]) -> str:
+    """The category the dashboard opens on: among those with defective test images (all, if
+    none has any), the one with the most rejects at its starting threshold, then the most
+    defective images, then the first by name. A good-only category, whose metrics are all
+    undefined, is never chosen while another has defects."""
+    if not outlooks:
+        raise ConfigurationError("no category to open")
+    with_defects = [outlook for outlook in outlooks if outlook.defective] or list(outlooks)
+    return min(with_defects, key=lambda o: (-o.rejected, -o.defective, o.name)).name
 
 
 def sort_images(
@@ -286,9 +397,16 @@ def decision_text(score: float, threshold: float) -> str:
 
 
 # ------------------------------------------------------------------------- overlays
-def colour_range(maps: np.ndarray) -> tuple[float, float]:
-    """One colour scale for a category: min and max over all its maps, widened if flat."""
-    return scale_of(None, None, np.asarray(maps))
+def colour_range(predictions: DatasetPredictions) -> tuple[float, float]:
+    """The model's colour scale (`patchcore.model.calibration.colour_range`), as in the
+    evaluation overlays and `patchcore-predict`: the saved threshold in the middle; without
+    one, the smallest and largest value of the category's maps."""
+    return scale_of(predictions.threshold, predictions.statistics, list(predictions.maps))
+
+
+def colour_bar(scale: tuple[float, float], threshold: float | None, width: int = 640) -> np.ndarray:
+    """The colour bar of `scale` with `threshold` marked, uint8 [h, width, 3]."""
+    return colour_bar_rgb(scale, threshold, width)
 
 
 def mask_outline(mask: np.ndarray, thickness: int = 1) -> np.ndarray:
@@ -344,35 +462,90 @@ def placeholder_image(size: tuple[int, int]) -> np.ndarray:
 # ---------------------------------------------------------------- suspicious patch
 @dataclass(frozen=True)
 class SuspiciousPatch:
-    """The patch-grid cell holding the anomaly map's maximum.
+    """The patch-grid cell that drives an image's score.
 
-    `peak` is the (row, column) pixel of the maximum, `cell` the (row, column) of its grid
-    cell, `box` the cell's pixel bounds (top, left, bottom, right; bottom/right exclusive)
-    and `score` the map value at the peak.
+    `cell` is its (row, column) in the patch grid and `box` its pixel bounds (top, left,
+    bottom, right; bottom/right exclusive). `score` is the cell's patch score (None when the
+    records hold no patch scores), `image_score` the score compared with the threshold,
+    `map_peak` the smoothed anomaly map's maximum (what the colours show) at pixel `peak`,
+    and `relation` one sentence saying how the numbers relate.
     """
 
-    peak: tuple[int, int]
     cell: tuple[int, int]
     box: tuple[int, int, int, int]
-    score: float
+    score: float | None
+    image_score: float
+    map_peak: float
+    peak: tuple[int, int]
+    relation: str
 
 
-def most_suspicious_patch(anomaly_map: np.ndarray, patch_grid: tuple[int, int]) -> SuspiciousPatch:
-    """Locates the maximum of a map and the patch cell (image size / patch grid) around it."""
-    anomaly_map = np.asarray(anomaly_map, dtype=np.float64)
-    height, width = anomaly_map.shape
-    grid_h, grid_w = (int(value) for value in patch_grid)
-    peak_y, peak_x = np.unravel_index(int(np.nanargmax(anomaly_map)), anomaly_map.shape)
-    row = min(peak_y * grid_h // height, grid_h - 1)
-    col = min(peak_x * grid_w // width, grid_w - 1)
-    box = (
+def _cell_box(
+    cell: tuple[int, int], grid: tuple[int, int], size: tuple[int, int]
+) -> tuple[int, int, int, int]:
+    (row, col), (grid_h, grid_w), (height, width) = cell, grid, size
+    return (
         round(row * height / grid_h),
         round(col * width / grid_w),
         round((row + 1) * height / grid_h),
         round((col + 1) * width / grid_w),
     )
-    score = float(anomaly_map[peak_y, peak_x])
-    return SuspiciousPatch((int(peak_y), int(peak_x)), (int(row), int(col)), box, score)
+
+
+def _relation(patch_score: float, image_score: float, members: int, config) -> str:
+    if members > 1:
+        return (
+            "The image score is the mean of each ensemble member's highest patch score "
+            "(normalised); this cell has the highest combined patch score."
+        )
+    if config is not None and config.preprocessing.tile is not None:
+        return (
+            "The image score is the highest value of the stitched tile scores; the patch score "
+            "is this cell's average of them."
+        )
+    if np.isclose(patch_score, image_score, rtol=1e-6, atol=0.0):
+        return "This patch's score is the image score."
+    if config is None or config.score_reweighting:
+        return (
+            f"The image score is this patch's score times the paper's Eq. 7 weight "
+            f"{image_score / patch_score:.4f} (--score_reweighting)."
+        )
+    return "The image score differs from this patch's score."
+
+
+def most_suspicious_patch(
+    anomaly_map: np.ndarray,
+    patch_grid: tuple[int, int],
+    image_score: float,
+    patch_scores: np.ndarray | None = None,
+    members: int = 1,
+    config: PatchCoreConfig | None = None,
+) -> SuspiciousPatch:
+    """The cell with the highest patch score (the one an image's score comes from), or,
+    without patch scores (records of older versions), the cell holding the map's maximum."""
+    anomaly_map = np.asarray(anomaly_map, dtype=np.float64)
+    height, width = anomaly_map.shape
+    grid_h, grid_w = (int(value) for value in patch_grid)
+    peak_y, peak_x = np.unravel_index(int(np.nanargmax(anomaly_map)), anomaly_map.shape)
+    map_peak = float(anomaly_map[peak_y, peak_x])
+    if patch_scores is not None:
+        grid = np.asarray(patch_scores, dtype=np.float64)
+        row, col = (int(v) for v in np.unravel_index(int(np.nanargmax(grid)), grid.shape))
+        score = float(grid[row, col])
+        relation = _relation(score, float(image_score), members, config)
+    else:
+        row = min(peak_y * grid_h // height, grid_h - 1)
+        col = min(peak_x * grid_w // width, grid_w - 1)
+        score = None
+        relation = (
+            "These records hold no patch scores (written by an older version): the cell shown "
+            "holds the smoothed map's peak, which is lower than the image score."
+        )
+    box = _cell_box((row, col), (grid_h, grid_w), (height, width))
+    return SuspiciousPatch(
+        (int(row), int(col)), box, score, float(image_score), map_peak,
+        (int(peak_y), int(peak_x)), relation,
+    )  # fmt: skip
 
 
 def draw_box(image: np.ndarray, box: tuple[int, int, int, int], width: int = 1) -> np.ndarray:
@@ -492,9 +665,59 @@ def _same_size(loaded: list[tuple[str, torch.Tensor]]) -> list[list[tuple[str, t
     return list(groups.values())
 
 
-def folder_images(folder: Path, recursive: bool = False) -> list[Path]:
-    """Image files of a folder to score; DataError when it is not a folder."""
-    folder = Path(folder).expanduser()
-    if not folder.is_dir():
-        raise DataError(f"{folder} is not a folder")
-    return image_files(folder, recursive=recursive)
+def folder_images(root: ResultsRoot, folder: Path | str, recursive: bool = False) -> list[Path]:
+    """Image files of a folder inside the results folder, to score; DataError when it is not
+    a folder or leads outside the results folder. Files leading outside (symbolic links) are
+    skipped."""
+    path = root.inside(folder)
+    if not path.is_dir():
+        raise DataError(f"{folder} is not a folder inside {root.path}")
+    files = image_files(path, recursive=recursive)
+    kept = [file for file in files if _within(file, root.path)]
+    if len(kept) < len(files):
+        LOGGER.warning("%s: skipped %d file(s) leading outside %s", folder, len(files) - len(kept),
+                       root.path)  # fmt: skip
+    return kept
+
+
+@dataclass(frozen=True)
+class NewImageDecision:
+    """How new images of a category are decided: the threshold, where it comes from, or why
+    they cannot be scored (`refusal`, then threshold is None)."""
+
+    threshold: float | None
+    note: str
+    refusal: str = ""
+    # The colour scale of new images when they are not on the run's scale, else None.
+    scale: tuple[float, float] | None = None
+
+
+def new_image_decision(
+    predictions: DatasetPredictions, slider_threshold: float, ensemble_statistics
+) -> NewImageDecision:
+    """New images are scored like `patchcore-predict` scores them: a single model's own
+    scores, an ensemble's members combined on their normal-image scale. When the run's test
+    scores are on that scale, the slider's threshold applies to them; an ensemble evaluated
+    on a test-set min-max scale decides new images with the threshold saved with its members
+    (`ensemble_statistics`), or cannot score them without one."""
+    if predictions.members == 1 or predictions.normalisation == "normal_stats":
+        return NewImageDecision(slider_threshold, "decided at the threshold of the slider")
+    if ensemble_statistics is not None:
+        return NewImageDecision(
+            ensemble_statistics.threshold,
+            "this run's test scores are min-max normalised over its test set "
+            "(--ensemble_normalisation test_minmax), a scale new images cannot be put on; they "
+            "are scored on the ensemble's normal-image scale and decided at the threshold "
+            f"saved with its members ({score_text(ensemble_statistics.threshold, 5)}), not at "
+            "the slider's",
+            scale=scale_of(ensemble_statistics.threshold, ensemble_statistics),
+        )
+    return NewImageDecision(
+        None,
+        "",
+        "This run's ensemble scores are min-max normalised over its test set "
+        "(--ensemble_normalisation test_minmax), a scale new images cannot be put on, and its "
+        "saved members carry no threshold on their combined normal-image scale. Retrain with "
+        "--save_patchcore_model and --train_val_split below 1 (ideally with "
+        "--ensemble_normalisation normal_stats) to score new images.",
+    )

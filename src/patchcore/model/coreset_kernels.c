@@ -1,0 +1,518 @@
+/* Compiled kernels of the greedy coreset (see patchcore/model/samplers.py and native.py).
+
+   The exact distance between two projected features is, by definition, the float32 sum over
+   dimensions, in dimension order, of the squared differences, each product and sum rounded
+   separately (the file is compiled with -ffp-contract=off: no fused multiply-add). The plain
+   sweep and the lazy selection compare only such values, so they make identical selections,
+   ties included (ties go to the lowest row index). `samplers.exact_squared_distances` is the
+   same arithmetic in torch.
+
+   Everything else here only bounds distances, with margins for its own rounding: `shrink`
+   (< 1) is the factor by which a computed squared distance may exceed the true one and the
+   true one may exceed the exact float value, (2 d + 64) unit roundoffs below 1.
+
+   Features are row-major float32 [n, d]. A tile is a list of rows with a centre and a
+   radius. Low-precision copies are bfloat16 bit patterns (uint16) or float32. */
+
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#define LANES 16
+
+static inline float exact_squared_distance(const float* x, const float* c, int64_t d) {
+    float sum = 0.0f;
+    for (int64_t j = 0; j < d; j++) {
+        float t = x[j] - c[j];
+        sum += t * t;
+    }
+    return sum;
+}
+
+/* Squared distance summed in LANES partial sums (vectorised; not the exact value, but within
+   the same relative rounding bound). */
+static inline float fast_squared_distance(const float* x, const float* c, int64_t d) {
+    float acc[LANES] = {0.0f};
+    int64_t j = 0;
+    for (; j + LANES <= d; j += LANES)
+        for (int l = 0; l < LANES; l++) {
+            float t = x[j + l] - c[j + l];
+            acc[l] += t * t;
+        }
+    for (int l = 0; j + l < d; l++) {
+        float t = x[j + l] - c[j + l];
+        acc[l] += t * t;
+    }
+    float sum = 0.0f;
+    for (int l = 0; l < LANES; l++) sum += acc[l];
+    return sum;
+}
+
+/* Exact squared distances from rows[0..count) of x to the point c. */
+void exact_distances(const float* x, int64_t d, const int64_t* rows, int64_t count,
+                     const float* c, float* out) {
+    for (int64_t r = 0; r < count; r++) out[r] = exact_squared_distance(x + rows[r] * d, c, d);
+}
+
+/* ------------------------------------------------------------------ plain sweep */
+
+/* Blocks [first, first + count) of LANES rows of x, transposed: out[b][j][l]; rows past n
+   are zero. */
+void transpose_blocks(const float* x, int64_t n, int64_t d, int64_t first, int64_t count,
+                      float* out) {
+    for (int64_t b = 0; b < count; b++) {
+        float* block = out + b * d * LANES;
+        for (int l = 0; l < LANES; l++) {
+            int64_t row = (first + b) * LANES + l;
+            for (int64_t j = 0; j < d; j++) block[j * LANES + l] = row < n ? x[row * d + j] : 0.0f;
+        }
+    }
+}
+
+/* One step of the plain sweep over transposed blocks [block_lo, block_hi): the minimum
+   distances m of rows < n are lowered to the exact distance to c where smaller (each lane
+   sums its row in dimension order: the exact value). Writes the largest minimum distance
+   and its lowest row index (-inf and -1 for an empty range). */
+void sweep_blocks(const float* xt, int64_t d, int64_t block_lo, int64_t block_hi,
+                  const float* c, float* m, int64_t n, float* best_value, int64_t* best_row) {
+    float best = -INFINITY;
+    int64_t best_index = -1;
+    for (int64_t b0 = block_lo; b0 < block_hi; b0 += 4) {
+        int blocks = block_hi - b0 < 4 ? (int)(block_hi - b0) : 4;
+        float acc[4][LANES];
+        for (int q = 0; q < 4; q++)
+            for (int l = 0; l < LANES; l++) acc[q][l] = 0.0f;
+        const float* k0 = xt + b0 * d * LANES;
+        if (blocks == 4) {
+            /* four independent blocks per pass hide the additions' latency */
+            const float* k1 = k0 + d * LANES;
+            const float* k2 = k1 + d * LANES;
+            const float* k3 = k2 + d * LANES;
+            for (int64_t j = 0; j < d; j++) {
+                const float cj = c[j];
+                for (int l = 0; l < LANES; l++) {
+                    float t0 = k0[j * LANES + l] - cj;
+                    float t1 = k1[j * LANES + l] - cj;
+                    float t2 = k2[j * LANES + l] - cj;
+                    float t3 = k3[j * LANES + l] - cj;
+                    acc[0][l] += t0 * t0;
+                    acc[1][l] += t1 * t1;
+                    acc[2][l] += t2 * t2;
+                    acc[3][l] += t3 * t3;
+                }
+            }
+        } else {
+            for (int q = 0; q < blocks; q++) {
+                const float* block = k0 + q * d * LANES;
+                for (int64_t j = 0; j < d; j++) {
+                    const float cj = c[j];
+                    for (int l = 0; l < LANES; l++) {
+                        float t = block[j * LANES + l] - cj;
+                        acc[q][l] += t * t;
+                    }
+                }
+            }
+        }
+        for (int q = 0; q < blocks; q++) {
+            int64_t base = (b0 + q) * LANES;
+            int64_t lanes = n - base < LANES ? n - base : LANES;
+            for (int64_t l = 0; l < lanes; l++) {
+                float value = m[base + l];
+                if (acc[q][l] < value) {
+                    value = acc[q][l];
+                    m[base + l] = value;
+                }
+                if (value > best) {
+                    best = value;
+                    best_index = base + l;
+                }
+            }
+        }
+    }
+    *best_value = best;
+    *best_row = best_index;
+}
+
+/* ----------------------------------------------------------------- lazy selection */
+
+/* Round to nearest even (finite values; features are finite). */
+static inline uint16_t to_bfloat16(float value) {
+    uint32_t bits;
+    memcpy(&bits, &value, 4);
+    bits += 0x7fffu + ((bits >> 16) & 1u);
+    return (uint16_t)(bits >> 16);
+}
+
+static inline float from_bfloat16(uint16_t half) {
+    uint32_t bits = ((uint32_t)half) << 16;
+    float value;
+    memcpy(&value, &bits, 4);
+    return value;
+}
+
+/* Low-precision copy (bfloat16 when `half`, else float32) of the row x centred on `centre`,
+   into out; writes a lower bound of the copy's squared norm and an upper bound of the norm
+   of its error against the exactly centred row. */
+static inline void centred_copy(const float* x, const float* centre, int64_t d, void* out,
+                                int half, float* squared_norm, float* error) {
+    float norm[LANES] = {0.0f}, lost[LANES] = {0.0f}, size[LANES] = {0.0f};
+    for (int64_t j0 = 0; j0 < d; j0 += LANES) {
+        int lanes = d - j0 < LANES ? (int)(d - j0) : LANES;
+        for (int l = 0; l < lanes; l++) {
+            float centred = x[j0 + l] - centre[j0 + l];
+            float kept;
+            if (half) {
+                uint16_t low = to_bfloat16(centred);
+                ((uint16_t*)out)[j0 + l] = low;
+                kept = from_bfloat16(low);
+            } else {
+                ((float*)out)[j0 + l] = centred;
+                kept = centred;
+            }
+            float difference = centred - kept; /* exact: kept is centred rounded */
+            norm[l] += kept * kept;
+            lost[l] += difference * difference;
+            size[l] += centred * centred;
+        }
+    }
+    float norm_sum = 0.0f, lost_sum = 0.0f, size_sum = 0.0f;
+    for (int l = 0; l < LANES; l++) {
+        norm_sum += norm[l];
+        lost_sum += lost[l];
+        size_sum += size[l];
+    }
+    /* the centred value itself is within one unit roundoff of the exact difference */
+    float slack = 1.0f + (float)(d + 8) * 0x1p-24f;
+    *squared_norm = norm_sum / slack;
+    *error = (sqrtf(lost_sum) * slack + sqrtf(size_sum) * 0x1p-23f) * slack + 1e-30f;
+}
+
+/* Tiles [first, last): rows order[edges[t]..edges[t+1]). Computes each tile's centre (mean,
+   in double precision) and radius (largest distance of a row to the centre, rounded up),
+   the rows' centred low-precision copies (copies[k] for row order[k]) with their norms and
+   error bounds, and each tile's largest minimum distance m with its lowest row index. */
+void prepare_tiles(const float* x, int64_t d, const int64_t* order, const int64_t* edges,
+                   int64_t first, int64_t last, float shrink, const float* m, int half,
+                   void* copies, float* row_norms, float* row_errors, float* centres,
+                   float* radii, float* bounds, int64_t* argmax, double* scratch) {
+    for (int64_t t = first; t < last; t++) {
+        int64_t low = edges[t], high = edges[t + 1];
+        float* centre = centres + t * d;
+        for (int64_t j = 0; j < d; j++) scratch[j] = 0.0;
+        for (int64_t k = low; k < high; k++) {
+            const float* row = x + order[k] * d;
+            for (int64_t j = 0; j < d; j++) scratch[j] += row[j];
+        }
+        for (int64_t j = 0; j < d; j++) centre[j] = (float)(scratch[j] / (double)(high - low));
+        float largest = 0.0f, best = -INFINITY;
+        int64_t best_index = -1;
+        for (int64_t k = low; k < high; k++) {
+            int64_t i = order[k];
+            float squared = fast_squared_distance(x + i * d, centre, d);
+            if (squared > largest) largest = squared;
+            void* copy = half ? (void*)((uint16_t*)copies + k * d) : (void*)((float*)copies + k * d);
+            centred_copy(x + i * d, centre, d, copy, half, row_norms + k, row_errors + k);
+            if (m[i] > best || (m[i] == best && i < best_index)) {
+                best = m[i];
+                best_index = i;
+            }
+        }
+        radii[t] = sqrtf(largest / (shrink * shrink)) * (1.0f + 0x1p-20f) + 1e-30f;
+        bounds[t] = best;
+        argmax[t] = best_index;
+    }
+}
+
+/* True when the point c may lower a minimum distance of the tile (centre, radius, largest
+   minimum squared distance `bound`); false guarantees by the triangle inequality that every
+   row of the tile is farther than sqrt(bound) from c, so no exact distance to c is below the
+   row's minimum. */
+static inline int may_lower(const float* c, const float* centre, int64_t d, float radius,
+                            float bound, float shrink) {
+    float lower = sqrtf(fast_squared_distance(c, centre, d) * shrink) - radius;
+    return !(lower > 0.0f && lower * lower * shrink * shrink >= bound);
+}
+
+/* After a new coreset point c: marks stale every tile that it may change. */
+void mark_stale(const float* c, const float* centres, const float* radii, const float* bounds,
+                int64_t tiles, int64_t d, float shrink, uint8_t* stale) {
+    for (int64_t t = 0; t < tiles; t++)
+        if (!stale[t] && may_lower(c, centres + t * d, d, radii[t], bounds[t], shrink))
+            stale[t] = 1;
+}
+
+/* The coreset points ids[0..count) that may change the tile, as centred low-precision copies
+   (out [*, d]) with their norms, error bounds and ids; returns how many. */
+int64_t pending_points(const float* x, int64_t d, const int64_t* ids, int64_t count,
+                       const float* centre, float radius, float bound, float shrink,
+                       void* out, int half, float* squared_norms, float* errors,
+                       int64_t* kept_ids) {
+    int64_t kept = 0;
+    for (int64_t q = 0; q < count; q++) {
+        const float* c = x + ids[q] * d;
+        if (!may_lower(c, centre, d, radius, bound, shrink)) continue;
+        void* copy = half ? (void*)((uint16_t*)out + kept * d) : (void*)((float*)out + kept * d);
+        centred_copy(c, centre, d, copy, half, squared_norms + kept, errors + kept);
+        kept_ids[kept++] = ids[q];
+    }
+    return kept;
+}
+
+/* Applies p coreset points to a tile's rows[0..count). products[r * stride + q] is the
+   low-precision product of the centred copies of row r and point q. A pair is computed
+   exactly unless the product's rounding bound proves that the point cannot lower the row's
+   minimum distance m:
+       skip  <=>  (1 - eta) (|x~|^2 + |c~|^2) - 2 x~.c~  >=  (sqrt(m / shrink) + e_x + e_c)^2
+   x~, c~ are the copies, e_x, e_c bound their errors (e_c: the largest point error), eta
+   bounds the product's rounding relative to (|x~|^2 + |c~|^2) / 2. Writes the tile's largest
+   minimum distance and its lowest row index; returns the number of exact computations. */
+int64_t apply_points(const float* x, int64_t d, const int64_t* rows, int64_t count,
+                     const void* products, int half, int64_t p, int64_t stride,
+                     const int64_t* ids, const float* point_norms, const float* point_errors,
+                     const float* row_norms, const float* row_errors, float eta, float shrink,
+                     float* scratch, float* m, float* best_value, int64_t* best_row) {
+    int64_t checks = 0;
+    float best = -INFINITY;
+    int64_t best_index = -1;
+    float* offsets = scratch; /* (1 - eta) |c~|^2 */
+    float point_error = 0.0f;
+    for (int64_t q = 0; q < p; q++) {
+        offsets[q] = (1.0f - eta) * point_norms[q];
+        if (point_errors[q] > point_error) point_error = point_errors[q];
+    }
+    const uint16_t* half_products = (const uint16_t*)products;
+    const float* full_products = (const float*)products;
+    for (int64_t r = 0; r < count; r++) {
+        int64_t i = rows[r];
+        float minimum = m[i];
+        float reach = sqrtf(minimum / shrink) + row_errors[r] + point_error + 1e-18f;
+        float threshold = (1.0f - eta) * row_norms[r] - reach * reach;
+        int any = 0;
+        if (half) {
+            const uint16_t* row_products = half_products + r * stride;
+            for (int64_t q = 0; q < p; q++)
+                any |= 2.0f * from_bfloat16(row_products[q]) - offsets[q] > threshold;
+        } else {
+            const float* row_products = full_products + r * stride;
+            for (int64_t q = 0; q < p; q++)
+                any |= 2.0f * row_products[q] - offsets[q] > threshold;
+        }
+        /* blocks of LANES points: a vector test, then only the flagged pairs one by one */
+        for (int64_t q0 = 0; any && q0 < p; q0 += LANES) {
+            int lanes = p - q0 < LANES ? (int)(p - q0) : LANES;
+            float values[LANES];
+            unsigned flags = 0;
+            if (half) {
+                const uint16_t* row_products = half_products + r * stride + q0;
+                for (int l = 0; l < lanes; l++) values[l] = from_bfloat16(row_products[l]);
+            } else {
+                const float* row_products = full_products + r * stride + q0;
+                for (int l = 0; l < lanes; l++) values[l] = row_products[l];
+            }
+            for (int l = 0; l < lanes; l++)
+                flags |= (unsigned)(2.0f * values[l] - offsets[q0 + l] > threshold) << l;
+            while (flags) {
+                int l = __builtin_ctz(flags);
+                flags &= flags - 1;
+                if (2.0f * values[l] - offsets[q0 + l] <= threshold) continue; /* lowered */
+                checks++;
+                float exact = exact_squared_distance(x + i * d, x + ids[q0 + l] * d, d);
+                if (exact < minimum) {
+                    minimum = exact;
+                    reach = sqrtf(minimum / shrink) + row_errors[r] + point_error + 1e-18f;
+                    threshold = (1.0f - eta) * row_norms[r] - reach * reach;
+                }
+            }
+        }
+        if (any) m[i] = minimum;
+        if (minimum > best || (minimum == best && i < best_index)) {
+            best = minimum;
+            best_index = i;
+        }
+    }
+    *best_value = best;
+    *best_row = best_index;
+    return checks;
+}
+
+/* The next step of the lazy selection, from each tile's bound (largest minimum distance; an
+   upper bound when the tile is stale) and argmax (lowest row index holding it). When no stale
+   tile's bound reaches the largest up-to-date bound, the selection is that tile's row (the
+   lowest among tiles tying): writes it to *row and returns 0. Otherwise writes to `tiles` the
+   stale tile with the largest bound, then up to limit - 1 more stale tiles in decreasing bound
+   order whose bound also reaches the largest up-to-date one (each needs an update before any
+   selection), and returns how many. */
+int64_t next_tiles(const float* bounds, const uint8_t* stale, const int64_t* argmax,
+                   int64_t tiles_count, int64_t limit, int64_t* tiles, int64_t* row) {
+    float exact = -INFINITY;
+    int64_t exact_row = -1;
+    int64_t top = -1;
+    for (int64_t t = 0; t < tiles_count; t++) {
+        if (stale[t]) {
+            if (top < 0 || bounds[t] > bounds[top]) top = t;
+        } else if (exact_row < 0 || bounds[t] > exact ||
+                   (bounds[t] == exact && argmax[t] < exact_row)) {
+            exact = bounds[t];
+            exact_row = argmax[t];
+        }
+    }
+    if (top < 0 || (exact_row >= 0 && bounds[top] < exact)) {
+        *row = exact_row;
+        return 0;
+    }
+    int64_t count = 0;
+    tiles[count++] = top;
+    for (int64_t t = 0; t < tiles_count && limit > 1; t++) {
+        if (!stale[t] || t == top || bounds[t] < exact) continue;
+        if (count < limit) {
+            tiles[count++] = t;
+        } else if (bounds[t] > bounds[tiles[count - 1]]) {
+            tiles[count - 1] = t;
+        } else {
+            continue;
+        }
+        for (int64_t k = count - 1; k > 1 && bounds[tiles[k]] > bounds[tiles[k - 1]]; k--) {
+            int64_t swap = tiles[k];
+            tiles[k] = tiles[k - 1];
+            tiles[k - 1] = swap;
+        }
+    }
+    return count;
+}
+
+/* ------------------------------------------------------------ nearest neighbours */
+
+/* Squared distance, LANES partial sums (vectorised), for the re-ranking of candidates. */
+static inline float squared_distance(const float* x, const float* c, int64_t d) {
+    return fast_squared_distance(x, c, d);
+}
+
+/* Extended centred bfloat16 copies for the product pass of the search: with x~ the bfloat16
+   copy of x - centre and s = |x~|^2 (double precision) split as s_hi + s_lo in bfloat16,
+   bank rows become (-2 x~, 1, 1, s_hi, s_lo) and queries (x~, s_hi, s_lo, 1, 1), zero
+   padded to `width`, so that a query-bank product is |q~ - b~|^2. Writes |x~| (rounded up)
+   and an upper bound of |x - centre - x~|. */
+void extended_copies(const float* x, int64_t n, int64_t d, const float* centre, int bank_side,
+                     uint16_t* out, int64_t width, float* norms, float* errors) {
+    for (int64_t i = 0; i < n; i++) {
+        const float* row = x + i * d;
+        uint16_t* copy = out + i * width;
+        double norm[8] = {0.0}, lost[8] = {0.0}, size[8] = {0.0};
+        for (int64_t j0 = 0; j0 < d; j0 += 8) {
+            int lanes = d - j0 < 8 ? (int)(d - j0) : 8;
+            for (int l = 0; l < lanes; l++) {
+                float centred = row[j0 + l] - centre[j0 + l];
+                uint16_t low = to_bfloat16(centred);
+                double kept = (double)from_bfloat16(low);
+                copy[j0 + l] = bank_side ? to_bfloat16(-2.0f * from_bfloat16(low)) : low;
+                double difference = (double)centred - kept;
+                norm[l] += kept * kept;
+                lost[l] += difference * difference;
+                size[l] += (double)centred * (double)centred;
+            }
+        }
+        double norm_sum = 0.0, lost_sum = 0.0, size_sum = 0.0;
+        for (int l = 0; l < 8; l++) {
+            norm_sum += norm[l];
+            lost_sum += lost[l];
+            size_sum += size[l];
+        }
+        uint16_t high = to_bfloat16((float)norm_sum);
+        uint16_t rest = to_bfloat16((float)(norm_sum - (double)from_bfloat16(high)));
+        uint16_t one = to_bfloat16(1.0f);
+        for (int64_t j = d; j < width; j++) copy[j] = 0;
+        copy[d] = bank_side ? one : high;
+        copy[d + 1] = bank_side ? one : rest;
+        copy[d + 2] = bank_side ? high : one;
+        copy[d + 3] = bank_side ? rest : one;
+        norms[i] = (float)(sqrt(norm_sum) * (1.0 + 1e-6));
+        errors[i] = (float)((sqrt(lost_sum) + sqrt(size_sum) * 0x1p-23) * (1.0 + 1e-6)) + 1e-30f;
+    }
+}
+
+/* Exact k-nearest-neighbour search from a low-precision pass. For queries [0, n): row i of
+   `approx` (bfloat16 bits, stride ld, bank size m) holds, for every bank row j, the
+   low-precision product giving |q~ - b~_j|^2 (see extended_copies). Its error is at most
+       eps_ij = gamma (|q~_i| + |b~_j|)^2 + 2^-8 |approx_ij| + tiny,
+   and the true distance differs from |q~ - b~| by at most the copies' error norms
+   query_errors[i] + bank_error. From these bounds, every bank row that could be among the
+   k nearest is a candidate; candidates are ranked by float32 squared distances of the
+   original vectors (queries [n, d], bank [m, d]), ties to the lower index. Writes
+   distances [n, k] and indices [n, k] nearest first; returns the number of candidates. */
+int64_t rerank_neighbours(const float* queries, const float* bank, int64_t d, int64_t n,
+                          int64_t m, const uint16_t* approx, int64_t ld,
+                          const float* query_norms, const float* query_errors,
+                          float bank_norm, float bank_error, float gamma, int64_t k,
+                          float* scratch, int64_t* candidates, float* out_distances,
+                          int64_t* out_indices) {
+    int64_t total = 0;
+    const float output_rounding = 0x1p-8f;
+    for (int64_t i = 0; i < n; i++) {
+        const uint16_t* row = approx + i * ld;
+        float reach = query_norms[i] + bank_norm;
+        float fixed = gamma * reach * reach + 1e-30f;
+        float error = query_errors[i] + bank_error;
+        /* the k smallest approximate values (small sorted buffer); blocks of LANES values
+           whose minimum cannot enter the buffer are skipped whole */
+        float* smallest = scratch;
+        int64_t filled = 0;
+        for (int64_t j0 = 0; j0 < m; j0 += LANES) {
+            int lanes = m - j0 < LANES ? (int)(m - j0) : LANES;
+            float block[LANES];
+            float block_min = INFINITY;
+            for (int l = 0; l < lanes; l++) {
+                block[l] = from_bfloat16(row[j0 + l]);
+                block_min = block[l] < block_min ? block[l] : block_min;
+            }
+            if (filled == k && block_min >= smallest[k - 1]) continue;
+            for (int l = 0; l < lanes; l++) {
+                float value = block[l];
+                if (filled == k && value >= smallest[k - 1]) continue;
+                int64_t position = filled < k ? filled++ : k - 1;
+                while (position > 0 && smallest[position - 1] > value) {
+                    smallest[position] = smallest[position - 1];
+                    position--;
+                }
+                smallest[position] = value;
+            }
+        }
+        /* upper bound of the k-th nearest true distance, then the largest approximate value
+           whose lower bound can still reach it */
+        float kth = smallest[filled - 1];
+        float upper = sqrtf(kth + fixed + output_rounding * fabsf(kth)) + error;
+        float limit = ((upper + error) * (upper + error) * (1.0f + 0x1p-20f) + fixed) /
+                      (1.0f - output_rounding);
+        int64_t count = 0;
+        for (int64_t j0 = 0; j0 < m; j0 += LANES) {
+            int lanes = m - j0 < LANES ? (int)(m - j0) : LANES;
+            int any = 0;
+            for (int l = 0; l < lanes; l++) any |= from_bfloat16(row[j0 + l]) <= limit;
+            if (!any) continue;
+            for (int l = 0; l < lanes; l++)
+                if (from_bfloat16(row[j0 + l]) <= limit) candidates[count++] = j0 + l;
+        }
+        total += count;
+        /* exact ranking of the candidates */
+        float* best = out_distances + i * k;
+        int64_t* index = out_indices + i * k;
+        int64_t kept = 0;
+        const float* query = queries + i * d;
+        for (int64_t c = 0; c < count; c++) {
+            int64_t j = candidates[c];
+            float distance = fast_squared_distance(query, bank + j * d, d);
+            if (kept == k && (distance > best[k - 1] ||
+                              (distance == best[k - 1] && j > index[k - 1])))
+                continue;
+            int64_t position = kept < k ? kept++ : k - 1;
+            while (position > 0 && (best[position - 1] > distance ||
+                                    (best[position - 1] == distance && index[position - 1] > j))) {
+                best[position] = best[position - 1];
+                index[position] = index[position - 1];
+                position--;
+            }
+            best[position] = distance;
+            index[position] = j;
+        }
+    }
+    return total;
+}
