@@ -27,7 +27,7 @@ from patchcore.model.feature_store import feature_store_for
 from patchcore.model.features import build_embedder
 from patchcore.model.samplers import build_sampler
 from patchcore.data.preprocessing import check_model_input, cut_tiles
-from patchcore.model.scoring import Prediction, score_images
+from patchcore.model.scoring import Prediction, memory_bank_problem, score_images
 from patchcore.model.search import build_index
 from patchcore.progress import track
 
@@ -126,17 +126,9 @@ class PatchCore:
         """Makes `bank` [M, D] the memory bank; refuses non-finite values, and lowers k (and
         Eq. 7's neighbourhood) to M with a warning when the bank is smaller, so the
         configuration (and a saved model) says what scoring really uses."""
-        if bank.ndim != 2 or bank.shape[1] != self.config.target_embed_dimension or not len(bank):
-            raise DataError(
-                f"memory bank must have shape [M > 0, {self.config.target_embed_dimension}], "
-                f"got {list(bank.shape)}"
-            )
-        finite = torch.isfinite(bank)
-        if not bool(finite.all()):
-            raise DataError(
-                f"the memory bank holds {int((~finite).sum())} values that are not finite "
-                "numbers (NaN or infinite); a model with such a bank would score images wrongly"
-            )
+        problem = memory_bank_problem(bank, self.config.target_embed_dimension)
+        if problem is not None:
+            raise DataError(f"the memory bank {problem}")
         self._fit_neighbourhoods(len(bank))
         self.index.fit(bank)
         self.memory_bank = self.index.bank

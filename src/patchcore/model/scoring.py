@@ -183,6 +183,17 @@ def reweighting_factor(
     return 1.0 - torch.exp(nearest_distance - torch.logsumexp(neighbourhood_distances, dim=1))
 
 
+def memory_bank_problem(bank: torch.Tensor, dimension: int) -> str | None:
+    """What makes `bank` unusable as a memory bank of `dimension`-d features (its shape, or
+    non-finite values, which would score every image wrongly), or None."""
+    if bank.ndim != 2 or bank.shape[1] != dimension or not len(bank):
+        return f"must have shape [M > 0, {dimension}], got {list(bank.shape)}"
+    non_finite = int((~torch.isfinite(bank)).sum())
+    if non_finite:
+        return f"holds {non_finite} values that are not finite numbers (NaN or infinite)"
+    return None
+
+
 def bank_rows(
     index: NearestNeighbourSearch, indices: torch.Tensor, device: torch.device
 ) -> torch.Tensor:
