@@ -59,7 +59,7 @@ import torch.nn.functional as F
 
 from patchcore.cli.common import CommonOptions, configure_process
 from patchcore.config import PatchCoreConfig, PreprocessingConfig, SamplerConfig
-from patchcore.data.datasets import ImageDataset, list_samples
+from patchcore.data.datasets import ImageDataset, SizeGroupedBatchSampler, list_samples
 from patchcore.data.synthetic import SyntheticSpec, generate_category
 from patchcore.evaluation.metrics import compute_metrics
 from patchcore.model.features import patch_grid_size
@@ -211,7 +211,7 @@ def run_variant(args, variant: str, root: str, category: str, percentage: float)
     )  # fmt: skip
     root_path = Path(root)
     train = ImageDataset(list_samples(root_path, category, "train"), preprocessing)
-    loader = torch.utils.data.DataLoader(train, batch_size=BATCH_SIZE, num_workers=1)
+    loader = size_grouped_loader(train, num_workers=1)
     model = PatchCore(config)
     figures = {"variant": variant, "train_images": len(train), "percentage": percentage,
                "sweep_s": math.nan}  # fmt: skip
@@ -297,11 +297,22 @@ def _figures(figures: dict, infer_s: float, radius: float, bank: int, metrics: d
 def coverage_radius(model: PatchCore, train: ImageDataset) -> float:
     """Largest distance from the features of the first COVERAGE_IMAGES training images
     to the memory bank, in the full feature space."""
-    subset = torch.utils.data.Subset(train, range(min(COVERAGE_IMAGES, len(train))))
-    loader = torch.utils.data.DataLoader(subset, batch_size=BATCH_SIZE)
+    loader = size_grouped_loader(train, COVERAGE_IMAGES)
     features = torch.cat([model.embed(batch["image"])[0] for batch in loader])
     squared, _ = model.index.search(features, 1)
     return float(squared.max().sqrt())
+
+
+def size_grouped_loader(
+    dataset: ImageDataset, count: int | None = None, num_workers: int = 0
+) -> torch.utils.data.DataLoader:
+    """The first `count` images (all by default) in batches of BATCH_SIZE images of one
+    working size (whole images differ in size)."""
+    sizes = dataset.working_sizes()[:count]
+    subset = torch.utils.data.Subset(dataset, range(len(sizes)))
+    return torch.utils.data.DataLoader(
+        subset, batch_sampler=SizeGroupedBatchSampler(sizes, BATCH_SIZE), num_workers=num_workers
+    )
 
 
 def _test_items(root: Path, category: str, preprocessing, count: int) -> list[dict]:

@@ -33,7 +33,6 @@ HEADER = struct.Struct("<4siqqq?iQ")
 FAISS_HEADER_PLACEHOLDER = 1 << 20
 METRIC_L2 = 1
 BLOCK_ROWS = 65536
-CHECK_ROWS = 4096  # rows per finiteness check: a few MiB of temporaries
 
 
 def _header(rows: int, dimension: int) -> bytes:
@@ -49,14 +48,6 @@ def row_blocks(bank: torch.Tensor, block_rows: int = BLOCK_ROWS):
     for start in range(0, len(bank), block_rows):
         block = bank[start : start + block_rows].detach().to("cpu", torch.float32)
         yield start, np.ascontiguousarray(block.numpy())
-
-
-def non_finite_count(bank: torch.Tensor | MappedBank) -> int:
-    """How many values of `bank` are NaN or infinite, counted in small blocks (a mapped bank
-    is read once, never whole in RAM, and the temporaries stay small)."""
-    rows = bank.tensor if isinstance(bank, MappedBank) else bank
-    return sum(int((~torch.isfinite(rows[start : start + CHECK_ROWS])).sum())
-               for start in range(0, len(rows), CHECK_ROWS))  # fmt: skip
 
 
 def _write_rows(handle, bank: torch.Tensor) -> None:

@@ -48,7 +48,7 @@ from patchcore.model.calibration import NormalStatistics, decide
 from patchcore.model.chunked_search import DEFAULT_BANK_CHUNK_SIZE, BankChunkedSearch
 from patchcore.model.features import build_embedder
 from patchcore.model.patchcore import PatchCore
-from patchcore.model.scoring import score_images
+from patchcore.model.scoring import memory_bank_problem, score_images
 from patchcore.model.serialization import config_fields, config_from_meta, exact_search_config
 
 FORMAT_NAME = "patchcore-challenge-module"
@@ -195,17 +195,10 @@ class PatchCoreModule(torch.nn.Module):
         )
 
     def _check_bank(self, bank: torch.Tensor) -> None:
-        dimension = self.config.target_embed_dimension
-        if bank.ndim != 2 or bank.shape[1] != dimension or not len(bank):
+        problem = memory_bank_problem(bank, self.config.target_embed_dimension)
+        if problem is not None:
             raise ModelFormatError(
-                f"state dict entry '{BANK_KEY}' must have shape [M > 0, {dimension}], "
-                f"got {list(bank.shape)}"
-            )
-        finite = torch.isfinite(bank)
-        if not bool(finite.all()):
-            raise ModelFormatError(
-                f"state dict entry '{BANK_KEY}' holds {int((~finite).sum())} values that are "
-                "not finite numbers (NaN or infinite); the weights file is damaged"
+                f"state dict entry '{BANK_KEY}' {problem}; the weights file is damaged"
             )
 
     # ---------------------------------------------------------------- properties

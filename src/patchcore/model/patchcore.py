@@ -19,17 +19,17 @@ import torch
 from patchcore.config import PatchCoreConfig, SearchConfig
 from patchcore.data.preprocessing import check_model_input, cut_tiles
 from patchcore.errors import DataError
+from patchcore.model.bank_file import MappedBank
 from patchcore.model.calibration import (
     DEFAULT_THRESHOLD_QUANTILE,
     NormalStatistics,
     measure_normal_statistics,
 )
-from patchcore.model.bank_file import MappedBank, non_finite_count
 from patchcore.model.feature_store import feature_store_for
 from patchcore.model.features import build_embedder
 from patchcore.model.indexes import build_bank_index, gather_bank
 from patchcore.model.samplers import build_sampler
-from patchcore.model.scoring import Prediction, score_images
+from patchcore.model.scoring import Prediction, memory_bank_problem, score_images
 from patchcore.progress import track
 
 LOGGER = logging.getLogger(__name__)
@@ -127,20 +127,14 @@ class PatchCore:
         )
 
     def set_memory_bank(self, bank: torch.Tensor | MappedBank) -> None:
-        """Makes `bank` [M, D] (in RAM, or a memory-mapped file) the memory bank; refuses non-finite values, and lowers k (and
-        Eq. 7's neighbourhood) to M with a warning when the bank is smaller, so the
-        configuration (and a saved model) says what scoring really uses."""
-        if bank.ndim != 2 or bank.shape[1] != self.config.target_embed_dimension or not len(bank):
-            raise DataError(
-                f"memory bank must have shape [M > 0, {self.config.target_embed_dimension}], "
-                f"got {list(bank.shape)}"
-            )
-        non_finite = non_finite_count(bank)  # block by block: a mapped bank stays on disk
-        if non_finite:
-            raise DataError(
-                f"the memory bank holds {non_finite} values that are not finite "
-                "numbers (NaN or infinite); a model with such a bank would score images wrongly"
-            )
+        """Makes `bank` [M, D] (in RAM, or a memory-mapped file) the memory bank; refuses
+        non-finite values, and lowers k (and Eq. 7's neighbourhood) to M with a warning when
+        the bank is smaller, so the configuration (and a saved model) says what scoring
+        really uses."""
+        rows = bank.tensor if isinstance(bank, MappedBank) else bank  # a mapping: not read in
+        problem = memory_bank_problem(rows, self.config.target_embed_dimension)
+        if problem is not None:
+            raise DataError(f"the memory bank {problem}")
         self._fit_neighbourhoods(len(bank))
         self.index.fit(bank)
         self.memory_bank = self.index.bank
