@@ -7,12 +7,17 @@ Writes a synthetic MVTec-layout dataset with 2 categories and a sweep file with 
 configurations (EfficientNet-Lite0, IM224, approximate greedy coreset 10 % and 1 %), then,
 `--repeats` times and interleaved:
 - `sequential`: the 4 (category, configuration) pairs as 4 `patchcore-train` commands run
-  one after another (what sample_training.sh does), each using the whole machine;
+  one after another (what sample_training.sh does), each using the whole machine (torch and
+  FAISS threads, image loaders: the defaults);
+- `sequential-1cpu`: the same commands with the settings each sweep task gets at
+  `--num_cpus 1` (one torch thread, `OMP_NUM_THREADS=1`, one image loader, one FAISS
+  thread), so that the sweep's gain from running tasks side by side shows apart from the
+  gain from threading settings;
 - `sweep`: `patchcore-sweep --num_cpus N`, a local Ray instance started and stopped by the
   command, one task per pair, as many at once as the machine has CPUs for.
-Both are timed from outside (process start to exit), so Ray's start-up counts. Printed: wall
-seconds of each, the ratio sequential / sweep, and the load average when each started
-(other work on the machine makes the figures noisy).
+All are timed from outside (process start to exit), so Ray's start-up counts. Printed: wall
+seconds of each, the ratio sequential / that variant, and the load average when each
+started (other work on the machine makes the figures noisy).
 """
 
 from __future__ import annotations
@@ -53,21 +58,26 @@ def sweep_file(folder: Path, data: Path) -> Path:
     return path
 
 
-def timed(command: list[str]) -> float:
+def timed(command: list[str], environment: dict | None = None) -> float:
     start = time.perf_counter()
-    subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                   env={**os.environ, **(environment or {})})  # fmt: skip
     return time.perf_counter() - start
 
 
-def sequential(results: Path, data: Path) -> float:
+def sequential(results: Path, data: Path, one_cpu: bool) -> float:
+    """The pairs one after another; `one_cpu`: with a sweep task's settings at 1 CPU."""
+    model = [*MODEL, "--faiss_num_workers", "1"] if one_cpu else MODEL
+    dataset = [*DATASET, "--num_workers", "1"] if one_cpu else DATASET
+    environment = {"OMP_NUM_THREADS": "1"} if one_cpu else None
     total = 0.0
     for name, sampler in CONFIGURATIONS.items():
         for category in CATEGORIES:
             total += timed([
                 str(BIN / "patchcore-train"), "--log_project", "sequential", "--log_group", name,
-                "--no_progress", str(results), *MODEL, *sampler, *DATASET, "-d", category,
+                "--no_progress", str(results), *model, *sampler, *dataset, "-d", category,
                 "mvtec", str(data),
-            ])  # fmt: skip
+            ], environment)  # fmt: skip
     return total
 
 
@@ -86,12 +96,12 @@ def main() -> None:
     path = sweep_file(work, data)
     rows = []
     for repeat in range(args.repeats):
-        for variant in ("sequential", "sweep"):
+        for variant in ("sequential", "sequential-1cpu", "sweep"):
             results = work / f"results_{variant}_{repeat}"
             shutil.rmtree(results, ignore_errors=True)
             load = os.getloadavg()[0]
-            if variant == "sequential":
-                seconds = sequential(results, data)
+            if variant.startswith("sequential"):
+                seconds = sequential(results, data, one_cpu=variant == "sequential-1cpu")
             else:
                 shutil.copy(path, work / "sweep_run.yaml")
                 text = path.read_text() + f"results_path: {results}\n"
