@@ -17,6 +17,9 @@ COMMANDS = {
     "patchcore.cli.dashboard": ("dashboard_cli",),
     "patchcore.cli.demo": ("demo_cli",),
     "patchcore.cli.synthetic": ("synthetic_cli",),
+    "patchcore.cli.sweep": ("sweep_cli",),
+    "patchcore.cli.compare": ("compare_cli",),
+    "patchcore.cli.update": ("update_cli",),
 }
 
 

@@ -18,7 +18,7 @@ from patchcore.model.samplers import build_sampler
 from patchcore.model.scoring import score_patches
 from patchcore.model.search import build_index
 from patchcore.model.serialization import (
-    FORMAT_VERSION,
+    EXACT_SEARCH_FORMAT_VERSION,
     INDEX_FILE,
     META_FILE,
     PARAMS_FILE,
@@ -212,7 +212,8 @@ def test_an_ensemble_threshold_is_measured_on_its_combined_scale_and_saved_with_
     assert load_ensemble_statistics(folder) == statistics
     metas = [json.loads((folder / f"{prefix}{META_FILE}").read_text())
              for prefix in member_prefixes(folder)]  # fmt: skip
-    assert [meta["format_version"] for meta in metas] == [FORMAT_VERSION, FORMAT_VERSION] == [3, 3]
+    # Exact search: written as version 3, the oldest that describes an ensemble's threshold.
+    assert [meta["format_version"] for meta in metas] == [EXACT_SEARCH_FORMAT_VERSION] * 2 == [3, 3]
     assert metas[0]["ensemble"] == metas[1]["ensemble"]
     assert metas[0]["ensemble"]["members"] == 2
     # A library that knows only format 2 refuses these folders with a clear message.

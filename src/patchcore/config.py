@@ -12,6 +12,8 @@ from patchcore.errors import ConfigurationError
 SAMPLER_NAMES = ("identity", "greedy_coreset", "approx_greedy_coreset")
 DISTANCES = ("squared_l2", "l2")
 SEARCH_BACKENDS = ("rerank", "faiss", "torch")
+INDEX_KINDS = ("exact", "ivf", "ivfpq", "hnsw")
+BANK_STORAGES = ("memory", "mmap")
 NORMALISATIONS = ("test_minmax", "normal_stats")
 EXPORT_FORMATS = ("torch", "onnx", "openvino")  # patchcore-export --format
 RUNTIMES = ("torch", "onnxruntime", "openvino")  # patchcore-predict --runtime
@@ -134,6 +136,49 @@ class SamplerConfig:
 
 
 @dataclass(frozen=True)
+class IndexConfig:
+    """How the memory bank is searched; part of the saved model.
+
+    `exact` is the reference's exhaustive search (FAISS IndexFlatL2 or torch). The others
+    are FAISS approximate indexes: `ivf` (IndexIVFFlat: the bank split into `nlist` k-means
+    cells, `nprobe` of them searched), `ivfpq` (IndexIVFPQ: the same cells, vectors stored as
+    `pq_m` codes of `pq_bits` bits, distances approximated from the codes) and `hnsw`
+    (IndexHNSWFlat: a graph with `hnsw_m` links per vector, built with `ef_construction`
+    and searched with `ef_search` candidates). `nlist` and `pq_m` left out (None) are chosen
+    from the bank: nlist about 4 sqrt(M), pq_m the largest divisor of the dimension up to
+    dimension / 16.
+    """
+
+    kind: str = "exact"
+    nlist: int | None = None
+    nprobe: int = 8
+    pq_m: int | None = None
+    pq_bits: int = 8
+    hnsw_m: int = 32
+    ef_construction: int = 80
+    ef_search: int = 64
+
+    def __post_init__(self) -> None:
+        _require(
+            self.kind in INDEX_KINDS,
+            f"--search must be one of {', '.join(INDEX_KINDS)}, got '{self.kind}'",
+        )
+        _require(self.nlist is None or self.nlist >= 1, f"--nlist must be >= 1, got {self.nlist}")
+        _require(self.nprobe >= 1, f"--nprobe must be >= 1, got {self.nprobe}")
+        _require(self.pq_m is None or self.pq_m >= 1, f"--pq_m must be >= 1, got {self.pq_m}")
+        _require(1 <= self.pq_bits <= 16, f"--pq_bits must be in [1, 16], got {self.pq_bits}")
+        _require(self.hnsw_m >= 2, f"--hnsw_m must be >= 2, got {self.hnsw_m}")
+        _require(
+            self.ef_construction >= 1, f"--ef_construction must be >= 1, got {self.ef_construction}"
+        )
+        _require(self.ef_search >= 1, f"--ef_search must be >= 1, got {self.ef_search}")
+
+    @property
+    def approximate(self) -> bool:
+        return self.kind != "exact"
+
+
+@dataclass(frozen=True)
 class PatchCoreConfig:
     """Everything that defines one PatchCore model (one backbone).
 
@@ -141,6 +186,8 @@ class PatchCoreConfig:
     implementation, FAISS IndexFlatL2) or `l2` (the paper's notation).
     `score_reweighting` enables the paper's Eq. 7 image-score re-weighting, using the
     `reweighting_neighbours` nearest memory-bank neighbours of the closest bank feature.
+    `index` is how the memory bank is searched (exact by default, or a FAISS approximate
+    index); it is saved with the model.
     """
 
     backbone_name: str = "wideresnet50"
@@ -157,6 +204,7 @@ class PatchCoreConfig:
     preprocessing: PreprocessingConfig = field(default_factory=PreprocessingConfig)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     seed: int = 0
+    index: IndexConfig = field(default_factory=IndexConfig)
 
     def __post_init__(self) -> None:
         _require(bool(self.backbone_name), "backbone name must not be empty")
@@ -198,21 +246,33 @@ class PatchCoreConfig:
 class SearchConfig:
     """How nearest neighbours are searched at run time (not part of the saved model).
 
-    All backends are exact. `rerank` (default): a bfloat16 product pass bounds every
-    distance and only possible neighbours are ranked in float32 (fastest on CPUs with
-    bfloat16 instructions; falls back to `faiss`, or to `torch` on a GPU, where it does not
-    apply). `faiss`: FAISS IndexFlatL2, as the reference. `torch`: matrix products."""
+    `backend` is the exact search's engine; all backends are exact. `rerank` (default): a
+    bfloat16 product pass bounds every distance and only possible neighbours are ranked in
+    float32 (fastest on CPUs with bfloat16 instructions; falls back to `faiss`, or to
+    `torch` on a GPU, where it does not apply). `faiss`: FAISS IndexFlatL2, as the
+    reference. `torch`: matrix products. Approximate indexes (`IndexConfig`) are always FAISS.
+    `bank_storage="mmap"` keeps the memory bank in a memory-mapped file (the model folder's
+    bank file, or a temporary file under TMPDIR while fitting) instead of in RAM, searched
+    by FAISS in blocks, so a bank larger than memory can be used. `index`, when given,
+    replaces the model's saved `IndexConfig` for this run (the index is rebuilt from the bank).
+    """
 
     backend: str = "rerank"
     faiss_on_gpu: bool = False
     faiss_num_workers: int = 4
     query_chunk_size: int = 4096
+    bank_storage: str = "memory"
+    index: IndexConfig | None = None
 
     def __post_init__(self) -> None:
         _require(
             self.backend in SEARCH_BACKENDS,
             f"nearest-neighbour backend must be one of {', '.join(SEARCH_BACKENDS)}, "
             f"got '{self.backend}'",
+        )
+        _require(
+            self.bank_storage in BANK_STORAGES,
+            f"--bank_storage must be one of {', '.join(BANK_STORAGES)}, got '{self.bank_storage}'",
         )
         _require(self.faiss_num_workers >= 1, "--faiss_num_workers must be >= 1")
         _require(self.query_chunk_size >= 1, "query chunk size must be >= 1")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import os
 import re
 import shutil
@@ -170,6 +171,21 @@ def _replace_folder(staging: Path, path: Path) -> None:
     path.rename(retired)
     staging.rename(path)
     shutil.rmtree(retired, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: Path) -> Iterator[None]:
+    """Holds an exclusive lock for the block, so several processes (also on other machines
+    sharing the folder over NFS, which supports these locks) take turns. The lock is the
+    hidden file `.<name>.lock` beside `path`, left in place for the next user."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.parent / f".{path.name}.lock", "a+b") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:

@@ -5,6 +5,7 @@
         models/<dataset>/                     --save_patchcore_model
         predictions/<dataset>/                --save_predictions
         segmentation_images/<dataset>/        --save_segmentation_images
+        logs/<dataset>.log                    patchcore-sweep: each task's log
 
 `<dataset>` is the evaluated dataset's name, e.g. `mvtec_bottle`. Importing this module
 loads nothing heavy (no torch), so readers of runs stay fast.
@@ -24,7 +25,10 @@ RESULTS_FILE = "results.csv"
 MODELS_FOLDER = "models"
 PREDICTIONS_FOLDER = "predictions"
 SEGMENTATION_FOLDER = "segmentation_images"
-RUN_CONTENT_FOLDERS = frozenset({MODELS_FOLDER, PREDICTIONS_FOLDER, SEGMENTATION_FOLDER})
+LOGS_FOLDER = "logs"
+RUN_CONTENT_FOLDERS = frozenset(
+    {MODELS_FOLDER, PREDICTIONS_FOLDER, SEGMENTATION_FOLDER, LOGS_FOLDER}
+)
 MAX_RUNS_PER_GROUP = 10_000
 
 
@@ -54,6 +58,9 @@ class RunLayout:
 
     def segmentation_images(self, dataset: str) -> Path:
         return Path(self.folder) / SEGMENTATION_FOLDER / dataset
+
+    def task_log(self, dataset: str) -> Path:
+        return Path(self.folder) / LOGS_FOLDER / f"{dataset}.log"
 
 
 def run_folder_path(results_path: Path, project: str, group: str) -> Path:

@@ -63,7 +63,7 @@ from patchcore.model.backbones import EFFICIENTNET_LITE0, TORCHVISION_ALIASES
 from patchcore.model.chunked_search import DEFAULT_BANK_CHUNK_SIZE
 from patchcore.model.module import FixedSizePatchCore, PatchCoreModule
 from patchcore.model.patchcore import PatchCore
-from patchcore.model.serialization import PARAMS_FILE, load_models
+from patchcore.model.serialization import PARAMS_FILE, exact_search_config, load_models
 
 LOGGER = logging.getLogger(__name__)
 
@@ -357,7 +357,7 @@ def export_record(
 ) -> ExportRecord:
     """The self-description of `graph`, exported from `model` (saved in `folder`)."""
     return ExportRecord(
-        config=model.config,
+        config=exact_search_config(model.config),
         input_size=graph.input_size,
         threshold=graph.threshold,
         normal_statistics=module.statistics(),

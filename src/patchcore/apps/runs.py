@@ -20,7 +20,7 @@ from patchcore.data.datasets import split_loader
 from patchcore.errors import ConfigurationError
 from patchcore.evaluation.ensemble import calibrate_ensemble, decision_statistics
 from patchcore.evaluation.records import write_predictions
-from patchcore.evaluation.reporting import write_results_csv
+from patchcore.evaluation.reporting import merge_results_csv, write_results_csv
 from patchcore.evaluation.testset import TestSetResult, evaluate_models
 from patchcore.evaluation.visualization import save_segmentation_images
 from patchcore.files import check_writable
@@ -45,6 +45,10 @@ class OutputOptions:
     save_predictions: bool = False
     ensemble_normalisation: str = "test_minmax"
     threshold_quantile: float = DEFAULT_THRESHOLD_QUANTILE
+    # Several processes write one results.csv (patchcore-sweep): merge rows under a lock,
+    # datasets named in results_order first.
+    merge_results: bool = False
+    results_order: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -188,7 +192,10 @@ def train_run(
         rows[name] = result.metrics
         if output.save_models:
             save_models(layout.model(name), models, ensemble_statistics)
-        write_results_csv(layout.results_csv, rows)
+        if output.merge_results:
+            merge_results_csv(layout.results_csv, rows, output.results_order)
+        else:
+            write_results_csv(layout.results_csv, rows)
         _write_optional_outputs(layout, models, result, output, ensemble_statistics)
     return rows
 

@@ -33,7 +33,7 @@ from patchcore import __version__
 from patchcore.config import RUNTIMES, PatchCoreConfig
 from patchcore.errors import ConfigurationError, DataError, ModelFormatError, missing_dependency
 from patchcore.model.calibration import NormalStatistics
-from patchcore.model.serialization import config_from_meta
+from patchcore.model.serialization import config_fields, config_from_meta
 
 LOGGER = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ class ExportRecord:
 
     def to_json(self) -> str:
         data = dataclasses.asdict(self)
-        data["config"] = dataclasses.asdict(self.config)
+        data["config"] = config_fields(self.config)
         data["input_size"] = list(self.input_size)
         data["input"] = {
             "name": INPUT_NAME,

@@ -11,7 +11,7 @@ non-default values with the reason instead of silently ignoring them.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -25,6 +25,7 @@ from patchcore.cli.common import (
     run_guarded,
     usage_errors,
 )
+from patchcore.cli.search_options import index_config, index_options
 from patchcore.config import (
     CROP_MODES,
     DATASET_NAMES,
@@ -34,6 +35,7 @@ from patchcore.config import (
     SAMPLER_NAMES,
     SEARCH_BACKENDS,
     DatasetConfig,
+    IndexConfig,
     PatchCoreConfig,
     PreprocessingConfig,
     SamplerConfig,
@@ -63,6 +65,7 @@ class ModelOptions:
     score_reweighting: bool
     random_backbone_weights: bool
     search: SearchConfig
+    index: IndexConfig = field(default_factory=IndexConfig)
 
     def configs(
         self, sampler: SamplerConfig, seed: int, preprocessing: PreprocessingConfig
@@ -88,6 +91,7 @@ class ModelOptions:
                         name=sampler.name, percentage=sampler.percentage, seed=member_seed
                     ),
                     seed=member_seed,
+                    index=self.index,
                 )
             )
         return configs
@@ -282,6 +286,43 @@ def train_cli(common, **_options):
     <log_group>/results.csv, optionally with models, overlays and per-image predictions."""
 
 
+@dataclass(frozen=True)
+class TrainRequest:
+    """A parsed `patchcore-train` command line: everything its job needs."""
+
+    results_path: Path
+    log_project: str
+    log_group: str
+    configs: tuple[PatchCoreConfig, ...]
+    dataset: DatasetConfig
+    search: SearchConfig
+    outputs: dict
+    common: CommonOptions
+
+
+class ParseOnly:
+    """Context object asking the training command to return its `TrainRequest` instead of
+    running it (see `parse_train_arguments`)."""
+
+
+def parse_train_arguments(arguments: list[str]) -> TrainRequest:
+    """Parses and validates a `patchcore-train` command line exactly as the command does,
+    without running it; click errors propagate (`patchcore-sweep` names the configuration)."""
+    return train_cli.main(
+        args=list(arguments), prog_name="patchcore-train", standalone_mode=False, obj=ParseOnly()
+    )
+
+
+def _output_options_of(params: dict) -> dict:
+    return {
+        "save_segmentation_images": params["save_segmentation_images"],
+        "save_models": params["save_patchcore_model"],
+        "save_predictions": params["save_predictions"],
+        "ensemble_normalisation": params["ensemble_normalisation"],
+        "threshold_quantile": params["threshold_quantile"],
+    }
+
+
 @train_cli.result_callback()
 def _train(commands, results_path, **params):
     common = CommonOptions.take(params)
@@ -293,26 +334,24 @@ def _train(commands, results_path, **params):
         configs = model_options.configs(
             parts["sampler"], common.seed, dataset.config.preprocessing
         )
+    request = TrainRequest(
+        Path(results_path), params["log_project"], params["log_group"], tuple(configs),
+        dataset.config, model_options.search, _output_options_of(params), common,
+    )  # fmt: skip
+    if isinstance(click.get_current_context().obj, ParseOnly):
+        return request
 
     def job() -> None:
         from patchcore.apps.runs import OutputOptions, prepare_training_data, train_run
         from patchcore.layout import new_run_folder
 
-        output = OutputOptions(
-            save_segmentation_images=params["save_segmentation_images"],
-            save_models=params["save_patchcore_model"],
-            save_predictions=params["save_predictions"],
-            ensemble_normalisation=params["ensemble_normalisation"],
-            threshold_quantile=params["threshold_quantile"],
-        )
         device = common.torch_device()
-        data = prepare_training_data(dataset.config, device)  # bad data: no run folder made
+        data = prepare_training_data(request.dataset, device)  # bad data: no run folder made
         with new_run_folder(
-            Path(results_path), params["log_project"], params["log_group"]
+            request.results_path, request.log_project, request.log_group
         ) as run_folder:
-            rows = train_run(
-                run_folder, configs, dataset.config, device, model_options.search, output, data
-            )
+            rows = train_run(run_folder, list(request.configs), request.dataset, device,
+                             request.search, OutputOptions(**request.outputs), data)  # fmt: skip
         _show_results(rows, run_folder / "results.csv")
 
     run_guarded(job, common)
@@ -351,12 +390,13 @@ def _train(commands, results_path, **params):
               help="Random weights for every backbone member (tests of mechanics and timing "
                    "only; results are meaningless).")  # fmt: skip
 @_search_options
+@index_options(training=True)
 @usage_errors()
 def _patch_core(
     backbone_names, layers_to_extract_from, pretrain_embed_dimension, target_embed_dimension,
     preprocessing, aggregation, anomaly_scorer_num_nn, patchsize, patchscore, patchoverlap,
     patchsize_aggregate, distance, score_reweighting, random_backbone_weights, faiss_on_gpu,
-    faiss_num_workers, nn_backend,
+    faiss_num_workers, nn_backend, **index_values,
 ):  # fmt: skip
     """Backbone(s), layers and patch-feature dimensions; nearest-neighbour search."""
     _refuse_non_default("--preprocessing", preprocessing, "mean",
@@ -378,7 +418,9 @@ def _patch_core(
         distance=distance,
         score_reweighting=score_reweighting,
         random_backbone_weights=random_backbone_weights,
-        search=SearchConfig(nn_backend, faiss_on_gpu, faiss_num_workers),
+        search=SearchConfig(nn_backend, faiss_on_gpu, faiss_num_workers,
+                            bank_storage=index_values["bank_storage"]),
+        index=index_config(index_values, nn_backend),
     )
     return "patch_core", options
 
@@ -441,10 +483,14 @@ def _evaluate(commands, results_path, **params):
               multiple=True, required=True,
               help="Model folder; one per dataset, or one for all.")  # fmt: skip
 @_search_options
+@index_options(training=False)
 @usage_errors()
-def _patch_core_loader(patch_core_paths, faiss_on_gpu, faiss_num_workers, nn_backend):
+def _patch_core_loader(patch_core_paths, faiss_on_gpu, faiss_num_workers, nn_backend,
+                       **index_values):  # fmt: skip
     """Saved model folder(s) to evaluate; nearest-neighbour search."""
-    search = SearchConfig(nn_backend, faiss_on_gpu, faiss_num_workers)
+    storage = index_values["bank_storage"]
+    search = SearchConfig(nn_backend, faiss_on_gpu, faiss_num_workers, bank_storage=storage,
+                          index=index_config(index_values, nn_backend))  # fmt: skip
     return "patch_core_loader", LoaderOptions(tuple(patch_core_paths), search)
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from patchcore.errors import DataError
 from patchcore.evaluation.metrics import METRIC_NAMES
-from patchcore.files import atomic_write
+from patchcore.files import atomic_write, exclusive_lock
 
 LOGGER = logging.getLogger(__name__)
 
@@ -117,6 +117,25 @@ def write_results_csv(path: Path, rows: Rows) -> Path:
     atomic_write(path, write)
     LOGGER.info("Wrote results of %d dataset(s) to %s", len(rows), path)
     return path
+
+
+def merge_results_csv(path: Path, rows: Rows, order: Sequence[str] = ()) -> dict:
+    """Adds `rows` to the `results.csv` at `path` (replacing rows of the same name) and
+    returns all rows. Safe when several processes merge into one file at once: each holds
+    an exclusive lock (`patchcore.files.exclusive_lock`) while it reads and rewrites, and
+    the rewrite is atomic. Rows named in `order` come first, in that order; the others keep
+    their place. The `Mean` row is recomputed over all rows."""
+    _check_rows(rows)
+    path = Path(path)
+    with exclusive_lock(path):
+        merged = read_results_csv(path) if path.is_file() else {}
+        merged.pop(MEAN_ROW, None)
+        merged.update(rows)
+        rank = {name: position for position, name in enumerate(order)}
+        names = sorted(merged, key=lambda name: rank.get(name, len(rank)))  # stable
+        merged = {name: merged[name] for name in names}
+        write_results_csv(path, merged)
+    return merged
 
 
 def read_results_csv(path: Path) -> dict[str, dict[str, float]]:

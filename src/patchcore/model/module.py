@@ -49,7 +49,7 @@ from patchcore.model.chunked_search import DEFAULT_BANK_CHUNK_SIZE, BankChunkedS
 from patchcore.model.features import build_embedder
 from patchcore.model.patchcore import PatchCore
 from patchcore.model.scoring import memory_bank_problem, score_images
-from patchcore.model.serialization import config_from_meta
+from patchcore.model.serialization import config_fields, config_from_meta, exact_search_config
 
 FORMAT_NAME = "patchcore-challenge-module"
 FORMAT_VERSION = 2
@@ -85,7 +85,7 @@ def config_blob(config: PatchCoreConfig) -> dict:
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
         "library_version": __version__,
-        "config": dataclasses.asdict(config),
+        "config": config_fields(config),
         "normal_statistics_fields": list(STATISTICS_FIELDS),
     }
 
@@ -152,7 +152,7 @@ class PatchCoreModule(torch.nn.Module):
         if threshold is None and statistics is not None:
             threshold = statistics.threshold
         module = cls()
-        module._configure(model.config)
+        module._configure(exact_search_config(model.config))  # the module searches exactly
         module.embedder.load_state_dict(model.embedder.state_dict())
         module.memory_bank = model.memory_bank.detach().to("cpu", torch.float32).clone()
         module.threshold = torch.tensor(

@@ -17,7 +17,9 @@ from dataclasses import replace
 import torch
 
 from patchcore.config import PatchCoreConfig, SearchConfig
+from patchcore.data.preprocessing import check_model_input, cut_tiles
 from patchcore.errors import DataError
+from patchcore.model.bank_file import MappedBank
 from patchcore.model.calibration import (
     DEFAULT_THRESHOLD_QUANTILE,
     NormalStatistics,
@@ -25,10 +27,9 @@ from patchcore.model.calibration import (
 )
 from patchcore.model.feature_store import feature_store_for
 from patchcore.model.features import build_embedder
+from patchcore.model.indexes import build_bank_index, gather_bank
 from patchcore.model.samplers import build_sampler
-from patchcore.data.preprocessing import check_model_input, cut_tiles
 from patchcore.model.scoring import Prediction, memory_bank_problem, score_images
-from patchcore.model.search import build_index
 from patchcore.progress import track
 
 LOGGER = logging.getLogger(__name__)
@@ -48,10 +49,13 @@ class PatchCore:
         device: torch.device | str = "cpu",
         search: SearchConfig | None = None,
     ) -> None:
+        search = search or SearchConfig()
+        if search.index is not None:  # a run-time choice of index replaces the model's own
+            config = replace(config, index=search.index)
         self.config = config
         self.device = torch.device(device)
         self.embedder = build_embedder(config).to(self.device)
-        self.index = build_index(search or SearchConfig(), self.device)
+        self.index = build_bank_index(config.index, search, self.device)
         self.memory_bank: torch.Tensor | None = None
         self.normal_statistics: NormalStatistics | None = None
         self.fit_seconds: dict[str, float] = {}
@@ -104,7 +108,7 @@ class PatchCore:
             selected = sampler.select_projected(projected)
             del projected
             num_features = len(store)
-            self.set_memory_bank(store.gather(selected).to(self.device))
+            self.set_memory_bank(gather_bank(self.index, store, selected, self.device))
         finally:
             store.close()
         self.fit_seconds = {
@@ -122,11 +126,13 @@ class PatchCore:
             self.fit_seconds["subsampling"],
         )
 
-    def set_memory_bank(self, bank: torch.Tensor) -> None:
-        """Makes `bank` [M, D] the memory bank; refuses non-finite values, and lowers k (and
-        Eq. 7's neighbourhood) to M with a warning when the bank is smaller, so the
-        configuration (and a saved model) says what scoring really uses."""
-        problem = memory_bank_problem(bank, self.config.target_embed_dimension)
+    def set_memory_bank(self, bank: torch.Tensor | MappedBank) -> None:
+        """Makes `bank` [M, D] (in RAM, or a memory-mapped file) the memory bank; refuses
+        non-finite values, and lowers k (and Eq. 7's neighbourhood) to M with a warning when
+        the bank is smaller, so the configuration (and a saved model) says what scoring
+        really uses."""
+        rows = bank.tensor if isinstance(bank, MappedBank) else bank  # a mapping: not read in
+        problem = memory_bank_problem(rows, self.config.target_embed_dimension)
         if problem is not None:
             raise DataError(f"the memory bank {problem}")
         self._fit_neighbourhoods(len(bank))

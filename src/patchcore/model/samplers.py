@@ -9,6 +9,11 @@ from that matrix have a closed form that we use instead).
 Distances are tracked squared: the square root is monotonic, so every arg-max, and hence
 every selection, is the one the reference makes on square-rooted distances.
 
+Continuing a selection (`patchcore-update` adding new normal features to a fitted bank) is
+the same selection started from each candidate's squared distance to what is already
+selected, and stopped before the first pick that would be at most a given distance away:
+`select_farthest_points(features, start, count, stop_at=...)`.
+
 On the CPU every selection path compares the same exact float32 distances (see
 `exact_squared_distances`), so the fast path (`pruned_farthest_point_selection`: lazy tile
 updates, triangle-inequality pruning, bfloat16 matrix products with exact rechecks) selects
@@ -90,12 +95,10 @@ class GreedyCoresetSampler(IdentitySampler):
             return super().select_projected(projected)
         squared_norms = projected.square().sum(dim=1)
         start_distances = self._starting_squared_distances(projected, squared_norms)
-        count = self.num_samples(len(projected))
-        if projected.device.type == "cpu" and len(projected) > _PLAIN_SWEEP_ROWS:
-            return pruned_farthest_point_selection(
-                projected, squared_norms, start_distances, count, self.seed
-            )
-        return farthest_point_selection(projected, squared_norms, start_distances, count)
+        return select_farthest_points(
+            projected, start_distances, self.num_samples(len(projected)), seed=self.seed,
+            squared_norms=squared_norms,
+        )  # fmt: skip
 
     def _starting_squared_distances(
         self, projected: torch.Tensor, squared_norms: torch.Tensor
@@ -167,50 +170,91 @@ _PLAIN_SWEEP_ROWS = 8192  # up to this many rows the plain sweep, in cache, is a
 _LANES = 16  # rows per transposed block of the compiled plain sweep
 
 
+def select_farthest_points(
+    features: torch.Tensor,
+    start_squared_distances: torch.Tensor,
+    count: int,
+    stop_at: float | None = None,
+    seed: int = 0,
+    squared_norms: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Indices of up to `count` rows of `features`, in selection order, each the row farthest
+    from the rows selected before it, where `start_squared_distances` are the rows' squared
+    distances to whatever counts as selected already (a fitted bank, when a coreset is
+    continued; the reference's starting distances for a new coreset). With `stop_at`, the
+    selection ends before the first pick whose squared distance is at most `stop_at`. The
+    lazy path on the CPU for large inputs, the plain sweep otherwise; both select the same
+    rows. `start_squared_distances` is not modified."""
+    if count <= 0:
+        return torch.empty(0, dtype=torch.long, device=features.device)
+    if squared_norms is None:
+        squared_norms = features.square().sum(dim=1)
+    minimum = start_squared_distances.to(features.device, torch.float32).clone()
+    if features.device.type == "cpu" and len(features) > _PLAIN_SWEEP_ROWS:
+        return pruned_farthest_point_selection(
+            features, squared_norms, minimum, count, seed, stop_at=stop_at
+        )
+    return farthest_point_selection(features, squared_norms, minimum, count, stop_at=stop_at)
+
+
+def _stops(distance: float, stop_at: float | None) -> bool:
+    return stop_at is not None and distance <= stop_at
+
+
 def farthest_point_selection(
     features: torch.Tensor,
     squared_norms: torch.Tensor,
     min_squared_distances: torch.Tensor,
     num_samples: int,
+    stop_at: float | None = None,
 ) -> torch.Tensor:
     """Greedy farthest-point iterations, each a full sweep over all features.
 
-    `min_squared_distances` is updated in place. Ties go to the lowest row index. On the
+    `min_squared_distances` is updated in place. Ties go to the lowest row index. With
+    `stop_at`, fewer rows are returned when the farthest remaining row is at most that far
+    (squared) from the selection (see `select_farthest_points`). On the
     CPU, distances are the exact ones of `exact_squared_distances` (compiled kernel when
     available, both cores); elsewhere (GPUs, where a sweep is cheap) the matrix-product
     form with `squared_norms`. This is the plain form the fast CPU path is tested against
     and the baseline it is measured against.
     """
     if features.device.type != "cpu":
-        return _matrix_product_sweep(features, squared_norms, min_squared_distances, num_samples)
+        return _matrix_product_sweep(
+            features, squared_norms, min_squared_distances, num_samples, stop_at
+        )
     kernels = coreset_kernels()
     features = features.float().contiguous()
     if kernels is None:
-        return _torch_exact_sweep(features, min_squared_distances, num_samples)
-    return _compiled_sweep(kernels, features, min_squared_distances, num_samples)
+        return _torch_exact_sweep(features, min_squared_distances, num_samples, stop_at)
+    return _compiled_sweep(kernels, features, min_squared_distances, num_samples, stop_at)
 
 
-def _matrix_product_sweep(features, squared_norms, min_squared_distances, num_samples):
+def _matrix_product_sweep(features, squared_norms, min_squared_distances, num_samples,
+                          stop_at=None):  # fmt: skip
     selected = torch.empty(num_samples, dtype=torch.long, device=features.device)
     for step in track(range(num_samples), "Coreset subsampling"):
         index = torch.argmax(min_squared_distances)
+        if _stops(float(min_squared_distances[index]), stop_at):
+            return selected[:step]
         selected[step] = index
         distances = squared_distances_to_points(features, squared_norms, index.view(1)).squeeze(1)
         torch.minimum(min_squared_distances, distances, out=min_squared_distances)
     return selected
 
 
-def _torch_exact_sweep(features, min_squared_distances, num_samples):
+def _torch_exact_sweep(features, min_squared_distances, num_samples, stop_at=None):
     selected = torch.empty(num_samples, dtype=torch.long)
     for step in track(range(num_samples), "Coreset subsampling"):
         index = torch.argmax(min_squared_distances)  # first maximum: lowest index
+        if _stops(float(min_squared_distances[index]), stop_at):
+            return selected[:step]
         selected[step] = index
         distances = exact_squared_distances(features, features[index])
         torch.minimum(min_squared_distances, distances, out=min_squared_distances)
     return selected
 
 
-def _compiled_sweep(kernels, features, min_squared_distances, num_samples):
+def _compiled_sweep(kernels, features, min_squared_distances, num_samples, stop_at=None):
     """The plain sweep with the compiled kernel, on rows transposed in blocks of 16 (so the
     vector lanes hold 16 rows), split between the intra-op threads."""
     count, dimension = features.shape
@@ -236,6 +280,9 @@ def _compiled_sweep(kernels, features, min_squared_distances, num_samples):
     index = int(torch.argmax(minimum))
     with ThreadPoolExecutor(threads) as pool:
         for step in track(range(num_samples), "Coreset subsampling"):
+            if _stops(float(minimum[index]), stop_at):
+                selected = selected[:step]
+                break
             selected[step] = index
             point.copy_(features[index])
             list(pool.map(sweep_part, range(threads)))
@@ -254,8 +301,10 @@ def pruned_farthest_point_selection(
     num_samples: int,
     seed: int = 0,
     chunk_size: int = 1024,
+    stop_at: float | None = None,
 ) -> torch.Tensor:
-    """The same selections as `farthest_point_selection` (CPU), computed lazily.
+    """The same selections as `farthest_point_selection` (CPU), computed lazily, with the same
+    `stop_at`.
 
     Rows are grouped into tiles of `chunk_size` consecutive rows (neighbouring patches of
     an image). A tile's largest minimum distance, once known, stays an upper bound while
@@ -275,10 +324,12 @@ def pruned_farthest_point_selection(
     kernels = coreset_kernels()
     if kernels is None or features.device.type != "cpu":
         return farthest_point_selection(
-            features, features.square().sum(dim=1), min_squared_distances.clone(), num_samples
-        )
+            features, features.square().sum(dim=1), min_squared_distances.clone(), num_samples,
+            stop_at,
+        )  # fmt: skip
     del seed  # tiles are consecutive rows; kept for the signature
-    return _LazyTiles(kernels, features, min_squared_distances, chunk_size).run(num_samples)
+    tiles = _LazyTiles(kernels, features, min_squared_distances, chunk_size)
+    return tiles.run(num_samples, stop_at)
 
 
 _PENDING_BATCH = 4096  # coreset points per matrix product
@@ -346,8 +397,8 @@ class _LazyTiles:
             self.bounds.ctypes.data, self.argmax.ctypes.data, sums.data_ptr(),
         )  # fmt: skip
 
-    def run(self, num_samples: int) -> torch.Tensor:
-        """Selects `num_samples` rows."""
+    def run(self, num_samples: int, stop_at: float | None = None) -> torch.Tensor:
+        """Selects `num_samples` rows (fewer with `stop_at`)."""
         self.selected = torch.empty(num_samples, dtype=torch.long)
         worker = _TileWorker(self, num_samples)
         kernels, dimension, shrink = self.kernels, self.dimension, self.shrink
@@ -363,6 +414,10 @@ class _LazyTiles:
                 while kernels.next_tiles(bounds, stale, argmax, self.num_tiles, 1,
                                          ctypes.addressof(tile), ctypes.addressof(row)):  # fmt: skip
                     worker.update(tile.value, step)
+                # The chosen row's tile is up to date: its minimum distance is the exact one.
+                if _stops(float(self.minimum[row.value]), stop_at):
+                    self.selected = self.selected[:step]
+                    break
                 self.selected[step] = row.value
                 kernels.mark_stale(features + row.value * row_bytes, centres, radii, bounds,
                                    self.num_tiles, dimension, shrink, stale)  # fmt: skip

@@ -183,12 +183,17 @@ def reweighting_factor(
     return 1.0 - torch.exp(nearest_distance - torch.logsumexp(neighbourhood_distances, dim=1))
 
 
+_CHECK_ROWS = 4096  # rows per finiteness check: small temporaries, also for a mapped bank
+
+
 def memory_bank_problem(bank: torch.Tensor, dimension: int) -> str | None:
     """What makes `bank` unusable as a memory bank of `dimension`-d features (its shape, or
-    non-finite values, which would score every image wrongly), or None."""
+    non-finite values, which would score every image wrongly), or None. Values are checked
+    a few thousand rows at a time, so a memory-mapped bank is never read in whole."""
     if bank.ndim != 2 or bank.shape[1] != dimension or not len(bank):
         return f"must have shape [M > 0, {dimension}], got {list(bank.shape)}"
-    non_finite = int((~torch.isfinite(bank)).sum())
+    non_finite = sum(int((~torch.isfinite(bank[start : start + _CHECK_ROWS])).sum())
+                     for start in range(0, len(bank), _CHECK_ROWS))  # fmt: skip
     if non_finite:
         return f"holds {non_finite} values that are not finite numbers (NaN or infinite)"
     return None

@@ -6,10 +6,17 @@ Per member, with the reference implementation's file names:
 - `nnscorer_search_index.faiss`: the memory bank as a flat FAISS index;
 - `patchcore_meta.json`: our self-description: format version, library version, the full
   model configuration (backbone, weights, layers, dimensions, patch size, k, distance,
-  preprocessing, sampler) and the normal-data statistics and threshold; in an ensemble, also
-  the statistics and threshold of the ensemble's combined scale (`"ensemble"`, the same in
-  every member's file).
+  preprocessing, sampler, search index) and the normal-data statistics and threshold; in
+  an ensemble, also the statistics and threshold of the ensemble's combined scale
+  (`"ensemble"`, the same in every member's file);
+- `search_index_<kind>.faiss` (approximate search only): the trained FAISS IVF-Flat, IVF-PQ
+  or HNSW index, read back as it was saved.
+A model is written in the oldest format version that describes it (`format_version_of`):
+3 for exact search (no `index` entry, so libraries that know version 3 still read it), 4
+when it carries an approximate index, which those libraries refuse with a message to
+upgrade. Every older version loads.
 Folders written by the reference (no meta file) load with the preprocessing the caller gives.
+With `SearchConfig(bank_storage="mmap")` the bank file is memory-mapped instead of read.
 Pickles are read with an unpickler that only accepts plain data: no code runs on load.
 Saving is atomic: the folder appears complete or not at all.
 """
@@ -23,15 +30,24 @@ import logging
 import math
 import pickle
 import re
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 
 from patchcore import __version__
-from patchcore.config import PatchCoreConfig, PreprocessingConfig, SamplerConfig, SearchConfig
+from patchcore.config import (
+    IndexConfig,
+    PatchCoreConfig,
+    PreprocessingConfig,
+    SamplerConfig,
+    SearchConfig,
+)
 from patchcore.errors import ConfigurationError, ModelFormatError, PatchCoreError
 from patchcore.files import is_staging, staged_path
+from patchcore.model.bank_file import MappedBank, write_bank_file
 from patchcore.model.calibration import NormalStatistics
+from patchcore.model.indexes import bank_storage_of
 from patchcore.model.patchcore import PatchCore
 from patchcore.model.search import read_memory_bank, write_memory_bank
 
@@ -39,8 +55,11 @@ LOGGER = logging.getLogger(__name__)
 
 FORMAT_NAME = "patchcore-model"
 # 2: preprocessing gained crop, max_size and tiles; 3: ensembles carry their combined scale's
-# statistics and threshold. Older versions still load; a newer one is refused with a clear error.
-FORMAT_VERSION = 3
+# statistics and threshold; 4: an approximate search index (the configuration's `index` and
+# its `search_index_<kind>.faiss`). Older versions still load; a newer one is refused with a
+# clear error. A model is written in the oldest version that describes it.
+FORMAT_VERSION = 4
+EXACT_SEARCH_FORMAT_VERSION = 3  # what a model without an approximate index is written as
 PARAMS_FILE = "patchcore_params.pkl"
 INDEX_FILE = "nnscorer_search_index.faiss"
 META_FILE = "patchcore_meta.json"
@@ -68,6 +87,7 @@ REQUIRED_FIELDS = {
     ),
     PreprocessingConfig: ("resize", "imagesize"),
     SamplerConfig: ("name", "percentage", "projection_dimension", "num_starting_points", "seed"),
+    IndexConfig: ("kind",),  # the `index` entry itself is optional (format version 4)
 }
 
 
@@ -113,13 +133,38 @@ def reference_parameters(config: PatchCoreConfig) -> dict:
     }
 
 
-def _meta(model: PatchCore, ensemble: dict | None) -> dict:
+def approximate_index_file(kind: str) -> str:
+    """File name of a member's saved approximate index, e.g. `search_index_ivfpq.faiss`."""
+    return f"search_index_{kind}.faiss"
+
+
+def config_fields(config: PatchCoreConfig) -> dict:
+    """`config` as plain data for a self-description; exact search (the default) leaves the
+    `index` entry out, so the description reads like a version-3 one."""
+    fields = dataclasses.asdict(config)
+    if not config.index.approximate:
+        del fields["index"]
+    return fields
+
+
+def exact_search_config(config: PatchCoreConfig) -> PatchCoreConfig:
+    """`config` with exact search: what an exported model records, whose graph searches its
+    bank exactly, in chunks, whatever index the saved model used."""
+    return dataclasses.replace(config, index=IndexConfig())
+
+
+def format_version_of(config: PatchCoreConfig) -> int:
+    """The oldest format version that describes a model of `config`."""
+    return FORMAT_VERSION if config.index.approximate else EXACT_SEARCH_FORMAT_VERSION
+
+
+def _meta(model: PatchCore, prefix: str, ensemble: dict | None) -> dict:
     statistics = model.normal_statistics
-    return {
+    meta = {
         "format": FORMAT_NAME,
-        "format_version": FORMAT_VERSION,
+        "format_version": format_version_of(model.config),
         "library_version": __version__,
-        "config": dataclasses.asdict(model.config),
+        "config": config_fields(model.config),
         "normalisation": {
             "mean": list(model.embedder.extractor.mean.flatten().tolist()),
             "std": list(model.embedder.extractor.std.flatten().tolist()),
@@ -128,6 +173,10 @@ def _meta(model: PatchCore, ensemble: dict | None) -> dict:
         "normal_statistics": dataclasses.asdict(statistics) if statistics else None,
         ENSEMBLE_KEY: ensemble,
     }
+    if model.config.index.approximate:
+        file = f"{prefix}{approximate_index_file(model.config.index.kind)}"
+        meta["search_index"] = {"file": file, **model.index.describe()}
+    return meta
 
 
 def _ensemble_meta(count: int, statistics: NormalStatistics | None) -> dict | None:
@@ -146,17 +195,27 @@ def _write_member(folder: Path, model: PatchCore, prefix: str, ensemble: dict | 
         raise ModelFormatError("cannot save a model that has not been fitted")
     with open(folder / f"{prefix}{PARAMS_FILE}", "wb") as handle:
         pickle.dump(reference_parameters(model.config), handle, protocol=pickle.HIGHEST_PROTOCOL)
-    write_memory_bank(model.memory_bank, folder / f"{prefix}{INDEX_FILE}")
-    (folder / f"{prefix}{META_FILE}").write_text(json.dumps(_meta(model, ensemble), indent=2))
+    if bank_storage_of(model.index) == "mmap":
+        write_bank_file(model.memory_bank, folder / f"{prefix}{INDEX_FILE}")
+    else:
+        write_memory_bank(model.memory_bank, folder / f"{prefix}{INDEX_FILE}")
+    if model.config.index.approximate:
+        model.index.write(folder / f"{prefix}{approximate_index_file(model.config.index.kind)}")
+    meta = _meta(model, prefix, ensemble)
+    (folder / f"{prefix}{META_FILE}").write_text(json.dumps(meta, indent=2))
 
 
 def save_models(
-    folder: Path, models: list[PatchCore], ensemble_statistics: NormalStatistics | None = None
+    folder: Path,
+    models: list[PatchCore],
+    ensemble_statistics: NormalStatistics | None = None,
+    extra_files: Mapping[str, str] | None = None,
 ) -> None:
     """Writes one model or an ensemble's members into `folder`, replacing it atomically.
 
     `ensemble_statistics`: an ensemble's combined-scale statistics and threshold
     (`patchcore.evaluation.ensemble.calibrate_ensemble`), saved with every member.
+    `extra_files` (name -> text, e.g. an update history) are written into the folder too.
     """
     if ensemble_statistics is not None and len(models) == 1:
         raise ModelFormatError("ensemble statistics belong to an ensemble of several models")
@@ -164,6 +223,8 @@ def save_models(
     with staged_path(Path(folder), folder=True) as staging:
         for position, model in enumerate(models):
             _write_member(staging, model, member_prefix(position, len(models)), ensemble)
+        for name, text in (extra_files or {}).items():
+            (staging / name).write_text(text, encoding="utf-8")
     LOGGER.info("Saved %d model(s) to %s", len(models), folder)
 
 
@@ -191,14 +252,19 @@ def member_prefixes(folder: Path) -> list[str]:
     return sorted(prefixes, key=lambda prefix: int(_ENSEMBLE_PREFIX.match(prefix).group(1)))
 
 
-def read_meta(path: Path) -> dict:
-    """The JSON object of a meta file; ModelFormatError when it is not one."""
+def read_json(path: Path):
+    """The JSON value in a file of a model folder; ModelFormatError when it cannot be read."""
     try:
-        meta = json.loads(path.read_text())
+        return json.loads(Path(path).read_text())
     except OSError as error:
         raise ModelFormatError(f"{path}: cannot read ({error.strerror})") from error
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ModelFormatError(f"{path}: not valid JSON ({error})") from error
+
+
+def read_meta(path: Path) -> dict:
+    """The JSON object of a meta file; ModelFormatError when it is not one."""
+    meta = read_json(path)
     if not isinstance(meta, dict):
         raise ModelFormatError(f"{path}: not a {FORMAT_NAME} description")
     return meta
@@ -248,7 +314,11 @@ def _typed_config(cls: type, values, where: str, prefix: str):
         raise ModelFormatError(f"{where}: {error}") from error
 
 
-_NESTED = {"PreprocessingConfig": PreprocessingConfig, "SamplerConfig": SamplerConfig}
+_NESTED = {
+    "PreprocessingConfig": PreprocessingConfig,
+    "SamplerConfig": SamplerConfig,
+    "IndexConfig": IndexConfig,
+}
 _TYPE_NAMES = {
     "int": "an integer",
     "float": "a number",
@@ -358,8 +428,15 @@ def load_model(
             "resize step; images are resized to %d (--resize) and centre-cropped to %d",
             folder, META_FILE, config.preprocessing.resize, config.preprocessing.imagesize,
         )  # fmt: skip
-    model = PatchCore(config, device, search or SearchConfig())
-    model.set_memory_bank(read_memory_bank(folder / f"{prefix}{INDEX_FILE}"))
+    search = search or SearchConfig()
+    model = PatchCore(config, device, search)
+    if search.index is None and config.index.approximate:
+        model.index.read(folder / f"{prefix}{approximate_index_file(config.index.kind)}")
+    bank_path = folder / f"{prefix}{INDEX_FILE}"
+    if search.bank_storage == "mmap":
+        model.set_memory_bank(MappedBank(bank_path))
+    else:
+        model.set_memory_bank(read_memory_bank(bank_path))
     if meta.get("normal_statistics") is not None:
         model.normal_statistics = _statistics_from_meta(meta["normal_statistics"], str(meta_path))
     return model
