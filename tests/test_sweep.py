@@ -136,6 +136,7 @@ def test_pairs_with_a_results_row_are_skipped_unless_forced(synthetic_root, tmp_
     assert output.split()[::2] == ["planned", "planned"]
 
 
+@needs_ray
 def test_an_unreachable_ray_address_is_one_line(synthetic_root, tmp_path):
     path = tmp_path / "sweep.toml"
     path.write_text(f'data_path = "{synthetic_root}"\ncategories = ["texture"]\n'
