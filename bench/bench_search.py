@@ -28,9 +28,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import tables
 import torch
 
-import tables
 from patchcore.cli.common import CommonOptions, configure_process
 from patchcore.config import (
     IndexConfig,
@@ -47,7 +47,6 @@ from patchcore.model.patchcore import PatchCore
 from patchcore.model.scoring import patch_scores_to_maps, score_patches
 from patchcore.model.serialization import load_models, save_models
 from patchcore.progress import track
-
 
 COLUMNS = [
     ("variant", "{variant}"), ("build s", "{build:.1f}"), ("index MiB", "{mib:.1f}"),

@@ -14,8 +14,8 @@ from patchcore.cli.update import update_cli
 from patchcore.config import SamplerConfig, SearchConfig
 from patchcore.data.datasets import ImageDataset, Sample, list_samples
 from patchcore.model.patchcore import PatchCore
-from patchcore.model.serialization import INDEX_FILE, load_models, save_models
 from patchcore.model.samplers import select_farthest_points
+from patchcore.model.serialization import INDEX_FILE, load_models, save_models
 from patchcore.model.update import UpdateLimits, nearest_squared_distances
 
 
