@@ -32,6 +32,12 @@ def _require(condition: bool, message: str) -> None:
         raise ConfigurationError(message)
 
 
+def check_loader_settings(batch_size: int, num_workers: int) -> None:
+    """The image loader's --batch_size and --num_workers, checked for every command."""
+    _require(batch_size >= 1, f"--batch_size must be >= 1, got {batch_size}")
+    _require(num_workers >= 0, f"--num_workers must be >= 0, got {num_workers}")
+
+
 def default_layers(backbone_name: str) -> tuple[str, ...]:
     """Layers to use when none are given: the paper's mid-level stages."""
     if backbone_name == EFFICIENTNET_LITE0:
@@ -304,8 +310,7 @@ class DatasetConfig:
             0.0 < self.train_val_split <= 1.0,
             f"--train_val_split must be in (0, 1], got {self.train_val_split}",
         )
-        _require(self.batch_size >= 1, f"--batch_size must be >= 1, got {self.batch_size}")
-        _require(self.num_workers >= 0, f"--num_workers must be >= 0, got {self.num_workers}")
+        check_loader_settings(self.batch_size, self.num_workers)
         _require(
             self.mask_rule in MASK_RULES,
             f"--mask_rule must be one of {', '.join(MASK_RULES)}, got '{self.mask_rule}'",

@@ -63,7 +63,7 @@ import torch
 from PIL import Image
 
 from patchcore.apps.runtimes import ExportedModel, open_exported
-from patchcore.config import RUNTIMES, PreprocessingConfig, SearchConfig
+from patchcore.config import RUNTIMES, PreprocessingConfig, SearchConfig, check_loader_settings
 from patchcore.data.datasets import IMAGE_EXTENSIONS, image_files
 from patchcore.data.preprocessing import (
     check_working_size,
@@ -112,10 +112,7 @@ class PredictOptions:
             )
         if not self.inputs:
             raise ConfigurationError("give at least one INPUT image, folder or pattern")
-        if self.batch_size < 1:
-            raise ConfigurationError(f"--batch_size must be >= 1, got {self.batch_size}")
-        if self.num_workers < 0:
-            raise ConfigurationError(f"--num_workers must be >= 0, got {self.num_workers}")
+        check_loader_settings(self.batch_size, self.num_workers)
         for option, value in (
             ("--threshold", self.threshold),
             ("--mask_threshold", self.mask_threshold),

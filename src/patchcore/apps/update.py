@@ -25,7 +25,7 @@ import torch
 
 from patchcore import __version__
 from patchcore.apps.predict import resolve_inputs
-from patchcore.config import PreprocessingConfig, SearchConfig
+from patchcore.config import PreprocessingConfig, SearchConfig, check_loader_settings
 from patchcore.data.datasets import GOOD, ImageDataset, Sample, SizeGroupedBatchSampler
 from patchcore.errors import ConfigurationError, ModelFormatError
 from patchcore.evaluation.ensemble import calibrate_ensemble, decision_statistics
@@ -63,10 +63,7 @@ class UpdateOptions:
     def __post_init__(self) -> None:
         if not self.images:
             raise ConfigurationError("give at least one IMAGES file, folder or pattern")
-        if self.batch_size < 1:
-            raise ConfigurationError(f"--batch_size must be >= 1, got {self.batch_size}")
-        if self.num_workers < 0:
-            raise ConfigurationError(f"--num_workers must be >= 0, got {self.num_workers}")
+        check_loader_settings(self.batch_size, self.num_workers)
         quantile = self.threshold_quantile
         if quantile is not None and not 0.0 <= quantile <= 1.0:
             raise ConfigurationError(f"--threshold_quantile must be in [0, 1], got {quantile}")
