@@ -45,6 +45,24 @@ def test_extractor_stops_at_the_last_requested_layer():
     assert layer2.shape == (1, 128, 8, 8)
 
 
+@pytest.mark.parametrize("name, layers", [("efficientnet_lite0", ("_blocks.4", "_blocks.10")),
+                                           ("resnet18", ("layer2", "layer3"))])  # fmt: skip
+def test_channels_last_features_equal_the_default_layout_within_rounding(name, layers):
+    """The extractor runs convolutions channels-last (faster); torch's default NCHW layout,
+    the reference's, gives the same features up to float rounding, on a non-square input."""
+    extractor = FeatureExtractor(load_backbone(name, pretrained=name == "efficientnet_lite0"),
+                                 layers)  # fmt: skip
+    images = torch.rand(2, 3, 96, 160, generator=torch.Generator().manual_seed(5))
+    with torch.inference_mode():
+        fast = extractor(images)
+        extractor.use_memory_format(torch.contiguous_format)
+        default = extractor(images)
+    for fast_map, default_map in zip(fast, default, strict=True):
+        assert fast_map.shape == default_map.shape
+        scale = float(default_map.abs().max())
+        torch.testing.assert_close(fast_map, default_map, rtol=0.0, atol=1e-5 * scale)
+
+
 def test_unknown_backbone_and_layer_are_named_in_the_error():
     with pytest.raises(BackboneError, match="unknown backbone 'resnet9000'"):
         load_backbone("resnet9000", pretrained=False)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import small_config
-from patchcore.config import SearchConfig
+from patchcore.config import PreprocessingConfig, SearchConfig
 from patchcore.errors import ModelFormatError, OutputError
 from patchcore.evaluation.ensemble import calibrate_ensemble, predict_new_images
 from patchcore.model.feature_store import InMemoryFeatureStore, SpilledFeatureStore, gather_rows
@@ -292,6 +292,34 @@ def test_pickles_that_would_run_code_are_refused(tmp_path, fitted):
     (folder / PARAMS_FILE).write_bytes(pickle.dumps(Payload()))
     with pytest.raises(ModelFormatError, match="refusing to load 'builtins.print'"):
         load_model(folder)
+
+
+def test_a_fixed_scale_is_saved_as_format_5_and_restored(tmp_path, random_images):
+    scaled = small_config(preprocessing=PreprocessingConfig(crop="none", scale=0.75))
+    model = PatchCore(scaled)
+    model.fit([random_images[:3]])
+    save_models(tmp_path / "scaled", [model])
+    meta = json.loads((tmp_path / "scaled" / META_FILE).read_text())
+    assert meta["format_version"] == 5 and meta["config"]["preprocessing"]["scale"] == 0.75
+    assert load_model(tmp_path / "scaled").config.preprocessing == scaled.preprocessing
+    # A reader of format 4 refuses it with the version, not with a wrong preprocessing.
+    with pytest.raises(ModelFormatError, match="format version 5 is newer than this library"):
+        config_from_meta(meta, "meta", format_version=4)
+    # Without a scale nothing changes: no `scale` entry, written as version 3 as before.
+    plain_model = PatchCore(small_config())
+    plain_model.fit([random_images[:3]])
+    save_models(tmp_path / "plain", [plain_model])
+    plain = json.loads((tmp_path / "plain" / META_FILE).read_text())
+    assert plain["format_version"] == 3 and "scale" not in plain["config"]["preprocessing"]
+    # The exported module's and exported graphs' own descriptions follow the same rule.
+    from patchcore.apps.runtimes import ExportRecord
+    from patchcore.model.module import config_blob
+
+    assert [config_blob(c)["format_version"] for c in (scaled, small_config())] == [3, 2]
+    records = [json.loads(ExportRecord(c, (64, 64), None, None, 10, 10, 18, "fp32", "x").to_json())
+               for c in (scaled, small_config())]  # fmt: skip
+    assert [record["format_version"] for record in records] == [2, 1]
+    assert ExportRecord.from_json(json.dumps(records[0]), "graph").config == scaled
 
 
 def test_newer_format_version_fails_clearly(tmp_path, fitted):

@@ -184,6 +184,26 @@ def test_whole_image_mode_keeps_the_aspect_ratio_and_every_pixel(tmp_path):
     )
 
 
+def test_a_fixed_scale_resizes_every_image_by_one_factor(tmp_path):
+    config = PreprocessingConfig(crop="none", scale=0.5)
+    sizes = {(460, 1130): (230, 565), (301, 107): (150, 54), (64, 64): (32, 32)}
+    for (height, width), expected in sizes.items():  # round(side * 0.5), half to even
+        path = write_image(tmp_path / f"{width}.png", noise_image((height, width, 3), seed=3))
+        tensor = image_tensor(open_image(path), config)
+        assert tuple(tensor.shape[1:]) == expected, (height, width)
+        frame = frame_of((height, width), config)
+        assert frame.size == frame.resized == expected and (frame.top, frame.left) == (0, 0)
+        pil = Image.open(path).convert("RGB").resize(expected[::-1], Image.BILINEAR)
+        assert torch.equal(tensor, reference_transforms.ToTensor()(pil))  # PIL's resize
+    assert tuple(frame_of((460, 1130), PreprocessingConfig(crop="none", scale=1.0)).size) == (
+        460, 1130)  # fmt: skip
+    capped = PreprocessingConfig(crop="none", scale=2.0, max_size=1000)
+    assert frame_of((460, 1130), capped).size == (407, 1000)  # int(1000 * 920 / 2260)
+    maps = torch.rand(1, 230, 565)
+    assert map_to_input_frame(maps, (460, 1130), config).shape == (1, 460, 1130)
+    assert to_model_input(torch.rand(1, 3, 460, 1130), config).shape[-2:] == (230, 565)
+
+
 def test_images_of_different_sizes_are_batched_by_size():
     sampler = SizeGroupedBatchSampler([(4, 6), (4, 8), (4, 6), (4, 6), (4, 8)], batch_size=2)
     assert list(sampler) == [[0, 2], [3], [1, 4]]
@@ -198,6 +218,10 @@ def test_bad_preprocessing_options_are_one_line_errors(tmp_path):
         ({"tile": 300}, "--tile 300 is larger than the 224 px centre crop"),
         ({"crop": "sides"}, "--crop must be one of center, none"),
         ({"resize": 16, "imagesize": 16}, "--resize must be an integer >= 32"),
+        ({"crop": "none", "scale": 0.0}, "--scale must be a number > 0, got 0.0"),
+        ({"crop": "none", "scale": float("nan")}, "--scale must be a number > 0, got nan"),
+        ({"scale": 0.5}, "--scale needs --crop none"),
+        ({"crop": "none", "scale": 0.5, "max_size": 16}, "--max_size must be >= 32, got 16"),
     ]
     for changes, message in cases:
         with pytest.raises(ConfigurationError) as raised:

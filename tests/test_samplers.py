@@ -236,3 +236,35 @@ def test_plain_sweep_updates_the_minimum_distances_in_place():
     for index in selected:
         expected = torch.minimum(expected, exact_squared_distances(features, features[index]))
     assert torch.equal(minimum, expected)
+
+
+@pytest.mark.parametrize("small_batch", [0, 16, 10**6])
+@pytest.mark.parametrize("name", ["manifold", "repeated", "clusters", "scales"])
+def test_small_batches_products_select_as_torch_mm_does(monkeypatch, name, small_batch):
+    """Tiles are brought up to date with batches of pending points whose products the compiled
+    loop computes itself (up to SMALL_BATCH points) or torch.mm computes: any split selects
+    what the plain sweep selects. Dimensions here are multiples of 32 (the compiled products'
+    condition)."""
+    features = HARD_CASES[name]
+    features = torch.cat([features, features.flip(1)], dim=1)[:, :32].contiguous()
+    count = len(features) // 4
+    start = _start(features)
+    plain = farthest_point_selection(features, None, start.clone(), count)
+    monkeypatch.setattr(samplers, "SMALL_BATCH", small_batch)
+    for chunk_size in (1024, 40):
+        selected = pruned_farthest_point_selection(features, None, start, count,
+                                                   chunk_size=chunk_size)  # fmt: skip
+        assert torch.equal(selected, plain), chunk_size
+
+
+def test_lazy_selection_stops_where_the_plain_sweep_stops():
+    features = HARD_CASES["manifold"]
+    start = _start(features)
+    plain = farthest_point_selection(features, None, start.clone(), 600)
+    minimum = start.clone()
+    farthest_point_selection(features, None, minimum, 300)
+    stop_at = float(minimum.max())  # the 301st point's distance: stop there
+    stopped = pruned_farthest_point_selection(features, None, start, 600, stop_at=stop_at)
+    swept = farthest_point_selection(features, None, start.clone(), 600, stop_at=stop_at)
+    assert torch.equal(stopped, swept) and len(stopped) == 300
+    assert torch.equal(stopped, plain[:300])

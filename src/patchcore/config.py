@@ -5,6 +5,7 @@ Every option is checked once, when its dataclass is built; code further down tru
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from patchcore.errors import ConfigurationError
@@ -69,9 +70,11 @@ class PreprocessingConfig:
 
     The shorter side is resized to `resize`; `crop="center"` (the reference) then cuts the
     centre `imagesize` x `imagesize`, `crop="none"` keeps the whole image, its longer side
-    capped at `max_size` when given. With `tile`, the working image is cut into `tile` x
-    `tile` tiles overlapping by the fraction `tile_overlap`, each scored on its own and
-    stitched back into one map.
+    capped at `max_size` when given. With `crop="none"`, `scale` replaces the resize of the
+    shorter side by one factor for every image (a fixed camera: texture and defects keep
+    their size in pixels whatever the image's size). With `tile`, the working image is cut
+    into `tile` x `tile` tiles overlapping by the fraction `tile_overlap`, each scored on its
+    own and stitched back into one map.
     """
 
     resize: int = 256
@@ -80,6 +83,7 @@ class PreprocessingConfig:
     max_size: int | None = None
     tile: int | None = None
     tile_overlap: float = 0.0
+    scale: float | None = None
 
     def __post_init__(self) -> None:
         _require(
@@ -96,8 +100,20 @@ class PreprocessingConfig:
             f"got {self.imagesize}",
         )
         _require(
-            self.max_size is None or self.max_size >= self.resize,
+            self.scale is None or (math.isfinite(self.scale) and self.scale > 0.0),
+            f"--scale must be a number > 0, got {self.scale}",
+        )
+        _require(
+            self.scale is None or self.crop == "none",
+            "--scale needs --crop none (the centre crop resizes the shorter side to --resize)",
+        )
+        _require(
+            self.max_size is None or self.max_size >= self.resize or self.scale is not None,
             f"--max_size must be >= --resize ({self.resize}), got {self.max_size}",
+        )
+        _require(
+            self.max_size is None or self.max_size >= MIN_IMAGE_SIDE,
+            f"--max_size must be >= {MIN_IMAGE_SIDE}, got {self.max_size}",
         )
         _require(
             self.tile is None or self.tile >= MIN_IMAGE_SIDE,

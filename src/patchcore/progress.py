@@ -44,20 +44,35 @@ def track(
     """Yields the items of `iterable`, showing progress as a bar or as log lines."""
     if total is None and hasattr(iterable, "__len__"):
         total = len(iterable)
+    for item, _ in _shown(((item, 1) for item in iterable), description, total, unit):
+        yield item
+
+
+def track_blocks(total: int, block: int, description: str, unit: str = "it") -> Iterator[int]:
+    """Yields the ends of consecutive blocks of `block` items covering `total` items (the
+    caller does a block's items at once), showing progress in items."""
+    ends = [*range(block, total, block), total]
+    for end, _ in _shown(((end, end - begin) for begin, end in zip([0, *ends], ends)),
+                         description, total, unit):  # fmt: skip
+        yield end
+
+
+def _shown(
+    items: Iterable[tuple[Item, int]], description: str, total: int | None, unit: str
+) -> Iterator[tuple[Item, int]]:
+    """Yields (item, amount) pairs; once the caller is done with one, `amount` units of
+    progress are shown: on a bar, or as a log line a minute and one at the end."""
     if bars_enabled():
-        yield from tqdm.tqdm(iterable, desc=description, total=total, unit=unit, leave=False)
+        with tqdm.tqdm(desc=description, total=total, unit=unit, leave=False) as bar:
+            for item, amount in items:
+                yield item, amount
+                bar.update(amount)
         return
-    yield from _logged(iterable, description, total, unit)
-
-
-def _logged(
-    iterable: Iterable[Item], description: str, total: int | None, unit: str
-) -> Iterator[Item]:
     start = last = time.monotonic()
     count = 0
-    for item in iterable:
-        yield item
-        count += 1
+    for item, amount in items:
+        yield item, amount
+        count += amount
         now = time.monotonic()
         if now - last >= LOG_INTERVAL_SECONDS:
             last = now

@@ -61,6 +61,7 @@ class PreprocessingRequest:
     max_size: int | None = None
     tile: int | None = None
     tile_overlap: float | None = None
+    scale: float | None = None
 
     def given(self) -> dict:
         return {

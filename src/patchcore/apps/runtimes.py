@@ -33,12 +33,13 @@ from patchcore import __version__
 from patchcore.config import RUNTIMES, PatchCoreConfig
 from patchcore.errors import ConfigurationError, DataError, ModelFormatError, missing_dependency
 from patchcore.model.calibration import NormalStatistics
-from patchcore.model.serialization import config_fields, config_from_meta
+from patchcore.model.serialization import config_fields, config_from_meta, records_scale
 
 LOGGER = logging.getLogger(__name__)
 
 EXPORT_FORMAT_NAME = "patchcore-export"
-EXPORT_FORMAT_VERSION = 1
+EXPORT_FORMAT_VERSION = 2  # 2: preprocessing.scale; written only by exports that use it
+WITHOUT_SCALE_EXPORT_FORMAT_VERSION = 1
 METADATA_KEY = "patchcore"
 INPUT_NAME = "images"
 TORCH_SUFFIXES = (".pth", ".pt")
@@ -73,6 +74,8 @@ class ExportRecord:
     def to_json(self) -> str:
         data = dataclasses.asdict(self)
         data["config"] = config_fields(self.config)
+        scaled = records_scale(self.config)
+        version = EXPORT_FORMAT_VERSION if scaled else WITHOUT_SCALE_EXPORT_FORMAT_VERSION
         data["input_size"] = list(self.input_size)
         data["input"] = {
             "name": INPUT_NAME,
@@ -82,7 +85,7 @@ class ExportRecord:
             "range": [0.0, 1.0],
         }
         return json.dumps(
-            {"format": EXPORT_FORMAT_NAME, "format_version": EXPORT_FORMAT_VERSION, **data},
+            {"format": EXPORT_FORMAT_NAME, "format_version": version, **data},
             sort_keys=True,
         )
 

@@ -207,12 +207,13 @@ def _search_options(function):
 
 def _dataset_command(group: click.Group, training: bool) -> click.Command:
     def dataset(name, data_path, subdatasets, batch_size, num_workers, resize, imagesize, crop,
-                max_size, tile, tile_overlap, mask_rule, augment, train_val_split=1.0):  # fmt: skip
+                max_size, scale, tile, tile_overlap, mask_rule, augment,
+                train_val_split=1.0):  # fmt: skip
         """NAME (mvtec or folder) and DATA_PATH, the categories and how images are loaded."""
         from patchcore.apps.runs import PreprocessingRequest
 
         _refuse_non_default("--augment", augment, False, "PatchCore trains on unaugmented images")
-        request = PreprocessingRequest(resize, imagesize, crop, max_size, tile, tile_overlap)
+        request = PreprocessingRequest(resize, imagesize, crop, max_size, tile, tile_overlap, scale)
         with usage_errors():
             config = DatasetConfig(
                 name=name,
@@ -250,6 +251,9 @@ def _dataset_command(group: click.Group, training: bool) -> click.Command:
                           "image, aspect ratio kept."),
         click.option("--max_size", type=int, default=None,
                      help="With --crop none: cap of the longer side after resizing [no cap]."),
+        click.option("--scale", type=float, default=None,
+                     help="With --crop none: resize every image by this factor instead of "
+                          "its shorter side to --resize (one pixel size for one camera)."),
         click.option("--tile", type=int, default=None,
                      help="Tiled inspection: tile side in pixels of the working image."),
         click.option("--tile_overlap", type=float, default=None,

@@ -7,7 +7,9 @@ PIL's bilinear filter, it is centre-cropped to `imagesize`, and `ToTensor`'s sca
 
 Whole-image inspection (`crop="none"`): the same resize of the shorter side, optionally with
 the longer side capped at `max_size` (torchvision's rule), and no crop: the working image keeps
-the original's aspect ratio and every pixel of it is inspected.
+the original's aspect ratio and every pixel of it is inspected. With `scale`, every image is
+instead resized by that one factor (PIL bilinear, sides rounded), so images of different sizes
+from one camera keep one pixel size.
 
 Decoding: 8-bit images follow `convert("RGB")`. 16-bit images (modes I;16*, and 32-bit
 integer images whose values fit 16 bits) are scaled to 8 bits by value * 255 / 65535, rounded,
@@ -123,12 +125,18 @@ def open_mask(path: Path) -> Image.Image:
 
 
 # -------------------------------------------------------------------------- geometry
-def resized_size(size: tuple[int, int], resize: int, max_size: int | None = None) -> tuple[int, int]:
-    """(height, width) after resizing the shorter side of (height, width) `size` to `resize`,
-    the longer side capped at `max_size` (torchvision's rule, int truncation included)."""
+def resized_size(
+    size: tuple[int, int], resize: int, max_size: int | None = None, scale: float | None = None
+) -> tuple[int, int]:
+    """(height, width) after resizing the shorter side of (height, width) `size` to `resize`
+    (or, with `scale`, both sides by that factor, rounded), the longer side capped at
+    `max_size` (torchvision's rule, int truncation included)."""
     height, width = size
     short, long = (width, height) if width <= height else (height, width)
-    new_short, new_long = resize, int(resize * long / short)
+    if scale is None:
+        new_short, new_long = resize, int(resize * long / short)
+    else:
+        new_short, new_long = max(1, round(short * scale)), max(1, round(long * scale))
     if max_size is not None and new_long > max_size:
         new_short, new_long = int(max_size * new_short / new_long), max_size
     return (new_long, new_short) if width <= height else (new_short, new_long)
@@ -143,7 +151,7 @@ def working_size(size: tuple[int, int], config: PreprocessingConfig) -> tuple[in
     """(height, width) of the model's input for an original image of (height, width) `size`."""
     if config.crop == "center":
         return config.imagesize, config.imagesize
-    return resized_size(size, config.resize, config.max_size)
+    return resized_size(size, config.resize, config.max_size, config.scale)
 
 
 def check_working_size(path: Path, size: tuple[int, int], config: PreprocessingConfig) -> None:
@@ -152,12 +160,13 @@ def check_working_size(path: Path, size: tuple[int, int], config: PreprocessingC
     if min(size) < MIN_IMAGE_SIDE:
         raise DataError(
             f"{path}: the working image is {size[1]}x{size[0]} pixels, smaller than the "
-            f"{MIN_IMAGE_SIDE} pixels the patch grid needs; use a larger --resize or --max_size"
+            f"{MIN_IMAGE_SIDE} pixels the patch grid needs; use a larger --resize, --scale or "
+            "--max_size"
         )
     if config.tile is not None and config.tile > min(size):
         raise DataError(
             f"{path}: --tile {config.tile} is larger than the working image ({size[1]}x{size[0]}); "
-            "use a smaller --tile or a larger --resize"
+            "use a smaller --tile or a larger --resize or --scale"
         )
 
 
@@ -174,11 +183,12 @@ class Frame:
 
 def frame_of(size: tuple[int, int], config: PreprocessingConfig) -> Frame:
     """The geometry taking an original of (height, width) `size` to the model's input."""
-    resized = resized_size(size, config.resize, config.max_size if config.crop == "none" else None)
-    if config.crop == "center":
-        top, left = crop_offsets(resized, config.imagesize)
-        return Frame(tuple(size), resized, top, left, (config.imagesize, config.imagesize))
-    return Frame(tuple(size), resized, 0, 0, resized)
+    if config.crop == "none":
+        resized = resized_size(size, config.resize, config.max_size, config.scale)
+        return Frame(tuple(size), resized, 0, 0, resized)
+    resized = resized_size(size, config.resize)
+    top, left = crop_offsets(resized, config.imagesize)
+    return Frame(tuple(size), resized, top, left, (config.imagesize, config.imagesize))
 
 
 # -------------------------------------------------------------------- PIL to tensor
@@ -421,7 +431,7 @@ def tile_origins(length: int, tile: int, overlap: float) -> list[int]:
     if tile > length:
         raise DataError(
             f"--tile {tile} is larger than the working image ({length} px along one side); "
-            "use a smaller --tile or a larger --resize"
+            "use a smaller --tile or a larger --resize or --scale"
         )
     stride = max(1, int(tile * (1.0 - overlap)))
     origins = list(range(0, length - tile + 1, stride))

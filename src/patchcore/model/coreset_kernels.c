@@ -17,6 +17,9 @@
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
+#if defined(__AVX512BF16__)
+#include <immintrin.h>
+#endif
 
 #define LANES 16
 
@@ -335,6 +338,69 @@ int64_t apply_points(const float* x, int64_t d, const int64_t* rows, int64_t cou
     return checks;
 }
 
+/* 1 when this build computes small bfloat16 products itself (AVX512-BF16 dot products). */
+int64_t small_products_available(void) {
+#if defined(__AVX512BF16__)
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+#if defined(__AVX512BF16__)
+/* out[r * p + q]: the product of bfloat16 rows[r] and points[q] (d a multiple of 32),
+   accumulated in float32 in any order and rounded to bfloat16, as torch.mm's bfloat16 output
+   is: the same rounding bound (`eta`) holds. Products of bfloat16 values are exact in
+   float32; flushed denormals (below 2^-126 per operation) are far inside the 1e-18 slack of
+   `reach` in apply_points. */
+static void bfloat16_products(const uint16_t* rows, int64_t count, int64_t d,
+                              const uint16_t* points, int64_t p, uint16_t* out) {
+    for (int64_t r = 0; r < count; r++) {
+        const uint16_t* row = rows + r * d;
+        for (int64_t q = 0; q < p; q++) {
+            const uint16_t* point = points + q * d;
+            __m512 sum = _mm512_setzero_ps();
+            for (int64_t j = 0; j < d; j += 32)
+                sum = _mm512_dpbf16_ps(sum, (__m512bh)_mm512_loadu_si512(row + j),
+                                       (__m512bh)_mm512_loadu_si512(point + j));
+            out[r * p + q] = to_bfloat16(_mm512_reduce_add_ps(sum));
+        }
+    }
+}
+#endif
+
+/* One batch of a tile's update in a single call: pending_points on ids[0..count), then, when
+   at most `small` points are kept (and this build has bfloat16 products, rows bfloat16 and d
+   a multiple of 32), their products with the tile's copies and apply_points. Writes the kept
+   count to *kept. Returns apply_points' count of exact computations, or -1 when the products
+   are left to the caller (more than `small` points kept; the pending copies are in `out`). */
+static int64_t update_tile_batch(const float* x, int64_t d, const int64_t* ids, int64_t count,
+                                 const float* centre, float radius, float bound, float shrink,
+                                 void* out, int half, float* squared_norms, float* errors,
+                                 int64_t* kept_ids, int64_t small, int64_t* kept,
+                                 const void* tile_copies, const int64_t* rows,
+                                 int64_t row_count, void* products, const float* row_norms,
+                                 const float* row_errors, float eta, float* scratch, float* m,
+                                 float* best_value, int64_t* best_row) {
+    *kept = pending_points(x, d, ids, count, centre, radius, bound, shrink, out, half,
+                           squared_norms, errors, kept_ids);
+    if (*kept == 0) return 0;
+#if defined(__AVX512BF16__)
+    if (half && d % 32 == 0 && *kept <= small) {
+        bfloat16_products((const uint16_t*)tile_copies, row_count, d, (const uint16_t*)out,
+                          *kept, (uint16_t*)products);
+        return apply_points(x, d, rows, row_count, products, half, *kept, *kept, kept_ids,
+                            squared_norms, errors, row_norms, row_errors, eta, shrink, scratch,
+                            m, best_value, best_row);
+    }
+#else
+    (void)small; (void)tile_copies; (void)products; (void)row_norms; (void)row_errors;
+    (void)eta; (void)scratch; (void)m; (void)best_value; (void)best_row; (void)rows;
+    (void)row_count;
+#endif
+    return -1;
+}
+
 /* The next step of the lazy selection, from each tile's bound (largest minimum distance; an
    upper bound when the tile is stale) and argmax (lowest row index holding it). When no stale
    tile's bound reaches the largest up-to-date bound, the selection is that tile's row (the
@@ -378,6 +444,86 @@ int64_t next_tiles(const float* bounds, const uint8_t* stale, const int64_t* arg
         }
     }
     return count;
+}
+
+/* The lazy selection's state, shared with samplers._LazyTiles (a ctypes.Structure of the
+   same fields). Tile t holds rows order[edges[t]..edges[t+1]); applied[t] coreset points
+   (selected[0..applied[t])) have been applied to it. */
+typedef struct {
+    const float* x;
+    int64_t d, num_tiles;
+    const int64_t *order, *edges;
+    const void* copies;
+    const float *row_norms, *row_errors, *centres, *radii;
+    float* bounds;
+    uint8_t* stale;
+    int64_t *argmax, *applied;
+    float* m;
+    int64_t* selected;
+    int64_t half, small, pending_batch, has_stop;
+    double eta, shrink, stop_at;
+    void* point_copies;
+    float *point_norms, *point_errors;
+    int64_t* point_ids;
+    float* scratch;
+    void* products;
+    /* progress: steps done; the batch left to the caller; counters */
+    int64_t step, tile, start, kept, updates, pairs, checks;
+} LazySelection;
+
+enum { LAZY_DONE = 0, LAZY_STOPPED = 1, LAZY_NEEDS_PRODUCT = 2 };
+
+/* Brings tile t up to date (every selected point applied). Returns 1, with applied[t] at the
+   batch's start and the batch in s->tile, s->start, s->kept (copies in point_copies), when a
+   batch keeps more than s->small points: its product is left to the caller. */
+static int bring_up_to_date(LazySelection* s, int64_t t) {
+    int64_t low = s->edges[t], rows = s->edges[t + 1] - low;
+    const void* tile_copies = (const char*)s->copies + (s->half ? 2 : 4) * s->d * low;
+    for (int64_t start = s->applied[t]; start < s->step; start += s->pending_batch) {
+        int64_t count = s->step - start < s->pending_batch ? s->step - start : s->pending_batch;
+        int64_t kept = 0, best_row = -1;
+        float best_value = 0.0f;
+        int64_t checks = update_tile_batch(
+            s->x, s->d, s->selected + start, count, s->centres + t * s->d, s->radii[t],
+            s->bounds[t], (float)s->shrink, s->point_copies, (int)s->half, s->point_norms,
+            s->point_errors, s->point_ids, s->small, &kept, tile_copies, s->order + low, rows,
+            s->products, s->row_norms + low, s->row_errors + low, (float)s->eta, s->scratch,
+            s->m, &best_value, &best_row);
+        if (kept == 0) continue;
+        if (checks < 0) {
+            s->applied[t] = start;
+            s->tile = t;
+            s->start = start;
+            s->kept = kept;
+            return 1;
+        }
+        s->bounds[t] = best_value;
+        s->argmax[t] = best_row;
+        s->updates++;
+        s->pairs += rows * kept;
+        s->checks += checks;
+    }
+    s->applied[t] = s->step;
+    s->stale[t] = 0;
+    return 0;
+}
+
+/* Selection steps until s->step reaches `until`: LAZY_DONE; or LAZY_STOPPED when the next
+   point's minimum distance is at most stop_at (s->has_stop); or LAZY_NEEDS_PRODUCT (see
+   bring_up_to_date), after which the caller applies that batch and calls again. */
+int64_t lazy_steps(LazySelection* s, int64_t until) {
+    while (s->step < until) {
+        int64_t tile = -1, row = -1;
+        while (next_tiles(s->bounds, s->stale, s->argmax, s->num_tiles, 1, &tile, &row))
+            if (bring_up_to_date(s, tile)) return LAZY_NEEDS_PRODUCT;
+        /* the chosen row's tile is up to date: its minimum distance is the exact one */
+        if (s->has_stop && (double)s->m[row] <= s->stop_at) return LAZY_STOPPED;
+        s->selected[s->step] = row;
+        mark_stale(s->x + row * s->d, s->centres, s->radii, s->bounds, s->num_tiles, s->d,
+                   (float)s->shrink, s->stale);
+        s->step++;
+    }
+    return LAZY_DONE;
 }
 
 /* ------------------------------------------------------------ nearest neighbours */

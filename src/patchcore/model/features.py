@@ -48,6 +48,16 @@ class FeatureExtractor(torch.nn.Module):
         self.graph.requires_grad_(False)
         self.register_buffer("mean", torch.tensor(backbone.mean).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(backbone.std).view(1, 3, 1, 1))
+        # Channels-last (NHWC) weights and inputs: oneDNN's and cuDNN's fastest convolution
+        # layouts (EfficientNet-Lite0 extraction 1.6x faster on CPU, see README Performance);
+        # the same arithmetic up to float rounding.
+        self.use_memory_format(torch.channels_last)
+
+    def use_memory_format(self, memory_format: torch.memory_format) -> None:
+        """Runs the backbone's weights and inputs in `memory_format` (`torch.contiguous_format`
+        is torch's default NCHW, the reference's)."""
+        self.memory_format = memory_format
+        self.graph.to(memory_format=memory_format)
 
     def train(self, mode: bool = True) -> FeatureExtractor:
         """The backbone stays frozen in eval mode whatever the caller asks."""
@@ -55,7 +65,8 @@ class FeatureExtractor(torch.nn.Module):
 
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
         """images: [B, 3, H, W] in [0, 1] -> one [B, C_i, H_i, W_i] map per layer, in order."""
-        outputs = self.graph((images - self.mean) / self.std)
+        normalised = ((images - self.mean) / self.std).contiguous(memory_format=self.memory_format)
+        outputs = self.graph(normalised)
         return [outputs[layer] for layer in self.layers]
 
 

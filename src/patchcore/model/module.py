@@ -49,10 +49,16 @@ from patchcore.model.chunked_search import DEFAULT_BANK_CHUNK_SIZE, BankChunkedS
 from patchcore.model.features import build_embedder
 from patchcore.model.patchcore import PatchCore
 from patchcore.model.scoring import memory_bank_problem, score_images
-from patchcore.model.serialization import config_fields, config_from_meta, exact_search_config
+from patchcore.model.serialization import (
+    config_fields,
+    config_from_meta,
+    exact_search_config,
+    records_scale,
+)
 
 FORMAT_NAME = "patchcore-challenge-module"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: preprocessing.scale; written only by modules that use it
+WITHOUT_SCALE_FORMAT_VERSION = 2
 CONFIG_KEY = "patchcore_config_json"
 BANK_KEY = "memory_bank"
 EMBEDDER_PREFIX = "embedder.extractor."
@@ -83,7 +89,7 @@ def config_blob(config: PatchCoreConfig) -> dict:
     """The self-description stored under CONFIG_KEY."""
     return {
         "format": FORMAT_NAME,
-        "format_version": FORMAT_VERSION,
+        "format_version": FORMAT_VERSION if records_scale(config) else WITHOUT_SCALE_FORMAT_VERSION,
         "library_version": __version__,
         "config": config_fields(config),
         "normal_statistics_fields": list(STATISTICS_FIELDS),

@@ -24,6 +24,7 @@ to pure torch with the same results.
 
 from __future__ import annotations
 
+import bisect
 import ctypes
 import logging
 import math
@@ -34,7 +35,7 @@ import torch
 
 from patchcore.config import SamplerConfig
 from patchcore.model.native import coreset_kernels
-from patchcore.progress import track
+from patchcore.progress import track, track_blocks
 
 LOGGER = logging.getLogger(__name__)
 
@@ -333,13 +334,14 @@ def pruned_farthest_point_selection(
 
 
 _PENDING_BATCH = 4096  # coreset points per matrix product
-_PRODUCT_WIDTHS = torch.tensor([16 * 2 ** (k // 2) * (3 if k % 2 else 2) // 2 for k in range(24)])
+_PRODUCT_WIDTHS = [16 * 2 ** (k // 2) * (3 if k % 2 else 2) // 2 for k in range(24)]
+SMALL_BATCH = 16  # pending points up to which a tile's products are computed without torch.mm
 _UNIT_ROUNDOFF = 2.0**-24
 
 
 def _product_width(count: int) -> int:
     """Column count of a product, from a short list of sizes (one compiled kernel each)."""
-    return int(_PRODUCT_WIDTHS[torch.searchsorted(_PRODUCT_WIDTHS, count)])
+    return _PRODUCT_WIDTHS[bisect.bisect_left(_PRODUCT_WIDTHS, count)]
 
 
 def bfloat16_is_fast() -> bool:
@@ -380,7 +382,7 @@ class _LazyTiles:
         self.bounds = numpy.empty(num_tiles, dtype=numpy.float32)  # upper bound if stale
         self.argmax = numpy.empty(num_tiles, dtype=numpy.int64)
         self.stale = numpy.zeros(num_tiles, dtype=numpy.uint8)
-        self.applied = [0] * num_tiles  # coreset points applied to each tile so far
+        self.applied = numpy.zeros(num_tiles, dtype=numpy.int64)  # points applied so far
         self._prepare(0, num_tiles)
 
     @property
@@ -398,38 +400,74 @@ class _LazyTiles:
         )  # fmt: skip
 
     def run(self, num_samples: int, stop_at: float | None = None) -> torch.Tensor:
-        """Selects `num_samples` rows (fewer with `stop_at`)."""
+        """Selects `num_samples` rows (fewer with `stop_at`).
+
+        The steps run in the compiled `lazy_steps`; it hands back only the large batches of
+        pending points, whose products `_LargeBatches` computes with `torch.mm`."""
         self.selected = torch.empty(num_samples, dtype=torch.long)
-        worker = _TileWorker(self, num_samples)
-        kernels, dimension, shrink = self.kernels, self.dimension, self.shrink
-        features, row_bytes = self.features.data_ptr(), 4 * dimension
-        centres, radii = self.centres.data_ptr(), self.radii.ctypes.data
-        bounds, stale = self.bounds.ctypes.data, self.stale.ctypes.data
-        argmax = self.argmax.ctypes.data
-        tile, row = ctypes.c_int64(), ctypes.c_int64()
+        large = _LargeBatches(self, num_samples)
+        state = _LazySelectionState(
+            x=self.features.data_ptr(), d=self.dimension, num_tiles=self.num_tiles,
+            order=self.order.data_ptr(), edges=self.edges.data_ptr(),
+            copies=self.copies.data_ptr(), row_norms=self.row_norms.data_ptr(),
+            row_errors=self.row_errors.data_ptr(), centres=self.centres.data_ptr(),
+            radii=self.radii.ctypes.data, bounds=self.bounds.ctypes.data,
+            stale=self.stale.ctypes.data, argmax=self.argmax.ctypes.data,
+            applied=self.applied.ctypes.data, m=self.minimum.data_ptr(),
+            selected=self.selected.data_ptr(), half=self.half,
+            small=SMALL_BATCH if self.kernels.small_products_available() else 0,
+            pending_batch=_PENDING_BATCH, has_stop=int(stop_at is not None),
+            eta=self.eta, shrink=self.shrink, stop_at=0.0 if stop_at is None else stop_at,
+            point_copies=large.copies.data_ptr(), point_norms=large.norms.data_ptr(),
+            point_errors=large.errors.data_ptr(), point_ids=large.ids.data_ptr(),
+            scratch=large.scratch.data_ptr(), products=large.products.data_ptr(),
+        )  # fmt: skip
+        block = max(1, num_samples // 100)  # steps per call: progress in about 1 % steps
         previous_threads = torch.get_num_threads()
         torch.set_num_threads(1)  # many small products: threads would only synchronise
         try:
-            for step in track(range(num_samples), "Coreset subsampling"):
-                while kernels.next_tiles(bounds, stale, argmax, self.num_tiles, 1,
-                                         ctypes.addressof(tile), ctypes.addressof(row)):  # fmt: skip
-                    worker.update(tile.value, step)
-                # The chosen row's tile is up to date: its minimum distance is the exact one.
-                if _stops(float(self.minimum[row.value]), stop_at):
-                    self.selected = self.selected[:step]
+            for until in track_blocks(num_samples, block, "Coreset subsampling"):
+                outcome = self.kernels.lazy_steps(ctypes.byref(state), until)
+                while outcome == _NEEDS_PRODUCT:
+                    large.apply(state)
+                    outcome = self.kernels.lazy_steps(ctypes.byref(state), until)
+                if outcome == _STOPPED:
+                    self.selected = self.selected[: state.step]
                     break
-                self.selected[step] = row.value
-                kernels.mark_stale(features + row.value * row_bytes, centres, radii, bounds,
-                                   self.num_tiles, dimension, shrink, stale)  # fmt: skip
         finally:
             torch.set_num_threads(previous_threads)
-        self.stats = dict(zip(("updates", "pairs", "checks"), worker.stats))
+        self.stats = {"updates": state.updates, "pairs": state.pairs, "checks": state.checks}
         LOGGER.debug("Lazy coreset: %s", self.stats)
         return self.selected
 
 
-class _TileWorker:
-    """Brings tiles up to date, with its own scratch space."""
+_DONE, _STOPPED, _NEEDS_PRODUCT = 0, 1, 2  # lazy_steps' outcomes
+
+
+class _LazySelectionState(ctypes.Structure):
+    """`LazySelection` of coreset_kernels.c, field for field."""
+
+    _fields_ = [
+        ("x", ctypes.c_void_p), ("d", ctypes.c_int64), ("num_tiles", ctypes.c_int64),
+        *[(name, ctypes.c_void_p) for name in (
+            "order", "edges", "copies", "row_norms", "row_errors", "centres", "radii",
+            "bounds", "stale", "argmax", "applied", "m", "selected")],
+        *[(name, ctypes.c_int64) for name in ("half", "small", "pending_batch", "has_stop")],
+        *[(name, ctypes.c_double) for name in ("eta", "shrink", "stop_at")],
+        *[(name, ctypes.c_void_p) for name in (
+            "point_copies", "point_norms", "point_errors", "point_ids", "scratch", "products")],
+        *[(name, ctypes.c_int64) for name in (
+            "step", "tile", "start", "kept", "updates", "pairs", "checks")],
+    ]  # fmt: skip
+
+
+class _LargeBatches:
+    """Scratch space of the pending points, and the large batches' products.
+
+    A tile is usually behind by a few points; `lazy_steps` computes the bfloat16 products of
+    batches of at most `SMALL_BATCH` points itself and hands larger batches back, for
+    `apply`: one `torch.mm`, rounded to bfloat16 alike, so selections do not depend on the
+    split (tested)."""
 
     def __init__(self, tiles: _LazyTiles, num_samples: int):
         self.tiles = tiles
@@ -444,45 +482,31 @@ class _TileWorker:
                                     dtype=tiles.low_precision)  # fmt: skip
         self.best_value = ctypes.c_float()
         self.best_row = ctypes.c_int64()
-        self.stats = [0, 0, 0]  # tile updates, (row, point) pairs, exact computations
-        self.tile_copies = [tiles.copies[low:high] for low, high in
-                            zip(tiles.edges[:-1].tolist(), tiles.edges[1:].tolist())]  # fmt: skip
 
-    def update(self, tile: int, step: int) -> None:
-        """Applies to `tile` every coreset point selected since its last update."""
+    def apply(self, state: _LazySelectionState) -> None:
+        """Applies the batch `lazy_steps` handed back (tile, first point, kept points)."""
         tiles = self.tiles
-        kernels, dimension = tiles.kernels, tiles.dimension
-        features = tiles.features.data_ptr()
-        first, tiles.applied[tile] = tiles.applied[tile], step
-        tiles.stale[tile] = 0
-        copies = self.tile_copies[tile]
-        low, rows = int(tiles.edges[tile]), len(copies)
-        centre = tiles.centres.data_ptr() + 4 * dimension * tile
-        for start in range(first, step, _PENDING_BATCH):
-            kept = kernels.pending_points(
-                features, dimension, tiles.selected.data_ptr() + 8 * start,
-                min(step, start + _PENDING_BATCH) - start, centre, float(tiles.radii[tile]),
-                float(tiles.bounds[tile]), tiles.shrink, self.copies.data_ptr(), tiles.half,
-                self.norms.data_ptr(), self.errors.data_ptr(), self.ids.data_ptr(),
-            )  # fmt: skip
-            if kept == 0:
-                continue
-            width = _product_width(kept)
-            products = self.products[: rows * width].view(rows, width)
-            torch.mm(copies, self.copies[:width].T, out=products)
-            checks = kernels.apply_points(
-                features, dimension, tiles.order.data_ptr() + 8 * low, rows,
-                products.data_ptr(), tiles.half, kept, width, self.ids.data_ptr(),
-                self.norms.data_ptr(), self.errors.data_ptr(),
-                tiles.row_norms.data_ptr() + 4 * low, tiles.row_errors.data_ptr() + 4 * low,
-                tiles.eta, tiles.shrink, self.scratch.data_ptr(), tiles.minimum.data_ptr(),
-                ctypes.addressof(self.best_value), ctypes.addressof(self.best_row),
-            )  # fmt: skip
-            tiles.bounds[tile] = self.best_value.value
-            tiles.argmax[tile] = self.best_row.value
-            self.stats[0] += 1
-            self.stats[1] += rows * kept
-            self.stats[2] += checks
+        tile, kept = state.tile, state.kept
+        low, high = int(tiles.edges[tile]), int(tiles.edges[tile + 1])
+        rows = high - low
+        width = _product_width(kept)
+        products = self.products[: rows * width].view(rows, width)
+        torch.mm(tiles.copies[low:high], self.copies[:width].T, out=products)
+        checks = tiles.kernels.apply_points(
+            tiles.features.data_ptr(), tiles.dimension, tiles.order.data_ptr() + 8 * low, rows,
+            products.data_ptr(), tiles.half, kept, width, self.ids.data_ptr(),
+            self.norms.data_ptr(), self.errors.data_ptr(),
+            tiles.row_norms.data_ptr() + 4 * low, tiles.row_errors.data_ptr() + 4 * low,
+            tiles.eta, tiles.shrink, self.scratch.data_ptr(), tiles.minimum.data_ptr(),
+            ctypes.addressof(self.best_value), ctypes.addressof(self.best_row),
+        )  # fmt: skip
+        tiles.bounds[tile] = self.best_value.value
+        tiles.argmax[tile] = self.best_row.value
+        tiles.applied[tile] = min(state.step, state.start + _PENDING_BATCH)
+        tiles.stale[tile] = int(tiles.applied[tile] < state.step)
+        state.updates += 1
+        state.pairs += rows * kept
+        state.checks += checks
 
 
 def build_sampler(config: SamplerConfig):

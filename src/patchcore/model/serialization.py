@@ -56,10 +56,12 @@ LOGGER = logging.getLogger(__name__)
 FORMAT_NAME = "patchcore-model"
 # 2: preprocessing gained crop, max_size and tiles; 3: ensembles carry their combined scale's
 # statistics and threshold; 4: an approximate search index (the configuration's `index` and
-# its `search_index_<kind>.faiss`). Older versions still load; a newer one is refused with a
-# clear error. A model is written in the oldest version that describes it.
-FORMAT_VERSION = 4
-EXACT_SEARCH_FORMAT_VERSION = 3  # what a model without an approximate index is written as
+# its `search_index_<kind>.faiss`); 5: preprocessing.scale (one resize factor for every
+# image). Older versions still load; a newer one is refused with a clear error. A model is
+# written in the oldest version that describes it.
+FORMAT_VERSION = 5
+APPROXIMATE_INDEX_FORMAT_VERSION = 4  # a model with an approximate index, without scale
+EXACT_SEARCH_FORMAT_VERSION = 3  # what a model without either is written as
 PARAMS_FILE = "patchcore_params.pkl"
 INDEX_FILE = "nnscorer_search_index.faiss"
 META_FILE = "patchcore_meta.json"
@@ -140,10 +142,13 @@ def approximate_index_file(kind: str) -> str:
 
 def config_fields(config: PatchCoreConfig) -> dict:
     """`config` as plain data for a self-description; exact search (the default) leaves the
-    `index` entry out, so the description reads like a version-3 one."""
+    `index` entry out and no `scale` leaves `preprocessing.scale` out, so the description
+    reads like one of the oldest version that describes it."""
     fields = dataclasses.asdict(config)
     if not config.index.approximate:
         del fields["index"]
+    if not records_scale(config):
+        del fields["preprocessing"]["scale"]
     return fields
 
 
@@ -153,9 +158,18 @@ def exact_search_config(config: PatchCoreConfig) -> PatchCoreConfig:
     return dataclasses.replace(config, index=IndexConfig())
 
 
+def records_scale(config: PatchCoreConfig) -> bool:
+    """Whether a description of `config` holds `preprocessing.scale` (newer formats only)."""
+    return config.preprocessing.scale is not None
+
+
 def format_version_of(config: PatchCoreConfig) -> int:
     """The oldest format version that describes a model of `config`."""
-    return FORMAT_VERSION if config.index.approximate else EXACT_SEARCH_FORMAT_VERSION
+    if records_scale(config):
+        return FORMAT_VERSION
+    if config.index.approximate:
+        return APPROXIMATE_INDEX_FORMAT_VERSION
+    return EXACT_SEARCH_FORMAT_VERSION
 
 
 def _meta(model: PatchCore, prefix: str, ensemble: dict | None) -> dict:
