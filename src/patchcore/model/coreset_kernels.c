@@ -237,8 +237,9 @@ static inline int may_lower(const float* c, const float* centre, int64_t d, floa
 }
 
 /* After a new coreset point c: marks stale every tile that it may change. */
-void mark_stale(const float* c, const float* centres, const float* radii, const float* bounds,
-                int64_t tiles, int64_t d, float shrink, uint8_t* stale) {
+static void mark_stale(const float* c, const float* centres, const float* radii,
+                       const float* bounds, int64_t tiles, int64_t d, float shrink,
+                       uint8_t* stale) {
     for (int64_t t = 0; t < tiles; t++)
         if (!stale[t] && may_lower(c, centres + t * d, d, radii[t], bounds[t], shrink))
             stale[t] = 1;
@@ -246,10 +247,10 @@ void mark_stale(const float* c, const float* centres, const float* radii, const 
 
 /* The coreset points ids[0..count) that may change the tile, as centred low-precision copies
    (out [*, d]) with their norms, error bounds and ids; returns how many. */
-int64_t pending_points(const float* x, int64_t d, const int64_t* ids, int64_t count,
-                       const float* centre, float radius, float bound, float shrink,
-                       void* out, int half, float* squared_norms, float* errors,
-                       int64_t* kept_ids) {
+static int64_t pending_points(const float* x, int64_t d, const int64_t* ids, int64_t count,
+                              const float* centre, float radius, float bound, float shrink,
+                              void* out, int half, float* squared_norms, float* errors,
+                              int64_t* kept_ids) {
     int64_t kept = 0;
     for (int64_t q = 0; q < count; q++) {
         const float* c = x + ids[q] * d;
@@ -338,15 +339,6 @@ int64_t apply_points(const float* x, int64_t d, const int64_t* rows, int64_t cou
     return checks;
 }
 
-/* 1 when this build computes small bfloat16 products itself (AVX512-BF16 dot products). */
-int64_t small_products_available(void) {
-#if defined(__AVX512BF16__)
-    return 1;
-#else
-    return 0;
-#endif
-}
-
 #if defined(__AVX512BF16__)
 /* out[r * p + q]: the product of bfloat16 rows[r] and points[q] (d a multiple of 32),
    accumulated in float32 in any order and rounded to bfloat16, as torch.mm's bfloat16 output
@@ -369,47 +361,13 @@ static void bfloat16_products(const uint16_t* rows, int64_t count, int64_t d,
 }
 #endif
 
-/* One batch of a tile's update in a single call: pending_points on ids[0..count), then, when
-   at most `small` points are kept (and this build has bfloat16 products, rows bfloat16 and d
-   a multiple of 32), their products with the tile's copies and apply_points. Writes the kept
-   count to *kept. Returns apply_points' count of exact computations, or -1 when the products
-   are left to the caller (more than `small` points kept; the pending copies are in `out`). */
-static int64_t update_tile_batch(const float* x, int64_t d, const int64_t* ids, int64_t count,
-                                 const float* centre, float radius, float bound, float shrink,
-                                 void* out, int half, float* squared_norms, float* errors,
-                                 int64_t* kept_ids, int64_t small, int64_t* kept,
-                                 const void* tile_copies, const int64_t* rows,
-                                 int64_t row_count, void* products, const float* row_norms,
-                                 const float* row_errors, float eta, float* scratch, float* m,
-                                 float* best_value, int64_t* best_row) {
-    *kept = pending_points(x, d, ids, count, centre, radius, bound, shrink, out, half,
-                           squared_norms, errors, kept_ids);
-    if (*kept == 0) return 0;
-#if defined(__AVX512BF16__)
-    if (half && d % 32 == 0 && *kept <= small) {
-        bfloat16_products((const uint16_t*)tile_copies, row_count, d, (const uint16_t*)out,
-                          *kept, (uint16_t*)products);
-        return apply_points(x, d, rows, row_count, products, half, *kept, *kept, kept_ids,
-                            squared_norms, errors, row_norms, row_errors, eta, shrink, scratch,
-                            m, best_value, best_row);
-    }
-#else
-    (void)small; (void)tile_copies; (void)products; (void)row_norms; (void)row_errors;
-    (void)eta; (void)scratch; (void)m; (void)best_value; (void)best_row; (void)rows;
-    (void)row_count;
-#endif
-    return -1;
-}
-
 /* The next step of the lazy selection, from each tile's bound (largest minimum distance; an
    upper bound when the tile is stale) and argmax (lowest row index holding it). When no stale
    tile's bound reaches the largest up-to-date bound, the selection is that tile's row (the
-   lowest among tiles tying): writes it to *row and returns 0. Otherwise writes to `tiles` the
-   stale tile with the largest bound, then up to limit - 1 more stale tiles in decreasing bound
-   order whose bound also reaches the largest up-to-date one (each needs an update before any
-   selection), and returns how many. */
-int64_t next_tiles(const float* bounds, const uint8_t* stale, const int64_t* argmax,
-                   int64_t tiles_count, int64_t limit, int64_t* tiles, int64_t* row) {
+   lowest among tiles tying): writes it to *row and returns 0. Otherwise writes the stale tile
+   with the largest bound, which needs an update before any selection, to *tile and returns 1. */
+static int next_tile(const float* bounds, const uint8_t* stale, const int64_t* argmax,
+                     int64_t tiles_count, int64_t* tile, int64_t* row) {
     float exact = -INFINITY;
     int64_t exact_row = -1;
     int64_t top = -1;
@@ -426,24 +384,8 @@ int64_t next_tiles(const float* bounds, const uint8_t* stale, const int64_t* arg
         *row = exact_row;
         return 0;
     }
-    int64_t count = 0;
-    tiles[count++] = top;
-    for (int64_t t = 0; t < tiles_count && limit > 1; t++) {
-        if (!stale[t] || t == top || bounds[t] < exact) continue;
-        if (count < limit) {
-            tiles[count++] = t;
-        } else if (bounds[t] > bounds[tiles[count - 1]]) {
-            tiles[count - 1] = t;
-        } else {
-            continue;
-        }
-        for (int64_t k = count - 1; k > 1 && bounds[tiles[k]] > bounds[tiles[k - 1]]; k--) {
-            int64_t swap = tiles[k];
-            tiles[k] = tiles[k - 1];
-            tiles[k - 1] = swap;
-        }
-    }
-    return count;
+    *tile = top;
+    return 1;
 }
 
 /* The lazy selection's state, shared with samplers._LazyTiles (a ctypes.Structure of the
@@ -473,35 +415,43 @@ typedef struct {
 
 enum { LAZY_DONE = 0, LAZY_STOPPED = 1, LAZY_NEEDS_PRODUCT = 2 };
 
-/* Brings tile t up to date (every selected point applied). Returns 1, with applied[t] at the
-   batch's start and the batch in s->tile, s->start, s->kept (copies in point_copies), when a
-   batch keeps more than s->small points: its product is left to the caller. */
+/* Brings tile t up to date (every selected point applied), in batches of pending points.
+   A batch of at most s->small points (when this build has bfloat16 products, the copies are
+   bfloat16 and d is a multiple of 32) gets its products here; a larger one is left to the
+   caller: returns 1, with applied[t] at the batch's start and the batch in s->tile,
+   s->start, s->kept (its copies in point_copies). */
 static int bring_up_to_date(LazySelection* s, int64_t t) {
-    int64_t low = s->edges[t], rows = s->edges[t + 1] - low;
-    const void* tile_copies = (const char*)s->copies + (s->half ? 2 : 4) * s->d * low;
+    int64_t d = s->d, low = s->edges[t], rows = s->edges[t + 1] - low;
     for (int64_t start = s->applied[t]; start < s->step; start += s->pending_batch) {
         int64_t count = s->step - start < s->pending_batch ? s->step - start : s->pending_batch;
-        int64_t kept = 0, best_row = -1;
-        float best_value = 0.0f;
-        int64_t checks = update_tile_batch(
-            s->x, s->d, s->selected + start, count, s->centres + t * s->d, s->radii[t],
-            s->bounds[t], (float)s->shrink, s->point_copies, (int)s->half, s->point_norms,
-            s->point_errors, s->point_ids, s->small, &kept, tile_copies, s->order + low, rows,
-            s->products, s->row_norms + low, s->row_errors + low, (float)s->eta, s->scratch,
-            s->m, &best_value, &best_row);
+        int64_t kept = pending_points(s->x, d, s->selected + start, count, s->centres + t * d,
+                                      s->radii[t], s->bounds[t], (float)s->shrink,
+                                      s->point_copies, (int)s->half, s->point_norms,
+                                      s->point_errors, s->point_ids);
         if (kept == 0) continue;
-        if (checks < 0) {
+        int small = 0;
+#if defined(__AVX512BF16__)
+        small = s->half && d % 32 == 0 && kept <= s->small;
+        if (small) /* the copies are bfloat16 here */
+            bfloat16_products((const uint16_t*)s->copies + d * low, rows, d,
+                              (const uint16_t*)s->point_copies, kept, (uint16_t*)s->products);
+#endif
+        if (!small) {
             s->applied[t] = start;
             s->tile = t;
             s->start = start;
             s->kept = kept;
             return 1;
         }
+        float best_value = 0.0f;
+        s->checks += apply_points(s->x, d, s->order + low, rows, s->products, (int)s->half,
+                                  kept, kept, s->point_ids, s->point_norms, s->point_errors,
+                                  s->row_norms + low, s->row_errors + low, (float)s->eta,
+                                  (float)s->shrink, s->scratch, s->m, &best_value,
+                                  s->argmax + t);
         s->bounds[t] = best_value;
-        s->argmax[t] = best_row;
         s->updates++;
         s->pairs += rows * kept;
-        s->checks += checks;
     }
     s->applied[t] = s->step;
     s->stale[t] = 0;
@@ -514,7 +464,7 @@ static int bring_up_to_date(LazySelection* s, int64_t t) {
 int64_t lazy_steps(LazySelection* s, int64_t until) {
     while (s->step < until) {
         int64_t tile = -1, row = -1;
-        while (next_tiles(s->bounds, s->stale, s->argmax, s->num_tiles, 1, &tile, &row))
+        while (next_tile(s->bounds, s->stale, s->argmax, s->num_tiles, &tile, &row))
             if (bring_up_to_date(s, tile)) return LAZY_NEEDS_PRODUCT;
         /* the chosen row's tile is up to date: its minimum distance is the exact one */
         if (s->has_stop && (double)s->m[row] <= s->stop_at) return LAZY_STOPPED;

@@ -37,15 +37,11 @@ SIGNATURES = {
         [_P, _I, _P, _P, _I, _I, _F, _P, _I32, _P, _P, _P, _P, _P, _P, _P, _P],
         None,
     ),
-    "mark_stale": ([_P, _P, _P, _P, _I, _I, _F, _P], None),
-    "pending_points": ([_P, _I, _P, _I, _P, _F, _F, _F, _P, _I32, _P, _P, _P], _I),
     "apply_points": (
         [_P, _I, _P, _I, _P, _I32, _I, _I, _P, _P, _P, _P, _P, _F, _F, _P, _P, _P, _P],
         _I,
     ),
-    "small_products_available": ([], _I),
     "lazy_steps": ([_P, _I], _I),
-    "next_tiles": ([_P, _P, _P, _I, _I, _P, _P], _I),
     "extended_copies": ([_P, _I, _I, _P, _I32, _P, _I, _P, _P], None),
     "rerank_neighbours": ([_P, _P, _I, _I, _I, _P, _I, _P, _P, _F, _F, _F, _I, _P, _P, _P, _P], _I),
 }

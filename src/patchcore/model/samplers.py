@@ -310,8 +310,10 @@ def pruned_farthest_point_selection(
     Rows are grouped into tiles of `chunk_size` consecutive rows (neighbouring patches of
     an image). A tile's largest minimum distance, once known, stays an upper bound while
     coreset points are added, so a tile is brought up to date only when it could hold the
-    next farthest point, and then with every point added since, in one matrix product
-    (compute-bound, where a sweep is bound by memory bandwidth). Points that the triangle
+    next farthest point, and then with every point added since, as one product of the
+    tile's rows with those points (compute-bound, where a sweep is bound by memory
+    bandwidth; a few points' products are computed in the compiled loop, more with
+    `torch.mm`). Points that the triangle
     inequality (tile centre and radius) shows cannot change the tile are skipped. The
     product uses bfloat16 copies of the rows centred on their tile (float32 copies where
     the CPU lacks bfloat16 instructions); a pair is computed exactly whenever the
@@ -415,7 +417,7 @@ class _LazyTiles:
             stale=self.stale.ctypes.data, argmax=self.argmax.ctypes.data,
             applied=self.applied.ctypes.data, m=self.minimum.data_ptr(),
             selected=self.selected.data_ptr(), half=self.half,
-            small=SMALL_BATCH if self.kernels.small_products_available() else 0,
+            small=SMALL_BATCH,
             pending_batch=_PENDING_BATCH, has_stop=int(stop_at is not None),
             eta=self.eta, shrink=self.shrink, stop_at=0.0 if stop_at is None else stop_at,
             point_copies=large.copies.data_ptr(), point_norms=large.norms.data_ptr(),
@@ -441,7 +443,7 @@ class _LazyTiles:
         return self.selected
 
 
-_DONE, _STOPPED, _NEEDS_PRODUCT = 0, 1, 2  # lazy_steps' outcomes
+_STOPPED, _NEEDS_PRODUCT = 1, 2  # lazy_steps' outcomes besides done (0)
 
 
 class _LazySelectionState(ctypes.Structure):
@@ -465,9 +467,9 @@ class _LargeBatches:
     """Scratch space of the pending points, and the large batches' products.
 
     A tile is usually behind by a few points; `lazy_steps` computes the bfloat16 products of
-    batches of at most `SMALL_BATCH` points itself and hands larger batches back, for
-    `apply`: one `torch.mm`, rounded to bfloat16 alike, so selections do not depend on the
-    split (tested)."""
+    batches of at most `SMALL_BATCH` points itself (where the build has AVX512-BF16) and hands
+    other batches back, for `apply`: one `torch.mm`, rounded to bfloat16 alike, so selections
+    do not depend on the split (tested)."""
 
     def __init__(self, tiles: _LazyTiles, num_samples: int):
         self.tiles = tiles
@@ -502,8 +504,8 @@ class _LargeBatches:
         )  # fmt: skip
         tiles.bounds[tile] = self.best_value.value
         tiles.argmax[tile] = self.best_row.value
+        # The tile stays stale: `lazy_steps` applies any later batch and marks it up to date.
         tiles.applied[tile] = min(state.step, state.start + _PENDING_BATCH)
-        tiles.stale[tile] = int(tiles.applied[tile] < state.step)
         state.updates += 1
         state.pairs += rows * kept
         state.checks += checks
