@@ -6,15 +6,16 @@ import torch.nn.functional as F
 from patchcore.model.features import PatchFeatureAggregator, patch_grid_size
 
 
-def straightforward_patch_features(maps, patchsize, pretrain_dim, target_dim):
+def straightforward_patch_features(maps, patchsize, pretrain_dim, target_dim, stride=1):
     """Reference order: patchify every layer, resize the flattened neighbourhoods of deeper
     layers to the first grid, pool each layer's neighbourhoods, then pool across layers."""
     padding = (patchsize - 1) // 2
     per_layer = []
     grid = None
     for layer_map in maps:
-        batch, channels, height, width = layer_map.shape
-        unfolded = F.unfold(layer_map, patchsize, padding=padding)  # B, C*p*p, L
+        batch, channels = layer_map.shape[:2]
+        height, width = (patch_grid_size(size, patchsize, stride) for size in layer_map.shape[2:])
+        unfolded = F.unfold(layer_map, patchsize, padding=padding, stride=stride)  # B, C*p*p, L
         neighbourhoods = unfolded.reshape(batch, channels * patchsize * patchsize, height, width)
         if grid is None:
             grid = (height, width)
@@ -59,43 +60,51 @@ def test_patch_grid_size_same_padding():
     assert patch_grid_size(28, 3, 2) == 14
 
 
-def test_axis_pooling_has_the_arithmetic_of_adaptive_average_pooling():
-    from patchcore.model.features import average_pool_axis
-
-    generator = torch.Generator().manual_seed(2)
-    for length, size in [(4608, 1024), (9216, 1024), (360, 1024), (1008, 1024), (2048, 1024),
-                         (17, 5), (5, 17), (7, 7), (100, 1)]:  # fmt: skip
-        values = torch.randn(3, length, 6, generator=generator)
-        expected = F.adaptive_avg_pool1d(values.transpose(1, 2).reshape(-1, 1, length), size)
-        expected = expected.reshape(3, 6, size).transpose(1, 2)
-        assert torch.equal(average_pool_axis(values, size), expected), (length, size)
-
-
-def test_features_are_bit_identical_to_pooling_transposed_neighbourhoods():
-    """The aggregator's speed-up (pooling along the unfolded tensor's feature axis) changes
-    no bit of the features of the straightforward form: transpose, then adaptive pooling."""
-
-    def transposed_form(aggregator, maps):
-        per_layer = []
-        for layer_map in maps:
-            batch, _, height, width = layer_map.shape
-            unfolded = F.unfold(layer_map, aggregator.patchsize, padding=1)
-            rows = unfolded.transpose(1, 2).reshape(batch * height * width, 1, -1)
-            pooled = F.adaptive_avg_pool1d(rows, aggregator.pretrain_embed_dimension)
-            per_layer.append(pooled.reshape(batch, height, width, -1).permute(0, 3, 1, 2))
-        grid = per_layer[0].shape[-2:]
-        per_layer = [per_layer[0]] + [
-            F.interpolate(layer, size=grid, mode="bilinear", align_corners=False)
-            for layer in per_layer[1:]
-        ]
-        stacked = torch.stack(per_layer, dim=1).permute(0, 3, 4, 1, 2)
-        stacked = stacked.reshape(-1, 1, stacked.shape[-2] * stacked.shape[-1])
-        return F.adaptive_avg_pool1d(stacked, aggregator.target_embed_dimension).squeeze(1)
-
+def test_matches_the_reference_across_shapes_strides_and_straddling_windows():
+    """Every configuration kind: windows wider and narrower than a channel's neighbourhood,
+    final averages straddling two layers, three layers, stride 2, patch sizes 1 to 5, a
+    single target value, channels-last maps."""
     generator = torch.Generator().manual_seed(3)
-    maps = [torch.randn(2, 24, 10, 10, generator=generator).relu(),
-            torch.randn(2, 40, 5, 5, generator=generator).relu()]  # fmt: skip
-    for pretrain, target in [(64, 48), (300, 700), (1024, 1024)]:
-        aggregator = PatchFeatureAggregator(3, 1, pretrain, target)
-        features, _ = aggregator(maps)
-        assert torch.equal(features, transposed_form(aggregator, maps))
+    cases = [  # channels per layer, grids, patchsize, stride, pretrain, target
+        ((24, 40), (10, 5), 3, 1, 64, 48),
+        ((24, 40), (10, 5), 3, 1, 300, 700),
+        ((24, 40), (10, 5), 3, 1, 1024, 1024),
+        ((24, 40), (10, 5), 3, 1, 100, 67),  # 200 values to 67: averages cross layers
+        ((8, 12, 6), (9, 6, 3), 3, 1, 20, 13),
+        ((16, 32), (11, 6), 3, 2, 40, 24),
+        ((16, 32), (8, 4), 2, 1, 40, 24),
+        ((16, 32), (8, 4), 5, 1, 40, 24),
+        ((16, 32), (8, 4), 1, 1, 40, 24),
+        ((16, 32), (8, 4), 3, 1, 40, 1),
+    ]
+    for channels, grids, patchsize, stride, pretrain, target in cases:
+        maps = [torch.randn(2, count, size, size + 1, generator=generator).relu()
+                for count, size in zip(channels, grids)]  # fmt: skip
+        aggregator = PatchFeatureAggregator(patchsize, stride, pretrain, target)
+        expected, expected_grid = straightforward_patch_features(
+            maps, patchsize, pretrain, target, stride
+        )
+        features, grid = aggregator(maps)
+        assert grid == expected_grid
+        torch.testing.assert_close(features, expected, rtol=1e-5, atol=1e-6)
+        last = [m.contiguous(memory_format=torch.channels_last) for m in maps]
+        torch.testing.assert_close(aggregator(last)[0], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_composed_convolutions_are_grouped_as_finely_as_the_windows_allow():
+    """WideResNet50 layer2/layer3 at 1024/1024: each final value of layer2 averages one
+    channel's neighbourhood (depthwise), each of layer3 two channels'; EfficientNet-Lite0's
+    40 and 112 channels fall into blocks of 5 and 7 channels."""
+    from patchcore.model.features import composed_poolings
+
+    def layout(channels):
+        return [(p.first, tuple(p.weight.shape), p.groups)
+                for p in composed_poolings(channels, 3, 1024, 1024)]  # fmt: skip
+
+    assert layout((512, 1024)) == [(0, (512, 1, 3, 3), 512), (512, (512, 2, 3, 3), 512)]
+    assert layout((40, 112)) == [(0, (512, 5, 3, 3), 8), (512, (512, 7, 3, 3), 16)]
+    # WideResNet50 layer2: each value is (the neighbourhood's sum + its centre) / 10
+    centre_weighted = torch.full((3, 3), 0.1, dtype=torch.float64)
+    centre_weighted[1, 1] = 0.2
+    weight = composed_poolings((512, 1024), 3, 1024, 1024)[0].weight
+    assert torch.allclose(weight[:, 0], centre_weighted.expand(512, 3, 3))

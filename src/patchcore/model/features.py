@@ -9,10 +9,9 @@ padded, stride s) is flattened in (channel, row, column) order and average-poole
 `pretrain_embed_dimension` values. The deeper layers' grids are bilinearly resized to the
 first layer's grid. The per-layer vectors are concatenated and average-pooled once more to
 `target_embed_dimension`. The reference resizes the flattened neighbourhoods and pools
-afterwards; both steps are linear and act on different axes, so we pool first (9x less
-data to resize) and get the same features up to float rounding. Pooling is done along the
-unfolded tensor's feature axis by gathers (`average_pool_axis`), with the exact arithmetic
-of `adaptive_avg_pool1d`, instead of transposing the wide unfolded tensor first.
+afterwards; every step is linear, so we compose the unfolding and both poolings into one
+grouped convolution per layer and resize its output instead (see the class), getting the
+same features up to float rounding.
 
 `PatchEmbedder` chains the two, and `build_embedder` is the one place where a model
 configuration becomes an embedder: the estimator and the exported module both use it.
@@ -20,7 +19,10 @@ configuration becomes an embedder: the estimator and the exported module both us
 
 from __future__ import annotations
 
+import itertools
+import math
 import warnings
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -88,7 +90,19 @@ def patch_grid_size(size: int, patchsize: int, stride: int) -> int:
 
 
 class PatchFeatureAggregator(torch.nn.Module):
-    """Turns a list of layer feature maps into one feature vector per patch position."""
+    """Turns a list of layer feature maps into one feature vector per patch position.
+
+    Unfolding, both average poolings and the concatenation are linear in the layer maps, and
+    the poolings act on (channel, row, column) neighbourhoods, so for each layer they compose
+    into one convolution (p x p kernel, the patch stride, zero padding) whose output channels
+    are that layer's share of the final features. Each output averages a short run of
+    neighbourhood values, so only a few input channels feed it: the convolution is grouped as
+    finely as that allows (depthwise for WideResNet50's layer2 at 1024/1024). A deeper layer's
+    share is computed on its own grid and resized bilinearly to the first layer's, as the
+    reference resizes its unfolded neighbourhoods (resizing and channel pooling commute).
+    The features equal the reference's up to float rounding (`tests/test_patch_features.py`)
+    and need no unfolded copy, 9x the layer's size.
+    """
 
     def __init__(
         self,
@@ -102,76 +116,139 @@ class PatchFeatureAggregator(torch.nn.Module):
         self.stride = stride
         self.pretrain_embed_dimension = pretrain_embed_dimension
         self.target_embed_dimension = target_embed_dimension
+        # (layer channels, dtype, device) -> each layer's convolution; shapes decide them
+        self._convolutions: dict[tuple, list[LayerPooling]] = {}
 
-    def _pooled_neighbourhoods(self, feature_map: torch.Tensor) -> torch.Tensor:
-        """[B, C, H, W] -> [B, pretrain_dim, h, w]: each neighbourhood pooled to pretrain_dim."""
-        batch, _, height, width = feature_map.shape
-        grid_h = patch_grid_size(height, self.patchsize, self.stride)
-        grid_w = patch_grid_size(width, self.patchsize, self.stride)
-        unfolded = F.unfold(
-            feature_map,
-            kernel_size=self.patchsize,
-            padding=(self.patchsize - 1) // 2,
-            stride=self.stride,
-        )  # [B, C*p*p, h*w], channel-major within each neighbourhood
-        pooled = average_pool_axis(unfolded, self.pretrain_embed_dimension)  # [B, D, h*w]
-        # [B, h, w, D] memory, seen as [B, D, h, w]: the layout the resizing kernel gets
-        return (
-            pooled.transpose(1, 2)
-            .contiguous()
-            .reshape(batch, grid_h, grid_w, -1)
-            .permute(0, 3, 1, 2)
-        )
+    def layer_poolings(self, channels: tuple[int, ...], like: torch.Tensor) -> list[LayerPooling]:
+        """The composed convolution of each layer for layers of `channels` channels, with
+        weights of `like`'s dtype and device."""
+        key = (channels, like.dtype, like.device)
+        if key not in self._convolutions:
+            poolings = composed_poolings(
+                channels, self.patchsize, self.pretrain_embed_dimension,
+                self.target_embed_dimension,
+            )  # fmt: skip
+            self._convolutions[key] = [
+                replace(pooling, weight=pooling.weight.to(like.device, like.dtype))
+                for pooling in poolings
+            ]
+        return self._convolutions[key]
 
     def forward(self, feature_maps: list[torch.Tensor]) -> tuple[torch.Tensor, tuple[int, int]]:
         """Returns features [B*h*w, target_dim] in (image, row, column) order and the grid (h, w)."""
-        per_layer = [self._pooled_neighbourhoods(feature_map) for feature_map in feature_maps]
-        grid = per_layer[0].shape[-2:]
-        per_layer = [per_layer[0]] + [
-            F.interpolate(layer, size=grid, mode="bilinear", align_corners=False)
-            for layer in per_layer[1:]
-        ]
-        batch = per_layer[0].shape[0]
-        # [B, L, D, h, w] -> [B*h*w, L*D] with each layer's D values contiguous.
-        stacked = torch.stack(per_layer, dim=1).permute(0, 3, 4, 1, 2)
-        stacked = stacked.reshape(batch * grid[0] * grid[1], -1, 1)
-        features = average_pool_axis(stacked, self.target_embed_dimension).squeeze(2)
+        channels = tuple(int(feature_map.shape[1]) for feature_map in feature_maps)
+        poolings = self.layer_poolings(channels, feature_maps[0])
+        padding = (self.patchsize - 1) // 2
+        grid = None
+        shares = []
+        for feature_map, pooling in zip(feature_maps, poolings):
+            share = F.conv2d(
+                feature_map, pooling.weight, stride=self.stride, padding=padding,
+                groups=pooling.groups,
+            )  # fmt: skip
+            if grid is None:
+                grid = tuple(share.shape[-2:])
+            elif tuple(share.shape[-2:]) != grid:
+                share = F.interpolate(share, size=grid, mode="bilinear", align_corners=False)
+            shares.append(share)
+        features = torch.cat(_summed_segments(shares, poolings), dim=1)  # [B, T, h, w]
+        features = features.permute(0, 2, 3, 1).reshape(-1, self.target_embed_dimension)
         return features, (int(grid[0]), int(grid[1]))
 
 
-def average_pool_axis(values: torch.Tensor, size: int) -> torch.Tensor:
-    """`F.adaptive_avg_pool1d` along axis 1 of values [B, L, M] (to [B, size, M]), with its
-    arithmetic: output j is the float sum, in order, of inputs floor(j L / size) up to
-    ceil((j + 1) L / size), divided by their count. Each input row is a contiguous M-vector,
-    so no transposed copy of a wide unfolded tensor is needed."""
-    length = values.shape[1]
-    if size == 1:  # torch averages to one value with its own reduction order
-        pooled = F.adaptive_avg_pool1d(values.transpose(1, 2).reshape(-1, 1, length), 1)
-        return pooled.reshape(values.shape[0], values.shape[2], 1).transpose(1, 2)
-    starts, counts = _pooling_windows(length, size)
-    device = values.device
+@dataclass(frozen=True)
+class LayerPooling:
+    """One layer's share of the final features: outputs [first, first + len(weight)) are
+    `conv2d(layer map, weight, groups=groups)` (plus other layers' shares where a final
+    average straddles two layers)."""
 
-    def rows(indices: list[int]) -> torch.Tensor:
-        return torch.tensor(indices, dtype=torch.long, device=device)
-
-    total = values.index_select(1, rows(starts))
-    for offset in range(1, max(counts)):
-        if offset < min(counts):
-            total += values.index_select(1, rows([start + offset for start in starts]))
-        else:
-            longer = [j for j, count in enumerate(counts) if count > offset]
-            total[:, rows(longer)] += values.index_select(
-                1, rows([starts[j] + offset for j in longer])
-            )
-    return total / torch.tensor(counts, dtype=values.dtype, device=device)[None, :, None]
+    first: int
+    weight: torch.Tensor  # [outputs, channels / groups, p, p]
+    groups: int
 
 
-def _pooling_windows(length: int, size: int) -> tuple[list[int], list[int]]:
-    """First input and input count of each of `size` adaptive-pooling windows over `length`
-    (plain integers: the windows depend on shapes only, so exported graphs hold constants)."""
-    starts = [j * length // size for j in range(size)]
-    ends = [-(-(j + 1) * length // size) for j in range(size)]
-    return starts, [end - start for start, end in zip(starts, ends)]
+def composed_poolings(
+    channels: tuple[int, ...], patchsize: int, pretrain_dimension: int, target_dimension: int
+) -> list[LayerPooling]:
+    """Composes the reference's two adaptive average poolings (each layer's flattened p x p
+    neighbourhoods to `pretrain_dimension`, then all layers' to `target_dimension`) into one
+    grouped convolution per layer, weights summed in float64."""
+    area = patchsize * patchsize
+    weights: list[dict[int, dict[int, float]]] = [{} for _ in channels]  # output -> input -> w
+    first_stage = [_pooling_windows(count * area, pretrain_dimension) for count in channels]
+    second_stage = _pooling_windows(len(channels) * pretrain_dimension, target_dimension)
+    for output, window in enumerate(second_stage):
+        for pooled in window:
+            layer, position = divmod(pooled, pretrain_dimension)
+            inputs = first_stage[layer][position]
+            share = weights[layer].setdefault(output, {})
+            for value in inputs:
+                share[value] = share.get(value, 0.0) + 1.0 / (len(window) * len(inputs))
+    return [
+        _grouped_convolution(layer_weights, count, patchsize)
+        for layer_weights, count in zip(weights, channels)
+    ]
+
+
+def _grouped_convolution(
+    weights: dict[int, dict[int, float]], channels: int, patchsize: int
+) -> LayerPooling:
+    """The most finely grouped convolution computing the outputs in `weights` (output ->
+    flattened neighbourhood input -> weight): `groups` blocks of consecutive outputs, each fed
+    only by its own block of consecutive channels."""
+    area = patchsize * patchsize
+    first, last = min(weights), max(weights)
+    outputs = last - first + 1
+    # the channels feeding each output (windows are contiguous, so every output in between
+    # has some)
+    feeding = [
+        (min(weights[output]) // area, max(weights[output]) // area)
+        for output in range(first, last + 1)
+    ]
+    common = math.gcd(outputs, channels)
+    groups = max(
+        count
+        for count in range(1, common + 1)
+        if common % count == 0
+        and all(
+            low >= index // (outputs // count) * (channels // count)
+            and high < (index // (outputs // count) + 1) * (channels // count)
+            for index, (low, high) in enumerate(feeding)
+        )
+    )
+    per_group = channels // groups
+    weight = torch.zeros(outputs, per_group, patchsize, patchsize, dtype=torch.float64)
+    rows, columns, values = [], [], []
+    for output, inputs in weights.items():
+        block = (output - first) // (outputs // groups)
+        for value_index, value in inputs.items():
+            channel, offset = divmod(value_index, area)
+            rows.append(output - first)
+            columns.append((channel - block * per_group) * area + offset)
+            values.append(value)
+    weight.view(outputs, -1)[rows, columns] = torch.tensor(values, dtype=torch.float64)
+    return LayerPooling(first, weight, groups)
+
+
+def _summed_segments(shares: list[torch.Tensor], poolings: list[LayerPooling]) -> list[torch.Tensor]:
+    """Consecutive pieces of the final features, in order: where layers' output ranges meet
+    in one output (a final average over values of two layers), their shares are added."""
+    edges = sorted({p.first for p in poolings} | {p.first + len(p.weight) for p in poolings})
+    pieces = []
+    for start, end in itertools.pairwise(edges):
+        parts = [
+            share[:, start - pooling.first : end - pooling.first]
+            for share, pooling in zip(shares, poolings)
+            if pooling.first <= start and end <= pooling.first + len(pooling.weight)
+        ]
+        pieces.append(sum(parts[1:], parts[0]))
+    return pieces
+
+
+def _pooling_windows(length: int, size: int) -> list[range]:
+    """The inputs averaged by each of `size` adaptive average-pooling windows over `length`
+    values: floor(j length / size) up to ceil((j + 1) length / size)."""
+    return [range(j * length // size, -(-(j + 1) * length // size)) for j in range(size)]
 
 
 class PatchEmbedder(torch.nn.Module):
