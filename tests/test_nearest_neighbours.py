@@ -35,7 +35,7 @@ def all_indexes():
     indexes = [TorchNearestNeighbours(torch.device("cpu"), query_chunk_size=64),
                FaissNearestNeighbours()]  # fmt: skip
     if reranking_applies(torch.device("cpu")):
-        indexes.append(RerankedNearestNeighbours(query_chunk_size=64))
+        indexes.append(RerankedNearestNeighbours(max_chunk_rows=64))
     return indexes
 
 
@@ -76,7 +76,7 @@ def _hard_banks():
 @pytest.mark.parametrize("name", sorted(_hard_banks()))
 def test_reranked_search_is_exact_on_hard_banks(name):
     bank, queries = _hard_banks()[name]
-    index = RerankedNearestNeighbours(query_chunk_size=96)
+    index = RerankedNearestNeighbours(max_chunk_rows=96)
     index.fit(bank)
     for k in (1, 4):
         expected_distances, expected_indices = brute_force(queries, bank, k)

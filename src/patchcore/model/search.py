@@ -79,12 +79,20 @@ class RerankedNearestNeighbours:
     AVX-512 BF16); `build_index` falls back to FAISS otherwise.
     """
 
-    def __init__(self, query_chunk_size: int = 256) -> None:
+    # bytes of bfloat16 products held at once: queries are searched in chunks of at most
+    # `max_chunk_rows` rows, fewer for banks of over 65,536 rows (64 at least)
+    PRODUCT_BUDGET = 128 * 2**20
+
+    def __init__(self, max_chunk_rows: int = 1024) -> None:
         from patchcore.model.native import coreset_kernels
 
         self.kernels = coreset_kernels()
-        self.query_chunk_size = query_chunk_size
+        self.max_chunk_rows = max_chunk_rows
         self.bank = torch.empty(0, 0)
+        # threads that re-rank beside the calling thread; made on the first search that
+        # splits its queries and kept (starting threads per search costs more than it saves
+        # on small banks)
+        self._helpers: ThreadPoolExecutor | None = None
 
     def fit(self, bank: torch.Tensor) -> None:
         self.bank = bank.detach().to("cpu", torch.float32).contiguous()
@@ -110,21 +118,27 @@ class RerankedNearestNeighbours:
         """queries [Q, D] -> (squared distances [Q, k], indices [Q, k]), nearest first.
 
         The product pass uses torch's intra-op threads; the re-ranking splits the queries
-        between as many threads."""
+        between as many threads: this one and kept helpers."""
         queries = queries.detach().to("cpu", torch.float32).contiguous()
         k = min(k, len(self.bank))
         distances = torch.empty(len(queries), k)
         indices = torch.empty(len(queries), k, dtype=torch.long)
         threads = max(1, min(torch.get_num_threads(), len(queries) // 64))
-        with ThreadPoolExecutor(threads) as pool:
-            for start in range(0, len(queries), self.query_chunk_size):
-                chunk = queries[start : start + self.query_chunk_size]
-                copies, norms, errors = self._extended_copies(chunk, bank_side=False)
-                approximate = torch.mm(copies, self.bank_copies.T)
-                edges = [start + len(chunk) * part // threads for part in range(threads + 1)]
-                parts = [(queries, approximate, norms, errors, start, first, last, k,
-                          distances, indices) for first, last in itertools.pairwise(edges)]  # fmt: skip
-                list(pool.map(lambda part: self._rerank(*part), parts))
+        if threads > 1 and self._helpers is None:
+            self._helpers = ThreadPoolExecutor(torch.get_num_threads() - 1)
+        affordable = self.PRODUCT_BUDGET // (2 * max(1, len(self.bank)))
+        chunk_rows = min(self.max_chunk_rows, max(64, affordable))
+        for start in range(0, len(queries), chunk_rows):
+            chunk = queries[start : start + chunk_rows]
+            copies, norms, errors = self._extended_copies(chunk, bank_side=False)
+            approximate = torch.mm(copies, self.bank_copies.T)
+            edges = [start + len(chunk) * part // threads for part in range(threads + 1)]
+            parts = [(queries, approximate, norms, errors, start, first, last, k,
+                      distances, indices) for first, last in itertools.pairwise(edges)]  # fmt: skip
+            helping = [self._helpers.submit(self._rerank, *part) for part in parts[1:]]
+            self._rerank(*parts[0])
+            for task in helping:
+                task.result()
         return distances.clamp_min_(0.0), indices
 
     def _rerank(self, queries, approximate, norms, errors, offset, first, last, k,
