@@ -238,19 +238,21 @@ def test_plain_sweep_updates_the_minimum_distances_in_place():
     assert torch.equal(minimum, expected)
 
 
+@pytest.mark.parametrize("use_amx", [False, True])
 @pytest.mark.parametrize("small_batch", [0, 16, 10**6])
 @pytest.mark.parametrize("name", ["manifold", "repeated", "clusters", "scales"])
-def test_small_batches_products_select_as_torch_mm_does(monkeypatch, name, small_batch):
+def test_small_batches_products_select_as_torch_mm_does(monkeypatch, name, small_batch, use_amx):
     """Tiles are brought up to date with batches of pending points whose products the compiled
-    loop computes itself (up to SMALL_BATCH points) or torch.mm computes: any split selects
-    what the plain sweep selects. Dimensions here are multiples of 32 (the compiled products'
-    condition)."""
+    loop computes itself (on AMX tiles where allowed, or up to SMALL_BATCH points with
+    AVX512-BF16) or torch.mm computes: any split selects what the plain sweep selects.
+    Dimensions here are multiples of 32 (the compiled products' condition)."""
     features = HARD_CASES[name]
     features = torch.cat([features, features.flip(1)], dim=1)[:, :32].contiguous()
     count = len(features) // 4
     start = _start(features)
     plain = farthest_point_selection(features, None, start.clone(), count)
     monkeypatch.setattr(samplers, "SMALL_BATCH", small_batch)
+    monkeypatch.setattr(samplers, "USE_AMX", use_amx)
     for chunk_size in (1024, 40):
         selected = pruned_farthest_point_selection(features, None, start, count,
                                                    chunk_size=chunk_size)  # fmt: skip
@@ -268,3 +270,20 @@ def test_lazy_selection_stops_where_the_plain_sweep_stops():
     swept = farthest_point_selection(features, None, start.clone(), 600, stop_at=stop_at)
     assert torch.equal(stopped, swept) and len(stopped) == 300
     assert torch.equal(stopped, plain[:300])
+
+
+def test_amx_tiles_compute_every_batch_where_the_process_may_use_them(monkeypatch):
+    """Where AMX is usable, no batch of pending points goes back to torch.mm, and the
+    selection is still the plain sweep's (rows of 64 values: two AMX column blocks)."""
+    kernels = coreset_kernels()
+    if kernels is None or not samplers.bfloat16_is_fast() or not kernels.amx_available():
+        pytest.skip("no AMX tiles for this process (CPU, kernel or compiler)")
+    handed_back = []
+    monkeypatch.setattr(samplers._LargeBatches, "apply", lambda self, state: handed_back.append(1))
+    monkeypatch.setattr(samplers, "SMALL_BATCH", 0)
+    generator = torch.Generator().manual_seed(7)
+    features = torch.randn(5000, 64, generator=generator) * torch.rand(5000, 1, generator=generator)
+    start = _start(features)
+    plain = farthest_point_selection(features, None, start.clone(), 700)
+    selected = pruned_farthest_point_selection(features, None, start, 700, chunk_size=333)
+    assert torch.equal(selected, plain) and not handed_back

@@ -17,8 +17,13 @@
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
-#if defined(__AVX512BF16__)
+#if defined(__AVX512BF16__) || (defined(__AMX_TILE__) && defined(__AMX_BF16__))
 #include <immintrin.h>
+#endif
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#define HAS_AMX 1
+#include <sys/syscall.h>
+#include <unistd.h>
 #endif
 
 #define LANES 16
@@ -361,6 +366,67 @@ static void bfloat16_products(const uint16_t* rows, int64_t count, int64_t d,
 }
 #endif
 
+/* 1 when this build has AMX-BF16 products and the kernel lets this process use AMX tiles
+   (Linux asks each process to request them: arch_prctl ARCH_REQ_XCOMP_PERM for
+   XFEATURE_XTILEDATA), 0 otherwise. */
+int64_t amx_available(void) {
+#if defined(HAS_AMX)
+    return syscall(SYS_arch_prctl, 0x1023, 18) == 0;
+#else
+    return 0;
+#endif
+}
+
+#if defined(HAS_AMX)
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t bytes_per_row[16];
+    uint8_t rows[16];
+} TileConfig;
+
+/* out[r * p + q]: the product of bfloat16 rows[r] and points[q] (d a multiple of 32) on AMX
+   tiles, blocks of 16 rows x 16 points accumulated in float32 and rounded to bfloat16 as
+   torch.mm's bfloat16 output is: the same rounding bound (`eta`) holds (flushed denormals as
+   in bfloat16_products). Reads up to 15 rows past rows[count - 1] (the caller's copies are
+   padded) and ignores them. `pairs` is scratch of d x 16 bfloat16 values: a block of points
+   in the tiles' pair-interleaved layout. */
+static void amx_products(const uint16_t* rows, int64_t count, int64_t d,
+                         const uint16_t* points, int64_t p, uint32_t* pairs, uint16_t* out) {
+    TileConfig config = {0};
+    config.palette = 1;
+    for (int t = 0; t < 3; t++) { /* 0: 16 x 16 sums, 1: 16 rows x 32 values, 2: 16 x 16 pairs */
+        config.rows[t] = 16;
+        config.bytes_per_row[t] = 64;
+    }
+    _tile_loadconfig(&config);
+    float sums[16][16];
+    for (int64_t q0 = 0; q0 < p; q0 += 16) {
+        int64_t n = p - q0 < 16 ? p - q0 : 16;
+        /* pairs[k * 16 + q]: dimensions 2k and 2k + 1 of point q0 + q (zero past p) */
+        for (int64_t k = 0; k < d / 2; k++)
+            for (int64_t q = 0; q < 16; q++) {
+                uint32_t pair = 0;
+                if (q < n) memcpy(&pair, points + (q0 + q) * d + 2 * k, 4);
+                pairs[k * 16 + q] = pair;
+            }
+        for (int64_t r0 = 0; r0 < count; r0 += 16) {
+            _tile_zero(0);
+            for (int64_t j = 0; j < d; j += 32) {
+                _tile_loadd(1, rows + r0 * d + j, d * 2);
+                _tile_loadd(2, pairs + (j / 2) * 16, 64);
+                _tile_dpbf16ps(0, 1, 2);
+            }
+            _tile_stored(0, sums, 64);
+            int64_t m = count - r0 < 16 ? count - r0 : 16;
+            for (int64_t r = 0; r < m; r++)
+                for (int64_t q = 0; q < n; q++)
+                    out[(r0 + r) * p + q0 + q] = to_bfloat16(sums[r][q]);
+        }
+    }
+    _tile_release();
+}
+#endif
+
 /* The next step of the lazy selection, from each tile's bound (largest minimum distance; an
    upper bound when the tile is stale) and argmax (lowest row index holding it). When no stale
    tile's bound reaches the largest up-to-date bound, the selection is that tile's row (the
@@ -402,13 +468,14 @@ typedef struct {
     int64_t *argmax, *applied;
     float* m;
     int64_t* selected;
-    int64_t half, small, pending_batch, has_stop;
+    int64_t half, small, amx, pending_batch, has_stop;
     double eta, shrink, stop_at;
     void* point_copies;
     float *point_norms, *point_errors;
     int64_t* point_ids;
     float* scratch;
     void* products;
+    void* point_pairs; /* AMX scratch: d x 16 bfloat16 */
     /* progress: steps done; the batch left to the caller; counters */
     int64_t step, tile, start, kept, updates, pairs, checks;
 } LazySelection;
@@ -416,9 +483,10 @@ typedef struct {
 enum { LAZY_DONE = 0, LAZY_STOPPED = 1, LAZY_NEEDS_PRODUCT = 2 };
 
 /* Brings tile t up to date (every selected point applied), in batches of pending points.
-   A batch of at most s->small points (when this build has bfloat16 products, the copies are
-   bfloat16 and d is a multiple of 32) gets its products here; a larger one is left to the
-   caller: returns 1, with applied[t] at the batch's start and the batch in s->tile,
+   Where the copies are bfloat16 and d is a multiple of 32, a batch gets its products here:
+   on AMX tiles whatever its size (s->amx: this build has them and the process may use
+   them), else with AVX512-BF16 dot products when it has at most s->small points; any other
+   batch is left to the caller: returns 1, with applied[t] at the batch's start and the batch in s->tile,
    s->start, s->kept (its copies in point_copies). */
 static int bring_up_to_date(LazySelection* s, int64_t t) {
     int64_t d = s->d, low = s->edges[t], rows = s->edges[t + 1] - low;
@@ -429,12 +497,21 @@ static int bring_up_to_date(LazySelection* s, int64_t t) {
                                       s->point_copies, (int)s->half, s->point_norms,
                                       s->point_errors, s->point_ids);
         if (kept == 0) continue;
-        int small = 0;
+        int small = 0; /* products computed here */
+#if defined(HAS_AMX)
+        if (s->amx && s->half && d % 32 == 0) { /* any batch: the copies are bfloat16 */
+            amx_products((const uint16_t*)s->copies + d * low, rows, d,
+                         (const uint16_t*)s->point_copies, kept, (uint32_t*)s->point_pairs,
+                         (uint16_t*)s->products);
+            small = 1;
+        }
+#endif
 #if defined(__AVX512BF16__)
-        small = s->half && d % 32 == 0 && kept <= s->small;
-        if (small) /* the copies are bfloat16 here */
+        if (!small && s->half && d % 32 == 0 && kept <= s->small) {
             bfloat16_products((const uint16_t*)s->copies + d * low, rows, d,
                               (const uint16_t*)s->point_copies, kept, (uint16_t*)s->products);
+            small = 1;
+        }
 #endif
         if (!small) {
             s->applied[t] = start;

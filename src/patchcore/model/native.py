@@ -42,6 +42,7 @@ SIGNATURES = {
         _I,
     ),
     "lazy_steps": ([_P, _I], _I),
+    "amx_available": ([], _I),
     "extended_copies": ([_P, _I, _I, _P, _I32, _P, _I, _P, _P], None),
     "rerank_neighbours": ([_P, _P, _I, _I, _I, _P, _I, _P, _P, _F, _F, _F, _I, _P, _P, _P, _P], _I),
 }

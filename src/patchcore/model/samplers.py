@@ -338,6 +338,7 @@ def pruned_farthest_point_selection(
 _PENDING_BATCH = 4096  # coreset points per matrix product
 _PRODUCT_WIDTHS = [16 * 2 ** (k // 2) * (3 if k % 2 else 2) // 2 for k in range(24)]
 SMALL_BATCH = 16  # pending points up to which a tile's products are computed without torch.mm
+USE_AMX = True  # AMX tiles compute every batch's products where the CPU and kernel allow
 _UNIT_ROUNDOFF = 2.0**-24
 
 
@@ -376,7 +377,8 @@ class _LazyTiles:
         # evaluating the test in float32; and the exact distance's relative rounding.
         self.eta = product_rounding * (1 + gamma) + gamma + 64 * _UNIT_ROUNDOFF
         self.shrink = 1.0 - (2 * dimension + 64) * _UNIT_ROUNDOFF
-        self.copies = torch.empty(count, dimension, dtype=self.low_precision)
+        # 16 zero rows past the end: AMX products read whole blocks of 16 rows
+        self.copies = torch.zeros(count + 16, dimension, dtype=self.low_precision)[:count]
         self.row_norms = torch.empty(count)
         self.row_errors = torch.empty(count)
         self.centres = torch.empty(num_tiles, dimension)
@@ -417,12 +419,13 @@ class _LazyTiles:
             stale=self.stale.ctypes.data, argmax=self.argmax.ctypes.data,
             applied=self.applied.ctypes.data, m=self.minimum.data_ptr(),
             selected=self.selected.data_ptr(), half=self.half,
-            small=SMALL_BATCH,
+            small=SMALL_BATCH, amx=int(USE_AMX and bool(self.kernels.amx_available())),
             pending_batch=_PENDING_BATCH, has_stop=int(stop_at is not None),
             eta=self.eta, shrink=self.shrink, stop_at=0.0 if stop_at is None else stop_at,
             point_copies=large.copies.data_ptr(), point_norms=large.norms.data_ptr(),
             point_errors=large.errors.data_ptr(), point_ids=large.ids.data_ptr(),
             scratch=large.scratch.data_ptr(), products=large.products.data_ptr(),
+            point_pairs=large.point_pairs.data_ptr(),
         )  # fmt: skip
         block = max(1, num_samples // 100)  # steps per call: progress in about 1 % steps
         previous_threads = torch.get_num_threads()
@@ -454,10 +457,12 @@ class _LazySelectionState(ctypes.Structure):
         *[(name, ctypes.c_void_p) for name in (
             "order", "edges", "copies", "row_norms", "row_errors", "centres", "radii",
             "bounds", "stale", "argmax", "applied", "m", "selected")],
-        *[(name, ctypes.c_int64) for name in ("half", "small", "pending_batch", "has_stop")],
+        *[(name, ctypes.c_int64) for name in ("half", "small", "amx", "pending_batch",
+                                              "has_stop")],
         *[(name, ctypes.c_double) for name in ("eta", "shrink", "stop_at")],
         *[(name, ctypes.c_void_p) for name in (
-            "point_copies", "point_norms", "point_errors", "point_ids", "scratch", "products")],
+            "point_copies", "point_norms", "point_errors", "point_ids", "scratch", "products",
+            "point_pairs")],
         *[(name, ctypes.c_int64) for name in (
             "step", "tile", "start", "kept", "updates", "pairs", "checks")],
     ]  # fmt: skip
@@ -482,6 +487,7 @@ class _LargeBatches:
         self.scratch = torch.empty(capacity)
         self.products = torch.empty(int(max(tiles.edges.diff())) * capacity,
                                     dtype=tiles.low_precision)  # fmt: skip
+        self.point_pairs = torch.empty(dimension * 16, dtype=tiles.low_precision)  # AMX scratch
         self.best_value = ctypes.c_float()
         self.best_row = ctypes.c_int64()
 
