@@ -312,8 +312,8 @@ def pruned_farthest_point_selection(
     coreset points are added, so a tile is brought up to date only when it could hold the
     next farthest point, and then with every point added since, as one product of the
     tile's rows with those points (compute-bound, where a sweep is bound by memory
-    bandwidth; a few points' products are computed in the compiled loop, more with
-    `torch.mm`). Points that the triangle
+    bandwidth; on AMX tiles in the compiled loop where the CPU and kernel allow, otherwise a
+    few points' products there and more with `torch.mm`). Points that the triangle
     inequality (tile centre and radius) shows cannot change the tile are skipped. The
     product uses bfloat16 copies of the rows centred on their tile (float32 copies where
     the CPU lacks bfloat16 instructions); a pair is computed exactly whenever the
@@ -472,7 +472,8 @@ class _LargeBatches:
     """Scratch space of the pending points, and the large batches' products.
 
     A tile is usually behind by a few points; `lazy_steps` computes the bfloat16 products of
-    batches of at most `SMALL_BATCH` points itself (where the build has AVX512-BF16) and hands
+    every batch itself on AMX tiles (where the build has them and the process may use them),
+    or of batches of at most `SMALL_BATCH` points (where the build has AVX512-BF16), and hands
     other batches back, for `apply`: one `torch.mm`, rounded to bfloat16 alike, so selections
     do not depend on the split (tested)."""
 
