@@ -366,3 +366,19 @@ def test_corrupt_meta_file_fails_clearly(tmp_path, fitted):
     (folder / META_FILE).write_text("{ not json")
     with pytest.raises(ModelFormatError, match="patchcore_meta.json: not valid JSON"):
         load_model(folder)
+
+
+def test_fit_embeds_a_few_images_at_a_time_with_the_whole_batch_features(random_images):
+    """Fitting embeds at most FIT_IMAGES_AT_ONCE images per backbone call (activation memory
+    independent of the loader's batch size); the parts are the features of the whole batch
+    embedded at once, up to float rounding (the backbone's kernels may sum in another order
+    for another batch size)."""
+    from patchcore.model.patchcore import FIT_IMAGES_AT_ONCE
+
+    model = PatchCore(small_config())
+    parts = list(model.training_features(random_images[:5]))
+    per_image = len(model.embed(random_images[:1])[0])
+    assert FIT_IMAGES_AT_ONCE == 2
+    assert [len(part) for part in parts] == [2 * per_image, 2 * per_image, per_image]
+    torch.testing.assert_close(torch.cat(parts), model.embed(random_images[:5])[0],
+                               rtol=1e-5, atol=1e-6)  # fmt: skip

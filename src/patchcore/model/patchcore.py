@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import replace
 
 import torch
@@ -33,6 +33,8 @@ from patchcore.model.scoring import Prediction, memory_bank_problem, score_image
 from patchcore.progress import track
 
 LOGGER = logging.getLogger(__name__)
+
+FIT_IMAGES_AT_ONCE = 2  # images (or tiles) the backbone embeds at a time while fitting
 
 
 def images_of(batch) -> torch.Tensor:
@@ -66,14 +68,18 @@ class PatchCore:
         """images [B, 3, H, W] in [0, 1] -> patch features [B*h*w, D] and the grid (h, w)."""
         return self.embedder(images.to(self.device, torch.float32))
 
-    def training_features(self, images: torch.Tensor) -> torch.Tensor:
-        """Patch features [N, D] a batch of normal images adds to the memory bank: those of
-        every tile with tiled inspection, of the whole images otherwise."""
+    def training_features(self, images: torch.Tensor) -> Iterator[torch.Tensor]:
+        """Patch features [N_i, D] a batch of normal images adds to the memory bank, in parts
+        of at most FIT_IMAGES_AT_ONCE images (or tiles, with tiled inspection): the
+        backbone's activations, not the loader's batch size, then bound the memory fitting
+        needs (WideResNet50 at 224 px holds about 15 MB of activations per image). The
+        features are those of the whole batch embedded at once, up to float rounding."""
         check_model_input(images)
         preprocessing = self.config.preprocessing
         if preprocessing.tile is not None:
             images = cut_tiles(images, preprocessing.tile, preprocessing.tile_overlap)[0]
-        return self.embed(images)[0]
+        for part in images.split(FIT_IMAGES_AT_ONCE):
+            yield self.embed(part)[0]
 
     # ---------------------------------------------------------------------- fit
     @torch.inference_mode()
@@ -92,14 +98,15 @@ class PatchCore:
             for number, batch in enumerate(
                 track(batches, "Extracting training features", unit="batch"), start=1
             ):
-                features = self.training_features(images_of(batch))
-                if not bool(torch.isfinite(features).all()):
-                    raise DataError(
-                        f"training batch {number}: the backbone gives patch features that are "
-                        "not finite numbers (NaN or infinite); check the backbone's weights"
-                    )
-                store.append(features)
-                projected.append(sampler.project(features))
+                for features in self.training_features(images_of(batch)):
+                    if not bool(torch.isfinite(features).all()):
+                        raise DataError(
+                            f"training batch {number}: the backbone gives patch features that "
+                            "are not finite numbers (NaN or infinite); check the backbone's "
+                            "weights"
+                        )
+                    store.append(features)
+                    projected.append(sampler.project(features))
             if not projected:
                 raise DataError("no training images: the memory bank would be empty")
             dimension = features.shape[1]

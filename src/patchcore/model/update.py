@@ -133,8 +133,8 @@ def add_normal_images(
     the index is rebuilt over the new bank. The normal statistics are left as they were."""
     if model.memory_bank is None:
         raise DataError("the model has no memory bank: fit or load it before updating")
-    parts = [model.training_features(images_of(batch))
-             for batch in track(batches, "Extracting new features", unit="batch")]  # fmt: skip
+    parts = [part for batch in track(batches, "Extracting new features", unit="batch")
+             for part in model.training_features(images_of(batch))]  # fmt: skip
     if not parts:
         raise DataError("no new images to add")
     new_features = torch.cat(parts)
