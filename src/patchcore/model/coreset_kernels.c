@@ -485,9 +485,9 @@ enum { LAZY_DONE = 0, LAZY_STOPPED = 1, LAZY_NEEDS_PRODUCT = 2 };
 /* Brings tile t up to date (every selected point applied), in batches of pending points.
    Where the copies are bfloat16 and d is a multiple of 32, a batch gets its products here:
    on AMX tiles whatever its size (s->amx: this build has them and the process may use
-   them), else with AVX512-BF16 dot products when it has at most s->small points; any other
-   batch is left to the caller: returns 1, with applied[t] at the batch's start and the batch in s->tile,
-   s->start, s->kept (its copies in point_copies). */
+   them), else with AVX512-BF16 dot products when it has at most s->small points. Any other
+   batch is left to the caller: returns 1, with applied[t] at the batch's start and the
+   batch in s->tile, s->start, s->kept (its copies in point_copies). */
 static int bring_up_to_date(LazySelection* s, int64_t t) {
     int64_t d = s->d, low = s->edges[t], rows = s->edges[t + 1] - low;
     for (int64_t start = s->applied[t]; start < s->step; start += s->pending_batch) {
@@ -497,23 +497,23 @@ static int bring_up_to_date(LazySelection* s, int64_t t) {
                                       s->point_copies, (int)s->half, s->point_norms,
                                       s->point_errors, s->point_ids);
         if (kept == 0) continue;
-        int small = 0; /* products computed here */
+        int computed = 0; /* products computed here */
 #if defined(HAS_AMX)
         if (s->amx && s->half && d % 32 == 0) { /* any batch: the copies are bfloat16 */
             amx_products((const uint16_t*)s->copies + d * low, rows, d,
                          (const uint16_t*)s->point_copies, kept, (uint32_t*)s->point_pairs,
                          (uint16_t*)s->products);
-            small = 1;
+            computed = 1;
         }
 #endif
 #if defined(__AVX512BF16__)
-        if (!small && s->half && d % 32 == 0 && kept <= s->small) {
+        if (!computed && s->half && d % 32 == 0 && kept <= s->small) {
             bfloat16_products((const uint16_t*)s->copies + d * low, rows, d,
                               (const uint16_t*)s->point_copies, kept, (uint16_t*)s->products);
-            small = 1;
+            computed = 1;
         }
 #endif
-        if (!small) {
+        if (!computed) {
             s->applied[t] = start;
             s->tile = t;
             s->start = start;
