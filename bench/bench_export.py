@@ -164,7 +164,8 @@ def prepare(args, folder: Path) -> tuple[Path, Path]:
         root, category = Path(args.real[0]), args.real[1]
     else:
         root, category = folder / "data", "texture"
-        spec = SyntheticSpec(args.train_images, num_test_good=4, num_test_defective_per_type=2)
+        spec = SyntheticSpec(num_train=args.train_images, num_test_good=4,
+                             num_test_defective_per_type=2)
         if not root.is_dir():
             generate_category(root, category, spec)
     size = (args.input_size, args.input_size)
