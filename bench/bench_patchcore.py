@@ -13,8 +13,8 @@ memory is its own:
 
 - `baseline`: the reference implementation's structure, built from this library's pieces.
   The backbone runs in torch's default NCHW layout, as the reference's does (this library
-  runs it channels-last). Fit: every training feature concatenated in float32, projected, and the approximate
-  greedy coreset as the reference loops it (each iteration recomputes all squared norms
+  runs it channels-last). Fit: every training feature concatenated in float32, projected,
+  and the approximate greedy coreset as the reference loops it (each iteration recomputes all squared norms
   with batched products, takes square-rooted distances to the new point, concatenates them
   to the running minima and takes the minimum). Inference: backbone; the reference's
   aggregation (deeper layers' unfolded neighbourhoods bilinearly resized before pooling);
@@ -34,11 +34,11 @@ memory is its own:
 
 Printed per row: feature extraction, coreset and fit seconds, inference ms per image
 (batch 1, after one warm-up image; for the baseline and this library's variants measured
-afresh in one more process, `paired_inference`: alternating rounds over the same test images,
-the best round of each, so that the machine's drift between processes does not enter the
-ratio), peak RSS of the process, fit memory (the peak RSS
-reached by the end of fit minus the RSS just before it: what fitting adds to the process,
-whose torch libraries and backbone alone take about 1.2 GiB), coverage radius (largest distance from a
+afresh in one more process, `paired_inference`: alternating rounds over the same test
+images, the best round of each, so that the machine's drift between processes does not
+enter the ratio), peak RSS of the process, fit memory (the peak RSS reached by the end of fit
+minus the RSS just before it: what fitting adds to the process, whose torch libraries and
+backbone alone take about 1.0 to 1.2 GiB), coverage radius (largest distance from a
 feature of the first 16 training images to its nearest bank feature), image and pixel
 AUROC, and ratios against the baseline measured in the same run (`infer x` is this row's
 time over the baseline's: lower is faster).

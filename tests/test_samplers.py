@@ -274,12 +274,17 @@ def test_lazy_selection_stops_where_the_plain_sweep_stops():
 
 def test_amx_tiles_compute_every_batch_where_the_process_may_use_them(monkeypatch):
     """Where AMX is usable, no batch of pending points goes back to torch.mm, and the
-    selection is still the plain sweep's (rows of 64 values: two AMX column blocks)."""
+    selection is still the plain sweep's (rows of 64 values: two 32-value tile blocks)."""
     kernels = coreset_kernels()
     if kernels is None or not samplers.bfloat16_is_fast() or not kernels.amx_available():
         pytest.skip("no AMX tiles for this process (CPU, kernel or compiler)")
     handed_back = []
-    monkeypatch.setattr(samplers._LargeBatches, "apply", lambda self, state: handed_back.append(1))
+
+    def refuse(self, state):  # a handed-back batch would otherwise be handed back forever
+        handed_back.append(state.kept)
+        raise AssertionError("a batch of pending points went back to torch.mm")
+
+    monkeypatch.setattr(samplers._LargeBatches, "apply", refuse)
     monkeypatch.setattr(samplers, "SMALL_BATCH", 0)
     generator = torch.Generator().manual_seed(7)
     features = torch.randn(5000, 64, generator=generator) * torch.rand(5000, 1, generator=generator)

@@ -498,18 +498,21 @@ static int bring_up_to_date(LazySelection* s, int64_t t) {
                                       s->point_errors, s->point_ids);
         if (kept == 0) continue;
         int computed = 0; /* products computed here */
+#if defined(HAS_AMX) || defined(__AVX512BF16__)
+        const uint16_t* tile_copies = (const uint16_t*)s->copies + d * low;
+        const uint16_t* points = (const uint16_t*)s->point_copies;
+        int bfloat16_rows = s->half && d % 32 == 0;
+#endif
 #if defined(HAS_AMX)
-        if (s->amx && s->half && d % 32 == 0) { /* any batch: the copies are bfloat16 */
-            amx_products((const uint16_t*)s->copies + d * low, rows, d,
-                         (const uint16_t*)s->point_copies, kept, (uint32_t*)s->point_pairs,
+        if (bfloat16_rows && s->amx) { /* any batch */
+            amx_products(tile_copies, rows, d, points, kept, (uint32_t*)s->point_pairs,
                          (uint16_t*)s->products);
             computed = 1;
         }
 #endif
 #if defined(__AVX512BF16__)
-        if (!computed && s->half && d % 32 == 0 && kept <= s->small) {
-            bfloat16_products((const uint16_t*)s->copies + d * low, rows, d,
-                              (const uint16_t*)s->point_copies, kept, (uint16_t*)s->products);
+        if (!computed && bfloat16_rows && kept <= s->small) {
+            bfloat16_products(tile_copies, rows, d, points, kept, (uint16_t*)s->products);
             computed = 1;
         }
 #endif

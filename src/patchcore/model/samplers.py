@@ -406,8 +406,9 @@ class _LazyTiles:
     def run(self, num_samples: int, stop_at: float | None = None) -> torch.Tensor:
         """Selects `num_samples` rows (fewer with `stop_at`).
 
-        The steps run in the compiled `lazy_steps`; it hands back only the large batches of
-        pending points, whose products `_LargeBatches` computes with `torch.mm`."""
+        The steps run in the compiled `lazy_steps`; it hands back only the batches of
+        pending points whose products it does not compute itself (none where AMX is usable),
+        for `_LargeBatches` to compute with `torch.mm`."""
         self.selected = torch.empty(num_samples, dtype=torch.long)
         large = _LargeBatches(self, num_samples)
         state = _LazySelectionState(
