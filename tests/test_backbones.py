@@ -3,13 +3,13 @@ import urllib.error
 import pytest
 import torch
 
+from patchcore.config import split_seeded_name
+from patchcore.errors import BackboneError, ConfigurationError
 from patchcore.model.backbones import (
     EFFICIENTNET_LITE_MEAN,
     IMAGENET_MEAN,
     load_backbone,
 )
-from patchcore.config import split_seeded_name
-from patchcore.errors import BackboneError, ConfigurationError
 from patchcore.model.features import FeatureExtractor
 
 

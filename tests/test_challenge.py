@@ -17,13 +17,13 @@ from patchcore.apps.challenge import (
     run_challenge,
     sample_drift,
 )
+from patchcore.apps.export import export_challenge_models
 from patchcore.cli.challenge import challenge_cli
 from patchcore.data.datasets import list_samples
-from patchcore.apps.export import export_challenge_models
-from patchcore.model.module import PatchCoreModule
 from patchcore.errors import ConfigurationError
-from patchcore.model.serialization import save_models
 from patchcore.evaluation.reporting import read_results_csv
+from patchcore.model.module import PatchCoreModule
+from patchcore.model.serialization import save_models
 from test_deploy import REPO, fit_small_model, run_script_help
 
 MODULE_FILE = REPO / "src" / "patchcore" / "model" / "module.py"

@@ -11,9 +11,9 @@ from click.testing import CliRunner
 from torchvision.transforms.v2 import functional as TF
 
 from conftest import small_config
-from patchcore.config import PatchCoreConfig, PreprocessingConfig, SamplerConfig, SearchConfig
 from patchcore.apps.export import category_name, export_challenge_models, requirements_text
 from patchcore.cli.export import export_cli
+from patchcore.config import PatchCoreConfig, PreprocessingConfig, SamplerConfig, SearchConfig
 from patchcore.data.datasets import ImageDataset, list_samples
 from patchcore.data.preprocessing import (
     crop_offsets,
@@ -21,6 +21,7 @@ from patchcore.data.preprocessing import (
     open_image,
     resized_size,
 )
+from patchcore.errors import ConfigurationError, ModelFormatError
 from patchcore.model.module import (
     CONFIG_KEY,
     PatchCoreModule,
@@ -28,7 +29,6 @@ from patchcore.model.module import (
     decode_json,
     encode_json,
 )
-from patchcore.errors import ConfigurationError, ModelFormatError
 from patchcore.model.patchcore import PatchCore
 from patchcore.model.serialization import load_models, save_models
 

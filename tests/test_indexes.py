@@ -285,11 +285,13 @@ def test_search_options_are_checked_with_one_line_errors(synthetic_root, tmp_pat
 # ------------------------------------------------------------------ beyond RAM
 @pytest.mark.slow
 def test_a_bank_larger_than_the_memory_limit_is_searched_through_its_mapping():
-    """bench/bench_mapped_bank.py at a small size: a 256 MiB bank scored by a process whose
-    memory cgroup allows 128 MiB (page cache included), against loading it into RAM."""
+    """bench/bench_mapped_bank.py at a small size: a 512 MiB bank scored by a process whose
+    memory cgroup allows 192 MiB (page cache included), against loading it into RAM. The
+    model, FAISS and scoring need about 100-128 MiB besides the mapped pages (a 128 MiB
+    limit passed alone but was once killed inside the full suite), hence the headroom."""
     process = subprocess.run(
-        [sys.executable, str(REPO / "bench" / "bench_mapped_bank.py"), "--bank_mib", "256",
-         "--limit_mib", "128", "--json"], capture_output=True, text=True, timeout=600, check=False,
+        [sys.executable, str(REPO / "bench" / "bench_mapped_bank.py"), "--bank_mib", "512",
+         "--limit_mib", "192", "--json"], capture_output=True, text=True, timeout=600, check=False,
     )  # fmt: skip
     if process.returncode == 3:
         pytest.skip("no writable memory cgroup here (needs root): " + process.stderr.strip())
@@ -297,7 +299,7 @@ def test_a_bank_larger_than_the_memory_limit_is_searched_through_its_mapping():
     result = json.loads(process.stdout.strip().splitlines()[-1])
     mapped, in_memory = result["children"]
     assert mapped["outcome"] == "ok" and mapped["scores_equal"], mapped
-    assert mapped["peak_mib"] <= 128.5
+    assert mapped["peak_mib"] <= 192.5
     assert in_memory["outcome"] == "killed", in_memory  # the limit bites a bank read into RAM
     assert np.isfinite(result["reference"]).all()
 

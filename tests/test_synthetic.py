@@ -9,9 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from click.testing import CliRunner
+from PIL import Image
 
 from patchcore.cli.synthetic import synthetic_cli
 from patchcore.data.synthetic import (

@@ -14,7 +14,7 @@ from patchcore.exports import lazy_exports
 
 __version__ = "0.2.0"
 
-__all__ = ["PatchCore", "PatchCoreConfig", "save_models", "load_models", "__version__"]
+__all__ = ["PatchCore", "PatchCoreConfig", "__version__", "load_models", "save_models"]
 
 __getattr__, __dir__ = lazy_exports(
     __name__,

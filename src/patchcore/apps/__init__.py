@@ -4,8 +4,13 @@ evaluation) and the operator dashboard. Click commands live in `patchcore.cli`."
 from patchcore.exports import lazy_exports
 
 __all__ = [
-    "train_run", "evaluate_run", "run_prediction", "export_challenge_models", "export_models",
-    "open_exported", "run_challenge",
+    "evaluate_run",
+    "export_challenge_models",
+    "export_models",
+    "open_exported",
+    "run_challenge",
+    "run_prediction",
+    "train_run",
 ]  # fmt: skip
 
 __getattr__, __dir__ = lazy_exports(

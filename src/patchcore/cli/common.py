@@ -101,8 +101,8 @@ def common_options(seed: SeedOption | None = None):
         if seed is not None:
             options.append(
                 click.option("--seed", type=int, default=seed.default, show_default=True,
-                             help=seed.help)  # fmt: skip
-            )
+                             help=seed.help)
+            )  # fmt: skip
         options += [
             click.option("--gpu", type=int, multiple=True,
                          help="CUDA device id (the reference's flag); -1 runs on the CPU. "

@@ -3,9 +3,17 @@
 from patchcore.exports import lazy_exports
 
 __all__ = [
-    "ImageDataset", "Sample", "list_samples", "split_loader",
-    "image_tensor", "mask_tensor", "open_image", "load_image",
-    "SyntheticSpec", "generate_dataset", "generate_category",
+    "ImageDataset",
+    "Sample",
+    "SyntheticSpec",
+    "generate_category",
+    "generate_dataset",
+    "image_tensor",
+    "list_samples",
+    "load_image",
+    "mask_tensor",
+    "open_image",
+    "split_loader",
 ]  # fmt: skip
 
 __getattr__, __dir__ = lazy_exports(
@@ -17,5 +25,5 @@ __getattr__, __dir__ = lazy_exports(
                         "patchcore.data.preprocessing"),
         **dict.fromkeys(["SyntheticSpec", "generate_dataset", "generate_category"],
                         "patchcore.data.synthetic"),
-    },  # fmt: skip
-)
+    },
+)  # fmt: skip

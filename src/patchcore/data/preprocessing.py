@@ -37,8 +37,8 @@ by uint8 rounding only, since PIL resizes 8-bit pixels.
 
 from __future__ import annotations
 
-import logging
 import functools
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -144,7 +144,7 @@ def resized_size(
 
 def crop_offsets(size: tuple[int, int], crop: int) -> tuple[int, int]:
     """(top, left) of a centre crop of `crop` x `crop` from (height, width) `size` (torchvision's rule)."""
-    return int(round((size[0] - crop) / 2.0)), int(round((size[1] - crop) / 2.0))
+    return round((size[0] - crop) / 2.0), round((size[1] - crop) / 2.0)
 
 
 def working_size(size: tuple[int, int], config: PreprocessingConfig) -> tuple[int, int]:

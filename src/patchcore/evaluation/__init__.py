@@ -3,9 +3,16 @@
 from patchcore.exports import lazy_exports
 
 __all__ = [
-    "compute_metrics", "METRIC_NAMES", "combine_members", "write_results_csv",
-    "read_results_csv", "format_results_table", "save_segmentation_images",
-    "write_predictions", "read_predictions", "evaluate_models",
+    "METRIC_NAMES",
+    "combine_members",
+    "compute_metrics",
+    "evaluate_models",
+    "format_results_table",
+    "read_predictions",
+    "read_results_csv",
+    "save_segmentation_images",
+    "write_predictions",
+    "write_results_csv",
 ]  # fmt: skip
 
 __getattr__, __dir__ = lazy_exports(

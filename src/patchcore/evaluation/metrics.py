@@ -24,7 +24,7 @@ import logging
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeAlias
 
 import numpy as np
 from numpy.typing import NDArray
@@ -37,7 +37,7 @@ LOGGER = logging.getLogger(__name__)
 if TYPE_CHECKING:
     import torch
 
-Array = "np.ndarray | torch.Tensor"
+Array: TypeAlias = "np.ndarray | torch.Tensor"
 
 DEFAULT_MAX_FPR = 0.3
 METRIC_NAMES = (

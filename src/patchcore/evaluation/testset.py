@@ -9,11 +9,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from patchcore.data.preprocessing import defective_pixels, has_defect
 from patchcore.errors import DataError
 from patchcore.evaluation.ensemble import combine_predictions
 from patchcore.evaluation.metrics import compute_metrics
 from patchcore.evaluation.records import DatasetPredictions
-from patchcore.data.preprocessing import defective_pixels, has_defect
 from patchcore.model.calibration import NormalStatistics
 from patchcore.model.patchcore import PatchCore
 from patchcore.model.scoring import Maps, Prediction, concatenate_maps

@@ -4,10 +4,20 @@ saving and loading, and the self-contained `PatchCoreModule`."""
 from patchcore.exports import lazy_exports
 
 __all__ = [
-    "PatchCore", "Prediction", "NormalStatistics", "decide", "colour_range",
-    "score_images", "save_models", "load_models", "PatchCoreModule", "FixedSizePatchCore",
+    "FixedSizePatchCore",
+    "NormalStatistics",
+    "PatchCore",
+    "PatchCoreModule",
+    "Prediction",
+    "build_embedder",
+    "build_index",
+    "build_sampler",
+    "colour_range",
+    "decide",
     "load_backbone",
-    "build_embedder", "build_sampler", "build_index",
+    "load_models",
+    "save_models",
+    "score_images",
 ]  # fmt: skip
 
 __getattr__, __dir__ = lazy_exports(

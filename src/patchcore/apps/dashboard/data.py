@@ -41,10 +41,10 @@ from patchcore.files import is_staging
 from patchcore.layout import RESULTS_FILE, RUN_CONTENT_FOLDERS, RunLayout
 from patchcore.model.calibration import (
     DEFAULT_THRESHOLD_QUANTILE,
-    colour_range as scale_of,
     decide,
     decision_label,
 )
+from patchcore.model.calibration import colour_range as scale_of
 from patchcore.model.serialization import META_FILE, config_from_meta, member_prefixes, read_meta
 
 if TYPE_CHECKING:
