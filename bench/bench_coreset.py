@@ -18,7 +18,9 @@ features, the minimum distances read and written), over the memory bandwidth mea
 here (reading a 1 GiB tensor with every torch thread). The lazy selection moves per
 selection only the bfloat16 copies of the tiles it updates and their products (cache
 sized), so its floor is its arithmetic: 2 (D + 1) operations per (row, point) pair, at the
-bfloat16 matrix-product rate measured here.
+bfloat16 matrix-product rate measured here on one thread (where torch has two or more
+threads, the lazy selection's helper thread takes half of each tile update, so it can come
+closer to that floor than one thread could).
 """
 
 from __future__ import annotations

@@ -238,14 +238,17 @@ def test_plain_sweep_updates_the_minimum_distances_in_place():
     assert torch.equal(minimum, expected)
 
 
+@pytest.mark.parametrize("use_helper", [False, True])
 @pytest.mark.parametrize("use_amx", [False, True])
 @pytest.mark.parametrize("small_batch", [0, 16, 10**6])
 @pytest.mark.parametrize("name", ["manifold", "repeated", "clusters", "scales"])
-def test_small_batches_products_select_as_torch_mm_does(monkeypatch, name, small_batch, use_amx):
+def test_small_batches_products_select_as_torch_mm_does(monkeypatch, name, small_batch, use_amx,
+                                                        use_helper):  # fmt: skip
     """Tiles are brought up to date with batches of pending points whose products the compiled
     loop computes itself (on AMX tiles where allowed, or up to SMALL_BATCH points with
-    AVX512-BF16) or torch.mm computes: any split selects what the plain sweep selects.
-    Dimensions here are multiples of 32 (the compiled products' condition)."""
+    AVX512-BF16), with or without the helper thread taking half of each tile's rows, or
+    torch.mm computes: any split selects what the plain sweep selects. Dimensions here are
+    multiples of 32 (the compiled products' condition)."""
     features = HARD_CASES[name]
     features = torch.cat([features, features.flip(1)], dim=1)[:, :32].contiguous()
     count = len(features) // 4
@@ -253,10 +256,39 @@ def test_small_batches_products_select_as_torch_mm_does(monkeypatch, name, small
     plain = farthest_point_selection(features, None, start.clone(), count)
     monkeypatch.setattr(samplers, "SMALL_BATCH", small_batch)
     monkeypatch.setattr(samplers, "USE_AMX", use_amx)
+    monkeypatch.setattr(samplers, "USE_HELPER_THREAD", use_helper)
     for chunk_size in (1024, 40):
         selected = pruned_farthest_point_selection(features, None, start, count,
                                                    chunk_size=chunk_size)  # fmt: skip
         assert torch.equal(selected, plain), chunk_size
+
+
+def test_the_helper_thread_shares_tile_updates_and_selects_the_same(monkeypatch):
+    """With two torch threads and every batch's products computed on AMX tiles, the helper
+    thread takes half of the rows of updates (counted), and the selection is the plain
+    sweep's; with one torch thread, or switched off, it takes none."""
+    kernels = coreset_kernels()
+    if kernels is None or not samplers.bfloat16_is_fast() or not kernels.amx_available():
+        pytest.skip("no AMX tiles for this process (CPU, kernel or compiler)")
+    generator = torch.Generator().manual_seed(11)
+    features = torch.randn(6000, 64, generator=generator) * torch.rand(6000, 1, generator=generator)
+    start = _start(features)
+    plain = farthest_point_selection(features, None, start.clone(), 800)
+
+    def shared_updates(threads: int, helper: bool) -> int:
+        monkeypatch.setattr(samplers, "USE_HELPER_THREAD", helper)
+        tiles = samplers._LazyTiles(kernels, features.contiguous(), start, 512)
+        torch.set_num_threads(threads)
+        try:
+            assert torch.equal(tiles.run(800), plain)
+        finally:
+            torch.set_num_threads(THREADS)
+        assert tiles.stats["updates"] > 0
+        return tiles.stats["shared"]
+
+    assert shared_updates(2, helper=True) > 0
+    assert shared_updates(1, helper=True) == 0
+    assert shared_updates(2, helper=False) == 0
 
 
 def test_lazy_selection_stops_where_the_plain_sweep_stops():

@@ -15,7 +15,11 @@
    radius. Low-precision copies are bfloat16 bit patterns (uint16) or float32. */
 
 #include <math.h>
+#include <pthread.h>
+#include <sched.h>
+#include <stdatomic.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #if defined(__AVX512BF16__) || (defined(__AMX_TILE__) && defined(__AMX_BF16__))
 #include <immintrin.h>
@@ -468,7 +472,7 @@ typedef struct {
     int64_t *argmax, *applied;
     float* m;
     int64_t* selected;
-    int64_t half, small, amx, pending_batch, has_stop;
+    int64_t half, small, amx, pending_batch, has_stop, helper;
     double eta, shrink, stop_at;
     void* point_copies;
     float *point_norms, *point_errors;
@@ -476,19 +480,143 @@ typedef struct {
     float* scratch;
     void* products;
     void* point_pairs; /* AMX scratch: d x 16 bfloat16 */
-    /* progress: steps done; the batch left to the caller; counters */
-    int64_t step, tile, start, kept, updates, pairs, checks;
+    /* progress: steps done; the batch left to the caller; counters (shared: updates split
+       with the helper thread) */
+    int64_t step, tile, start, kept, updates, pairs, checks, shared;
 } LazySelection;
 
 enum { LAZY_DONE = 0, LAZY_STOPPED = 1, LAZY_NEEDS_PRODUCT = 2 };
 
+/* Who computes a batch's products: the caller (torch.mm), AMX tiles or AVX512-BF16 dot
+   products. Where the copies are bfloat16 and d is a multiple of 32: AMX tiles whatever the
+   batch's size (s->amx: this build has them and the process may use them), else dot
+   products for batches of at most s->small points. */
+enum { PRODUCTS_BY_CALLER = 0, PRODUCTS_AMX = 1, PRODUCTS_DOT = 2 };
+
+static int product_kind(const LazySelection* s, int64_t kept) {
+#if defined(HAS_AMX) || defined(__AVX512BF16__)
+    int bfloat16_rows = s->half && s->d % 32 == 0;
+#endif
+#if defined(HAS_AMX)
+    if (bfloat16_rows && s->amx) return PRODUCTS_AMX;
+#endif
+#if defined(__AVX512BF16__)
+    if (bfloat16_rows && kept <= s->small) return PRODUCTS_DOT;
+#endif
+    (void)s;
+    (void)kept;
+    return PRODUCTS_BY_CALLER;
+}
+
+typedef struct {
+    float best_value; /* the rows' largest minimum distance */
+    int64_t best_row; /* the lowest row index holding it */
+    int64_t checks;   /* exact distances computed */
+} RowsUpdate;
+
+/* Applies the pending batch (s->point_copies, point_norms, point_errors, point_ids: `kept`
+   points) to rows [begin, end) of tile t: their products (`kind`, not PRODUCTS_BY_CALLER)
+   into their own part of s->products, then apply_points. `pairs` and `scratch` are the
+   calling thread's scratch (AMX pair layout: d x 16 bfloat16; kept floats). */
+static RowsUpdate update_rows(const LazySelection* s, int64_t t, int64_t begin, int64_t end,
+                              int64_t kept, int kind, void* pairs, float* scratch) {
+    int64_t d = s->d, low = s->edges[t] + begin, count = end - begin;
+    uint16_t* products = (uint16_t*)s->products + begin * kept;
+#if defined(HAS_AMX) || defined(__AVX512BF16__)
+    const uint16_t* rows = (const uint16_t*)s->copies + d * low;
+    const uint16_t* points = (const uint16_t*)s->point_copies;
+#endif
+#if defined(HAS_AMX)
+    if (kind == PRODUCTS_AMX)
+        amx_products(rows, count, d, points, kept, (uint32_t*)pairs, products);
+#endif
+#if defined(__AVX512BF16__)
+    if (kind == PRODUCTS_DOT) bfloat16_products(rows, count, d, points, kept, products);
+#endif
+    (void)kind;
+    (void)pairs;
+    RowsUpdate update;
+    update.checks = apply_points(s->x, d, s->order + low, count, products, (int)s->half, kept,
+                                 kept, s->point_ids, s->point_norms, s->point_errors,
+                                 s->row_norms + low, s->row_errors + low, (float)s->eta,
+                                 (float)s->shrink, scratch, s->m, &update.best_value,
+                                 &update.best_row);
+    return update;
+}
+
+/* A second thread for one lazy_steps call (s->helper): it updates the upper half of a
+   tile's rows while the calling thread updates the lower half. The halves touch disjoint
+   rows of m and s->products and only read the rest, so the selection is the same as with
+   one thread. Both wait for each other by spinning (a tile update takes tens of
+   microseconds, less than a sleeping thread takes to wake), and after SPIN_TURNS turns
+   yield the core at each turn, so other work on a busy machine still runs. */
+enum { HELPER_WAITING, HELPER_POSTED, HELPER_DONE, HELPER_QUIT };
+
+typedef struct {
+    const LazySelection* s;
+    pthread_t thread;
+    atomic_int state;
+    int64_t t, begin, end, kept; /* the posted rows */
+    int kind;
+    RowsUpdate result;
+    void* pairs;
+    float* scratch;
+} Helper;
+
+#define SPIN_TURNS 4096
+
+static inline void relax(int64_t turn) {
+    if (turn >= SPIN_TURNS) {
+        sched_yield();
+        return;
+    }
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#endif
+}
+
+static void* helper_loop(void* argument) {
+    Helper* h = (Helper*)argument;
+    for (int64_t turn = 0;; turn++) {
+        int state = atomic_load_explicit(&h->state, memory_order_acquire);
+        if (state == HELPER_QUIT) return NULL;
+        if (state != HELPER_POSTED) {
+            relax(turn);
+            continue;
+        }
+        turn = 0;
+        h->result = update_rows(h->s, h->t, h->begin, h->end, h->kept, h->kind, h->pairs,
+                                h->scratch);
+        atomic_store_explicit(&h->state, HELPER_DONE, memory_order_release);
+    }
+}
+
+/* Starts the helper; 0 (and nothing to stop) where memory or a thread is not available. */
+static int start_helper(Helper* h, const LazySelection* s) {
+    h->s = s;
+    atomic_init(&h->state, HELPER_WAITING);
+    h->pairs = malloc((size_t)s->d * 16 * sizeof(uint16_t));
+    h->scratch = (float*)malloc((size_t)s->pending_batch * sizeof(float));
+    if (h->pairs && h->scratch && pthread_create(&h->thread, NULL, helper_loop, h) == 0)
+        return 1;
+    free(h->pairs);
+    free(h->scratch);
+    return 0;
+}
+
+static void stop_helper(Helper* h) {
+    atomic_store_explicit(&h->state, HELPER_QUIT, memory_order_release);
+    pthread_join(h->thread, NULL);
+    free(h->pairs);
+    free(h->scratch);
+}
+
 /* Brings tile t up to date (every selected point applied), in batches of pending points.
-   Where the copies are bfloat16 and d is a multiple of 32, a batch gets its products here:
-   on AMX tiles whatever its size (s->amx: this build has them and the process may use
-   them), else with AVX512-BF16 dot products when it has at most s->small points. Any other
-   batch is left to the caller: returns 1, with applied[t] at the batch's start and the
-   batch in s->tile, s->start, s->kept (its copies in point_copies). */
-static int bring_up_to_date(LazySelection* s, int64_t t) {
+   Batches whose products are computed here (see product_kind) are applied here, the upper
+   half of the rows by the helper when there is one; any other batch is left to the caller:
+   returns 1, with applied[t] at the batch's start and the batch in s->tile, s->start,
+   s->kept (its copies in point_copies). */
+static int bring_up_to_date(LazySelection* s, int64_t t, Helper* helper) {
     int64_t d = s->d, low = s->edges[t], rows = s->edges[t + 1] - low;
     for (int64_t start = s->applied[t]; start < s->step; start += s->pending_batch) {
         int64_t count = s->step - start < s->pending_batch ? s->step - start : s->pending_batch;
@@ -497,39 +625,42 @@ static int bring_up_to_date(LazySelection* s, int64_t t) {
                                       s->point_copies, (int)s->half, s->point_norms,
                                       s->point_errors, s->point_ids);
         if (kept == 0) continue;
-        int computed = 0; /* products computed here */
-#if defined(HAS_AMX) || defined(__AVX512BF16__)
-        const uint16_t* tile_copies = (const uint16_t*)s->copies + d * low;
-        const uint16_t* points = (const uint16_t*)s->point_copies;
-        int bfloat16_rows = s->half && d % 32 == 0;
-#endif
-#if defined(HAS_AMX)
-        if (bfloat16_rows && s->amx) { /* any batch */
-            amx_products(tile_copies, rows, d, points, kept, (uint32_t*)s->point_pairs,
-                         (uint16_t*)s->products);
-            computed = 1;
-        }
-#endif
-#if defined(__AVX512BF16__)
-        if (!computed && bfloat16_rows && kept <= s->small) {
-            bfloat16_products(tile_copies, rows, d, points, kept, (uint16_t*)s->products);
-            computed = 1;
-        }
-#endif
-        if (!computed) {
+        int kind = product_kind(s, kept);
+        if (kind == PRODUCTS_BY_CALLER) {
             s->applied[t] = start;
             s->tile = t;
             s->start = start;
             s->kept = kept;
             return 1;
         }
-        float best_value = 0.0f;
-        s->checks += apply_points(s->x, d, s->order + low, rows, s->products, (int)s->half,
-                                  kept, kept, s->point_ids, s->point_norms, s->point_errors,
-                                  s->row_norms + low, s->row_errors + low, (float)s->eta,
-                                  (float)s->shrink, s->scratch, s->m, &best_value,
-                                  s->argmax + t);
-        s->bounds[t] = best_value;
+        /* the halves split at a multiple of 16 rows (AMX blocks) */
+        int64_t split = helper && rows >= 32 ? rows / 32 * 16 : rows;
+        if (split < rows) {
+            helper->t = t;
+            helper->begin = split;
+            helper->end = rows;
+            helper->kept = kept;
+            helper->kind = kind;
+            atomic_store_explicit(&helper->state, HELPER_POSTED, memory_order_release);
+        }
+        RowsUpdate update = update_rows(s, t, 0, split, kept, kind, s->point_pairs, s->scratch);
+        if (split < rows) {
+            for (int64_t turn = 0;
+                 atomic_load_explicit(&helper->state, memory_order_acquire) != HELPER_DONE;
+                 turn++)
+                relax(turn);
+            RowsUpdate upper = helper->result;
+            update.checks += upper.checks;
+            if (upper.best_value > update.best_value ||
+                (upper.best_value == update.best_value && upper.best_row < update.best_row)) {
+                update.best_value = upper.best_value;
+                update.best_row = upper.best_row;
+            }
+        }
+        s->checks += update.checks;
+        s->shared += split < rows;
+        s->bounds[t] = update.best_value;
+        s->argmax[t] = update.best_row;
         s->updates++;
         s->pairs += rows * kept;
     }
@@ -540,20 +671,34 @@ static int bring_up_to_date(LazySelection* s, int64_t t) {
 
 /* Selection steps until s->step reaches `until`: LAZY_DONE; or LAZY_STOPPED when the next
    point's minimum distance is at most stop_at (s->has_stop); or LAZY_NEEDS_PRODUCT (see
-   bring_up_to_date), after which the caller applies that batch and calls again. */
+   bring_up_to_date), after which the caller applies that batch and calls again. With
+   s->helper, a helper thread (see Helper) lives for the call. */
 int64_t lazy_steps(LazySelection* s, int64_t until) {
-    while (s->step < until) {
+    Helper helper;
+    /* a helper only where this build computes products itself (see product_kind) */
+    int shared = s->helper && product_kind(s, 1) != PRODUCTS_BY_CALLER;
+    Helper* h = shared && start_helper(&helper, s) ? &helper : NULL;
+    int64_t outcome = LAZY_DONE;
+    while (outcome == LAZY_DONE && s->step < until) {
         int64_t tile = -1, row = -1;
-        while (next_tile(s->bounds, s->stale, s->argmax, s->num_tiles, &tile, &row))
-            if (bring_up_to_date(s, tile)) return LAZY_NEEDS_PRODUCT;
-        /* the chosen row's tile is up to date: its minimum distance is the exact one */
-        if (s->has_stop && (double)s->m[row] <= s->stop_at) return LAZY_STOPPED;
-        s->selected[s->step] = row;
-        mark_stale(s->x + row * s->d, s->centres, s->radii, s->bounds, s->num_tiles, s->d,
-                   (float)s->shrink, s->stale);
-        s->step++;
+        int handed_back = 0;
+        while (!handed_back && next_tile(s->bounds, s->stale, s->argmax, s->num_tiles, &tile,
+                                         &row))
+            handed_back = bring_up_to_date(s, tile, h);
+        if (handed_back) {
+            outcome = LAZY_NEEDS_PRODUCT;
+        } else if (s->has_stop && (double)s->m[row] <= s->stop_at) {
+            /* the chosen row's tile is up to date: its minimum distance is the exact one */
+            outcome = LAZY_STOPPED;
+        } else {
+            s->selected[s->step] = row;
+            mark_stale(s->x + row * s->d, s->centres, s->radii, s->bounds, s->num_tiles, s->d,
+                       (float)s->shrink, s->stale);
+            s->step++;
+        }
     }
-    return LAZY_DONE;
+    if (h) stop_helper(h);
+    return outcome;
 }
 
 /* ------------------------------------------------------------ nearest neighbours */

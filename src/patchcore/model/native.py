@@ -25,7 +25,7 @@ from pathlib import Path
 LOGGER = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("coreset_kernels.c")
-REQUIRED_FLAGS = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-fPIC", "-shared"]
+REQUIRED_FLAGS = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-fPIC", "-shared", "-pthread"]
 TUNING_FLAGS = ["-march=native", "-mprefer-vector-width=512"]
 
 _P, _I, _I32, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float

@@ -339,6 +339,8 @@ _PENDING_BATCH = 4096  # coreset points per matrix product
 _PRODUCT_WIDTHS = [16 * 2 ** (k // 2) * (3 if k % 2 else 2) // 2 for k in range(24)]
 SMALL_BATCH = 16  # pending points up to which a tile's products are computed without torch.mm
 USE_AMX = True  # AMX tiles compute every batch's products where the CPU and kernel allow
+# A second thread updates half of each tile's rows where torch may use two or more threads.
+USE_HELPER_THREAD = True
 _UNIT_ROUNDOFF = 2.0**-24
 
 
@@ -408,9 +410,12 @@ class _LazyTiles:
 
         The steps run in the compiled `lazy_steps`; it hands back only the batches of
         pending points whose products it does not compute itself (none where AMX is usable),
-        for `_LargeBatches` to compute with `torch.mm`."""
+        for `_LargeBatches` to compute with `torch.mm`. Where torch may use two or more
+        threads, a second thread of `lazy_steps` updates half of each tile's rows (the same
+        selection)."""
         self.selected = torch.empty(num_samples, dtype=torch.long)
         large = _LargeBatches(self, num_samples)
+        previous_threads = torch.get_num_threads()
         state = _LazySelectionState(
             x=self.features.data_ptr(), d=self.dimension, num_tiles=self.num_tiles,
             order=self.order.data_ptr(), edges=self.edges.data_ptr(),
@@ -422,6 +427,7 @@ class _LazyTiles:
             selected=self.selected.data_ptr(), half=self.half,
             small=SMALL_BATCH, amx=int(USE_AMX and bool(self.kernels.amx_available())),
             pending_batch=_PENDING_BATCH, has_stop=int(stop_at is not None),
+            helper=int(USE_HELPER_THREAD and previous_threads >= 2),
             eta=self.eta, shrink=self.shrink, stop_at=0.0 if stop_at is None else stop_at,
             point_copies=large.copies.data_ptr(), point_norms=large.norms.data_ptr(),
             point_errors=large.errors.data_ptr(), point_ids=large.ids.data_ptr(),
@@ -429,7 +435,6 @@ class _LazyTiles:
             point_pairs=large.point_pairs.data_ptr(),
         )  # fmt: skip
         block = max(1, num_samples // 100)  # steps per call: progress in about 1 % steps
-        previous_threads = torch.get_num_threads()
         torch.set_num_threads(1)  # many small products: threads would only synchronise
         try:
             for until in track_blocks(num_samples, block, "Coreset subsampling"):
@@ -442,7 +447,8 @@ class _LazyTiles:
                     break
         finally:
             torch.set_num_threads(previous_threads)
-        self.stats = {"updates": state.updates, "pairs": state.pairs, "checks": state.checks}
+        self.stats = {"updates": state.updates, "pairs": state.pairs, "checks": state.checks,
+                      "shared": state.shared}  # fmt: skip
         LOGGER.debug("Lazy coreset: %s", self.stats)
         return self.selected
 
@@ -459,13 +465,13 @@ class _LazySelectionState(ctypes.Structure):
             "order", "edges", "copies", "row_norms", "row_errors", "centres", "radii",
             "bounds", "stale", "argmax", "applied", "m", "selected")],
         *[(name, ctypes.c_int64) for name in ("half", "small", "amx", "pending_batch",
-                                              "has_stop")],
+                                              "has_stop", "helper")],
         *[(name, ctypes.c_double) for name in ("eta", "shrink", "stop_at")],
         *[(name, ctypes.c_void_p) for name in (
             "point_copies", "point_norms", "point_errors", "point_ids", "scratch", "products",
             "point_pairs")],
         *[(name, ctypes.c_int64) for name in (
-            "step", "tile", "start", "kept", "updates", "pairs", "checks")],
+            "step", "tile", "start", "kept", "updates", "pairs", "checks", "shared")],
     ]  # fmt: skip
 
 
