@@ -480,8 +480,8 @@ typedef struct {
     float* scratch;
     void* products;
     void* point_pairs; /* AMX scratch: d x 16 bfloat16 */
-    /* progress: steps done; the batch left to the caller; counters (shared: updates split
-       with the helper thread) */
+    /* progress: steps done; the batch left to the caller; counters (shared: updates whose
+       upper half the helper thread computed) */
     int64_t step, tile, start, kept, updates, pairs, checks, shared;
 } LazySelection;
 
@@ -547,10 +547,12 @@ static RowsUpdate update_rows(const LazySelection* s, int64_t t, int64_t begin, 
 /* A second thread for one lazy_steps call (s->helper): it updates the upper half of a
    tile's rows while the calling thread updates the lower half. The halves touch disjoint
    rows of m and s->products and only read the rest, so the selection is the same as with
-   one thread. Both wait for each other by spinning (a tile update takes tens of
-   microseconds, less than a sleeping thread takes to wake), and after SPIN_TURNS turns
-   yield the core at each turn, so other work on a busy machine still runs. */
-enum { HELPER_WAITING, HELPER_POSTED, HELPER_DONE, HELPER_QUIT };
+   one thread. The helper waits for work by spinning (a tile update takes tens of
+   microseconds, less than a sleeping thread takes to wake), yielding the core at each turn
+   after SPIN_TURNS turns. A posted half is claimed by whichever thread comes first: the
+   helper, or the calling thread once its own half is done, so a helper that a busy machine
+   has not scheduled never holds the selection up. */
+enum { HELPER_WAITING, HELPER_POSTED, HELPER_RUNNING, HELPER_DONE, HELPER_QUIT };
 
 typedef struct {
     const LazySelection* s;
@@ -580,7 +582,10 @@ static void* helper_loop(void* argument) {
     for (int64_t turn = 0;; turn++) {
         int state = atomic_load_explicit(&h->state, memory_order_acquire);
         if (state == HELPER_QUIT) return NULL;
-        if (state != HELPER_POSTED) {
+        if (state != HELPER_POSTED ||
+            !atomic_compare_exchange_strong_explicit(&h->state, &state, HELPER_RUNNING,
+                                                     memory_order_acquire,
+                                                     memory_order_relaxed)) {
             relax(turn);
             continue;
         }
@@ -645,11 +650,21 @@ static int bring_up_to_date(LazySelection* s, int64_t t, Helper* helper) {
         }
         RowsUpdate update = update_rows(s, t, 0, split, kept, kind, s->point_pairs, s->scratch);
         if (split < rows) {
-            for (int64_t turn = 0;
-                 atomic_load_explicit(&helper->state, memory_order_acquire) != HELPER_DONE;
-                 turn++)
-                relax(turn);
-            RowsUpdate upper = helper->result;
+            RowsUpdate upper;
+            int posted = HELPER_POSTED;
+            if (atomic_compare_exchange_strong_explicit(&helper->state, &posted, HELPER_WAITING,
+                                                        memory_order_acquire,
+                                                        memory_order_relaxed)) {
+                /* not claimed yet: this thread takes the upper half too */
+                upper = update_rows(s, t, split, rows, kept, kind, s->point_pairs, s->scratch);
+            } else {
+                for (int64_t turn = 0;
+                     atomic_load_explicit(&helper->state, memory_order_acquire) != HELPER_DONE;
+                     turn++)
+                    relax(turn);
+                upper = helper->result;
+                s->shared++;
+            }
             update.checks += upper.checks;
             if (upper.best_value > update.best_value ||
                 (upper.best_value == update.best_value && upper.best_row < update.best_row)) {
@@ -658,7 +673,6 @@ static int bring_up_to_date(LazySelection* s, int64_t t, Helper* helper) {
             }
         }
         s->checks += update.checks;
-        s->shared += split < rows;
         s->bounds[t] = update.best_value;
         s->argmax[t] = update.best_row;
         s->updates++;
