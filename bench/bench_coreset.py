@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from patchcore.config import PatchCoreConfig, PreprocessingConfig
+from patchcore.config import PatchCoreConfig, PreprocessingConfig, default_layers
 from patchcore.data.datasets import ImageDataset, list_samples
 from patchcore.model import samplers
 from patchcore.model.patchcore import PatchCore
@@ -44,11 +44,8 @@ from bench_patchcore import reference_coreset
 
 
 def projected_features(root: Path, category: str, backbone: str) -> torch.Tensor:
-    layers = (
-        ("_blocks.4", "_blocks.10") if backbone == "efficientnet_lite0" else ("layer2", "layer3")
-    )
     preprocessing = PreprocessingConfig(256, 224)
-    model = PatchCore(PatchCoreConfig(backbone_name=backbone, layers=layers,
+    model = PatchCore(PatchCoreConfig(backbone_name=backbone, layers=default_layers(backbone),
                                       preprocessing=preprocessing))  # fmt: skip
     train = ImageDataset(list_samples(root, category, "train"), preprocessing)
     loader = torch.utils.data.DataLoader(train, batch_size=8, num_workers=1)

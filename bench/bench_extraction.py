@@ -22,19 +22,24 @@ import tables
 import torch
 
 from patchcore.cli.common import CommonOptions, configure_process
-from patchcore.config import PatchCoreConfig, PreprocessingConfig, SamplerConfig
+from patchcore.config import (
+    PatchCoreConfig,
+    PreprocessingConfig,
+    SamplerConfig,
+    default_layers,
+)
 from patchcore.data.datasets import ImageDataset, list_samples
 from patchcore.model.feature_store import SpilledFeatureStore
 from patchcore.model.patchcore import FIT_IMAGES_AT_ONCE, PatchCore
 from patchcore.model.samplers import build_sampler
 
 STAGES = ("decode", "backbone", "aggregate", "project", "spill")
-LAYERS = {"efficientnet_lite0": ("_blocks.4", "_blocks.10"), "wideresnet50": ("layer2", "layer3")}
+BACKBONES = ("efficientnet_lite0", "wideresnet50")
 
 
 def measure(root: Path, category: str, backbone: str, crop: str, count: int) -> dict:
     preprocessing = PreprocessingConfig(256, 224, crop=crop)
-    config = PatchCoreConfig(backbone_name=backbone, layers=LAYERS[backbone],
+    config = PatchCoreConfig(backbone_name=backbone, layers=default_layers(backbone),
                              preprocessing=preprocessing,
                              sampler=SamplerConfig("approx_greedy_coreset", 0.1))  # fmt: skip
     model = PatchCore(config)
@@ -83,7 +88,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("root", type=Path)
     parser.add_argument("category")
-    parser.add_argument("--backbone", default="efficientnet_lite0", choices=sorted(LAYERS))
+    parser.add_argument("--backbone", default="efficientnet_lite0", choices=BACKBONES)
     parser.add_argument("--images", type=int, default=200)
     parser.add_argument("--crop", nargs="+", default=["center", "none"])
     args = parser.parse_args()

@@ -14,11 +14,11 @@ memory is its own:
 - `baseline`: the reference implementation's structure, built from this library's pieces.
   The backbone runs in torch's default NCHW layout, as the reference's does (this library
   runs it channels-last). Fit: every training feature concatenated in float32, projected,
-  and the approximate greedy coreset as the reference loops it (each iteration recomputes all squared norms
-  with batched products, takes square-rooted distances to the new point, concatenates them
-  to the running minima and takes the minimum). Inference: backbone; the reference's
-  aggregation (deeper layers' unfolded neighbourhoods bilinearly resized before pooling);
-  FAISS IndexFlatL2 through numpy; maps upsampled in torch and smoothed per map with
+  and the approximate greedy coreset as the reference loops it (each iteration recomputes
+  all squared norms with batched products, takes square-rooted distances to the new point,
+  concatenates them to the running minima and takes the minimum). Inference: backbone; the
+  reference's aggregation (deeper layers' unfolded neighbourhoods bilinearly resized before
+  pooling); FAISS IndexFlatL2 through numpy; maps upsampled in torch and smoothed per map with
   scipy.ndimage.gaussian_filter on numpy arrays. With `--baseline-iterations N` its coreset
   loop is timed on its first N iterations only and extrapolated (every iteration does the
   same work), and its bank is then the exact selection (marked `~` in the table).
@@ -64,7 +64,12 @@ import torch
 import torch.nn.functional as F
 
 from patchcore.cli.common import CommonOptions, configure_process
-from patchcore.config import PatchCoreConfig, PreprocessingConfig, SamplerConfig
+from patchcore.config import (
+    PatchCoreConfig,
+    PreprocessingConfig,
+    SamplerConfig,
+    default_layers,
+)
 from patchcore.data.datasets import ImageDataset, SizeGroupedBatchSampler, list_samples
 from patchcore.data.synthetic import SyntheticSpec, generate_category
 from patchcore.evaluation.metrics import compute_metrics
@@ -208,10 +213,9 @@ class ReferenceStructuredScorer:
 def variant_config(args, variant: str, percentage: float) -> PatchCoreConfig:
     """The model configuration a variant measures."""
     crop = "none" if variant == "whole-image" else "center"
-    layers = (("_blocks.4", "_blocks.10") if args.backbone == "efficientnet_lite0"
-              else ("layer2", "layer3"))  # fmt: skip
     return PatchCoreConfig(
-        backbone_name=args.backbone, layers=layers, pretrained=args.pretrained,
+        backbone_name=args.backbone, layers=default_layers(args.backbone),
+        pretrained=args.pretrained,
         preprocessing=PreprocessingConfig(256, 224, crop=crop),
         sampler=SamplerConfig("approx_greedy_coreset", percentage),
     )  # fmt: skip

@@ -25,13 +25,19 @@ import numpy as np
 import torch
 
 from patchcore.cli.common import CommonOptions, configure_process
-from patchcore.config import PatchCoreConfig, PreprocessingConfig, SamplerConfig, SearchConfig
+from patchcore.config import (
+    PatchCoreConfig,
+    PreprocessingConfig,
+    SamplerConfig,
+    SearchConfig,
+    default_layers,
+)
 from patchcore.data.datasets import ImageDataset, list_samples
 from patchcore.evaluation.metrics import compute_metrics
 from patchcore.model.patchcore import PatchCore
 from patchcore.model.scoring import reweighting_factor
 
-LAYERS = {"efficientnet_lite0": ("_blocks.4", "_blocks.10"), "wideresnet50": ("layer2", "layer3")}
+BACKBONES = ("efficientnet_lite0", "wideresnet50")
 
 
 def spread_subset(samples: list, count: int) -> list:
@@ -48,14 +54,14 @@ def main() -> None:
     parser.add_argument("category")
     parser.add_argument("--train-images", type=int, default=60)
     parser.add_argument("--test-images", type=int, default=40)
-    parser.add_argument("--backbone", default="efficientnet_lite0", choices=sorted(LAYERS))
+    parser.add_argument("--backbone", default="efficientnet_lite0", choices=BACKBONES)
     parser.add_argument("--neighbours", type=int, nargs="+", default=[3, 9])
     arguments = parser.parse_args()
     configure_process(CommonOptions(no_progress=True, log_level="warning"))
 
     config = PatchCoreConfig(
         backbone_name=arguments.backbone,
-        layers=LAYERS[arguments.backbone],
+        layers=default_layers(arguments.backbone),
         preprocessing=PreprocessingConfig(),
         sampler=SamplerConfig(percentage=0.1),
     )

@@ -67,14 +67,13 @@ def main() -> None:
         others = [i for i in everything if types[i] != defect]
         own_pixels = sum(int(masks[i].sum()) for i in chosen)
         in_image = [pooled(maps, masks, [i]) for i in chosen if 0 < masks[i].mean() < 1]
-        near_edge = "".join(
-            f"{100 * sum(int((masks[i] & (distances[i] < edge)).sum()) for i in chosen) / max(own_pixels, 1):>8.0f}%"
-            for edge in args.edges
-        )  # fmt: skip
+        near_edge = [100 * sum(int((masks[i] & (distances[i] < edge)).sum()) for i in chosen)
+                     / max(own_pixels, 1) for edge in args.edges]  # fmt: skip
+        share = 100 * own_pixels / max(defective_pixels, 1)
+        median_in_image = np.median(in_image) if in_image else float("nan")
         print(f"{defect:<12}{len(chosen):>7}{pooled(maps, masks, chosen + good):>13.2f}"
-              f"{pooled(maps, masks, others):>12.2f}{100 * own_pixels / max(defective_pixels, 1):>9.1f}%"
-              f"{np.median(in_image) if in_image else float('nan'):>10.1f}"
-              f"{near_edge}")  # fmt: skip
+              f"{pooled(maps, masks, others):>12.2f}{share:>9.1f}%{median_in_image:>10.1f}"
+              + "".join(f"{percent:>8.0f}%" for percent in near_edge))  # fmt: skip
 
     bands = [0, *args.edges, None]
     medians = []
