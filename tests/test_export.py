@@ -179,7 +179,12 @@ def test_input_size_parsing():
 # ------------------------------------------------------------------ exported model
 @pytest.fixture(scope="module")
 def calibrated(synthetic_root) -> PatchCore:
-    return fit_small_model(synthetic_root, "texture", small_config(num_nn=3))
+    """A small model whose threshold is the median score of the test images (good and
+    defective), so both decisions occur and the runtimes' agreement on them means something."""
+    model = fit_small_model(synthetic_root, "texture", small_config(num_nn=3), calibrate=False)
+    test = ImageDataset(list_samples(synthetic_root, "texture", "test"), model.config.preprocessing)
+    model.calibrate(torch.utils.data.DataLoader(test, batch_size=6), quantile=0.5)
+    return model
 
 
 @pytest.fixture(scope="module")

@@ -161,7 +161,11 @@ def images():
 
 
 def fitted(images, index: IndexConfig, storage: str = "memory") -> PatchCore:
-    config = small_config(index=index, sampler=SamplerConfig("identity", 1.0))
+    # pretrained backbone statistics, whose models are written in the index's own format
+    # version (the reference's statistics need version 6 whatever the index)
+    config = small_config(
+        index=index, sampler=SamplerConfig("identity", 1.0), backbone_statistics="pretrained"
+    )
     model = PatchCore(config, search=SearchConfig(bank_storage=storage))
     model.fit([images[:4], images[4:8]])  # 512 features: enough for 8-bit PQ codebooks
     return model

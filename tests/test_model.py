@@ -18,7 +18,7 @@ from patchcore.model.samplers import build_sampler
 from patchcore.model.scoring import score_patches
 from patchcore.model.search import build_index
 from patchcore.model.serialization import (
-    EXACT_SEARCH_FORMAT_VERSION,
+    FORMAT_VERSION,
     INDEX_FILE,
     META_FILE,
     PARAMS_FILE,
@@ -212,12 +212,12 @@ def test_an_ensemble_threshold_is_measured_on_its_combined_scale_and_saved_with_
     assert load_ensemble_statistics(folder) == statistics
     metas = [json.loads((folder / f"{prefix}{META_FILE}").read_text())
              for prefix in member_prefixes(folder)]  # fmt: skip
-    # Exact search: written as version 3, the oldest that describes an ensemble's threshold.
-    assert [meta["format_version"] for meta in metas] == [EXACT_SEARCH_FORMAT_VERSION] * 2 == [3, 3]
+    # The reference's backbone statistics: written as version 6, the oldest that records them.
+    assert [meta["format_version"] for meta in metas] == [FORMAT_VERSION] * 2 == [6, 6]
     assert metas[0]["ensemble"] == metas[1]["ensemble"]
     assert metas[0]["ensemble"]["members"] == 2
     # A library that knows only format 2 refuses these folders with a clear message.
-    with pytest.raises(ModelFormatError, match="format version 3 is newer than this library"):
+    with pytest.raises(ModelFormatError, match="format version 6 is newer than this library"):
         config_from_meta(metas[0], "member meta", format_version=2)
     # Members that disagree (a folder mixing two saves) are refused.
     metas[1]["ensemble"]["normal_statistics"]["threshold"] += 1.0
@@ -295,7 +295,11 @@ def test_pickles_that_would_run_code_are_refused(tmp_path, fitted):
 
 
 def test_a_fixed_scale_is_saved_as_format_5_and_restored(tmp_path, random_images):
-    scaled = small_config(preprocessing=PreprocessingConfig(crop="none", scale=0.75))
+    # pretrained backbone statistics: version 6's field is not recorded (see
+    # tests/test_reference_statistics.py for the reference's statistics)
+    scaled = small_config(
+        preprocessing=PreprocessingConfig(crop="none", scale=0.75), backbone_statistics="pretrained"
+    )
     model = PatchCore(scaled)
     model.fit([random_images[:3]])
     save_models(tmp_path / "scaled", [model])
@@ -306,7 +310,8 @@ def test_a_fixed_scale_is_saved_as_format_5_and_restored(tmp_path, random_images
     with pytest.raises(ModelFormatError, match="format version 5 is newer than this library"):
         config_from_meta(meta, "meta", format_version=4)
     # Without a scale nothing changes: no `scale` entry, written as version 3 as before.
-    plain_model = PatchCore(small_config())
+    plain_config = small_config(backbone_statistics="pretrained")
+    plain_model = PatchCore(plain_config)
     plain_model.fit([random_images[:3]])
     save_models(tmp_path / "plain", [plain_model])
     plain = json.loads((tmp_path / "plain" / META_FILE).read_text())
@@ -315,9 +320,9 @@ def test_a_fixed_scale_is_saved_as_format_5_and_restored(tmp_path, random_images
     from patchcore.apps.runtimes import ExportRecord
     from patchcore.model.module import config_blob
 
-    assert [config_blob(c)["format_version"] for c in (scaled, small_config())] == [3, 2]
+    assert [config_blob(c)["format_version"] for c in (scaled, plain_config)] == [3, 2]
     records = [json.loads(ExportRecord(c, (64, 64), None, None, 10, 10, 18, "fp32", "x").to_json())
-               for c in (scaled, small_config())]  # fmt: skip
+               for c in (scaled, plain_config)]  # fmt: skip
     assert [record["format_version"] for record in records] == [2, 1]
     assert ExportRecord.from_json(json.dumps(records[0]), "graph").config == scaled
 

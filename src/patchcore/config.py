@@ -12,6 +12,10 @@ from patchcore.errors import ConfigurationError
 
 SAMPLER_NAMES = ("identity", "greedy_coreset", "approx_greedy_coreset")
 DISTANCES = ("squared_l2", "l2")
+# Where the backbone's BatchNorm running statistics come from (see patchcore.model.features):
+# "reference": the pretrained ones after the reference implementation's training-mode pass
+# of a constant image; "pretrained": the pretrained ones untouched.
+BACKBONE_STATISTICS = ("reference", "pretrained")
 SEARCH_BACKENDS = ("rerank", "faiss", "torch")
 INDEX_KINDS = ("exact", "ivf", "ivfpq", "hnsw")
 BANK_STORAGES = ("memory", "mmap")
@@ -210,6 +214,10 @@ class PatchCoreConfig:
     `reweighting_neighbours` nearest memory-bank neighbours of the closest bank feature.
     `index` is how the memory bank is searched (exact by default, or a FAISS approximate
     index); it is saved with the model.
+    `backbone_statistics` is where the backbone's BatchNorm running statistics come from:
+    `reference` (default) reproduces the reference implementation, whose `PatchCore.load`
+    passes one constant image through the backbone in training mode before extracting
+    anything, which moves those statistics; `pretrained` keeps the untouched ImageNet ones.
     """
 
     backbone_name: str = "wideresnet50"
@@ -227,9 +235,15 @@ class PatchCoreConfig:
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     seed: int = 0
     index: IndexConfig = field(default_factory=IndexConfig)
+    backbone_statistics: str = "reference"
 
     def __post_init__(self) -> None:
         _require(bool(self.backbone_name), "backbone name must not be empty")
+        _require(
+            self.backbone_statistics in BACKBONE_STATISTICS,
+            f"--backbone_statistics must be one of {', '.join(BACKBONE_STATISTICS)}, "
+            f"got '{self.backbone_statistics}'",
+        )
         _require(len(self.layers) >= 1, "at least one layer to extract from is required")
         _require(
             len(set(self.layers)) == len(self.layers),

@@ -33,12 +33,22 @@ from patchcore import __version__
 from patchcore.config import RUNTIMES, PatchCoreConfig
 from patchcore.errors import ConfigurationError, DataError, ModelFormatError, missing_dependency
 from patchcore.model.calibration import NormalStatistics
-from patchcore.model.serialization import config_fields, config_from_meta, records_scale
+from patchcore.model.serialization import (
+    config_fields,
+    config_from_meta,
+    oldest_version,
+    records_backbone_statistics,
+    records_scale,
+)
 
 LOGGER = logging.getLogger(__name__)
 
 EXPORT_FORMAT_NAME = "patchcore-export"
-EXPORT_FORMAT_VERSION = 2  # 2: preprocessing.scale; written only by exports that use it
+# 2: preprocessing.scale; 3: backbone_statistics (the graph's constants hold the statistics
+# either way; older records predate the reference's pass and describe "pretrained"). Each
+# written only by exports that record it.
+EXPORT_FORMAT_VERSION = 3
+SCALE_EXPORT_FORMAT_VERSION = 2
 WITHOUT_SCALE_EXPORT_FORMAT_VERSION = 1
 METADATA_KEY = "patchcore"
 INPUT_NAME = "images"
@@ -74,8 +84,14 @@ class ExportRecord:
     def to_json(self) -> str:
         data = dataclasses.asdict(self)
         data["config"] = config_fields(self.config)
-        scaled = records_scale(self.config)
-        version = EXPORT_FORMAT_VERSION if scaled else WITHOUT_SCALE_EXPORT_FORMAT_VERSION
+        version = oldest_version(
+            self.config,
+            WITHOUT_SCALE_EXPORT_FORMAT_VERSION,
+            [
+                (records_scale, SCALE_EXPORT_FORMAT_VERSION),
+                (records_backbone_statistics, EXPORT_FORMAT_VERSION),
+            ],
+        )
         data["input_size"] = list(self.input_size)
         data["input"] = {
             "name": INPUT_NAME,

@@ -38,20 +38,30 @@ TORCHVISION_ALIASES = {
 
 @dataclass
 class Backbone:
-    """A frozen network plus the normalisation its weights were trained with."""
+    """A frozen network plus the normalisation its weights were trained with.
+
+    `generator_state` is torch's CPU random-generator state right after the network was
+    built from its seed: the reference implementation seeds the generator, builds the
+    backbone and then makes its statistics pass, so a backbone with random layers before
+    the extracted ones (EfficientNet-Lite's drop-connect) draws them from this state
+    (`patchcore.model.features.FeatureExtractor.reproduce_reference_statistics`).
+    """
 
     name: str
     network: torch.nn.Module
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     pretrained: bool
+    generator_state: torch.Tensor | None = None
 
 
 def load_backbone(name: str, pretrained: bool = True, init_seed: int = 0) -> Backbone:
     """Builds the backbone `name` in eval mode with frozen parameters.
 
     `pretrained=False` gives randomly initialised weights drawn from `init_seed` (for tests
-    of mechanics only); the same seed always gives the same weights.
+    of mechanics only); the same seed always gives the same weights. The generator is
+    seeded with `init_seed` before the network is built, pretrained or not, as the
+    reference's `fix_seeds(seed)` before `backbones.load(name)`.
     """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(init_seed)
@@ -68,6 +78,7 @@ def load_backbone(name: str, pretrained: bool = True, init_seed: int = 0) -> Bac
                 "torchvision model name (e.g. resnet18, densenet201), or a timm name with "
                 "timm installed"
             )
+        backbone.generator_state = torch.get_rng_state()
     backbone.network.eval()
     backbone.network.requires_grad_(False)
     return backbone

@@ -46,14 +46,43 @@ class FeatureExtractor(torch.nn.Module):
             self.graph = create_feature_extractor(
                 backbone.network, return_nodes={layer: layer for layer in layers}
             )
+        _end_at_last_layer(self.graph.train_graph, layers)
         self.graph.eval()
         self.graph.requires_grad_(False)
+        self.generator_state = backbone.generator_state
         self.register_buffer("mean", torch.tensor(backbone.mean).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(backbone.std).view(1, 3, 1, 1))
         # Channels-last (NHWC) weights and inputs: oneDNN's and cuDNN's fastest convolution
         # layouts (EfficientNet-Lite0 extraction about 1.25x faster on CPU, README Performance);
         # the same arithmetic up to float rounding.
         self.use_memory_format(torch.channels_last)
+
+    def reproduce_reference_statistics(self, image_size: tuple[int, int]) -> None:
+        """The reference implementation's statistics pass, which moves the backbone's
+        BatchNorm running statistics before any feature is taken.
+
+        The reference's `PatchCore.load` asks its feature aggregator for the layers' channel
+        counts by passing `torch.ones(1, 3, imagesize, imagesize)` through the freshly
+        built backbone, which is still in training mode: every BatchNorm layer the pass
+        reaches blends that constant image's batch statistics into its running mean and
+        variance (momentum 0.1 in torchvision's ResNets, 0.01 in EfficientNet-Lite), and
+        random layers (drop-connect) draw from the generator. The pass stops at the last
+        extracted layer. Here: the same ones (in the space the backbone sees, not
+        normalised), the training-mode graph cut after the last layer (the modules the
+        reference's pass reaches), NCHW layout as the reference, without gradients, on
+        the CPU, drawing from the generator as it stood after the backbone was built
+        (`Backbone.generator_state`); then back to eval mode. Deterministic: the same
+        configuration always gives the same statistics.
+        """
+        layout = self.memory_format
+        self.use_memory_format(torch.contiguous_format)
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            if self.generator_state is not None:
+                torch.set_rng_state(self.generator_state)
+            self.graph.train(True)
+            self.graph(torch.ones(1, 3, *image_size, device=self.mean.device))
+            self.graph.train(False)
+        self.use_memory_format(layout)
 
     def use_memory_format(self, memory_format: torch.memory_format) -> None:
         """Runs the backbone's weights and inputs in `memory_format` (`torch.contiguous_format`
@@ -70,6 +99,34 @@ class FeatureExtractor(torch.nn.Module):
         normalised = ((images - self.mean) / self.std).contiguous(memory_format=self.memory_format)
         outputs = self.graph(normalised)
         return [outputs[layer] for layer in self.layers]
+
+
+def _end_at_last_layer(graph: torch.fx.Graph, layers: tuple[str, ...]) -> None:
+    """Cuts a traced training-mode graph after the node of the requested layer computed
+    last, as the reference's forward hook stops its pass there. Tracing keeps nodes past
+    the layers that it cannot prove free of side effects (drop-connect's random draws and
+    the BatchNorm layers feeding them); they are removed, so the pass neither draws nor
+    updates statistics beyond the last layer."""
+    output = next(node for node in graph.nodes if node.op == "output")
+    wanted = set(output.args[0].values())
+    last = [node for node in graph.nodes if node in wanted][-1]
+    for node in reversed(list(graph.nodes)):
+        if node is last:
+            break
+        if node is not output:
+            graph.erase_node(node)
+    graph.lint()
+
+
+def reference_pass_size(config: PatchCoreConfig) -> tuple[int, int]:
+    """The image size of the reference's statistics pass: the backbone's input, which is
+    the centre crop (`--imagesize`, the reference's only input shape) or, with tiles, a
+    tile. Whole images (`--crop none`) vary in size, so they use `--imagesize` too (224 by
+    default, as the reference's default): a model's statistics then depend on its
+    configuration only, never on the images it meets."""
+    preprocessing = config.preprocessing
+    side = preprocessing.tile if preprocessing.tile is not None else preprocessing.imagesize
+    return side, side
 
 
 def _check_layers_exist(backbone: Backbone, layers: tuple[str, ...]) -> None:
@@ -265,10 +322,12 @@ class PatchEmbedder(torch.nn.Module):
         return self.aggregator(self.extractor(images))
 
 
-def build_embedder(config: PatchCoreConfig, pretrained: bool | None = None) -> PatchEmbedder:
-    """The embedder `config` describes; `pretrained=False` builds placeholder weights (never
-    downloads) for a caller that loads the weights itself, None follows the configuration."""
-    pretrained = config.pretrained if pretrained is None else pretrained
+def build_embedder(config: PatchCoreConfig, placeholder_weights: bool = False) -> PatchEmbedder:
+    """The embedder `config` describes, with the backbone statistics it asks for
+    (`config.backbone_statistics`). `placeholder_weights=True` builds random weights and
+    statistics (never downloads, no statistics pass) for a caller that loads the weights
+    and buffers itself, e.g. from an exported module's state dict."""
+    pretrained = config.pretrained and not placeholder_weights
     backbone = load_backbone(config.backbone_name, pretrained, init_seed=config.seed)
     aggregator = PatchFeatureAggregator(
         config.patchsize,
@@ -276,4 +335,7 @@ def build_embedder(config: PatchCoreConfig, pretrained: bool | None = None) -> P
         config.pretrain_embed_dimension,
         config.target_embed_dimension,
     )
-    return PatchEmbedder(FeatureExtractor(backbone, config.layers), aggregator)
+    extractor = FeatureExtractor(backbone, config.layers)
+    if config.backbone_statistics == "reference" and not placeholder_weights:
+        extractor.reproduce_reference_statistics(reference_pass_size(config))
+    return PatchEmbedder(extractor, aggregator)

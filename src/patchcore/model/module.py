@@ -53,11 +53,17 @@ from patchcore.model.serialization import (
     config_fields,
     config_from_meta,
     exact_search_config,
+    oldest_version,
+    records_backbone_statistics,
     records_scale,
 )
 
 FORMAT_NAME = "patchcore-challenge-module"
-FORMAT_VERSION = 3  # 3: preprocessing.scale; written only by modules that use it
+# 3: preprocessing.scale; 4: backbone_statistics (the buffers hold the statistics either
+# way; older files predate the reference's pass and describe "pretrained"). Each written
+# only by modules that record it.
+FORMAT_VERSION = 4
+SCALE_FORMAT_VERSION = 3
 WITHOUT_SCALE_FORMAT_VERSION = 2
 CONFIG_KEY = "patchcore_config_json"
 BANK_KEY = "memory_bank"
@@ -89,7 +95,11 @@ def config_blob(config: PatchCoreConfig) -> dict:
     """The self-description stored under CONFIG_KEY."""
     return {
         "format": FORMAT_NAME,
-        "format_version": FORMAT_VERSION if records_scale(config) else WITHOUT_SCALE_FORMAT_VERSION,
+        "format_version": oldest_version(
+            config,
+            WITHOUT_SCALE_FORMAT_VERSION,
+            [(records_scale, SCALE_FORMAT_VERSION), (records_backbone_statistics, FORMAT_VERSION)],
+        ),
         "library_version": __version__,
         "config": config_fields(config),
         "normal_statistics_fields": list(STATISTICS_FIELDS),
@@ -171,7 +181,7 @@ class PatchCoreModule(torch.nn.Module):
         """Builds the embedder of `config` (placeholder weights) on this module's device."""
         device = self.memory_bank.device
         self.config = config
-        self.embedder = build_embedder(config, pretrained=False).to(device)
+        self.embedder = build_embedder(config, placeholder_weights=True).to(device)
         setattr(self, CONFIG_KEY, encode_json(config_blob(config)).to(device))
 
     def _load_from_state_dict(

@@ -30,7 +30,7 @@ import logging
 import math
 import pickle
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -53,13 +53,17 @@ from patchcore.model.search import read_memory_bank, write_memory_bank
 
 LOGGER = logging.getLogger(__name__)
 
+PRETRAINED_STATISTICS = "pretrained"  # what every description written before version 6 used
 FORMAT_NAME = "patchcore-model"
 # 2: preprocessing gained crop, max_size and tiles; 3: ensembles carry their combined scale's
 # statistics and threshold; 4: an approximate search index (the configuration's `index` and
 # its `search_index_<kind>.faiss`); 5: preprocessing.scale (one resize factor for every
-# image). Older versions still load; a newer one is refused with a clear error. A model is
-# written in the oldest version that describes it.
-FORMAT_VERSION = 5
+# image); 6: backbone_statistics (the reference's statistics pass; every description
+# without the field predates the pass and loads as "pretrained"). Older versions still
+# load; a newer one is refused with a clear error. A model is written in the oldest
+# version that describes it.
+FORMAT_VERSION = 6
+SCALE_FORMAT_VERSION = 5  # a model with preprocessing.scale and pretrained statistics
 APPROXIMATE_INDEX_FORMAT_VERSION = 4  # a model with an approximate index, without scale
 EXACT_SEARCH_FORMAT_VERSION = 3  # what a model without either is written as
 PARAMS_FILE = "patchcore_params.pkl"
@@ -142,13 +146,16 @@ def approximate_index_file(kind: str) -> str:
 
 def config_fields(config: PatchCoreConfig) -> dict:
     """`config` as plain data for a self-description; exact search (the default) leaves the
-    `index` entry out and no `scale` leaves `preprocessing.scale` out, so the description
-    reads like one of the oldest version that describes it."""
+    `index` entry out, no `scale` leaves `preprocessing.scale` out and pretrained backbone
+    statistics leave `backbone_statistics` out, so the description reads like one of the
+    oldest version that describes it."""
     fields = dataclasses.asdict(config)
     if not config.index.approximate:
         del fields["index"]
     if not records_scale(config):
         del fields["preprocessing"]["scale"]
+    if not records_backbone_statistics(config):
+        del fields["backbone_statistics"]
     return fields
 
 
@@ -163,13 +170,34 @@ def records_scale(config: PatchCoreConfig) -> bool:
     return config.preprocessing.scale is not None
 
 
+def records_backbone_statistics(config: PatchCoreConfig) -> bool:
+    """Whether a description of `config` holds `backbone_statistics` (newer formats only):
+    descriptions without it predate the reference's statistics pass, whose models kept the
+    pretrained statistics."""
+    return config.backbone_statistics != PRETRAINED_STATISTICS
+
+
+def oldest_version(
+    config: PatchCoreConfig, base: int, introduced: Sequence[tuple[Callable[[PatchCoreConfig], bool], int]]
+) -> int:
+    """The oldest version of a format that describes `config`: `base`, or the newest of the
+    versions that `introduced` (recorded-field test, version that added it) says its
+    recorded fields need. Model folders, exported modules and export records each number
+    their own versions."""
+    return max([base] + [version for records, version in introduced if records(config)])
+
+
 def format_version_of(config: PatchCoreConfig) -> int:
     """The oldest format version that describes a model of `config`."""
-    if records_scale(config):
-        return FORMAT_VERSION
-    if config.index.approximate:
-        return APPROXIMATE_INDEX_FORMAT_VERSION
-    return EXACT_SEARCH_FORMAT_VERSION
+    return oldest_version(
+        config,
+        EXACT_SEARCH_FORMAT_VERSION,
+        [
+            (lambda described: described.index.approximate, APPROXIMATE_INDEX_FORMAT_VERSION),
+            (records_scale, SCALE_FORMAT_VERSION),
+            (records_backbone_statistics, FORMAT_VERSION),
+        ],
+    )
 
 
 def _meta(model: PatchCore, prefix: str, ensemble: dict | None) -> dict:
@@ -300,7 +328,8 @@ def config_from_meta(
         )
     if not isinstance(meta.get("config"), dict):
         raise ModelFormatError(f"{where}: holds no configuration")
-    return _typed_config(PatchCoreConfig, meta["config"], where, "")
+    values = {"backbone_statistics": PRETRAINED_STATISTICS, **meta["config"]}
+    return _typed_config(PatchCoreConfig, values, where, "")
 
 
 def _typed_config(cls: type, values, where: str, prefix: str):
