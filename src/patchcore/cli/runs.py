@@ -27,6 +27,7 @@ from patchcore.cli.common import (
 )
 from patchcore.cli.search_options import index_config, index_options
 from patchcore.config import (
+    BACKBONE_STATISTICS,
     CROP_MODES,
     DATASET_NAMES,
     DISTANCES,
@@ -66,6 +67,7 @@ class ModelOptions:
     random_backbone_weights: bool
     search: SearchConfig
     index: IndexConfig = field(default_factory=IndexConfig)
+    backbone_statistics: str = "reference"
 
     def configs(
         self, sampler: SamplerConfig, seed: int, preprocessing: PreprocessingConfig
@@ -92,6 +94,7 @@ class ModelOptions:
                     ),
                     seed=member_seed,
                     index=self.index,
+                    backbone_statistics=self.backbone_statistics,
                 )
             )
         return configs
@@ -393,14 +396,19 @@ def _train(commands, results_path, **params):
 @click.option("--random_backbone_weights", is_flag=True,
               help="Random weights for every backbone member (tests of mechanics and timing "
                    "only; results are meaningless).")  # fmt: skip
+@click.option("--backbone_statistics", type=click.Choice(BACKBONE_STATISTICS), default="reference",
+              show_default=True,
+              help="BatchNorm statistics: 'reference' moves them by the reference's training-mode "
+                   "pass of a constant image, as its PatchCore.load does; 'pretrained' keeps the "
+                   "ImageNet ones.")  # fmt: skip
 @_search_options
 @index_options(training=True)
 @usage_errors()
 def _patch_core(
     backbone_names, layers_to_extract_from, pretrain_embed_dimension, target_embed_dimension,
     preprocessing, aggregation, anomaly_scorer_num_nn, patchsize, patchscore, patchoverlap,
-    patchsize_aggregate, distance, score_reweighting, random_backbone_weights, faiss_on_gpu,
-    faiss_num_workers, nn_backend, **index_values,
+    patchsize_aggregate, distance, score_reweighting, random_backbone_weights,
+    backbone_statistics, faiss_on_gpu, faiss_num_workers, nn_backend, **index_values,
 ):  # fmt: skip
     """Backbone(s), layers and patch-feature dimensions; nearest-neighbour search."""
     _refuse_non_default("--preprocessing", preprocessing, "mean",
@@ -422,6 +430,7 @@ def _patch_core(
         distance=distance,
         score_reweighting=score_reweighting,
         random_backbone_weights=random_backbone_weights,
+        backbone_statistics=backbone_statistics,
         search=SearchConfig(nn_backend, faiss_on_gpu, faiss_num_workers,
                             bank_storage=index_values["bank_storage"]),
         index=index_config(index_values, nn_backend),
