@@ -349,7 +349,8 @@ def test_module_and_estimator_share_one_scorer_bit_for_bit(tile):
     preprocessing = PreprocessingConfig(resize=64, imagesize=64, tile=tile, tile_overlap=0.25)
     config = small_config(preprocessing=preprocessing, num_nn=2, distance="l2")
     model = PatchCore(config, search=SearchConfig(backend="torch"))
-    images = torch.rand(3, 3, 64, 64, generator=torch.Generator().manual_seed(7))
+    # 8-bit pixels, as decoded files hold: the module reads its input as such
+    images = torch.randint(0, 256, (3, 3, 64, 64), generator=torch.Generator().manual_seed(7)) / 255
     model.fit([images[:2]])
     expected = model.predict(images)
     outputs = PatchCoreModule.from_patchcore(model)(images)  # resize and crop are identities

@@ -18,7 +18,6 @@ import pytest
 import torch
 from click.testing import CliRunner
 from PIL import Image
-from torchvision.transforms.v2 import functional as TF
 
 from conftest import SHARED_MAGNETIC_TILE, small_config
 from patchcore.apps.export import (
@@ -34,8 +33,8 @@ from patchcore.cli.predict import predict_cli
 from patchcore.config import PreprocessingConfig, SamplerConfig, SearchConfig
 from patchcore.data.datasets import ImageDataset, list_samples
 from patchcore.data.preprocessing import (
+    image_tensor,
     open_image,
-    resized_size,
     to_model_input,
     to_tensor,
 )
@@ -101,24 +100,17 @@ def assert_same_outputs(outputs, scores, maps, labels, map_tolerance=MAP_TOLERAN
         ((64, 64), PreprocessingConfig(64, 64)),  # identity
     ],
 )
-def test_tensor_preprocessing_equals_torchvision_resize_and_crop(size, preprocessing):
-    images = torch.rand(2, 3, *size, generator=torch.Generator().manual_seed(0))
-    resized = TF.resize(
-        images,
-        list(
-            resized_size(
-                size,
-                preprocessing.resize,
-                preprocessing.max_size if preprocessing.crop == "none" else None,
-            )
-        ),
-        antialias=True,
-    )
-    if preprocessing.crop == "center":
-        resized = TF.center_crop(resized, [preprocessing.imagesize])
-    got = to_model_input(images, preprocessing)
-    assert got.shape == resized.shape
-    torch.testing.assert_close(got, resized, rtol=0, atol=1e-6)
+def test_tensor_preprocessing_equals_the_pil_chain_bit_for_bit(size, preprocessing):
+    """The tensor path (exported module and graphs) on a decoded 8-bit image gives the very
+    tensor the file path (`image_tensor`, Pillow) gives."""
+    generator = np.random.default_rng(0)
+    pictures = [
+        Image.fromarray(generator.integers(0, 256, (*size, 3), dtype=np.uint8)) for _ in range(2)
+    ]
+    expected = torch.stack([image_tensor(picture, preprocessing) for picture in pictures])
+    got = to_model_input(torch.stack([to_tensor(picture) for picture in pictures]), preprocessing)
+    assert got.shape == expected.shape
+    assert torch.equal(got, expected)
 
 
 @pytest.mark.parametrize("chunk", [1, 7, 100, 500, 10_000])

@@ -13,6 +13,7 @@ from conftest import SHARED_MAGNETIC_TILE, small_config
 from patchcore.config import PreprocessingConfig, SamplerConfig, SearchConfig
 from patchcore.data.datasets import ImageDataset, Sample, SizeGroupedBatchSampler
 from patchcore.data.preprocessing import (
+    apply_taps,
     cut_tiles,
     defective_pixels,
     frame_of,
@@ -22,8 +23,12 @@ from patchcore.data.preprocessing import (
     mask_tensor,
     open_image,
     open_mask,
+    pillow_resamples_rows_first_when_height_shrinks_most,
+    resamples_rows_first,
+    resize_taps,
     tile_origins,
     to_model_input,
+    to_tensor,
 )
 from patchcore.data.synthetic import make_sample, sample_rng
 from patchcore.errors import ConfigurationError, DataError
@@ -318,3 +323,45 @@ def test_a_defect_at_the_image_edge_is_found_whole_image_and_missed_by_the_crop(
             assert frame.left == 48  # the crop keeps columns 48..143: the blob (8..28) is out
     assert found["none"] == 4
     assert found["center"] < found["none"]
+
+
+def test_the_tensor_path_equals_the_file_path_bit_for_bit_on_every_geometry():
+    """40 random 8-bit images of random sizes through every geometry (centre crop, whole
+    image, a fixed scale that shrinks or enlarges, small crops): `to_model_input` on the
+    decoded image equals `image_tensor` (Pillow) exactly, in whichever order Pillow takes the
+    two axes."""
+    generator = np.random.default_rng(0)
+    orders = set()
+    for _ in range(40):
+        height, width = (int(side) for side in generator.integers(40, 500, size=2))
+        picture = Image.fromarray(noise_image((height, width, 3), int(generator.integers(1 << 30))))
+        configs = [
+            PreprocessingConfig(),
+            PreprocessingConfig(crop="none"),
+            PreprocessingConfig(crop="none", scale=float(generator.uniform(0.2, 2.5))),
+            PreprocessingConfig(resize=int(generator.integers(64, 400)), imagesize=64),
+        ]
+        for config in configs:
+            expected = image_tensor(picture, config)
+            frame = frame_of((height, width), config)
+            orders.add(resamples_rows_first((height, width), frame.resized))
+            assert torch.equal(to_model_input(to_tensor(picture)[None], config)[0], expected)
+    assert orders == {False, pillow_resamples_rows_first_when_height_shrinks_most()}
+
+
+def test_pillow_order_of_passes_is_read_off_pillow():
+    """Pillow 13 resamples rows first when the height shrinks by more than twice as many
+    pixels as the width; the probe says whether this Pillow does, and the rule then predicts
+    Pillow's order on sizes it was not probed with."""
+    generator = np.random.default_rng(3)
+    for size, resized in [((205, 54), (163, 37)), ((187, 230), (12, 42)), ((100, 100), (80, 90)),
+                          ((148, 227), (139, 183)), ((261, 69), (169, 41)), ((90, 60), (30, 200))]:
+        pixels = generator.integers(0, 256, size, dtype=np.uint8)
+        expected = np.asarray(Image.fromarray(pixels).resize(resized[::-1], Image.Resampling.BILINEAR))
+        tensor = torch.from_numpy(pixels).float()
+        rows, columns = resize_taps(size[0], resized[0]), resize_taps(size[1], resized[1])
+        rows_first = apply_taps(apply_taps(tensor, 0, rows), 1, columns).numpy()
+        columns_first = apply_taps(apply_taps(tensor, 1, columns), 0, rows).numpy()
+        ours = rows_first if resamples_rows_first(size, resized) else columns_first
+        assert np.array_equal(ours, expected), (size, resized)
+        assert not np.array_equal(rows_first, columns_first)  # the order matters here

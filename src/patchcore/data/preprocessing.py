@@ -27,12 +27,13 @@ A mask stored as 0/1 (not 0/255) is detected, logged with its file name, and rea
 `to_model_input` and `map_to_input_frame` are the tensor forms of the same geometry, for
 callers that hold float images already (the exported module and exported graphs): resize and
 crop on tensors, and anomaly maps sampled back onto the input's frame. The tensor resize is
-torch's antialiased bilinear resize (what `torchvision.transforms.v2.functional.resize` does
-on tensors), written as a weighted sum of a few shifted copies of the image along each axis
-(`ResizeTaps`, the exact weights torch uses, read off torch itself), cropped rows and
-columns only: gathers, products and sums that every runtime computes alike (OpenVINO's
-antialiased Resize does not match torch's). It differs from PIL's resize of the uint8 file
-by uint8 rounding only, since PIL resizes 8-bit pixels.
+Pillow's own 8-bit bilinear resize, transcribed: the input is read as 8-bit pixels, each
+axis (columns, then rows) is a sum of a few shifted copies weighted in 22-bit fixed point,
+rounded and clipped to 8 bits (`ResizeTaps`, the weights Pillow computes), cropped rows and
+columns only: gathers, products and sums of whole numbers below 2**24, which every runtime
+computes exactly in float32. For
+a decoded file the model's input is therefore the same tensor, bit for bit, whichever path
+made it (`tests/test_preprocessing.py`).
 """
 
 from __future__ import annotations
@@ -272,73 +273,133 @@ def check_model_input(images: torch.Tensor) -> None:
 
 
 # --------------------------------------------------------------- tensors (export)
-RESIZE_BLOCK = 512  # impulses resized at a time when reading off resize weights
+# Pillow resamples 8-bit images in fixed point: weights scaled by 2**22, sums rounded and
+# clipped back to 8 bits after each axis (Resample.c, PRECISION_BITS = 32 - 8 - 2).
+PIL_PRECISION_BITS = 22
+LOW_WEIGHT_BITS = 8  # each fixed-point weight is split into high * 2**8 + low
 
 
 @dataclass(frozen=True)
 class ResizeTaps:
-    """One axis of an antialiased bilinear resize as taps: output position i is
-    sum_k weights[i, k] * input[indices[i, k]], with indices and weights [out, K]."""
+    """One axis of Pillow's bilinear resize of 8-bit pixels as taps: output position i is
+    (sum_k weight[i, k] * input[indices[i, k]] + 2**21) >> 22, clipped to 0..255, where
+    each 22-bit fixed-point weight = high * 2**8 + low (float32 [out, K] each): every
+    product and partial sum is then an integer below 2**24, exact in float32, so every
+    runtime computes the same pixels."""
 
     indices: torch.Tensor
-    weights: torch.Tensor
+    high: torch.Tensor
+    low: torch.Tensor
+
+
+def _bilinear(distance: float) -> float:
+    distance = abs(distance)
+    return 1.0 - distance if distance < 1.0 else 0.0
 
 
 @functools.lru_cache(maxsize=32)
 def resize_taps(
     in_length: int, out_length: int, first: int = 0, count: int | None = None
 ) -> ResizeTaps:
-    """The taps of torch's antialiased bilinear resize of one axis from `in_length` to
-    `out_length` (align_corners=False), for the `count` outputs from `first` on (a crop).
-
-    The weights are read off torch by resizing unit impulses, so they are exactly the ones
-    `F.interpolate(..., antialias=True)` uses. (The impulses lie along the width of a
-    height-2 image: a [N, 1, H, 1] tensor is also channels-last and is resized differently.)
-    Results are cached CPU tensors; callers must not modify them.
-    """
+    """The taps of Pillow's bilinear resize of one axis of an 8-bit image from `in_length`
+    to `out_length`, for the `count` outputs from `first` on (a crop): each output's
+    window and weights computed in double precision and turned into 22-bit fixed point the
+    way Pillow does, so `apply_taps` reproduces `Image.resize` pixel for pixel. Results are
+    cached CPU tensors; callers must not modify them."""
     count = out_length - first if count is None else count
-    columns = []
-    for start in range(0, in_length, RESIZE_BLOCK):
-        number = min(RESIZE_BLOCK, in_length - start)
-        impulses = torch.zeros(number, 1, 2, in_length)
-        impulses[torch.arange(number), 0, :, start + torch.arange(number)] = 1.0
-        resized = F.interpolate(
-            impulses, size=(2, out_length), mode="bilinear", align_corners=False, antialias=True
+    scale = in_length / out_length
+    filter_scale = max(scale, 1.0)
+    support = filter_scale  # the bilinear filter's support is 1
+    inverse_scale = 1.0 / filter_scale  # Pillow multiplies by the reciprocal
+    windows = []
+    for output in range(first, first + count):
+        centre = (output + 0.5) * scale
+        low = max(int(centre - support + 0.5), 0)
+        length = min(int(centre + support + 0.5), in_length) - low
+        weights = [_bilinear((tap + low - centre + 0.5) * inverse_scale) for tap in range(length)]
+        total = sum(weights)
+        if total != 0.0:
+            weights = [weight / total for weight in weights]
+        fixed = [int(weight * (1 << PIL_PRECISION_BITS) + (0.5 if weight >= 0 else -0.5))
+                 for weight in weights]  # fmt: skip
+        windows.append((low, fixed))
+    width = max(len(fixed) for _, fixed in windows)
+    indices = torch.tensor(
+        [[min(low + tap, in_length - 1) for tap in range(width)] for low, _ in windows]
+    )
+    weights = torch.tensor([fixed + [0] * (width - len(fixed)) for _, fixed in windows])
+    if width >= 1 << (24 - 2 * LOW_WEIGHT_BITS - 1):
+        raise DataError(
+            f"a resize from {in_length} to {out_length} pixels shrinks the image "
+            f"{in_length / out_length:.0f} times, more than the about 60 times whose "
+            "8-bit resize can be computed exactly; resize the image before scoring it"
         )
-        columns.append(resized[:, 0, 0, first : first + count])
-    dense = torch.cat(columns).T  # [count, in_length]
-    used = dense != 0
-    lowest = used.int().argmax(dim=1)
-    highest = in_length - 1 - used.flip(1).int().argmax(dim=1)
-    width = int((highest - lowest).max()) + 1
-    indices = lowest[:, None] + torch.arange(width)[None, :]
-    inside = indices <= highest[:, None]
-    indices = indices.clamp_max(in_length - 1)
-    weights = torch.where(inside, dense.gather(1, indices), torch.zeros(()))
-    return ResizeTaps(indices, weights)
+    return ResizeTaps(
+        indices,
+        (weights >> LOW_WEIGHT_BITS).float(),
+        (weights & ((1 << LOW_WEIGHT_BITS) - 1)).float(),
+    )
 
 
-def apply_taps(images: torch.Tensor, dim: int, taps: ResizeTaps) -> torch.Tensor:
-    """Resamples `images` along `dim` with `taps`: a sum over taps of gathered, weighted copies."""
-    shape = [1] * images.ndim
+def apply_taps(pixels: torch.Tensor, dim: int, taps: ResizeTaps) -> torch.Tensor:
+    """Resamples 8-bit `pixels` (whole numbers 0..255 in float32) along `dim` with `taps`:
+    Pillow's fixed-point sum over the taps, rounded and clipped to 0..255, computed exactly
+    in float32. With S_high and S_low the sums of the weight parts (each below 2**24), the
+    fixed-point total is S_high * 2**8 + S_low + 2**21 and the pixel its floor over 2**22,
+    split as q + floor(((S_high - q * 2**14) * 2**8 + S_low + 2**21) / 2**22) with
+    q = floor(S_high / 2**14), where every term stays below 2**24."""
+    shape = [1] * pixels.ndim
     shape[dim] = -1
-    indices = taps.indices.to(images.device)
-    weights = taps.weights.to(images.device, images.dtype)
-    result = None
+    indices = taps.indices.to(pixels.device)
+    high_weights = taps.high.to(pixels.device, torch.float32)
+    low_weights = taps.low.to(pixels.device, torch.float32)
+    high = low = None
     for tap in range(indices.shape[1]):
-        term = images.index_select(dim, indices[:, tap]) * weights[:, tap].view(shape)
-        result = term if result is None else result + term
-    return result
+        gathered = pixels.index_select(dim, indices[:, tap])
+        high_term = gathered * high_weights[:, tap].view(shape)
+        low_term = gathered * low_weights[:, tap].view(shape)
+        high = high_term if high is None else high + high_term
+        low = low_term if low is None else low + low_term
+    high_shift = float(1 << (PIL_PRECISION_BITS - LOW_WEIGHT_BITS))
+    whole = torch.floor(high / high_shift)
+    rest = (high - whole * high_shift) * float(1 << LOW_WEIGHT_BITS) + low
+    rest = rest + float(1 << (PIL_PRECISION_BITS - 1))
+    return (whole + torch.floor(rest / float(1 << PIL_PRECISION_BITS))).clamp(0, EIGHT_BIT_MAX)
+
+
+@functools.cache
+def pillow_resamples_rows_first_when_height_shrinks_most() -> bool:
+    """Whether this Pillow resamples rows before columns when an image's height shrinks by
+    more than twice as many pixels as its width changes (Pillow 13 does, for speed; earlier
+    versions always resample columns first). Each 8-bit pass rounds, so the order changes
+    pixels; Pillow itself is asked, once, with a probe image whose two orders differ."""
+    probe = np.random.default_rng(0).integers(0, EIGHT_BIT_MAX + 1, (64, 24), dtype=np.uint8)
+    expected = np.asarray(Image.fromarray(probe).resize((23, 16), Image.Resampling.BILINEAR))
+    pixels = torch.from_numpy(probe).float()
+    rows_first = apply_taps(apply_taps(pixels, 0, resize_taps(64, 16)), 1, resize_taps(24, 23))
+    return bool(np.array_equal(rows_first.numpy(), expected))
+
+
+def resamples_rows_first(size: tuple[int, int], resized: tuple[int, int]) -> bool:
+    """Whether Pillow resizing (height, width) `size` to `resized` resamples rows first."""
+    shrink = size[0] - resized[0]
+    return (
+        shrink > 0
+        and shrink > 2 * (size[1] - resized[1])
+        and resized[1] != size[1]
+        and pillow_resamples_rows_first_when_height_shrinks_most()
+    )
 
 
 @dataclass(frozen=True)
 class AxisGeometry:
-    """How one axis of an input becomes the model's: `taps` (resize and crop in one), or
-    the plain slice [start, start + length) when the axis is not resized."""
+    """How one axis of an input becomes the model's: `taps` (resize to `resized` and crop
+    in one), or the plain slice [start, start + length) when the axis is not resized."""
 
     start: int
     length: int
     taps: ResizeTaps | None
+    resized: int
 
 
 def input_geometry(
@@ -352,7 +413,7 @@ def input_geometry(
         size, frame.resized, (frame.top, frame.left), frame.size, strict=True
     ):
         taps = None if resized == length else resize_taps(int(length), int(resized), offset, crop)
-        axes.append(AxisGeometry(offset, crop, taps))
+        axes.append(AxisGeometry(offset, crop, taps, int(resized)))
     return axes[0], axes[1]
 
 
@@ -361,19 +422,25 @@ def to_model_input(
     config: PreprocessingConfig,
     geometry: tuple[AxisGeometry, AxisGeometry] | None = None,
 ) -> torch.Tensor:
-    """Float images [B, 3, H, W] in [0, 1] -> the model's input, with the same geometry as
-    `image_tensor` computed on tensors (antialiased bilinear, see the module docstring);
-    values differ from PIL's uint8 resize by rounding only. `geometry` is
-    `input_geometry((H, W), config)`, computed here when not given."""
+    """Float images [B, 3, H, W] in [0, 1] -> the model's input: `image_tensor`'s chain on
+    tensors. The images are read as 8-bit pixels (x * 255, rounded), as a decoded file is,
+    resized by Pillow's fixed-point bilinear resize (one axis after the other, in
+    Pillow's order, each rounded to 8 bits), cropped, and divided by 255: for an image decoded from a file, the
+    very tensor `image_tensor` gives. `geometry` is `input_geometry((H, W), config)`,
+    computed here when not given."""
+    size = (int(images.shape[-2]), int(images.shape[-1]))
     if geometry is None:
-        geometry = input_geometry(tuple(images.shape[-2:]), config)
-    # Columns first, as torch's resize does.
-    for dim, axis in ((-1, geometry[1]), (-2, geometry[0])):
+        geometry = input_geometry(size, config)
+    pixels = torch.round(images.float() * EIGHT_BIT_MAX)
+    passes = [(-1, geometry[1]), (-2, geometry[0])]  # columns first, as Pillow ...
+    if resamples_rows_first(size, (geometry[0].resized, geometry[1].resized)):
+        passes.reverse()  # ... unless it shrinks the rows first
+    for dim, axis in passes:
         if axis.taps is not None:
-            images = apply_taps(images, dim, axis.taps)
-        elif axis.length != images.shape[dim]:
-            images = images.narrow(dim, axis.start, axis.length)
-    return images
+            pixels = apply_taps(pixels, dim, axis.taps)
+        elif axis.length != pixels.shape[dim]:
+            pixels = pixels.narrow(dim, axis.start, axis.length)
+    return pixels.to(images.dtype) / EIGHT_BIT_MAX
 
 
 def _crop_coordinates(frame: Frame, device) -> list[torch.Tensor]:

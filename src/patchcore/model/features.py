@@ -14,7 +14,10 @@ grouped convolution per layer and resize its output instead (see the class), get
 same features up to float rounding.
 
 `PatchEmbedder` chains the two, and `build_embedder` is the one place where a model
-configuration becomes an embedder: the estimator and the exported module both use it.
+configuration becomes an embedder: the estimator and the exported module both use it. It
+gives the backbone the statistics the configuration asks for: by default the reference's
+(`FeatureExtractor.reproduce_reference_statistics`: the training-mode pass of a constant
+image that the reference's `PatchCore.load` makes before any feature is taken).
 """
 
 from __future__ import annotations

@@ -297,13 +297,14 @@ class FixedSizePatchCore(torch.nn.Module):
         self.input_size = (int(input_size[0]), int(input_size[1]))
         self.threshold = module.decision_threshold
         geometry = input_geometry(self.input_size, config.preprocessing)
-        self._slices = tuple((axis.start, axis.length) for axis in geometry)
+        self._slices = tuple((axis.start, axis.length, axis.resized) for axis in geometry)
         self._resized = tuple(axis.taps is not None for axis in geometry)
         device = module.memory_bank.device
         for name, axis in zip(_AXES, geometry, strict=True):
             if axis.taps is not None:
                 self.register_buffer(f"{name}_indices", axis.taps.indices.clone().to(device))
-                self.register_buffer(f"{name}_weights", axis.taps.weights.clone().to(device))
+                self.register_buffer(f"{name}_high", axis.taps.high.clone().to(device))
+                self.register_buffer(f"{name}_low", axis.taps.low.clone().to(device))
 
     @property
     def output_names(self) -> tuple[str, ...]:
@@ -311,12 +312,17 @@ class FixedSizePatchCore(torch.nn.Module):
 
     def geometry(self) -> tuple[AxisGeometry, AxisGeometry]:
         axes = []
-        for name, (start, length), resized in zip(_AXES, self._slices, self._resized, strict=True):
+        for name, (start, length, size), resized in zip(
+            _AXES, self._slices, self._resized, strict=True
+        ):
             taps = None
             if resized:
-                weights = getattr(self, f"{name}_weights")
-                taps = ResizeTaps(getattr(self, f"{name}_indices"), weights)
-            axes.append(AxisGeometry(start, length, taps))
+                taps = ResizeTaps(
+                    getattr(self, f"{name}_indices"),
+                    getattr(self, f"{name}_high"),
+                    getattr(self, f"{name}_low"),
+                )
+            axes.append(AxisGeometry(start, length, taps, size))
         return axes[0], axes[1]
 
     @torch.no_grad()
