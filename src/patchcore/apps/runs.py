@@ -179,8 +179,12 @@ def train_run(
         for config in model_configs:
             model = PatchCore(replace(config, preprocessing=dataset.preprocessing), device, search)
             model.fit(train_loader)
+            if calibration_loader is train_loader:
+                calibrate = model.calibrate_leave_one_out
+            else:
+                calibrate = model.calibrate
             if calibration_loader is not None:
-                calibration.append(model.calibrate(calibration_loader, output.threshold_quantile))
+                calibration.append(calibrate(calibration_loader, output.threshold_quantile))
             models.append(model)
         ensemble_statistics = None
         if len(models) > 1 and calibration:
@@ -202,8 +206,9 @@ def train_run(
 
 
 def _calibration_loader(name: str, validation_loader, train_loader, members: int, output):
-    """The held-out normal images the models calibrate on; the training images (with a
-    warning) when there are none but a threshold or normal statistics are needed."""
+    """The held-out normal images the models calibrate on; the training images, scored
+    leave-one-image-out (`PatchCore.calibrate_leave_one_out`), when there are none but a
+    threshold or normal statistics are needed."""
     if validation_loader is not None:
         return validation_loader
     needs_statistics = output.save_models or (
@@ -211,9 +216,10 @@ def _calibration_loader(name: str, validation_loader, train_loader, members: int
     )
     if not needs_statistics:
         return None
-    LOGGER.warning(
+    LOGGER.info(
         "%s: no held-out normal images (--train_val_split 1); the threshold and normal "
-        "statistics come from the training images and are optimistic",
+        "statistics come from leave-one-image-out scores of the training images (held-out "
+        "images, --train_val_split < 1, are the stronger check)",
         name,
     )
     return train_loader
