@@ -71,11 +71,16 @@ class ExportRecord:
     library_version: str = __version__
     torch_version: str = torch.__version__
 
+    @property
+    def format_version(self) -> int:
+        """The oldest export format version that describes this export."""
+        scaled = records_scale(self.config)
+        return EXPORT_FORMAT_VERSION if scaled else WITHOUT_SCALE_EXPORT_FORMAT_VERSION
+
     def to_json(self) -> str:
         data = dataclasses.asdict(self)
         data["config"] = config_fields(self.config)
-        scaled = records_scale(self.config)
-        version = EXPORT_FORMAT_VERSION if scaled else WITHOUT_SCALE_EXPORT_FORMAT_VERSION
+        version = self.format_version
         data["input_size"] = list(self.input_size)
         data["input"] = {
             "name": INPUT_NAME,

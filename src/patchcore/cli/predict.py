@@ -40,7 +40,12 @@ def predict_cli(model_dir, inputs, output, heatmaps, masks, mask_threshold, thre
                 batch_size, num_workers, nn_backend, runtime, common):  # fmt: skip
     """Score new images (INPUTS: files, folders, glob patterns) with MODEL, a saved model
     folder or a file written by patchcore-export (or that export's folder): one
-    accept/reject decision per image, optional heat maps and masks."""
+    accept/reject decision per image, optional heat maps and masks. Every input gets a row;
+    one that cannot be read gets decision 'error' and the reason.
+
+    \b
+    Exit codes: 0 every image accepted; 3 some rejected, none failed; 4 some input could not
+    be scored (decision 'error'); 1 the run failed (no results file); 2 wrong command line."""
     from patchcore.apps.predict import PredictOptions, run_prediction
     from patchcore.config import SearchConfig
 
@@ -60,7 +65,9 @@ def predict_cli(model_dir, inputs, output, heatmaps, masks, mask_threshold, thre
                 search=SearchConfig(backend=nn_backend),
                 runtime=runtime,
             )
-        click.echo(run_prediction(options).line())
+        summary = run_prediction(options)
+        click.echo(summary.line())
+        return summary.exit_code
 
     run_guarded(job, common)
 
