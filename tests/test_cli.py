@@ -66,6 +66,45 @@ def test_training_writes_results_models_and_overlays(trained_run, synthetic_root
     assert "Mean" in output and "image AUROC" in output
 
 
+def test_training_writes_per_type_results_and_rates_checked_with_sklearn(trained_run):
+    import csv
+
+    import numpy as np
+    from sklearn.metrics import roc_auc_score
+
+    run_folder, output = trained_run
+    with (run_folder / "results_by_type.csv").open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    for dataset in ("mvtec_texture", "mvtec_object"):
+        saved = read_predictions(run_folder / "predictions" / dataset)
+        types = np.array(saved.defect_types)
+        good = ~saved.is_anomaly
+        mine = {row["defect_type"]: row for row in rows if row["dataset"] == dataset}
+        assert next(iter(mine)) == "good" and list(mine)[-1] == "defective"
+        assert set(mine) == {"good", "defective", *types[saved.is_anomaly]}
+        for name, row in mine.items():
+            chosen = good if name == "good" else saved.is_anomaly if name == "defective" else (
+                (types == name) & saved.is_anomaly)  # fmt: skip
+            assert int(row["images"]) == chosen.sum()
+            rejected = int((saved.scores[chosen] > saved.threshold).sum())
+            assert int(row["rejected"]) == rejected
+            assert float(row["threshold"]) == pytest.approx(saved.threshold, rel=1e-5)
+            if name != "good":
+                selected = good | chosen
+                expected = roc_auc_score(chosen[selected], saved.scores[selected])
+                assert float(row["image_auroc"]) == pytest.approx(expected, abs=1e-5)
+        good_row, defective_row = mine["good"], mine["defective"]
+        assert (f"{dataset} at the saved threshold" in output
+                and f"({good_row['rejected']} of {good_row['images']} good images rejected)" in output)  # fmt: skip
+        escaped = int(defective_row["images"]) - int(defective_row["rejected"])
+        assert f"({escaped} of {defective_row['images']} defective images accepted)" in output
+    coverage = (run_folder / "inspection_coverage.csv").read_text().splitlines()
+    assert coverage[0] == "dataset,defective_images,with_mask,wholly_outside,partly_outside,inspected"
+    assert len(coverage) == 3
+    header = (run_folder / "results.csv").read_text().splitlines()[0]
+    assert "defect_type" not in header and "wholly_outside" not in header
+
+
 def test_predictions_are_saved_per_image(trained_run, synthetic_root):
     run_folder, _ = trained_run
     saved = read_predictions(run_folder / "predictions" / "mvtec_object")

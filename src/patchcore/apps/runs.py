@@ -16,9 +16,10 @@ from pathlib import Path
 import torch
 
 from patchcore.config import DatasetConfig, PatchCoreConfig, PreprocessingConfig, SearchConfig
-from patchcore.data.datasets import split_loader
+from patchcore.data.datasets import list_samples, split_loader
 from patchcore.errors import ConfigurationError
 from patchcore.evaluation.ensemble import calibrate_ensemble, decision_statistics
+from patchcore.evaluation.quality import inspection_coverage, record_quality, type_rows
 from patchcore.evaluation.records import write_predictions
 from patchcore.evaluation.reporting import merge_results_csv, write_results_csv
 from patchcore.evaluation.testset import TestSetResult, evaluate_models
@@ -113,6 +114,28 @@ def _write_optional_outputs(
         )
 
 
+def _record_quality(
+    layout: RunLayout,
+    dataset: DatasetConfig,
+    category: str,
+    preprocessing: PreprocessingConfig,
+    models: list[PatchCore],
+    result: TestSetResult,
+    output: OutputOptions,
+    ensemble_statistics: NormalStatistics | None,
+) -> None:
+    """Coverage of the defects by the inspected region, and per-type results and decision
+    rates at the saved threshold, beside results.csv (`patchcore.evaluation.quality`)."""
+    samples = list_samples(Path(dataset.data_path), category, "test",
+                           masks_required=dataset.name == "mvtec")  # fmt: skip
+    statistics = decision_statistics(models, ensemble_statistics, output.ensemble_normalisation)
+    threshold = None if statistics is None else statistics.threshold
+    by_type = type_rows(result.name, result.scores.numpy(), result.defect_types,
+                        result.labels.numpy(), threshold)  # fmt: skip
+    record_quality(Path(layout.folder), result.name, inspection_coverage(samples, preprocessing),
+                   by_type, shared=output.merge_results)  # fmt: skip
+
+
 @dataclass(frozen=True)
 class CategoryData:
     """The loaders of one category: its files listed, opened and size-checked."""
@@ -167,7 +190,9 @@ def train_run(
     layout = RunLayout(run_folder)
     rows: dict[str, dict[str, float]] = {}
     categories = prepare_training_data(dataset, device) if data is None else data
-    for position, category in enumerate(categories):
+    for position, (category, category_folder) in enumerate(
+        zip(categories, dataset.categories, strict=True)
+    ):
         name = category.name
         LOGGER.info("Training on %s (%d/%d)", name, position + 1, len(categories))
         train_loader, validation_loader = category.train, category.validation
@@ -201,6 +226,8 @@ def train_run(
             merge_results_csv(layout.results_csv, rows, output.results_order)
         else:
             write_results_csv(layout.results_csv, rows)
+        _record_quality(layout, dataset, category_folder, dataset.preprocessing, models, result,
+                        output, ensemble_statistics)  # fmt: skip
         _write_optional_outputs(layout, models, result, output, ensemble_statistics)
     return rows
 
@@ -258,6 +285,8 @@ def evaluate_run(
         result = _evaluate(models, test_loader, name, output)
         rows[name] = result.metrics
         write_results_csv(layout.results_csv, rows)
+        _record_quality(layout, dataset, category, saved, models, result, output,
+                        ensemble_statistics)  # fmt: skip
         _write_optional_outputs(layout, models, result, output, ensemble_statistics)
     return rows
 

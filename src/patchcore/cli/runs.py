@@ -159,10 +159,15 @@ def _require_parts(parts: dict, names: tuple[str, ...]) -> None:
 
 
 def _show_results(rows: dict[str, dict[str, float]], results_csv: Path) -> None:
+    from patchcore.evaluation.quality import summary_lines
     from patchcore.evaluation.reporting import format_results_table
 
     click.echo("\n" + format_results_table(rows))
-    click.echo(f"\nResults: {results_csv}")
+    lines = summary_lines(results_csv.parent)
+    if lines:
+        click.echo("\n" + "\n".join(lines))
+    click.echo(f"\nResults: {results_csv} (per defect type: results_by_type.csv; defects "
+               "outside the inspected region: inspection_coverage.csv)")
 
 
 # ------------------------------------------------------------------ shared options
