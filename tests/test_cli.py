@@ -425,3 +425,32 @@ def test_sweep_scripts_run_with_the_python_they_are_given(tmp_path):
         assert missing.returncode == 2
         assert "'/bin/false' cannot import patchcore" in missing.stderr
         assert "PYTHON=/path/to/venv/bin/python" in missing.stderr
+
+
+def test_saved_models_carry_a_model_card_that_predict_describes(trained_run, synthetic_root):
+    import hashlib
+    import json
+
+    from patchcore.cli.predict import predict_cli
+    from patchcore.model.identity import model_identity
+
+    run_folder, _ = trained_run
+    folder = run_folder / "models" / "mvtec_texture"
+    card = (folder / "MODEL_CARD.md").read_text()
+    train_folder = synthetic_root / "texture" / "train"
+    names = sorted(str(p.relative_to(train_folder)) for p in train_folder.glob("*/*.png"))
+    list_hash = hashlib.sha256("\n".join(names).encode()).hexdigest()[:16]
+    meta = json.loads((folder / "patchcore_meta.json").read_text())
+    threshold = meta["normal_statistics"]["threshold"]
+    assert f"- {len(names)} normal images from `{train_folder}`" in card
+    assert f"hash of their sorted file list (SHA-256, 16 hex digits): {list_hash}" in card
+    assert "- backbone: efficientnet_lite0 (ImageNet weights), layers _blocks.4, _blocks.10" in card
+    assert f"- memory bank: {meta['memory_bank_shape'][0]} features" in card
+    assert "- calibration: training images, leave-one-image-out" in card
+    assert f"- threshold: {threshold:.6g} (the 0.99 quantile of {len(names)} normal" in card
+    assert "- resize: 144" in card and "- instance_auroc: " in card and "| good |" in card
+    assert "- torch: " in card
+    described = CliRunner().invoke(predict_cli, [str(folder), "--describe"])
+    assert described.exit_code == 0, described.output
+    assert f"Content hash (model_id): {model_identity(folder)}" in described.output
+    assert "Format: patchcore-model/" in described.output and card in described.output

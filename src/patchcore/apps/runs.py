@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from patchcore.apps.model_card import TrainingImages, model_card
 from patchcore.config import DatasetConfig, PatchCoreConfig, PreprocessingConfig, SearchConfig
 from patchcore.data.datasets import list_samples, split_loader
 from patchcore.errors import ConfigurationError
@@ -31,6 +32,7 @@ from patchcore.model.calibration import (
     NormalStatistics,
     colour_range,
 )
+from patchcore.model.identity import MODEL_CARD_FILE
 from patchcore.model.patchcore import PatchCore
 from patchcore.model.serialization import load_ensemble_statistics, load_models, save_models
 
@@ -114,24 +116,32 @@ def _write_optional_outputs(
         )
 
 
+def _by_type(
+    models: list[PatchCore],
+    result: TestSetResult,
+    output: OutputOptions,
+    ensemble_statistics: NormalStatistics | None,
+) -> list[dict]:
+    """Per-type results and decisions at the threshold the scores are decided with."""
+    statistics = decision_statistics(models, ensemble_statistics, output.ensemble_normalisation)
+    threshold = None if statistics is None else statistics.threshold
+    return type_rows(result.name, result.scores.numpy(), result.defect_types,
+                     result.labels.numpy(), threshold)  # fmt: skip
+
+
 def _record_quality(
     layout: RunLayout,
     dataset: DatasetConfig,
     category: str,
     preprocessing: PreprocessingConfig,
-    models: list[PatchCore],
     result: TestSetResult,
+    by_type: list[dict],
     output: OutputOptions,
-    ensemble_statistics: NormalStatistics | None,
 ) -> None:
     """Coverage of the defects by the inspected region, and per-type results and decision
     rates at the saved threshold, beside results.csv (`patchcore.evaluation.quality`)."""
     samples = list_samples(Path(dataset.data_path), category, "test",
                            masks_required=dataset.name == "mvtec")  # fmt: skip
-    statistics = decision_statistics(models, ensemble_statistics, output.ensemble_normalisation)
-    threshold = None if statistics is None else statistics.threshold
-    by_type = type_rows(result.name, result.scores.numpy(), result.defect_types,
-                        result.labels.numpy(), threshold)  # fmt: skip
     record_quality(Path(layout.folder), result.name, inspection_coverage(samples, preprocessing),
                    by_type, shared=output.merge_results)  # fmt: skip
 
@@ -220,14 +230,20 @@ def train_run(
             )  # fmt: skip
         result = _evaluate(models, test_loader, name, output)
         rows[name] = result.metrics
+        by_type = _by_type(models, result, output, ensemble_statistics)
         if output.save_models:
-            save_models(layout.model(name), models, ensemble_statistics)
+            training = TrainingImages(
+                str(Path(dataset.data_path) / category_folder / "train"),
+                tuple(str(sample.image_path) for sample in train_loader.dataset.samples),
+            )
+            card = model_card(name, models, ensemble_statistics, training, result.metrics, by_type)
+            save_models(layout.model(name), models, ensemble_statistics, {MODEL_CARD_FILE: card})
         if output.merge_results:
             merge_results_csv(layout.results_csv, rows, output.results_order)
         else:
             write_results_csv(layout.results_csv, rows)
-        _record_quality(layout, dataset, category_folder, dataset.preprocessing, models, result,
-                        output, ensemble_statistics)  # fmt: skip
+        _record_quality(layout, dataset, category_folder, dataset.preprocessing, result, by_type,
+                        output)  # fmt: skip
         _write_optional_outputs(layout, models, result, output, ensemble_statistics)
     return rows
 
@@ -285,8 +301,8 @@ def evaluate_run(
         result = _evaluate(models, test_loader, name, output)
         rows[name] = result.metrics
         write_results_csv(layout.results_csv, rows)
-        _record_quality(layout, dataset, category, saved, models, result, output,
-                        ensemble_statistics)  # fmt: skip
+        by_type = _by_type(models, result, output, ensemble_statistics)
+        _record_quality(layout, dataset, category, saved, result, by_type, output)
         _write_optional_outputs(layout, models, result, output, ensemble_statistics)
     return rows
 
