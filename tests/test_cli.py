@@ -425,6 +425,14 @@ def test_sweep_scripts_run_with_the_python_they_are_given(tmp_path):
         assert missing.returncode == 2
         assert "'/bin/false' cannot import patchcore" in missing.stderr
         assert "PYTHON=/path/to/venv/bin/python" in missing.stderr
+        assert call.count(" -d ") == 15 and "-d bottle" in call and "-d zipper" in call
+        calls.unlink()
+        chosen = subprocess.run(["bash", REPO / script, *map(str, arguments)],
+                                env={**environment, "CATEGORIES": "magnetic_tile,tile screw"},
+                                capture_output=True, text=True, check=False)  # fmt: skip
+        assert chosen.returncode == 0, chosen.stderr
+        (call,) = calls.read_text().splitlines()
+        assert call.count(" -d ") == 3 and "-d magnetic_tile -d tile -d screw" in call
 
 
 def test_saved_models_carry_a_model_card_that_predict_describes(trained_run, synthetic_root):
