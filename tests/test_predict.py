@@ -167,13 +167,19 @@ def test_heat_maps_and_masks_are_written_at_the_input_size(models, synthetic_roo
         assert original.shape == (256, 256, 3)
         # The image at its own size, then the colour bar below it.
         assert heat.shape[1:] == (256, 3) and heat.shape[0] > 256
-        image_part, bar = heat[:256], heat[256:]
+        image_part = heat[:256]
         assert not np.array_equal(image_part[seen], original[seen])
         assert np.array_equal(image_part[~seen], grey_out(original, original, seen)[~seen])
         expected_bar = colour_bar_rgb(
             colour_range(models["threshold"], model.normal_statistics), models["threshold"], 256
         )
+        bar = heat[256 : 256 + len(expected_bar)]
         assert np.array_equal(bar, expected_bar)
+        caption = heat[256 + len(expected_bar) :]
+        assert len(caption) > 0
+        red = (caption[..., 0] > 150) & (caption[..., 1] < 80)
+        green = (caption[..., 1] > 80) & (caption[..., 0] < 60)
+        assert red.any() if row["decision"] == "reject" else green.any()
         mask = np.asarray(Image.open(tmp_path / "masks" / name))
         assert mask.shape == (256, 256) and set(np.unique(mask)) <= {0, 255}
         assert not mask[~seen].any()
@@ -291,7 +297,7 @@ def test_heat_map_colour_scale_centres_the_threshold(models):
 
 
 def test_predict_script_is_a_thin_entry_point(monkeypatch, capsys):
-    assert "MODEL INPUTS..." in run_script_help("predict_patchcore.py", monkeypatch, capsys)
+    assert "MODEL [INPUTS]..." in run_script_help("predict_patchcore.py", monkeypatch, capsys)
 
 
 def test_every_row_names_the_model_by_content_hash_and_format(models, synthetic_root, tmp_path):
@@ -323,3 +329,26 @@ def test_all_accepted_exits_0(models, synthetic_root, tmp_path):
     code, output = predict(models["calibrated"], [image], tmp_path / "o.csv", "--threshold", "1e9")
     assert code == 0, output
     assert [row["decision"] for row in read_rows(tmp_path / "o.csv")] == ["accept"]
+
+
+def test_a_reject_without_a_visible_region_says_why_and_the_peak_is_boxed():
+    from patchcore.evaluation.visualization import hidden_reject_note, mark_peak
+
+    smooth = np.full((40, 60), 0.4)
+    smooth[10, 45] = 0.9
+    assert "smoothed map peaks at 0.9, below the threshold" in hidden_reject_note(True, smooth, 1.0)
+    assert hidden_reject_note(False, smooth, 1.0) == ""  # accepted: nothing to explain
+    assert hidden_reject_note(True, smooth, 0.5) == ""  # the map shows the region
+    image = np.full((40, 60, 3), 128, dtype=np.uint8)
+    seen = np.ones((40, 60), dtype=bool)
+    seen[:, :5] = False
+    marked = mark_peak(image, smooth, seen)
+    changed = np.argwhere((marked != image).any(axis=2))
+    assert changed.min(axis=0).tolist() == [6, 41] and changed.max(axis=0).tolist() == [14, 49]
+    smooth[20, 2] = 5.0  # a larger value outside the inspected region is not the peak
+    assert np.array_equal(mark_peak(image, smooth, seen), marked)
+
+
+def test_inputs_are_required_unless_describing(models, tmp_path):
+    code, output = predict(models["calibrated"], [], tmp_path / "o.csv")
+    assert code == 2 and "give at least one INPUT" in output

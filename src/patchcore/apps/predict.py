@@ -82,7 +82,14 @@ from patchcore.data.preprocessing import (
 )
 from patchcore.errors import ConfigurationError, DataError, ModelFormatError
 from patchcore.evaluation.ensemble import decision_statistics, predict_new_images
-from patchcore.evaluation.visualization import blend_heatmap, colour_bar_rgb, grey_out
+from patchcore.evaluation.visualization import (
+    blend_heatmap,
+    colour_bar_rgb,
+    decision_caption,
+    grey_out,
+    hidden_reject_note,
+    mark_peak,
+)
 from patchcore.files import atomic_write, check_writable, staged_path, unique_file_stems
 from patchcore.model.calibration import NormalStatistics, colour_range, decide, decision_label
 from patchcore.model.identity import model_identity, saved_model_format
@@ -301,11 +308,16 @@ class ImageOutputs:
     threshold: float | None = None  # marked on the colour bar
     maps_on_input_frame: bool = False  # True for exported graphs' maps
 
-    def write(self, original: torch.Tensor, model_map, stem: str) -> dict:
+    def write(
+        self, original: torch.Tensor, model_map, stem: str, score: float | None = None,
+        rejected: bool = False,
+    ) -> dict:  # fmt: skip
         """original uint8 [3, H, W] and its anomaly map -> heat map and mask PNGs for H x W;
         returns their paths under `heatmap` and `mask` ('' when not asked for). The map is
         on the model's input frame (mapped back here), or already [H, W] with
-        `maps_on_input_frame`."""
+        `maps_on_input_frame`. With a `score`, the heat map marks the map's peak (the most
+        suspicious place) and a caption below the colour bar gives the score, the
+        threshold and the decision, and why a reject shows no region above the threshold."""
         size = tuple(original.shape[-2:])
         if self.maps_on_input_frame:
             full_map = np.asarray(model_map, dtype=np.float32)
@@ -317,9 +329,15 @@ class ImageOutputs:
         if self.heatmaps is not None:
             image = original.permute(1, 2, 0).numpy()
             heat = grey_out(blend_heatmap(image, full_map, self.colour_range), image, seen)
-            bar = colour_bar_rgb(self.colour_range, self.threshold, heat.shape[1])
+            parts = [heat, colour_bar_rgb(self.colour_range, self.threshold, heat.shape[1])]
+            if score is not None and self.threshold is not None:
+                parts[0] = mark_peak(heat, full_map, seen)
+                text = (f"score {score:.4g}, threshold {self.threshold:.4g}: "
+                        f"{decision_label(rejected)}. "
+                        f"{hidden_reject_note(rejected, full_map, self.threshold)}")  # fmt: skip
+                parts.append(decision_caption(heat.shape[1], text, rejected))
             written["heatmap"] = str(self.heatmaps / f"{stem}.png")
-            write_png(Path(written["heatmap"]), np.concatenate([heat, bar], axis=0))
+            write_png(Path(written["heatmap"]), np.concatenate(parts, axis=0))
         if self.masks is not None:
             mask = (decide(full_map, self.mask_threshold) & seen).astype(np.uint8) * 255
             written["mask"] = str(self.masks / f"{stem}.png")
@@ -540,7 +558,8 @@ def _score_batch(job: _Job, batch: list[LoadedImage], writer: ResultWriter) -> t
             rejected += int(is_rejected)
             written = {"heatmap": "", "mask": ""}
             if job.draw:
-                written = job.images.write(item.original, model_map, job.stems[item.index])
+                written = job.images.write(item.original, model_map, job.stems[item.index],
+                                           float(score), is_rejected)  # fmt: skip
             records[item.index] = _record(
                 job, item.index, score=float(score), decision=decision_label(is_rejected),
                 **written,
