@@ -20,6 +20,7 @@ from patchcore.config import DatasetConfig, PatchCoreConfig, PreprocessingConfig
 from patchcore.data.datasets import list_samples, split_loader
 from patchcore.errors import ConfigurationError
 from patchcore.evaluation.ensemble import calibrate_ensemble, decision_statistics
+from patchcore.evaluation.plots import PLOTS_FOLDER, save_decision_plots
 from patchcore.evaluation.quality import inspection_coverage, record_quality, type_rows
 from patchcore.evaluation.records import write_predictions
 from patchcore.evaluation.reporting import merge_results_csv, write_results_csv
@@ -46,6 +47,7 @@ class OutputOptions:
     save_segmentation_images: bool = False
     save_models: bool = False
     save_predictions: bool = False
+    save_plots: bool = False
     ensemble_normalisation: str = "test_minmax"
     threshold_quantile: float = DEFAULT_THRESHOLD_QUANTILE
     # Several processes write one results.csv (patchcore-sweep): merge rows under a lock,
@@ -102,6 +104,9 @@ def _write_optional_outputs(
     threshold = None if statistics is None else statistics.threshold
     if output.save_predictions:
         write_predictions(layout.dataset_predictions(result.name), result.records(statistics))
+    if output.save_plots:
+        save_decision_plots(Path(layout.folder) / PLOTS_FOLDER, result.name,
+                            result.scores.numpy(), result.labels.numpy(), threshold)  # fmt: skip
     if output.save_segmentation_images:
         save_segmentation_images(
             layout.segmentation_images(result.name),

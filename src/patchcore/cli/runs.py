@@ -179,6 +179,11 @@ EVALUATE_SEED = SeedOption(0, "Accepted for the reference's scripts; evaluation 
 
 def _output_options(function):
     function = click.option(
+        "--save_plots", is_flag=True,
+        help="Write ROC and precision-recall curves and a score histogram, with the threshold "
+             "marked, per dataset under plots/.",
+    )(function)  # fmt: skip
+    function = click.option(
         "--save_segmentation_images", is_flag=True,
         help="Write an overlay PNG per test image under segmentation_images/.",
     )(function)  # fmt: skip
@@ -327,6 +332,7 @@ def _output_options_of(params: dict) -> dict:
         "save_segmentation_images": params["save_segmentation_images"],
         "save_models": params["save_patchcore_model"],
         "save_predictions": params["save_predictions"],
+        "save_plots": params["save_plots"],
         "ensemble_normalisation": params["ensemble_normalisation"],
         "threshold_quantile": params["threshold_quantile"],
     }
@@ -474,6 +480,7 @@ def _evaluate(commands, results_path, **params):
         output = OutputOptions(
             save_segmentation_images=params["save_segmentation_images"],
             save_predictions=params["save_predictions"],
+            save_plots=params["save_plots"],
             ensemble_normalisation=params["ensemble_normalisation"],
         )
         device = common.torch_device()
