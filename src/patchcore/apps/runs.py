@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -238,9 +239,10 @@ def train_run(
         by_type = _by_type(models, result, output, ensemble_statistics)
         if output.save_models:
             training = TrainingImages(
-                str(Path(dataset.data_path) / category_folder / "train"),
-                tuple(str(sample.image_path) for sample in train_loader.dataset.samples),
-            )
+                os.path.abspath(Path(dataset.data_path) / category_folder / "train"),
+                tuple(os.path.abspath(sample.image_path)
+                      for sample in train_loader.dataset.samples),
+            )  # fmt: skip
             card = model_card(name, models, ensemble_statistics, training, result.metrics, by_type)
             save_models(layout.model(name), models, ensemble_statistics, {MODEL_CARD_FILE: card})
         if output.merge_results:
