@@ -107,3 +107,22 @@ def test_a_loaded_model_cannot_calibrate_leave_one_out(tmp_path):
     loaded = load_model(tmp_path / "model")
     with pytest.raises(DataError, match="only fit\\(\\) records"):
         loaded.calibrate_leave_one_out(_batches(_images(3)))
+
+
+def test_degenerate_members_are_named_in_a_warning():
+    from patchcore.apps.runs import degenerate_problem, member_name
+    from patchcore.model.calibration import NormalStatistics
+
+    model = PatchCore(small_config())
+    model.fit(_batches(_images(3)))
+    model.calibrate_leave_one_out(_batches(_images(3)))
+    assert degenerate_problem(model) == ""
+    constant = PatchCore(small_config())
+    constant.set_memory_bank(torch.full((20, 48), 0.3) + 1e-6 * torch.rand(20, 48))
+    assert "near-constant memory-bank features" in degenerate_problem(constant)
+    tiny = PatchCore(small_config())
+    tiny.set_memory_bank(model.memory_bank)
+    tiny.normal_statistics = NormalStatistics(0.0, 2e-5, 0.0, 2e-5, 1.7e-05, 0.99, 3)
+    assert degenerate_problem(tiny) == "has a near-zero threshold (1.7e-05): its features barely vary"
+    assert member_name(model.config, 2, 3) == "member 2 of 3 (resnet18, random weights, seed 0)"
+    assert member_name(model.config, 1, 1) == "the model (resnet18, random weights, seed 0)"

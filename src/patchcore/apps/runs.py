@@ -217,7 +217,10 @@ def train_run(
         calibration_loader = _calibration_loader(
             name, validation_loader, train_loader, len(model_configs), output
         )
-        for config in model_configs:
+        for number, config in enumerate(model_configs, start=1):
+            member = member_name(config, number, len(model_configs))
+            if len(model_configs) > 1:
+                LOGGER.info("%s: fitting %s", name, member)
             model = PatchCore(replace(config, preprocessing=dataset.preprocessing), device, search)
             model.fit(train_loader)
             if calibration_loader is train_loader:
@@ -226,6 +229,10 @@ def train_run(
                 calibrate = model.calibrate
             if calibration_loader is not None:
                 calibration.append(calibrate(calibration_loader, output.threshold_quantile))
+            problem = degenerate_problem(model)
+            if problem:
+                LOGGER.warning("%s: %s %s; check its backbone weights and layers", name, member,
+                               problem)  # fmt: skip
             models.append(model)
         ensemble_statistics = None
         if len(models) > 1 and calibration:
@@ -253,6 +260,32 @@ def train_run(
                         output)  # fmt: skip
         _write_optional_outputs(layout, models, result, output, ensemble_statistics)
     return rows
+
+
+DEGENERATE_SPREAD = 1e-3  # bank features varying less than this, relative to their size
+DEGENERATE_THRESHOLD = 1e-3  # a threshold this small: the features barely vary (1024-d
+# features of a working backbone give thresholds of 1 to 1e5)
+
+
+def member_name(config: PatchCoreConfig, number: int, count: int) -> str:
+    """How logs name a model: 'member 2 of 3 (resnet18, random weights)'."""
+    weights = "ImageNet" if config.pretrained else "random"
+    what = f"{config.backbone_name}, {weights} weights, seed {config.seed}"
+    return f"member {number} of {count} ({what})" if count > 1 else f"the model ({what})"
+
+
+def degenerate_problem(model: PatchCore) -> str:
+    """What makes a fitted model useless for decisions ('' if nothing): bank features that are
+    (nearly) constant, or a (nearly) zero threshold, like the 1.7e-05 of a broken member."""
+    bank = model.memory_bank
+    rows = bank[: min(len(bank), 4096)].float()
+    spread = float(rows.std(dim=0).mean()) if len(rows) > 1 else 0.0
+    if spread <= DEGENERATE_SPREAD * float(rows.abs().mean()):
+        return f"has near-constant memory-bank features (mean spread {spread:.3g})"
+    statistics = model.normal_statistics
+    if statistics is not None and statistics.threshold < DEGENERATE_THRESHOLD:
+        return f"has a near-zero threshold ({statistics.threshold:.3g}): its features barely vary"
+    return ""
 
 
 def _calibration_loader(name: str, validation_loader, train_loader, members: int, output):
