@@ -263,8 +263,9 @@ def train_run(
 
 
 DEGENERATE_SPREAD = 1e-3  # bank features varying less than this, relative to their size
-DEGENERATE_THRESHOLD = 1e-3  # a threshold this small: the features barely vary (1024-d
-# features of a working backbone give thresholds of 1 to 1e5)
+DEGENERATE_LEVEL = 1e-3  # a threshold this small: the features barely vary (1024-d features
+# of a working backbone give thresholds of 1 to 1e5). A sanity check of the threshold's size,
+# not a decision on a score (those go through calibration.decide).
 
 
 def member_name(config: PatchCoreConfig, number: int, count: int) -> str:
@@ -283,8 +284,9 @@ def degenerate_problem(model: PatchCore) -> str:
     if spread <= DEGENERATE_SPREAD * float(rows.abs().mean()):
         return f"has near-constant memory-bank features (mean spread {spread:.3g})"
     statistics = model.normal_statistics
-    if statistics is not None and statistics.threshold < DEGENERATE_THRESHOLD:
-        return f"has a near-zero threshold ({statistics.threshold:.3g}): its features barely vary"
+    level = None if statistics is None else statistics.threshold
+    if level is not None and level < DEGENERATE_LEVEL:
+        return f"has a near-zero threshold ({level:.3g}): its features barely vary"
     return ""
 
 
