@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Evaluate saved PatchCore models on all 15 MVTec AD categories.
+# Evaluate saved PatchCore models on the 15 MVTec AD categories.
 #
 #   bash sample_evaluation.sh MVTEC_PATH MODEL_RUN_PATH [RESULTS_PATH]
 #
@@ -7,12 +7,13 @@
 # results/MVTecAD_Results/IM224_WR50_L2-3_P01_D1024-1024_PS-3_AN-1; its models/mvtec_<category>/
 # folders are loaded (ensemble members are found inside). Preprocessing comes from the saved
 # models. Results go to RESULTS_PATH (default: results/evaluated/<run name>).
+# CATEGORIES="bottle cable" (spaces or commas) picks the categories (default: all 15).
 # Set GPU=-1 to force the CPU. Runs with $PYTHON (default python3), which must have patchcore
 # installed: activate its virtual environment first, or set e.g. PYTHON=.venv/bin/python.
 set -euo pipefail
 
 if [ $# -lt 2 ]; then
-  sed -n '2,11p' "$0"
+  sed -n '2,12p' "$0"
   exit 2
 fi
 datapath=$1
@@ -27,7 +28,11 @@ if ! "$python" -c "import patchcore" 2>/dev/null; then
   exit 2
 fi
 
-categories=(bottle cable capsule carpet grid hazelnut leather metal_nut pill screw tile toothbrush transistor wood zipper)
+if [ -n "${CATEGORIES:-}" ]; then
+  read -r -a categories <<< "${CATEGORIES//,/ }"
+else
+  categories=(bottle cable capsule carpet grid hazelnut leather metal_nut pill screw tile toothbrush transistor wood zipper)
+fi
 model_flags=()
 dataset_flags=()
 for category in "${categories[@]}"; do

@@ -1,18 +1,20 @@
 #!/usr/bin/env bash
-# Train and evaluate the paper's PatchCore configurations on all 15 MVTec AD categories.
+# Train and evaluate the paper's PatchCore configurations on the 15 MVTec AD categories.
 #
 #   bash sample_training.sh MVTEC_PATH [RESULTS_PATH] [CONFIG ...]
 #
 # MVTEC_PATH holds the category folders (bottle/, cable/, ...). Each configuration's run
 # goes to RESULTS_PATH/MVTecAD_Results/<name>/ with results.csv and models/mvtec_<category>/.
 # CONFIG picks configurations by name (default: all), e.g. IM224_WR50_L2-3_P01_D1024-1024_PS-3_AN-1.
-# Set GPU=-1 to force the CPU (default GPU=0, which falls back to the CPU without CUDA).
+# CATEGORIES="bottle cable" (spaces or commas) picks the category folders (default: all 15),
+# so any MVTec-layout folder works. Set GPU=-1 to force the CPU (default GPU=0, which falls
+# back to the CPU without CUDA).
 # Runs with $PYTHON (default python3), which must have patchcore installed: activate its
 # virtual environment first, or set e.g. PYTHON=.venv/bin/python.
 set -euo pipefail
 
 if [ $# -lt 1 ]; then
-  sed -n '2,11p' "$0"
+  sed -n '2,13p' "$0"
   exit 2
 fi
 datapath=$1
@@ -28,7 +30,11 @@ if ! "$python" -c "import patchcore" 2>/dev/null; then
   exit 2
 fi
 
-categories=(bottle cable capsule carpet grid hazelnut leather metal_nut pill screw tile toothbrush transistor wood zipper)
+if [ -n "${CATEGORIES:-}" ]; then
+  read -r -a categories <<< "${CATEGORIES//,/ }"
+else
+  categories=(bottle cable capsule carpet grid hazelnut leather metal_nut pill screw tile toothbrush transistor wood zipper)
+fi
 dataset_flags=()
 for category in "${categories[@]}"; do dataset_flags+=(-d "$category"); done
 

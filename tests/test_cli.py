@@ -66,6 +66,45 @@ def test_training_writes_results_models_and_overlays(trained_run, synthetic_root
     assert "Mean" in output and "image AUROC" in output
 
 
+def test_training_writes_per_type_results_and_rates_checked_with_sklearn(trained_run):
+    import csv
+
+    import numpy as np
+    from sklearn.metrics import roc_auc_score
+
+    run_folder, output = trained_run
+    with (run_folder / "results_by_type.csv").open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    for dataset in ("mvtec_texture", "mvtec_object"):
+        saved = read_predictions(run_folder / "predictions" / dataset)
+        types = np.array(saved.defect_types)
+        good = ~saved.is_anomaly
+        mine = {row["defect_type"]: row for row in rows if row["dataset"] == dataset}
+        assert next(iter(mine)) == "good" and list(mine)[-1] == "defective"
+        assert set(mine) == {"good", "defective", *types[saved.is_anomaly]}
+        for name, row in mine.items():
+            chosen = good if name == "good" else saved.is_anomaly if name == "defective" else (
+                (types == name) & saved.is_anomaly)  # fmt: skip
+            assert int(row["images"]) == chosen.sum()
+            rejected = int((saved.scores[chosen] > saved.threshold).sum())
+            assert int(row["rejected"]) == rejected
+            assert float(row["threshold"]) == pytest.approx(saved.threshold, rel=1e-5)
+            if name != "good":
+                selected = good | chosen
+                expected = roc_auc_score(chosen[selected], saved.scores[selected])
+                assert float(row["image_auroc"]) == pytest.approx(expected, abs=1e-5)
+        good_row, defective_row = mine["good"], mine["defective"]
+        assert (f"{dataset} at the saved threshold" in output
+                and f"({good_row['rejected']} of {good_row['images']} good images rejected)" in output)  # fmt: skip
+        escaped = int(defective_row["images"]) - int(defective_row["rejected"])
+        assert f"({escaped} of {defective_row['images']} defective images accepted)" in output
+    coverage = (run_folder / "inspection_coverage.csv").read_text().splitlines()
+    assert coverage[0] == "dataset,defective_images,with_mask,wholly_outside,partly_outside,inspected"
+    assert len(coverage) == 3
+    header = (run_folder / "results.csv").read_text().splitlines()[0]
+    assert "defect_type" not in header and "wholly_outside" not in header
+
+
 def test_predictions_are_saved_per_image(trained_run, synthetic_root):
     run_folder, _ = trained_run
     saved = read_predictions(run_folder / "predictions" / "mvtec_object")
@@ -386,3 +425,40 @@ def test_sweep_scripts_run_with_the_python_they_are_given(tmp_path):
         assert missing.returncode == 2
         assert "'/bin/false' cannot import patchcore" in missing.stderr
         assert "PYTHON=/path/to/venv/bin/python" in missing.stderr
+        assert call.count(" -d ") == 15 and "-d bottle" in call and "-d zipper" in call
+        calls.unlink()
+        chosen = subprocess.run(["bash", REPO / script, *map(str, arguments)],
+                                env={**environment, "CATEGORIES": "magnetic_tile,tile screw"},
+                                capture_output=True, text=True, check=False)  # fmt: skip
+        assert chosen.returncode == 0, chosen.stderr
+        (call,) = calls.read_text().splitlines()
+        assert call.count(" -d ") == 3 and "-d magnetic_tile -d tile -d screw" in call
+
+
+def test_saved_models_carry_a_model_card_that_predict_describes(trained_run, synthetic_root):
+    import hashlib
+    import json
+
+    from patchcore.cli.predict import predict_cli
+    from patchcore.model.identity import model_identity
+
+    run_folder, _ = trained_run
+    folder = run_folder / "models" / "mvtec_texture"
+    card = (folder / "MODEL_CARD.md").read_text()
+    train_folder = synthetic_root / "texture" / "train"
+    names = sorted(str(p.relative_to(train_folder)) for p in train_folder.glob("*/*.png"))
+    list_hash = hashlib.sha256("\n".join(names).encode()).hexdigest()[:16]
+    meta = json.loads((folder / "patchcore_meta.json").read_text())
+    threshold = meta["normal_statistics"]["threshold"]
+    assert f"- {len(names)} normal images from `{train_folder}`" in card
+    assert f"hash of their sorted file list (SHA-256, 16 hex digits): {list_hash}" in card
+    assert "- backbone: efficientnet_lite0 (ImageNet weights), layers _blocks.4, _blocks.10" in card
+    assert f"- memory bank: {meta['memory_bank_shape'][0]} features" in card
+    assert "- calibration: training images, leave-one-image-out" in card
+    assert f"- threshold: {threshold:.6g} (the 0.99 quantile of {len(names)} normal" in card
+    assert "- resize: 144" in card and "- instance_auroc: " in card and "| good |" in card
+    assert "- torch: " in card
+    described = CliRunner().invoke(predict_cli, [str(folder), "--describe"])
+    assert described.exit_code == 0, described.output
+    assert f"Content hash (model_id): {model_identity(folder)}" in described.output
+    assert "Format: patchcore-model/" in described.output and card in described.output

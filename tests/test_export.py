@@ -460,8 +460,9 @@ def test_predict_gives_the_same_decisions_in_every_runtime(exported, input_folde
         code, output = run_predict(model, input_folder, "-o", tmp_path / f"{name}.csv",
                                    "--heatmaps", tmp_path / f"{name}-heat",
                                    "--masks", tmp_path / f"{name}-masks", *options)  # fmt: skip
-        assert code == 0, output
         results[name] = read_rows(tmp_path / f"{name}.csv")
+        rejected = any(row["decision"] == "reject" for row in results[name])
+        assert code == (3 if rejected else 0), output
     reference = results["torch"]
     assert {row["decision"] for row in reference} == {"accept", "reject"}
     for name, rows in results.items():
@@ -478,14 +479,16 @@ def test_predict_gives_the_same_decisions_in_every_runtime(exported, input_folde
 
 
 @needs_onnxruntime
-def test_predict_refuses_images_of_another_size(exported, synthetic_root, tmp_path):
+def test_predict_gives_images_of_another_size_an_error_row(exported, synthetic_root, tmp_path):
     image = synthetic_root / "texture" / "test" / "good" / "000.png"  # 256 x 256
     code, output = run_predict(exported / "texture.onnx", image, "-o", tmp_path / "o.csv")
-    assert code == 1
-    assert (
-        f"Error: {image}: image is 256x256 (height x width) but texture.onnx takes 90x110" in output
+    assert code == 4, output
+    (row,) = read_rows(tmp_path / "o.csv")
+    assert row["decision"] == "error" and row["score"] == ""
+    assert row["error"].startswith(
+        f"{image}: image is 256x256 (height x width) but texture.onnx takes 90x110"
     )
-    assert not (tmp_path / "o.csv").exists()
+    assert row["model_format"].startswith("patchcore-export/") and len(row["model_id"]) == 16
 
 
 def test_predict_runtime_errors(exported, model_folder, input_folder, tmp_path):

@@ -54,13 +54,20 @@ def read_rows(path: Path) -> list[dict]:
         return list(csv.DictReader(handle))
 
 
+def expected_code(rows: list[dict]) -> int:
+    """The documented exit code of a results file's rows: 4 any error, 3 any reject, else 0."""
+    decisions = {row["decision"] for row in rows}
+    return 4 if "error" in decisions else 3 if "reject" in decisions else 0
+
+
 def test_every_image_gets_a_row_with_a_decision_against_the_saved_threshold(
     models, synthetic_root, tmp_path
 ):
     test_folder = synthetic_root / "texture" / "test"
     code, output = predict(models["calibrated"], [test_folder], tmp_path / "out.csv")
-    assert code == 0, output
     rows = read_rows(tmp_path / "out.csv")
+    assert "reject" in {row["decision"] for row in rows}
+    assert code == 3, output
     expected_paths = sorted(str(path) for path in test_folder.glob("*/*.png"))
     assert [row["path"] for row in rows] == expected_paths
     assert list(rows[0]) == list(COLUMNS)
@@ -77,7 +84,7 @@ def test_scores_equal_the_library_on_the_same_images(models, synthetic_root, tmp
     samples = list_samples(synthetic_root, "texture", "test")[:3]
     paths = [sample.image_path for sample in samples]
     code, output = predict(models["calibrated"], paths, tmp_path / "out.csv")
-    assert code == 0, output
+    assert code == expected_code(read_rows(tmp_path / "out.csv")), output
     model = models["model"]
     dataset = ImageDataset(samples, model.config.preprocessing)
     expected = model.predict(torch.stack([dataset[i]["image"] for i in range(3)]))
@@ -93,14 +100,14 @@ def test_threshold_option_overrides_the_saved_one(
     code, output = predict(
         models["calibrated"], [pattern], tmp_path / "out.csv", "--threshold", threshold
     )
-    assert code == 0, output
+    assert code == (3 if decision == "reject" else 0), output
     rows = read_rows(tmp_path / "out.csv")
     assert len(rows) == 8  # good has 000-003, each defect type 000-002
     assert {row["decision"] for row in rows} == {decision}
     assert {float(row["threshold"]) for row in rows} == {float(threshold)}
 
 
-def test_unreadable_files_are_skipped_counted_and_named(models, synthetic_root, tmp_path, caplog):
+def test_unreadable_files_get_error_rows_and_exit_code_4(models, synthetic_root, tmp_path, caplog):
     caplog.set_level(logging.WARNING)
     folder = tmp_path / "incoming"
     folder.mkdir()
@@ -112,18 +119,25 @@ def test_unreadable_files_are_skipped_counted_and_named(models, synthetic_root, 
         models["calibrated"], [folder], tmp_path / "out.csv", "--num_workers", "2",
         "--batch_size", "2",
     )  # fmt: skip
-    assert code == 0, output
-    assert len(read_rows(tmp_path / "out.csv")) == 3
-    assert "3 scored" in output and "2 unreadable" in output
-    assert f"Skipping unreadable file: {folder / 'broken.png'}: cannot read image" in caplog.text
+    assert code == 4, output
+    rows = read_rows(tmp_path / "out.csv")
+    assert [Path(row["path"]).name for row in rows] == [
+        "000.png", "001.png", "002.png", "broken.png", "truncated.png"]  # fmt: skip
+    for row in rows[3:]:
+        assert row["decision"] == "error" and row["score"] == "" and row["heatmap"] == ""
+        assert row["error"].startswith(f"{row['path']}: cannot read image")
+        assert float(row["threshold"]) == models["threshold"]
+    assert all(row["error"] == "" and row["decision"] != "error" for row in rows[:3])
+    assert "3 scored" in output and "2 unreadable (decision error)" in output
+    assert f"Cannot score {folder / 'broken.png'}: cannot read image" in caplog.text
     assert str(folder / "truncated.png") in caplog.text
 
 
 def test_json_lines_output(models, synthetic_root, tmp_path):
     inputs = sorted((synthetic_root / "texture" / "test" / "hole").glob("*.png"))
     code, output = predict(models["calibrated"], inputs, tmp_path / "out.jsonl")
-    assert code == 0, output
     records = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert code == (3 if any(r["decision"] == "reject" for r in records) else 0), output
     assert [record["path"] for record in records] == [str(path) for path in inputs]
     assert all(set(record) == set(COLUMNS) for record in records)
     assert all(isinstance(record["score"], float) for record in records)
@@ -136,7 +150,7 @@ def test_heat_maps_and_masks_are_written_at_the_input_size(models, synthetic_roo
         models["calibrated"], inputs, tmp_path / "out.csv",
         "--heatmaps", tmp_path / "heat", "--masks", tmp_path / "masks",
     )  # fmt: skip
-    assert code == 0, output
+    assert code == expected_code(read_rows(tmp_path / "out.csv")), output
     names = ["good_000.png", "scratch_000.png"]
     assert sorted(p.name for p in (tmp_path / "heat").iterdir()) == names
     assert sorted(p.name for p in (tmp_path / "masks").iterdir()) == names
@@ -153,13 +167,19 @@ def test_heat_maps_and_masks_are_written_at_the_input_size(models, synthetic_roo
         assert original.shape == (256, 256, 3)
         # The image at its own size, then the colour bar below it.
         assert heat.shape[1:] == (256, 3) and heat.shape[0] > 256
-        image_part, bar = heat[:256], heat[256:]
+        image_part = heat[:256]
         assert not np.array_equal(image_part[seen], original[seen])
         assert np.array_equal(image_part[~seen], grey_out(original, original, seen)[~seen])
         expected_bar = colour_bar_rgb(
             colour_range(models["threshold"], model.normal_statistics), models["threshold"], 256
         )
+        bar = heat[256 : 256 + len(expected_bar)]
         assert np.array_equal(bar, expected_bar)
+        caption = heat[256 + len(expected_bar) :]
+        assert len(caption) > 0
+        red = (caption[..., 0] > 150) & (caption[..., 1] < 80)
+        green = (caption[..., 1] > 80) & (caption[..., 0] < 60)
+        assert red.any() if row["decision"] == "reject" else green.any()
         mask = np.asarray(Image.open(tmp_path / "masks" / name))
         assert mask.shape == (256, 256) and set(np.unique(mask)) <= {0, 255}
         assert not mask[~seen].any()
@@ -192,7 +212,7 @@ def test_mask_threshold_sets_the_pixel_threshold(models, synthetic_root, tmp_pat
             models["calibrated"], [image], tmp_path / "out.csv", "--masks", tmp_path / "m",
             "--mask_threshold", mask_threshold,
         )  # fmt: skip
-        assert code == 0, output
+        assert code == expected_code(read_rows(tmp_path / "out.csv")), output
         mask = np.asarray(Image.open(tmp_path / "m" / "001.png"))
         assert set(np.unique(mask[seen])) == {expected} and not mask[~seen].any()
 
@@ -207,8 +227,8 @@ def test_outputs_are_named_after_the_given_path_not_a_link_target(
     code, output = predict(
         models["calibrated"], [link], tmp_path / "out.jsonl", "--heatmaps", tmp_path / "heat",
     )  # fmt: skip
-    assert code == 0, output
     (record,) = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert code == (3 if record["decision"] == "reject" else 0), output
     assert record["path"] == str(link)
     assert record["heatmap"] == str(tmp_path / "heat" / "part_17.png") and record["mask"] == ""
     assert [p.name for p in (tmp_path / "heat").iterdir()] == ["part_17.png"]
@@ -224,7 +244,7 @@ def test_missing_threshold_is_an_error_naming_both_fixes(models, synthetic_root,
     code, output = predict(
         models["uncalibrated"], [image], tmp_path / "out.csv", "--threshold", "0.5"
     )
-    assert code == 0, output
+    assert code == expected_code(read_rows(tmp_path / "out.csv")), output
 
 
 def test_bad_inputs_and_ensembles_are_one_line_errors(models, synthetic_root, tmp_path):
@@ -238,7 +258,7 @@ def test_bad_inputs_and_ensembles_are_one_line_errors(models, synthetic_root, tm
     assert code == 1
     assert "the ensemble has no saved threshold on its combined scale and no --threshold" in output
     code, output = predict(tmp_path / "pair", [image], tmp_path / "o.csv", "--threshold", "0.5")
-    assert code == 0 and "1 scored" in output
+    assert code == expected_code(read_rows(tmp_path / "o.csv")) and "1 scored" in output
     save_models(tmp_path / "uncalibrated_pair", [models["uncalibrated_model"]] * 2)
     code, output = predict(tmp_path / "uncalibrated_pair", [image], tmp_path / "o.csv")
     assert code == 1 and "an ensemble without normal-image statistics cannot score" in output
@@ -254,15 +274,17 @@ def test_results_stream_to_a_temporary_file_and_appear_at_the_end(tmp_path):
     target = tmp_path / "out.csv"
     with streamed_results(target, json_lines=False) as writer:
         writer.write({"path": "p", "score": 1.5, "threshold": 1.0, "decision": "reject",
-                      "heatmap": "h/p.png", "mask": ""})  # fmt: skip
-        assert "p,1.5,1.0,reject,h/p.png," in writer.temporary.read_text()
+                      "heatmap": "h/p.png", "mask": "", "error": "", "model_id": "ab12",
+                      "model_format": "patchcore-model/3"})  # fmt: skip
+        assert "p,1.5,1.0,reject,h/p.png,,,ab12,patchcore-model/3" in writer.temporary.read_text()
         assert not target.exists()
     assert target.read_text().splitlines() == [
-        "path,score,threshold,decision,heatmap,mask", "p,1.5,1.0,reject,h/p.png,"]  # fmt: skip
+        "path,score,threshold,decision,heatmap,mask,error,model_id,model_format",
+        "p,1.5,1.0,reject,h/p.png,,,ab12,patchcore-model/3"]  # fmt: skip
     assert [p.name for p in tmp_path.iterdir()] == ["out.csv"]
     with pytest.raises(KeyboardInterrupt), streamed_results(tmp_path / "x.csv", False) as writer:
         writer.write({"path": "q", "score": 0.5, "threshold": 1.0, "decision": "accept",
-                      "heatmap": "", "mask": ""})  # fmt: skip
+                      "heatmap": "", "mask": "", "error": "", "model_id": "", "model_format": ""})  # fmt: skip
         raise KeyboardInterrupt
     assert [p.name for p in tmp_path.iterdir()] == ["out.csv"]
 
@@ -275,4 +297,58 @@ def test_heat_map_colour_scale_centres_the_threshold(models):
 
 
 def test_predict_script_is_a_thin_entry_point(monkeypatch, capsys):
-    assert "MODEL INPUTS..." in run_script_help("predict_patchcore.py", monkeypatch, capsys)
+    assert "MODEL [INPUTS]..." in run_script_help("predict_patchcore.py", monkeypatch, capsys)
+
+
+def test_every_row_names_the_model_by_content_hash_and_format(models, synthetic_root, tmp_path):
+    import hashlib
+
+    from patchcore.model.serialization import EXACT_SEARCH_FORMAT_VERSION
+
+    folder = tmp_path / "model"
+    shutil.copytree(models["calibrated"], folder)
+    image = synthetic_root / "texture" / "test" / "good" / "000.png"
+    predict(folder, [image, image.with_name("001.png")], tmp_path / "a.csv")
+    rows = read_rows(tmp_path / "a.csv")
+    digest = hashlib.sha256()  # independently: names, sizes and contents in name order
+    for file in sorted(folder.iterdir()):
+        digest.update(f"{file.name}\0{file.stat().st_size}\0".encode() + file.read_bytes())
+    assert {row["model_id"] for row in rows} == {digest.hexdigest()[:16]}
+    assert {row["model_format"] for row in rows} == {f"patchcore-model/{EXACT_SEARCH_FORMAT_VERSION}"}
+    (folder / "MODEL_CARD.md").write_text("a description is not part of the model")
+    predict(folder, [image], tmp_path / "b.csv")
+    assert read_rows(tmp_path / "b.csv")[0]["model_id"] == rows[0]["model_id"]
+    meta = folder / "patchcore_meta.json"
+    meta.write_text(meta.read_text().replace('"num_nn": 1', '"num_nn": 2'))
+    predict(folder, [image], tmp_path / "c.csv")
+    assert read_rows(tmp_path / "c.csv")[0]["model_id"] != rows[0]["model_id"]
+
+
+def test_all_accepted_exits_0(models, synthetic_root, tmp_path):
+    image = synthetic_root / "texture" / "test" / "good" / "000.png"
+    code, output = predict(models["calibrated"], [image], tmp_path / "o.csv", "--threshold", "1e9")
+    assert code == 0, output
+    assert [row["decision"] for row in read_rows(tmp_path / "o.csv")] == ["accept"]
+
+
+def test_a_reject_without_a_visible_region_says_why_and_the_peak_is_boxed():
+    from patchcore.evaluation.visualization import hidden_reject_note, mark_peak
+
+    smooth = np.full((40, 60), 0.4)
+    smooth[10, 45] = 0.9
+    assert "smoothed map peaks at 0.9, below the threshold" in hidden_reject_note(True, smooth, 1.0)
+    assert hidden_reject_note(False, smooth, 1.0) == ""  # accepted: nothing to explain
+    assert hidden_reject_note(True, smooth, 0.5) == ""  # the map shows the region
+    image = np.full((40, 60, 3), 128, dtype=np.uint8)
+    seen = np.ones((40, 60), dtype=bool)
+    seen[:, :5] = False
+    marked = mark_peak(image, smooth, seen)
+    changed = np.argwhere((marked != image).any(axis=2))
+    assert changed.min(axis=0).tolist() == [6, 41] and changed.max(axis=0).tolist() == [14, 49]
+    smooth[20, 2] = 5.0  # a larger value outside the inspected region is not the peak
+    assert np.array_equal(mark_peak(image, smooth, seen), marked)
+
+
+def test_inputs_are_required_unless_describing(models, tmp_path):
+    code, output = predict(models["calibrated"], [], tmp_path / "o.csv")
+    assert code == 2 and "give at least one INPUT" in output

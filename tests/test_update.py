@@ -279,3 +279,15 @@ def test_an_ensemble_updates_every_member_and_keeps_or_recalibrates_its_combined
     recalibrated = load_ensemble_statistics(tmp_path / "recalibrated")
     assert recalibrated.threshold == pytest.approx(expected.threshold, rel=1e-6)
     assert recalibrated.num_images == len(normal) and recalibrated != saved
+
+
+def test_the_model_card_goes_with_the_update(saved, tmp_path):
+    folder, worst, original = saved
+    source = copy_of(folder, tmp_path / "carded")
+    (source / "MODEL_CARD.md").write_text("# PatchCore model: texture\n")
+    code, output = update(source, worst, "--output", tmp_path / "new", "--max_bank_size",
+                          len(original.memory_bank) + 5, "-p", "1.0")  # fmt: skip
+    assert code == 0, output
+    card = (tmp_path / "new" / "MODEL_CARD.md").read_text()
+    assert card.startswith("# PatchCore model: texture\n\n## Update ")
+    assert f"- 1 more normal images; memory bank now {len(original.memory_bank) + 5} features" in card

@@ -40,7 +40,13 @@ re-weighting), so accepted images get empty masks; the Gaussian smoothing lowers
 so a rejected image whose anomaly is a single patch may get an empty mask too (a lower
 `--mask_threshold` then shows it).
 
-Unreadable files are logged, skipped and counted; the run goes on. INPUT folders are
+Every input gets a row, in input order: an input
+that cannot be scored (unreadable, or of a size an exported graph does not take) gets
+decision `error`, no score and the reason in `error`; the run goes on. Every row names the
+model that decided (`model_id`, its content hash, `patchcore.model.identity`; `model_format`)
+and the threshold used. The exit code (`PredictionSummary.exit_code`) is 0 when every image
+was accepted, 3 when any was rejected and none failed, 4 when any input could not be scored
+(1: the run failed, no results file; 2: a wrong command line). INPUT folders are
 searched through symbolic links to folders too (each real folder once). The output file's
 folder and the heat-map and mask folders are checked for writing before any image is scored.
 """
@@ -62,7 +68,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from patchcore.apps.runtimes import ExportedModel, open_exported
+from patchcore.apps.runtimes import EXPORT_FORMAT_NAME, ExportedModel, open_exported
 from patchcore.config import RUNTIMES, PreprocessingConfig, SearchConfig, check_loader_settings
 from patchcore.data.datasets import IMAGE_EXTENSIONS, image_files
 from patchcore.data.preprocessing import (
@@ -76,16 +82,31 @@ from patchcore.data.preprocessing import (
 )
 from patchcore.errors import ConfigurationError, DataError, ModelFormatError
 from patchcore.evaluation.ensemble import decision_statistics, predict_new_images
-from patchcore.evaluation.visualization import blend_heatmap, colour_bar_rgb, grey_out
+from patchcore.evaluation.visualization import (
+    blend_heatmap,
+    colour_bar_rgb,
+    decision_caption,
+    grey_out,
+    hidden_reject_note,
+    mark_peak,
+)
 from patchcore.files import atomic_write, check_writable, staged_path, unique_file_stems
 from patchcore.model.calibration import NormalStatistics, colour_range, decide, decision_label
+from patchcore.model.identity import model_identity, saved_model_format
 from patchcore.model.patchcore import PatchCore
 from patchcore.model.serialization import PARAMS_FILE, load_ensemble_statistics, load_models
 from patchcore.progress import track
 
 LOGGER = logging.getLogger(__name__)
 
-COLUMNS = ("path", "score", "threshold", "decision", "heatmap", "mask")
+COLUMNS = ("path", "score", "threshold", "decision", "heatmap", "mask", "error", "model_id",
+           "model_format")  # fmt: skip
+ERROR = "error"  # the decision of an input that could not be scored
+# Exit codes of `patchcore-predict` (1 and 2 are click's: the run failed, the command line is
+# wrong); a line script reads them with the results file.
+EXIT_ALL_ACCEPTED = 0
+EXIT_ANY_REJECTED = 3
+EXIT_ANY_ERROR = 4
 
 
 @dataclass(frozen=True)
@@ -139,13 +160,21 @@ class PredictionSummary:
     output: Path
 
     @property
+    def exit_code(self) -> int:
+        """EXIT_ANY_ERROR if any input could not be scored, else EXIT_ANY_REJECTED if any
+        image was rejected, else EXIT_ALL_ACCEPTED."""
+        if self.unreadable:
+            return EXIT_ANY_ERROR
+        return EXIT_ANY_REJECTED if self.rejected else EXIT_ALL_ACCEPTED
+
+    @property
     def accepted(self) -> int:
         return self.scored - self.rejected
 
     def line(self) -> str:
         return (
             f"{self.scored} scored: {self.rejected} rejected, {self.accepted} accepted; "
-            f"{self.unreadable} unreadable. Results: {self.output}"
+            f"{self.unreadable} unreadable (decision {ERROR}). Results: {self.output}"
         )
 
 
@@ -279,11 +308,16 @@ class ImageOutputs:
     threshold: float | None = None  # marked on the colour bar
     maps_on_input_frame: bool = False  # True for exported graphs' maps
 
-    def write(self, original: torch.Tensor, model_map, stem: str) -> dict:
+    def write(
+        self, original: torch.Tensor, model_map, stem: str, score: float | None = None,
+        rejected: bool = False,
+    ) -> dict:  # fmt: skip
         """original uint8 [3, H, W] and its anomaly map -> heat map and mask PNGs for H x W;
         returns their paths under `heatmap` and `mask` ('' when not asked for). The map is
         on the model's input frame (mapped back here), or already [H, W] with
-        `maps_on_input_frame`."""
+        `maps_on_input_frame`. With a `score`, the heat map marks the map's peak (the most
+        suspicious place) and a caption below the colour bar gives the score, the
+        threshold and the decision, and why a reject shows no region above the threshold."""
         size = tuple(original.shape[-2:])
         if self.maps_on_input_frame:
             full_map = np.asarray(model_map, dtype=np.float32)
@@ -295,9 +329,15 @@ class ImageOutputs:
         if self.heatmaps is not None:
             image = original.permute(1, 2, 0).numpy()
             heat = grey_out(blend_heatmap(image, full_map, self.colour_range), image, seen)
-            bar = colour_bar_rgb(self.colour_range, self.threshold, heat.shape[1])
+            parts = [heat, colour_bar_rgb(self.colour_range, self.threshold, heat.shape[1])]
+            if score is not None and self.threshold is not None:
+                parts[0] = mark_peak(heat, full_map, seen)
+                text = (f"score {score:.4g}, threshold {self.threshold:.4g}: "
+                        f"{decision_label(rejected)}. "
+                        f"{hidden_reject_note(rejected, full_map, self.threshold)}")  # fmt: skip
+                parts.append(decision_caption(heat.shape[1], text, rejected))
             written["heatmap"] = str(self.heatmaps / f"{stem}.png")
-            write_png(Path(written["heatmap"]), np.concatenate([heat, bar], axis=0))
+            write_png(Path(written["heatmap"]), np.concatenate(parts, axis=0))
         if self.masks is not None:
             mask = (decide(full_map, self.mask_threshold) & seen).astype(np.uint8) * 255
             written["mask"] = str(self.masks / f"{stem}.png")
@@ -328,6 +368,8 @@ class Scorer:
     input_size: tuple[int, int] | None
     name: str
     ensemble: bool = False
+    identity: str = ""  # the model's content hash (patchcore.model.identity)
+    model_format: str = ""  # e.g. patchcore-model/3, patchcore-export/1, reference
 
 
 def load_scoring_models(options: PredictOptions) -> list[PatchCore]:
@@ -362,6 +404,8 @@ def folder_scorer(options: PredictOptions) -> Scorer:
     return Scorer(
         score, models[0].config.preprocessing, False, threshold, statistics, None,
         str(options.model_dir), ensemble=len(models) > 1,
+        identity=model_identity(options.model_dir),
+        model_format=saved_model_format(options.model_dir),
     )  # fmt: skip
 
 
@@ -374,7 +418,8 @@ def exported_scorer(model: ExportedModel) -> Scorer:
 
     return Scorer(
         score, model.config.preprocessing, True, model.threshold, model.normal_statistics,
-        model.input_size, str(model.path),
+        model.input_size, str(model.path), identity=model_identity(model.path),
+        model_format=f"{EXPORT_FORMAT_NAME}/{model.record.format_version if model.record else '?'}",
     )  # fmt: skip
 
 
@@ -471,38 +516,57 @@ def _same_size_groups(items: list[LoadedImage]) -> list[list[LoadedImage]]:
     return list(groups.values())
 
 
-def _check_size(job: _Job, item: LoadedImage) -> None:
+def _size_problem(job: _Job, item: LoadedImage) -> str:
+    """Why the scorer cannot take this image's size ('' when it can)."""
     size = job.scorer.input_size
-    if size is not None and tuple(item.image.shape[-2:]) != size:
-        raise DataError(
-            f"{job.paths[item.index]}: image is {item.image.shape[-2]}x{item.image.shape[-1]} "
-            f"(height x width) but {Path(job.scorer.name).name} takes {size[0]}x{size[1]} "
-            "images, the size fixed at export; resize the images or export again with "
-            "--input_size"
-        )
+    if size is None or tuple(item.image.shape[-2:]) == size:
+        return ""
+    return (
+        f"{job.paths[item.index]}: image is {item.image.shape[-2]}x{item.image.shape[-1]} "
+        f"(height x width) but {Path(job.scorer.name).name} takes {size[0]}x{size[1]} "
+        "images, the size fixed at export; resize the images or export again with "
+        "--input_size"
+    )
+
+
+def _record(job: _Job, index: int, **values) -> dict:
+    """One results row: the input, the decision and the model that made it."""
+    return {
+        "path": str(job.paths[index]), "score": None, "threshold": job.threshold,
+        "decision": ERROR, "heatmap": "", "mask": "", "error": "",
+        "model_id": job.scorer.identity, "model_format": job.scorer.model_format, **values,
+    }  # fmt: skip
 
 
 def _score_batch(job: _Job, batch: list[LoadedImage], writer: ResultWriter) -> tuple[int, int]:
-    """Scores the readable images of a batch and writes their results; (scored, rejected)."""
+    """Scores the readable images of a batch and writes a row for every input of it, in input
+    order (an input that cannot be scored gets decision `error` and the reason);
+    returns (scored, rejected)."""
+    scorable, records = [], {}
     for item in batch:
-        if item.image is None:
-            LOGGER.warning("Skipping unreadable file: %s", item.error)
+        problem = item.error if item.image is None else _size_problem(job, item)
+        if problem:
+            LOGGER.warning("Cannot score %s", problem)
+            records[item.index] = _record(job, item.index, error=problem)
         else:
-            _check_size(job, item)
+            scorable.append(item)
     scored = rejected = 0
-    for group in _same_size_groups([item for item in batch if item.image is not None]):
+    for group in _same_size_groups(scorable):
         scores, maps = job.scorer.score(torch.stack([item.image for item in group]))
         for item, score, model_map in zip(group, scores, maps, strict=True):
             is_rejected = bool(decide(float(score), job.threshold))
             rejected += int(is_rejected)
             written = {"heatmap": "", "mask": ""}
             if job.draw:
-                written = job.images.write(item.original, model_map, job.stems[item.index])
-            writer.write({
-                "path": str(job.paths[item.index]), "score": float(score),
-                "threshold": job.threshold, "decision": decision_label(is_rejected), **written,
-            })  # fmt: skip
+                written = job.images.write(item.original, model_map, job.stems[item.index],
+                                           float(score), is_rejected)  # fmt: skip
+            records[item.index] = _record(
+                job, item.index, score=float(score), decision=decision_label(is_rejected),
+                **written,
+            )  # fmt: skip
         scored += len(group)
+    for index in sorted(records):
+        writer.write(records[index])
     return scored, rejected
 
 

@@ -10,15 +10,19 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
+from patchcore.apps.model_card import TrainingImages, model_card
 from patchcore.config import DatasetConfig, PatchCoreConfig, PreprocessingConfig, SearchConfig
-from patchcore.data.datasets import split_loader
+from patchcore.data.datasets import list_samples, split_loader
 from patchcore.errors import ConfigurationError
 from patchcore.evaluation.ensemble import calibrate_ensemble, decision_statistics
+from patchcore.evaluation.plots import PLOTS_FOLDER, save_decision_plots
+from patchcore.evaluation.quality import inspection_coverage, record_quality, type_rows
 from patchcore.evaluation.records import write_predictions
 from patchcore.evaluation.reporting import merge_results_csv, write_results_csv
 from patchcore.evaluation.testset import TestSetResult, evaluate_models
@@ -30,6 +34,7 @@ from patchcore.model.calibration import (
     NormalStatistics,
     colour_range,
 )
+from patchcore.model.identity import MODEL_CARD_FILE
 from patchcore.model.patchcore import PatchCore
 from patchcore.model.serialization import load_ensemble_statistics, load_models, save_models
 
@@ -43,6 +48,7 @@ class OutputOptions:
     save_segmentation_images: bool = False
     save_models: bool = False
     save_predictions: bool = False
+    save_plots: bool = False
     ensemble_normalisation: str = "test_minmax"
     threshold_quantile: float = DEFAULT_THRESHOLD_QUANTILE
     # Several processes write one results.csv (patchcore-sweep): merge rows under a lock,
@@ -99,6 +105,9 @@ def _write_optional_outputs(
     threshold = None if statistics is None else statistics.threshold
     if output.save_predictions:
         write_predictions(layout.dataset_predictions(result.name), result.records(statistics))
+    if output.save_plots:
+        save_decision_plots(Path(layout.folder) / PLOTS_FOLDER, result.name,
+                            result.scores.numpy(), result.labels.numpy(), threshold)  # fmt: skip
     if output.save_segmentation_images:
         save_segmentation_images(
             layout.segmentation_images(result.name),
@@ -111,6 +120,36 @@ def _write_optional_outputs(
             colour_range=colour_range(threshold, statistics, result.maps),
             threshold=threshold,
         )
+
+
+def _by_type(
+    models: list[PatchCore],
+    result: TestSetResult,
+    output: OutputOptions,
+    ensemble_statistics: NormalStatistics | None,
+) -> list[dict]:
+    """Per-type results and decisions at the threshold the scores are decided with."""
+    statistics = decision_statistics(models, ensemble_statistics, output.ensemble_normalisation)
+    threshold = None if statistics is None else statistics.threshold
+    return type_rows(result.name, result.scores.numpy(), result.defect_types,
+                     result.labels.numpy(), threshold)  # fmt: skip
+
+
+def _record_quality(
+    layout: RunLayout,
+    dataset: DatasetConfig,
+    category: str,
+    preprocessing: PreprocessingConfig,
+    result: TestSetResult,
+    by_type: list[dict],
+    output: OutputOptions,
+) -> None:
+    """Coverage of the defects by the inspected region, and per-type results and decision
+    rates at the saved threshold, beside results.csv (`patchcore.evaluation.quality`)."""
+    samples = list_samples(Path(dataset.data_path), category, "test",
+                           masks_required=dataset.name == "mvtec")  # fmt: skip
+    record_quality(Path(layout.folder), result.name, inspection_coverage(samples, preprocessing),
+                   by_type, shared=output.merge_results)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -167,7 +206,9 @@ def train_run(
     layout = RunLayout(run_folder)
     rows: dict[str, dict[str, float]] = {}
     categories = prepare_training_data(dataset, device) if data is None else data
-    for position, category in enumerate(categories):
+    for position, (category, category_folder) in enumerate(
+        zip(categories, dataset.categories, strict=True)
+    ):
         name = category.name
         LOGGER.info("Training on %s (%d/%d)", name, position + 1, len(categories))
         train_loader, validation_loader = category.train, category.validation
@@ -176,11 +217,22 @@ def train_run(
         calibration_loader = _calibration_loader(
             name, validation_loader, train_loader, len(model_configs), output
         )
-        for config in model_configs:
+        for number, config in enumerate(model_configs, start=1):
+            member = member_name(config, number, len(model_configs))
+            if len(model_configs) > 1:
+                LOGGER.info("%s: fitting %s", name, member)
             model = PatchCore(replace(config, preprocessing=dataset.preprocessing), device, search)
             model.fit(train_loader)
+            if calibration_loader is train_loader:
+                calibrate = model.calibrate_leave_one_out
+            else:
+                calibrate = model.calibrate
             if calibration_loader is not None:
-                calibration.append(model.calibrate(calibration_loader, output.threshold_quantile))
+                calibration.append(calibrate(calibration_loader, output.threshold_quantile))
+            problem = degenerate_problem(model)
+            if problem:
+                LOGGER.warning("%s: %s %s; check its backbone weights and layers", name, member,
+                               problem)  # fmt: skip
             models.append(model)
         ensemble_statistics = None
         if len(models) > 1 and calibration:
@@ -191,19 +243,57 @@ def train_run(
             )  # fmt: skip
         result = _evaluate(models, test_loader, name, output)
         rows[name] = result.metrics
+        by_type = _by_type(models, result, output, ensemble_statistics)
         if output.save_models:
-            save_models(layout.model(name), models, ensemble_statistics)
+            training = TrainingImages(
+                os.path.abspath(Path(dataset.data_path) / category_folder / "train"),
+                tuple(os.path.abspath(sample.image_path)
+                      for sample in train_loader.dataset.samples),
+            )  # fmt: skip
+            card = model_card(name, models, ensemble_statistics, training, result.metrics, by_type)
+            save_models(layout.model(name), models, ensemble_statistics, {MODEL_CARD_FILE: card})
         if output.merge_results:
             merge_results_csv(layout.results_csv, rows, output.results_order)
         else:
             write_results_csv(layout.results_csv, rows)
+        _record_quality(layout, dataset, category_folder, dataset.preprocessing, result, by_type,
+                        output)  # fmt: skip
         _write_optional_outputs(layout, models, result, output, ensemble_statistics)
     return rows
 
 
+DEGENERATE_SPREAD = 1e-3  # bank features varying less than this, relative to their size
+DEGENERATE_LEVEL = 1e-3  # a threshold this small: the features barely vary (1024-d features
+# of a working backbone give thresholds of 1 to 1e5). A sanity check of the threshold's size,
+# not a decision on a score (those go through calibration.decide).
+
+
+def member_name(config: PatchCoreConfig, number: int, count: int) -> str:
+    """How logs name a model: 'member 2 of 3 (resnet18, random weights)'."""
+    weights = "ImageNet" if config.pretrained else "random"
+    what = f"{config.backbone_name}, {weights} weights, seed {config.seed}"
+    return f"member {number} of {count} ({what})" if count > 1 else f"the model ({what})"
+
+
+def degenerate_problem(model: PatchCore) -> str:
+    """What makes a fitted model useless for decisions ('' if nothing): bank features that are
+    (nearly) constant, or a (nearly) zero threshold, like the 1.7e-05 of a broken member."""
+    bank = model.memory_bank
+    rows = bank[: min(len(bank), 4096)].float()
+    spread = float(rows.std(dim=0).mean()) if len(rows) > 1 else 0.0
+    if spread <= DEGENERATE_SPREAD * float(rows.abs().mean()):
+        return f"has near-constant memory-bank features (mean spread {spread:.3g})"
+    statistics = model.normal_statistics
+    level = None if statistics is None else statistics.threshold
+    if level is not None and level < DEGENERATE_LEVEL:
+        return f"has a near-zero threshold ({level:.3g}): its features barely vary"
+    return ""
+
+
 def _calibration_loader(name: str, validation_loader, train_loader, members: int, output):
-    """The held-out normal images the models calibrate on; the training images (with a
-    warning) when there are none but a threshold or normal statistics are needed."""
+    """The held-out normal images the models calibrate on; the training images, scored
+    leave-one-image-out (`PatchCore.calibrate_leave_one_out`), when there are none but a
+    threshold or normal statistics are needed."""
     if validation_loader is not None:
         return validation_loader
     needs_statistics = output.save_models or (
@@ -211,9 +301,10 @@ def _calibration_loader(name: str, validation_loader, train_loader, members: int
     )
     if not needs_statistics:
         return None
-    LOGGER.warning(
+    LOGGER.info(
         "%s: no held-out normal images (--train_val_split 1); the threshold and normal "
-        "statistics come from the training images and are optimistic",
+        "statistics come from leave-one-image-out scores of the training images (held-out "
+        "images, --train_val_split < 1, are the stronger check)",
         name,
     )
     return train_loader
@@ -252,6 +343,8 @@ def evaluate_run(
         result = _evaluate(models, test_loader, name, output)
         rows[name] = result.metrics
         write_results_csv(layout.results_csv, rows)
+        by_type = _by_type(models, result, output, ensemble_statistics)
+        _record_quality(layout, dataset, category, saved, result, by_type, output)
         _write_optional_outputs(layout, models, result, output, ensemble_statistics)
     return rows
 

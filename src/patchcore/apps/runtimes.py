@@ -81,10 +81,10 @@ class ExportRecord:
     library_version: str = __version__
     torch_version: str = torch.__version__
 
-    def to_json(self) -> str:
-        data = dataclasses.asdict(self)
-        data["config"] = config_fields(self.config)
-        version = oldest_version(
+    @property
+    def format_version(self) -> int:
+        """The oldest export format version that describes this export."""
+        return oldest_version(
             self.config,
             WITHOUT_SCALE_EXPORT_FORMAT_VERSION,
             [
@@ -92,6 +92,11 @@ class ExportRecord:
                 (records_backbone_statistics, EXPORT_FORMAT_VERSION),
             ],
         )
+
+    def to_json(self) -> str:
+        data = dataclasses.asdict(self)
+        data["config"] = config_fields(self.config)
+        version = self.format_version
         data["input_size"] = list(self.input_size)
         data["input"] = {
             "name": INPUT_NAME,

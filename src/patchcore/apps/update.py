@@ -31,6 +31,7 @@ from patchcore.errors import ConfigurationError, ModelFormatError
 from patchcore.evaluation.ensemble import calibrate_ensemble, decision_statistics
 from patchcore.files import exclusive_lock
 from patchcore.model.calibration import DEFAULT_THRESHOLD_QUANTILE, NormalStatistics
+from patchcore.model.identity import MODEL_CARD_FILE
 from patchcore.model.patchcore import PatchCore
 from patchcore.model.serialization import (
     load_ensemble_statistics,
@@ -195,8 +196,17 @@ def _update(options: UpdateOptions) -> UpdateSummary:
         "thresholds": [{"before": b, "after": a} for b, a in zip(before, after, strict=True)],
         "decision_threshold": {"before": decision_before, "after": decision_after},
     })  # fmt: skip
-    save_models(options.destination, models, ensemble_after,
-                extra_files={HISTORY_FILE: json.dumps(history, indent=2)})  # fmt: skip
+    extra_files = {HISTORY_FILE: json.dumps(history, indent=2)}
+    card = Path(options.model_dir) / MODEL_CARD_FILE
+    if card.is_file():  # the model card goes with the model, its updates appended
+        extra_files[MODEL_CARD_FILE] = card.read_text(encoding="utf-8").rstrip("\n") + (
+            f"\n\n## Update {history[-1]['time']}\n- {len(loader.dataset)} more normal images; "
+            f"memory bank now {', '.join(str(len(model.memory_bank)) for model in models)} "
+            f"features; decision threshold {_number(decision_before)} -> "
+            f"{_number(decision_after)} ({calibration_images} calibration images); see "
+            f"{HISTORY_FILE}\n"
+        )
+    save_models(options.destination, models, ensemble_after, extra_files=extra_files)
     return UpdateSummary(
         len(loader.dataset), reports, (decision_before, decision_after), calibration_images,
         options.destination,

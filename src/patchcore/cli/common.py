@@ -191,14 +191,15 @@ def configure_logging(level: str = "info") -> None:
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)
 
 
-def run_guarded(job: Callable[[], None], common: CommonOptions) -> None:
+def run_guarded(job: Callable[[], int | None], common: CommonOptions) -> None:
     """Sets the process up, runs `job`, and turns a PatchCoreError into one line on stderr
     and exit code 1; with `--debug` (or PATCHCORE_DEBUG=1) the traceback is shown instead.
-    This is the only place where errors are printed."""
+    This is the only place where errors are printed. A job that returns a non-zero number
+    (patchcore-predict's decisions) makes it the process's exit code."""
     configure_process(common)
     LOGGER.debug("Command line: %s", " ".join(sys.argv))
     try:
-        job()
+        code = job()
     except PatchCoreError as error:
         if _show_traceback(common):
             raise
@@ -213,6 +214,8 @@ def run_guarded(job: Callable[[], None], common: CommonOptions) -> None:
         raise click.ClickException(
             f"{where}{error.strerror or error} (--debug shows where it happened)"
         ) from error
+    if code:
+        click.get_current_context().exit(code)
 
 
 def _show_traceback(common: CommonOptions) -> bool:

@@ -12,7 +12,7 @@ from patchcore.config import RUNTIMES, SEARCH_BACKENDS
 
 @click.command()
 @click.argument("model_dir", metavar="MODEL", type=click.Path(exists=True, path_type=Path))
-@click.argument("inputs", nargs=-1, required=True)
+@click.argument("inputs", nargs=-1)
 @click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path),
               default=Path("predictions.csv"), show_default=True,
               help="Results file: CSV, or JSON lines when it ends with .jsonl.")
@@ -35,14 +35,27 @@ from patchcore.config import RUNTIMES, SEARCH_BACKENDS
 @click.option("--runtime", type=click.Choice(RUNTIMES), default=None,
               help="What runs MODEL: torch (model folders, .pth; the default), onnxruntime "
                    "(.onnx) or openvino (.xml, .onnx); default: by the file's kind.")
+@click.option("--describe", is_flag=True,
+              help="Print MODEL's content hash, format and model card, and exit (no INPUTS).")
 @common_options()
 def predict_cli(model_dir, inputs, output, heatmaps, masks, mask_threshold, threshold,
-                batch_size, num_workers, nn_backend, runtime, common):  # fmt: skip
+                batch_size, num_workers, nn_backend, runtime, describe, common):  # fmt: skip
     """Score new images (INPUTS: files, folders, glob patterns) with MODEL, a saved model
     folder or a file written by patchcore-export (or that export's folder): one
-    accept/reject decision per image, optional heat maps and masks."""
+    accept/reject decision per image, optional heat maps and masks. Every input gets a row;
+    one that cannot be read gets decision 'error' and the reason.
+
+    \b
+    Exit codes: 0 every image accepted; 3 some rejected, none failed; 4 some input could not
+    be scored (decision 'error'); 1 the run failed (no results file); 2 wrong command line."""
     from patchcore.apps.predict import PredictOptions, run_prediction
     from patchcore.config import SearchConfig
+
+    if describe:
+        from patchcore.apps.model_card import describe_model
+
+        run_guarded(lambda: click.echo(describe_model(model_dir)), common)
+        return
 
     def job() -> None:
         with usage_errors():
@@ -60,7 +73,9 @@ def predict_cli(model_dir, inputs, output, heatmaps, masks, mask_threshold, thre
                 search=SearchConfig(backend=nn_backend),
                 runtime=runtime,
             )
-        click.echo(run_prediction(options).line())
+        summary = run_prediction(options)
+        click.echo(summary.line())
+        return summary.exit_code
 
     run_guarded(job, common)
 

@@ -162,10 +162,15 @@ def _require_parts(parts: dict, names: tuple[str, ...]) -> None:
 
 
 def _show_results(rows: dict[str, dict[str, float]], results_csv: Path) -> None:
+    from patchcore.evaluation.quality import summary_lines
     from patchcore.evaluation.reporting import format_results_table
 
     click.echo("\n" + format_results_table(rows))
-    click.echo(f"\nResults: {results_csv}")
+    lines = summary_lines(results_csv.parent)
+    if lines:
+        click.echo("\n" + "\n".join(lines))
+    click.echo(f"\nResults: {results_csv} (per defect type: results_by_type.csv; defects "
+               "outside the inspected region: inspection_coverage.csv)")
 
 
 # ------------------------------------------------------------------ shared options
@@ -176,6 +181,11 @@ EVALUATE_SEED = SeedOption(0, "Accepted for the reference's scripts; evaluation 
 
 
 def _output_options(function):
+    function = click.option(
+        "--save_plots", is_flag=True,
+        help="Write ROC and precision-recall curves and a score histogram, with the threshold "
+             "marked, per dataset under plots/.",
+    )(function)  # fmt: skip
     function = click.option(
         "--save_segmentation_images", is_flag=True,
         help="Write an overlay PNG per test image under segmentation_images/.",
@@ -325,6 +335,7 @@ def _output_options_of(params: dict) -> dict:
         "save_segmentation_images": params["save_segmentation_images"],
         "save_models": params["save_patchcore_model"],
         "save_predictions": params["save_predictions"],
+        "save_plots": params["save_plots"],
         "ensemble_normalisation": params["ensemble_normalisation"],
         "threshold_quantile": params["threshold_quantile"],
     }
@@ -478,6 +489,7 @@ def _evaluate(commands, results_path, **params):
         output = OutputOptions(
             save_segmentation_images=params["save_segmentation_images"],
             save_predictions=params["save_predictions"],
+            save_plots=params["save_plots"],
             ensemble_normalisation=params["ensemble_normalisation"],
         )
         device = common.torch_device()

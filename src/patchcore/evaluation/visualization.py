@@ -164,6 +164,70 @@ def colour_bar_rgb(
     return np.ascontiguousarray(pixels[:height, :width])
 
 
+def hidden_reject_note(rejected: bool, anomaly_map: np.ndarray, threshold: float) -> str:
+    """Why a rejected image's heat map shows nothing above the threshold, or '' when it does
+    (or the image was accepted): the image score is its largest patch score, which the
+    Gaussian smoothing of the map lowers when the anomaly is a single patch or two."""
+    if not rejected or bool(decide(anomaly_map, threshold).any()):
+        return ""
+    peak = float(np.nanmax(anomaly_map)) if np.isfinite(anomaly_map).any() else math.nan
+    return (
+        f"Rejected by its most anomalous patch; the smoothed map peaks at {peak:.4g}, below "
+        "the threshold, so no pixel is marked. The box marks that peak; a lower "
+        "--mask_threshold shows the region."
+    )
+
+
+def mark_peak(image: np.ndarray, anomaly_map: np.ndarray, seen: np.ndarray | None) -> np.ndarray:
+    """`image` uint8 [H, W, 3] with a box (white inside black) around the largest value of
+    `anomaly_map` [H, W] within `seen`: the most suspicious place."""
+    values = np.where(np.isfinite(anomaly_map), anomaly_map, np.inf)
+    if seen is not None:
+        values = np.where(seen, values, -np.inf)
+    row, column = np.unravel_index(int(np.argmax(values)), values.shape)
+    height, width = values.shape
+    half = max(4, min(height, width) // 20)
+    top, bottom = max(0, row - half), min(height - 1, row + half)
+    left, right = max(0, column - half), min(width - 1, column + half)
+    marked = image.copy()
+    for thickness, colour in ((2, (0, 0, 0)), (1, (255, 255, 255))):
+        for offset in range(thickness):
+            t, b = min(top + offset, bottom), max(bottom - offset, top)
+            l, r = min(left + offset, right), max(right - offset, left)
+            marked[t, l : r + 1] = colour
+            marked[b, l : r + 1] = colour
+            marked[t : b + 1, l] = colour
+            marked[t : b + 1, r] = colour
+    if seen is not None:
+        marked[~seen] = image[~seen]  # the box never covers what was not inspected
+    return marked
+
+
+def decision_caption(width: int, text: str, rejected: bool) -> np.ndarray:
+    """A white strip `width` pixels wide as uint8 [h, width, 3] with `text` wrapped onto it,
+    red for a reject, dark green for an accept (PIL's built-in font)."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.load_default()
+    characters = max(8, width // 7)
+    words, lines, line = text.split(), [], ""
+    for word in words:
+        candidate = f"{line} {word}".strip()
+        if len(candidate) > characters and line:
+            lines.append(line)
+            line = word
+        else:
+            line = candidate
+    lines.append(line)
+    line_height = 13
+    canvas = Image.new("RGB", (width, 6 + line_height * len(lines)), "white")
+    draw = ImageDraw.Draw(canvas)
+    colour = (200, 0, 0) if rejected else (0, 110, 0)
+    for number, content in enumerate(lines):
+        draw.text((4, 3 + number * line_height), content, fill=colour, font=font)
+    return np.asarray(canvas, dtype=np.uint8)
+
+
 def _check_colour_range(colour_range: tuple[float, float]) -> tuple[float, float]:
     """Validate an explicit (vmin, vmax): two finite numbers with vmin < vmax."""
     if len(colour_range) != 2:

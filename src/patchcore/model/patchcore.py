@@ -29,7 +29,12 @@ from patchcore.model.feature_store import feature_store_for
 from patchcore.model.features import build_embedder
 from patchcore.model.indexes import build_bank_index, gather_bank
 from patchcore.model.samplers import build_sampler
-from patchcore.model.scoring import Prediction, memory_bank_problem, score_images
+from patchcore.model.scoring import (
+    ExcludingSearch,
+    Prediction,
+    memory_bank_problem,
+    score_images,
+)
 from patchcore.progress import track
 
 LOGGER = logging.getLogger(__name__)
@@ -60,6 +65,12 @@ class PatchCore:
         self.index = build_bank_index(config.index, search, self.device)
         self.memory_bank: torch.Tensor | None = None
         self.normal_statistics: NormalStatistics | None = None
+        # The training image (0-based, in fit order) each bank feature came from, recorded by
+        # fit() for leave-one-image-out calibration; None for a loaded or updated model.
+        self.bank_sources: torch.Tensor | None = None
+        # How the threshold was calibrated (see calibrate*), for the model card; None if not.
+        self.calibration_method: str | None = None
+        self.num_training_images = 0  # images fit() read
         self.fit_seconds: dict[str, float] = {}
 
     # ----------------------------------------------------------------- features
@@ -92,13 +103,16 @@ class PatchCore:
         """
         sampler = build_sampler(self.config.sampler)
         store = feature_store_for(self.device)
-        projected = []
+        projected, sources = [], []
+        num_images = 0
         start = time.perf_counter()
         try:
             for number, batch in enumerate(
                 track(batches, "Extracting training features", unit="batch"), start=1
             ):
-                for features in self.training_features(images_of(batch)):
+                images = images_of(batch)
+                batch_rows = 0
+                for features in self.training_features(images):
                     if not bool(torch.isfinite(features).all()):
                         raise DataError(
                             f"training batch {number}: the backbone gives patch features that "
@@ -107,6 +121,11 @@ class PatchCore:
                         )
                     store.append(features)
                     projected.append(sampler.project(features))
+                    batch_rows += len(features)
+                # Rows come image-major (tiles of one image together): equal shares per image.
+                per_image = batch_rows // len(images)
+                sources.append(num_images + torch.arange(batch_rows) // per_image)
+                num_images += len(images)
             if not projected:
                 raise DataError("no training images: the memory bank would be empty")
             dimension = features.shape[1]
@@ -116,6 +135,8 @@ class PatchCore:
             del projected
             num_features = len(store)
             self.set_memory_bank(gather_bank(self.index, store, selected, self.device))
+            self.bank_sources = torch.cat(sources)[selected.cpu()].to(torch.int32)
+            self.num_training_images = num_images
         finally:
             store.close()
         self.fit_seconds = {
@@ -189,10 +210,65 @@ class PatchCore:
         self.normal_statistics = measure_normal_statistics(
             prediction.scores, prediction.maps, quantile
         )
+        self.calibration_method = "held-out normal images"
         LOGGER.info(
             "Calibrated on %d normal images: threshold %.6g (quantile %.3g)",
             len(prediction.scores),
             self.normal_statistics.threshold,
             quantile,
         )
+        return prediction
+
+    @torch.inference_mode()
+    def calibrate_leave_one_out(
+        self, batches: Iterable, quantile: float = DEFAULT_THRESHOLD_QUANTILE
+    ) -> Prediction:
+        """Calibrates on the training images themselves without their optimism: each image
+        (the loader fit() read, in the same order) is scored against the memory bank without
+        the bank features that came from it (`bank_sources`, `ExcludingSearch`), as a new
+        normal image would be. Needs no refit. Falls back to in-sample scores, with a warning,
+        when the bank without one image's features is smaller than the neighbourhoods that
+        scoring needs (e.g. a single training image)."""
+        if self.bank_sources is None:
+            raise DataError(
+                "leave-one-image-out calibration needs the bank features' source images, which "
+                "only fit() records; calibrate on held-out normal images instead"
+            )
+        sources = self.bank_sources.long()
+        needed = self.config.num_nn
+        if self.config.score_reweighting:
+            needed = max(needed, self.config.reweighting_neighbours)
+        largest_share = int(torch.bincount(sources).max())
+        if len(sources) - largest_share < needed:
+            LOGGER.warning(
+                "The memory bank without one training image's features holds %d features, "
+                "fewer than the %d scoring needs; calibrating on in-sample training scores, "
+                "which are optimistic (use more training images or --train_val_split)",
+                len(sources) - largest_share, needed,
+            )  # fmt: skip
+            prediction = self.calibrate(batches, quantile)
+            self.calibration_method = "training images, in-sample (optimistic)"
+            return prediction
+        parts, image = [], 0
+        for batch in track(batches, "Calibrating, leaving each training image out", unit="batch"):
+            for single in images_of(batch).split(1):
+                check_model_input(single)
+                search = ExcludingSearch(self.index, sources == image)
+                parts.append(score_images(self.embed, search, self.config, single).cpu())
+                image += 1
+        if image != self.num_training_images:
+            raise DataError(
+                f"leave-one-image-out calibration got {image} images but the bank was built "
+                f"from {self.num_training_images}; give it the training loader fit() read"
+            )
+        prediction = Prediction.concatenate(parts)
+        self.normal_statistics = measure_normal_statistics(
+            prediction.scores, prediction.maps, quantile
+        )
+        self.calibration_method = "training images, leave-one-image-out"
+        LOGGER.info(
+            "Calibrated on leave-one-image-out scores of %d training images: threshold %.6g "
+            "(quantile %.3g)",
+            image, self.normal_statistics.threshold, quantile,
+        )  # fmt: skip
         return prediction

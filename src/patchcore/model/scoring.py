@@ -53,6 +53,37 @@ class NearestNeighbourSearch(Protocol):
         ...
 
 
+class ExcludingSearch:
+    """A search of `inner`'s bank that never returns the bank rows marked in `excluded`
+    ([M] bool): what leave-one-image-out calibration scores a training image with (the bank
+    without the features that came from that image), with no refit.
+
+    It asks `inner` for k plus the number of excluded rows, drops the excluded ones and keeps
+    the k nearest of the rest, so the result is exactly that of a search of the bank without
+    those rows. Indices stay those of the whole bank, so the scorer's distances, Eq. 7's
+    re-weighting and `bank_rows` work unchanged.
+    """
+
+    def __init__(self, inner: NearestNeighbourSearch, excluded: torch.Tensor) -> None:
+        self.inner = inner
+        self.bank = inner.bank
+        self.excluded = excluded.to(torch.bool).cpu()
+        self.num_excluded = int(self.excluded.sum())
+        self.available = len(self.excluded) - self.num_excluded
+        self.exact_distances = getattr(inner, "exact_distances", False)
+        gather = getattr(inner, "rows", None)
+        if gather is not None:
+            self.rows = gather
+
+    def search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        k = min(k, self.available)
+        distances, indices = self.inner.search(queries, k + self.num_excluded)
+        dropped = self.excluded[indices.cpu()].to(indices.device)
+        # A stable sort puts the kept neighbours first, nearest first as the search found them.
+        order = torch.argsort(dropped.to(torch.int8), dim=1, stable=True)[:, :k]
+        return distances.gather(1, order.to(distances.device)), indices.gather(1, order)
+
+
 Maps = torch.Tensor | list[torch.Tensor]  # [N, H, W], or N maps [H_i, W_i] of different sizes
 
 
