@@ -276,3 +276,45 @@ def test_a_tiled_model_makes_its_pass_at_the_tile_size():
     theirs = transcribed_features(as_crop, images)
     assert relative_difference(ours, theirs) < 1e-5
 
+
+
+def test_saved_models_record_the_statistics_and_older_folders_load_with_what_they_used(tmp_path):
+    import json
+
+    from conftest import small_config
+    from patchcore.apps.runtimes import ExportRecord
+    from patchcore.model.module import PatchCoreModule, config_blob
+    from patchcore.model.serialization import META_FILE, load_model, save_models
+
+    images = _images(64, count=3)
+    model = PatchCore(small_config(sampler=SamplerConfig(name="identity")))
+    model.fit([images[:2]])
+    save_models(tmp_path / "model", [model])
+    meta = json.loads((tmp_path / "model" / META_FILE).read_text())
+    assert meta["format_version"] == 6 and meta["config"]["backbone_statistics"] == "reference"
+    loaded = load_model(tmp_path / "model")
+    assert loaded.config.backbone_statistics == "reference"
+    assert torch.equal(loaded.predict(images).scores, model.predict(images).scores)
+    # the exported module carries the moved statistics in its buffers and records the choice
+    module = PatchCoreModule.from_patchcore(model)
+    assert config_blob(model.config)["format_version"] == 4
+    restored = PatchCoreModule()
+    restored.load_state_dict(module.state_dict())
+    assert restored.config.backbone_statistics == "reference"
+    torch.testing.assert_close(restored(images)["pred_score"], module(images)["pred_score"])
+    record = ExportRecord(model.config, (64, 64), None, None, 10, 10, 18, "fp32", "x")
+    assert json.loads(record.to_json())["format_version"] == 3
+    # a version-5 folder (no field) predates the pass: it loads with pretrained statistics
+    old = {**meta, "format_version": 5, "config": dict(meta["config"])}
+    del old["config"]["backbone_statistics"]
+    (tmp_path / "model" / META_FILE).write_text(json.dumps(old))
+    older = load_model(tmp_path / "model")
+    assert older.config.backbone_statistics == "pretrained"
+    fresh = PatchCore(dataclasses.replace(model.config, backbone_statistics="pretrained"))
+    torch.testing.assert_close(older.embed(images)[0], fresh.embed(images)[0], rtol=0, atol=0)
+    # a reference-format folder (no meta) is read as the reference loads it: with the pass
+    # (building it would need pretrained resnet18 weights, not available offline)
+    from patchcore.model.serialization import PARAMS_FILE, _config_from_reference, read_plain_pickle
+
+    params = read_plain_pickle(tmp_path / "model" / PARAMS_FILE)
+    assert _config_from_reference(params, tmp_path, 256).backbone_statistics == "reference"
