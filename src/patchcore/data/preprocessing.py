@@ -28,12 +28,11 @@ A mask stored as 0/1 (not 0/255) is detected, logged with its file name, and rea
 callers that hold float images already (the exported module and exported graphs): resize and
 crop on tensors, and anomaly maps sampled back onto the input's frame. The tensor resize is
 Pillow's own 8-bit bilinear resize, transcribed: the input is read as 8-bit pixels, each
-axis (columns, then rows) is a sum of a few shifted copies weighted in 22-bit fixed point,
-rounded and clipped to 8 bits (`ResizeTaps`, the weights Pillow computes), cropped rows and
-columns only: gathers, products and sums of whole numbers below 2**24, which every runtime
-computes exactly in float32. For
-a decoded file the model's input is therefore the same tensor, bit for bit, whichever path
-made it (`tests/test_preprocessing.py`).
+axis (in the order Pillow takes them) is a sum of a few shifted copies weighted in 22-bit
+fixed point, rounded and clipped to 8 bits (`ResizeTaps`, the weights Pillow computes),
+cropped rows and columns only: gathers, products and sums of whole numbers below 2**24,
+which every runtime computes exactly in float32. For a decoded file the model's input is
+therefore the same tensor, bit for bit, whichever path made it (`tests/test_preprocessing.py`).
 """
 
 from __future__ import annotations
@@ -424,10 +423,10 @@ def to_model_input(
 ) -> torch.Tensor:
     """Float images [B, 3, H, W] in [0, 1] -> the model's input: `image_tensor`'s chain on
     tensors. The images are read as 8-bit pixels (x * 255, rounded), as a decoded file is,
-    resized by Pillow's fixed-point bilinear resize (one axis after the other, in
-    Pillow's order, each rounded to 8 bits), cropped, and divided by 255: for an image decoded from a file, the
-    very tensor `image_tensor` gives. `geometry` is `input_geometry((H, W), config)`,
-    computed here when not given."""
+    resized by Pillow's fixed-point bilinear resize (one axis after the other, in Pillow's
+    order, each rounded to 8 bits), cropped, and divided by 255: for an image decoded from
+    a file, the very tensor `image_tensor` gives. `geometry` is
+    `input_geometry((H, W), config)`, computed here when not given."""
     size = (int(images.shape[-2]), int(images.shape[-1]))
     if geometry is None:
         geometry = input_geometry(size, config)
