@@ -6,9 +6,11 @@ the threshold and normal statistics are measured again on them (same quantile as
 or `--threshold_quantile`), an ensemble's combined scale too; otherwise the saved ones are
 kept and the log says so.
 
-The new version is written next to the old one and moved into place only when complete
-(`patchcore.files.staged_path`): until then MODEL_DIR is the old model, and a failure leaves
-it untouched. `--output DIR` writes the new version elsewhere and keeps MODEL_DIR as it is.
+The new version is written next to the old one and exchanged with it only when complete
+(`patchcore.files.staged_path`): at every instant MODEL_DIR is a complete model, the old one
+until the exchange, and a failure or a kill leaves it untouched; leftovers of a killed update
+are recovered or removed by the next load or update. A MODEL_DIR that is a symbolic link
+stays one: the folder it points to is updated. `--output DIR` writes the new version elsewhere and keeps MODEL_DIR as it is.
 Concurrent updates of one model wait for each other (`patchcore.files.exclusive_lock`).
 Each update is recorded in the folder's `update_history.json`.
 """
@@ -29,7 +31,7 @@ from patchcore.config import PreprocessingConfig, SearchConfig, check_loader_set
 from patchcore.data.datasets import GOOD, ImageDataset, Sample, SizeGroupedBatchSampler
 from patchcore.errors import ConfigurationError, ModelFormatError
 from patchcore.evaluation.ensemble import calibrate_ensemble, decision_statistics
-from patchcore.files import exclusive_lock
+from patchcore.files import exclusive_lock, link_target
 from patchcore.model.calibration import DEFAULT_THRESHOLD_QUANTILE, NormalStatistics
 from patchcore.model.patchcore import PatchCore
 from patchcore.model.serialization import (
@@ -164,7 +166,7 @@ def _recalibrate(
 def run_update(options: UpdateOptions) -> UpdateSummary:
     """Loads MODEL_DIR, adds the images, recalibrates if asked, saves the new version. Two
     updates of one model take turns (a lock beside the folder), so neither is lost."""
-    with exclusive_lock(options.model_dir):
+    with exclusive_lock(link_target(options.model_dir)):
         return _update(options)
 
 

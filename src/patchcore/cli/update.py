@@ -11,7 +11,7 @@ from patchcore.config import BANK_STORAGES
 
 
 @click.command()
-@click.argument("model_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("model_dir", type=click.Path(file_okay=False, path_type=Path))
 @click.argument("images", nargs=-1, required=True)
 @click.option("--output", "-o", type=click.Path(file_okay=False, path_type=Path),
               help="Write the updated model here and leave MODEL_DIR as it is "

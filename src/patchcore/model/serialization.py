@@ -44,7 +44,7 @@ from patchcore.config import (
     SearchConfig,
 )
 from patchcore.errors import ConfigurationError, ModelFormatError, PatchCoreError
-from patchcore.files import is_staging, staged_path
+from patchcore.files import is_staging, recover_folder, staged_path
 from patchcore.model.bank_file import MappedBank, write_bank_file
 from patchcore.model.calibration import NormalStatistics
 from patchcore.model.indexes import bank_storage_of
@@ -250,6 +250,7 @@ def member_prefixes(folder: Path) -> list[str]:
             f"{folder}: an unfinished copy left by an interrupted save, not a model; use the "
             "model folder beside it, or delete it"
         )
+    recover_folder(folder)  # a replacement killed half-way (see patchcore.files)
     if not folder.is_dir():
         raise ModelFormatError(f"{folder}: model folder does not exist")
     prefixes = [path.name[: -len(PARAMS_FILE)] for path in folder.glob(f"*{PARAMS_FILE}")]
