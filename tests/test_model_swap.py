@@ -253,3 +253,37 @@ def test_an_update_through_a_symbolic_link_updates_its_target(two_models, synthe
     assert (target / "update_history.json").is_file() and (target / INDEX_FILE).is_file()
     assert [p.name for p in tmp_path.iterdir() if is_staging(p) or p.name.endswith(".lock")] == []
     assert [name for name in visible_leftovers(target) if name != ".model-v1.lock"] == []
+
+
+def test_a_model_replaced_while_it_is_loaded_is_read_again_never_mixed(
+    two_models, tmp_path, monkeypatch
+):
+    """The new version arrives after the old one's meta was read and before its bank: the
+    loader notices and reads the folder again, so every part is the new version's."""
+    import dataclasses
+
+    from patchcore.model import serialization
+
+    source, model = two_models
+    path = tmp_path / "model"
+    shutil.copytree(source, path)
+    newer = dataclasses.replace(model.normal_statistics, threshold=123.0)
+    new_folder = tmp_path / "new"
+    model.normal_statistics, kept = newer, model.normal_statistics
+    try:
+        save_models(new_folder, [model])
+    finally:
+        model.normal_statistics = kept
+    real_read = serialization.read_memory_bank
+    replaced = []
+
+    def read_after_a_replacement(bank_path):
+        if not replaced:
+            replaced.append(True)
+            with staged_path(path, folder=True) as staging:
+                shutil.copytree(new_folder, staging, dirs_exist_ok=True)
+        return real_read(bank_path)
+
+    monkeypatch.setattr(serialization, "read_memory_bank", read_after_a_replacement)
+    loaded = load_models(path)
+    assert replaced and loaded[0].normal_statistics.threshold == 123.0

@@ -463,11 +463,35 @@ def load_models(
     search: SearchConfig | None = None,
     reference_resize: int = 256,
 ) -> list[PatchCore]:
-    """Every model in `folder`: one, or all ensemble members in order."""
-    return [
-        load_model(folder, prefix, device, search, reference_resize)
-        for prefix in member_prefixes(folder)
-    ]
+    """Every model in `folder`: one, or all ensemble members in order.
+
+    A folder replaced while it is read (`patchcore-update` exchanges it with the new version
+    in one step) is read again, so the models are all of one version, never a mix."""
+    for _ in range(_READ_ATTEMPTS):
+        version = _folder_version(folder)
+        models = [
+            load_model(folder, prefix, device, search, reference_resize)
+            for prefix in member_prefixes(folder)
+        ]
+        if _folder_version(folder) == version:
+            return models
+    raise ModelFormatError(
+        f"{folder}: replaced by another version {_READ_ATTEMPTS} times while it was being "
+        "read; load it again when the updates are over"
+    )
+
+
+_READ_ATTEMPTS = 3
+
+
+def _folder_version(folder: Path) -> tuple[int, int] | None:
+    """What tells one version of a model folder from the next: every replacement puts a new
+    folder (a new inode) in place."""
+    try:
+        status = Path(folder).stat()
+    except OSError:
+        return None
+    return status.st_dev, status.st_ino
 
 
 def load_ensemble_statistics(folder: Path) -> NormalStatistics | None:
