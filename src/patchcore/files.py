@@ -265,12 +265,36 @@ def exclusive_lock(path: Path) -> Iterator[None]:
     """Holds an exclusive lock for the block, so several processes (also on other machines
     sharing the folder over NFS, which supports these locks) take turns. The lock is the
     hidden file `.<name>.lock` beside `path`, left in place for the next user."""
+    with _locked(path, wait=True):
+        yield
+
+
+@contextlib.contextmanager
+def exclusive_lock_if_free(path: Path) -> Iterator[bool]:
+    """`exclusive_lock` without waiting: yields True and holds the lock for the block when
+    no other process holds it, else yields False at once. The system releases the lock of a
+    process that dies, so a crash never leaves a claim behind."""
+    with _locked(path, wait=False) as held:
+        yield held
+
+
+@contextlib.contextmanager
+def _locked(path: Path, wait: bool) -> Iterator[bool]:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.parent / f".{path.name}.lock", "a+b") as handle:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+    lock = path.parent / f".{path.name}.lock"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(lock, "a+b")  # noqa: SIM115 (closed below, after the unlock)
+    except OSError as error:
+        raise output_error(lock, error) from error
+    with handle:
         try:
-            yield
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:  # held by another process (only without waiting)
+            yield False
+            return
+        try:
+            yield True
         finally:
             fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 

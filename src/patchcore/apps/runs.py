@@ -8,8 +8,10 @@ saved before any optional output, so a failure there never loses a trained model
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -23,8 +25,8 @@ from patchcore.evaluation.records import write_predictions
 from patchcore.evaluation.reporting import merge_results_csv, write_results_csv
 from patchcore.evaluation.testset import TestSetResult, evaluate_models
 from patchcore.evaluation.visualization import save_segmentation_images
-from patchcore.files import check_writable
-from patchcore.layout import RESULTS_FILE, RunLayout, create_run_folder
+from patchcore.files import check_writable, exclusive_lock_if_free, make_folder
+from patchcore.layout import RESULTS_FILE, RunLayout, new_run_folder
 from patchcore.model.calibration import (
     DEFAULT_THRESHOLD_QUANTILE,
     NormalStatistics,
@@ -256,15 +258,30 @@ def evaluate_run(
     return rows
 
 
-def evaluation_folder(results_folder: Path) -> Path:
-    """Where an evaluation writes: RESULTS_PATH, or, when it already holds a results.csv,
-    a new sibling folder `RESULTS_PATH_0`, `_1`, ... (logged), so nothing is overwritten."""
-    results_folder = Path(results_folder)
-    if not RunLayout(results_folder).results_csv.exists():
-        return results_folder
-    folder = create_run_folder(results_folder.parent, "", results_folder.name)
-    LOGGER.warning(
-        "%s already holds a %s from an earlier run; writing this evaluation to %s instead",
-        results_folder, RESULTS_FILE, folder,
-    )  # fmt: skip
-    return folder
+@contextlib.contextmanager
+def evaluation_folder(results_folder: Path) -> Iterator[Path]:
+    """Claims, for the block, where an evaluation writes: RESULTS_PATH when it holds no
+    results.csv and no other evaluation is writing there (an exclusive lock beside it, held
+    for the block and released by the system if the process dies); otherwise a new sibling
+    folder `RESULTS_PATH_0`, `_1`, ... (logged), created atomically, so concurrent
+    evaluations never share a folder and nothing is overwritten. A folder this evaluation
+    created and left empty by a failure is removed."""
+    results_folder = check_writable(Path(results_folder))
+    with exclusive_lock_if_free(results_folder) as claimed:
+        if claimed and not RunLayout(results_folder).results_csv.exists():
+            created = not results_folder.exists()
+            make_folder(results_folder)
+            try:
+                yield results_folder
+            except BaseException:
+                if created:
+                    with contextlib.suppress(OSError):  # not empty: what was written stays
+                        results_folder.rmdir()
+                raise
+            return
+    with new_run_folder(results_folder.parent, "", results_folder.name) as folder:
+        reason = (f"already holds a {RESULTS_FILE} from an earlier run" if claimed
+                  else "is being written by another evaluation")  # fmt: skip
+        LOGGER.warning("%s %s; writing this evaluation to %s instead", results_folder, reason,
+                       folder)  # fmt: skip
+        yield folder

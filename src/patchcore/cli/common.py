@@ -16,8 +16,10 @@ import ctypes.util
 import functools
 import logging
 import os
+import signal
 import sys
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -43,6 +45,7 @@ GLIBC_M_TRIM_THRESHOLD = -1
 GLIBC_M_MMAP_THRESHOLD = -3
 MMAP_THRESHOLD_BYTES = 4 * 1024 * 1024
 TRIM_THRESHOLD_BYTES = 256 * 1024 * 1024
+TERMINATED_EXIT_CODE = 128 + signal.SIGTERM  # what a shell reports for a process ended by SIGTERM
 
 
 # ------------------------------------------------------------------------ options
@@ -198,7 +201,8 @@ def run_guarded(job: Callable[[], None], common: CommonOptions) -> None:
     configure_process(common)
     LOGGER.debug("Command line: %s", " ".join(sys.argv))
     try:
-        job()
+        with _termination_ends_like_an_error():
+            job()
     except PatchCoreError as error:
         if _show_traceback(common):
             raise
@@ -213,6 +217,26 @@ def run_guarded(job: Callable[[], None], common: CommonOptions) -> None:
         raise click.ClickException(
             f"{where}{error.strerror or error} (--debug shows where it happened)"
         ) from error
+
+
+@contextlib.contextmanager
+def _termination_ends_like_an_error() -> Iterator[None]:
+    """For the block, SIGTERM (`kill`, a scheduler stopping the job) raises SystemExit with
+    exit code 143 instead of ending the process on the spot, so the cleanup of a failure runs:
+    an empty run folder and unfinished staging copies are removed. The previous handler is
+    restored afterwards. Only the main thread can handle signals; elsewhere nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _exit_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _exit_terminated(signum: int, frame) -> None:
+    raise SystemExit(TERMINATED_EXIT_CODE)
 
 
 def _show_traceback(common: CommonOptions) -> bool:

@@ -472,11 +472,11 @@ def _evaluate(commands, results_path, **params):
             ensemble_normalisation=params["ensemble_normalisation"],
         )
         device = common.torch_device()
-        folder = evaluation_folder(Path(results_path))
-        rows = evaluate_run(
-            folder, [Path(p) for p in loader.model_folders], dataset.config, dataset.request,
-            device, loader.search, output,
-        )  # fmt: skip
+        with evaluation_folder(Path(results_path)) as folder:
+            rows = evaluate_run(
+                folder, [Path(p) for p in loader.model_folders], dataset.config, dataset.request,
+                device, loader.search, output,
+            )  # fmt: skip
         _show_results(rows, folder / "results.csv")
 
     run_guarded(job, common)

@@ -1,0 +1,94 @@
+"""Reliability, round two (issue 30): concurrent evaluations, termination, masks, option
+conflicts and bounds, one-line errors. Each test fails without its fix."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from patchcore.apps.runs import evaluation_folder
+
+SOURCE = Path(__file__).resolve().parents[1] / "src"
+ENVIRONMENT = {**os.environ, "PYTHONPATH": str(SOURCE)}
+
+
+# ------------------------------------------------------------- lost work: run folders
+CLAIMING_EVALUATION = textwrap.dedent("""
+    import sys, time
+    from pathlib import Path
+    from patchcore.apps.runs import evaluation_folder
+    from patchcore.evaluation.reporting import write_results_csv
+
+    results, start, tag = Path(sys.argv[1]), float(sys.argv[2]), sys.argv[3]
+    while time.time() < start:
+        time.sleep(0.0005)
+    with evaluation_folder(results) as folder:
+        time.sleep(0.5)  # evaluating
+        write_results_csv(folder / "results.csv", {tag: {"pro": 0.5}})
+    print(folder)
+""")
+
+
+def test_concurrent_evaluations_into_one_new_results_path_each_get_their_own_folder(tmp_path):
+    results = tmp_path / "evaluation"
+    start = time.time() + 1.5
+    children = [
+        subprocess.Popen([sys.executable, "-c", CLAIMING_EVALUATION, str(results), str(start),
+                          f"run{index}"], env=ENVIRONMENT, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+        for index in range(4)
+    ]  # fmt: skip
+    folders = []
+    for child in children:
+        stdout, stderr = child.communicate(timeout=120)
+        assert child.returncode == 0, stderr
+        folders.append(stdout.strip())
+    assert len(set(folders)) == 4, folders
+    written = sorted(Path(folder, "results.csv").read_text().splitlines()[1] for folder in folders)
+    assert [line.split(",")[0] for line in written] == ["run0", "run1", "run2", "run3"]
+
+
+def test_an_evaluation_that_fails_removes_the_results_folder_it_created(tmp_path):
+    with pytest.raises(RuntimeError), evaluation_folder(tmp_path / "new") as folder:
+        raise RuntimeError("failed")
+    assert folder == tmp_path / "new" and not folder.exists()
+    (tmp_path / "mine").mkdir()
+    with pytest.raises(RuntimeError), evaluation_folder(tmp_path / "mine") as folder:
+        raise RuntimeError("failed")
+    assert folder.is_dir()  # made beforehand by the user: kept
+
+
+TERMINATED_TRAINING = textwrap.dedent("""
+    import os, signal, sys, time
+    from patchcore.model.patchcore import PatchCore
+
+    def fit(self, *args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(30)
+
+    PatchCore.fit = fit
+    from patchcore.cli.runs import train_main
+    sys.argv = ["patchcore-train", *sys.argv[1:]]
+    train_main()
+""")
+
+
+def test_sigterm_during_training_removes_the_empty_run_folder(synthetic_root, tmp_path):
+    from test_cli import SMALL_DATA, SMALL_RANDOM
+
+    arguments = ["--gpu", "-1", str(tmp_path / "results"), "patch_core", *SMALL_RANDOM,
+                 "sampler", "-p", "0.1", "approx_greedy_coreset",
+                 "dataset", *SMALL_DATA, "-d", "texture", "mvtec", str(synthetic_root)]  # fmt: skip
+    child = subprocess.run([sys.executable, "-c", TERMINATED_TRAINING, *arguments],
+                           env=ENVIRONMENT, capture_output=True, text=True, timeout=300,
+                           check=False)  # fmt: skip
+    assert child.returncode == 128 + signal.SIGTERM, child.stderr[-2000:]
+    assert "Traceback" not in child.stderr
+    assert list((tmp_path / "results" / "project").iterdir()) == []
