@@ -92,3 +92,56 @@ def test_sigterm_during_training_removes_the_empty_run_folder(synthetic_root, tm
     assert child.returncode == 128 + signal.SIGTERM, child.stderr[-2000:]
     assert "Traceback" not in child.stderr
     assert list((tmp_path / "results" / "project").iterdir()) == []
+
+
+# ---------------------------------------------------------- silent wrong answers: masks
+def _recoded_masks(source: Path, target: Path, encoding: str) -> Path:
+    """A copy of the synthetic texture category whose masks are re-saved as red on black
+    RGB ("rgb") or as 16-bit 0/1 ("16-bit")."""
+    import shutil
+
+    import numpy as np
+    from PIL import Image
+
+    shutil.copytree(source / "texture", target / "texture")
+    for path in (target / "texture" / "ground_truth").glob("*/*.png"):
+        defect = np.asarray(Image.open(path)) > 127
+        if encoding == "rgb":
+            red = np.zeros((*defect.shape, 3), np.uint8)
+            red[defect, 0] = 255
+            Image.fromarray(red, mode="RGB").save(path)
+        else:
+            sixteen_bit = Image.fromarray(defect.astype(np.uint16))
+            assert sixteen_bit.mode == "I;16"
+            sixteen_bit.save(path)
+    return target
+
+
+@pytest.mark.parametrize("encoding", ["rgb", "16-bit"])
+@pytest.mark.parametrize("rule", ["reference", "binary"])
+def test_rgb_and_sixteen_bit_masks_read_like_grey_ones_with_one_warning(
+    synthetic_root, tmp_path, caplog, encoding, rule
+):
+    import logging
+
+    import torch
+    from PIL import Image
+
+    from patchcore.config import PreprocessingConfig
+    from patchcore.data.datasets import ImageDataset, list_samples
+
+    recoded = _recoded_masks(synthetic_root, tmp_path, encoding)
+    preprocessing = PreprocessingConfig(resize=72, imagesize=64)
+    original = ImageDataset(list_samples(synthetic_root, "texture", "test"), preprocessing, rule)
+    caplog.set_level(logging.WARNING)
+    dataset = ImageDataset(list_samples(recoded, "texture", "test"), preprocessing, rule)
+    dataset.working_sizes()
+    defective = [i for i, sample in enumerate(dataset.samples) if sample.mask_path is not None]
+    for index in defective:
+        size = dataset.original_sizes()[index]
+        assert Image.open(dataset.samples[index].mask_path).mode in ("RGB", "I;16")
+        expected = original.load_mask(original.samples[index], size)
+        mask = dataset.load_mask(dataset.samples[index], size)
+        assert expected.sum() > 0 and torch.equal(mask, expected), dataset.samples[index]
+    warnings = [r.getMessage() for r in caplog.records if "masks are not 8-bit grey" in r.getMessage()]
+    assert len(warnings) == 1 and warnings[0].startswith(f"{len(defective)} of {len(defective)}")

@@ -23,6 +23,10 @@ Masks, two rules (`mask_rule`):
   reference's pixel metrics and its anomaly-only image selection).
 - `binary`: nearest-neighbour resize and a threshold at half (value > 127 of 255).
 A mask stored as 0/1 (not 0/255) is detected, logged with its file name, and read as 0/255.
+A mask in any other encoding than 8-bit grey or 1-bit (RGB or palette colours as annotation
+tools write them, 16- or 32-bit values such as 16-bit 0/1) is read as 0/255 with every
+non-zero pixel (in any colour channel; alpha ignored) a defect, under both rules; a data set
+warns once about such masks (`unusual_mask_encoding`).
 
 `to_model_input` and `map_to_input_frame` are the tensor forms of the same geometry, for
 callers that hold float images already (the exported module and exported graphs): resize and
@@ -87,17 +91,29 @@ def open_image(path: Path, mode: str = "RGB") -> Image.Image:
     """Opens and fully decodes an image file in `mode` ("RGB" or "L"), naming the file in any
     error; 16-bit and float images are scaled to 8 bits (see the module docstring)."""
     path = Path(path)
+    return _decoded(path, lambda image: _eight_bit(path, image).convert(mode))
+
+
+def _decoded(path: Path, convert) -> Image.Image:
+    """`convert` of the fully decoded image file `path`; a DataError names the file."""
     try:
         with Image.open(path) as image:
             image.load()
-            return _eight_bit(path, image).convert(mode)
+            return convert(image)
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError,
             Image.DecompressionBombError) as error:  # fmt: skip
         raise DataError(f"{path}: cannot read image ({error})") from error
 
 
 def image_size_of(path: Path, verify: bool = False) -> tuple[int, int]:
-    """(width, height) of an image file from its header, without decoding the pixels.
+    """(width, height) of an image file from its header, without decoding the pixels
+    (`image_header`)."""
+    return image_header(path, verify)[0]
+
+
+def image_header(path: Path, verify: bool = False) -> tuple[tuple[int, int], str]:
+    """(width, height) and Pillow mode of an image file from its header, without decoding
+    the pixels.
 
     `verify=True` also checks the file's structure without decoding it (Pillow's `verify`:
     for PNG every chunk and its checksum, so a truncated or damaged PNG is found at a few
@@ -105,18 +121,48 @@ def image_size_of(path: Path, verify: bool = False) -> tuple[int, int]:
     """
     try:
         with Image.open(path) as image:
-            size = image.size
+            size, mode = image.size, image.mode
             if verify:
                 image.verify()
-            return size
+            return size, mode
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError,
             Image.DecompressionBombError) as error:  # fmt: skip
         raise DataError(f"{path}: cannot read image ({error})") from error
 
 
+STANDARD_MASK_MODES = ("L", "1")  # 8-bit grey and 1-bit: read as they are
+_ALPHA_MODES = ("RGBA", "LA", "PA", "La", "RGBa")
+
+
+def unusual_mask_encoding(mode: str) -> str | None:
+    """A description of a mask file's Pillow `mode` when it is not 8-bit grey or 1-bit (such
+    masks are read with every non-zero pixel a defect), else None."""
+    if mode in STANDARD_MASK_MODES:
+        return None
+    if mode in (*SIXTEEN_BIT_MODES, "I"):
+        return f"{'16' if mode in SIXTEEN_BIT_MODES else '32'}-bit values ({mode})"
+    return {"F": "32-bit float values (F)", "P": "palette colours (P)"}.get(mode, f"colour ({mode})")
+
+
+def _non_zero_as_defect(image: Image.Image) -> Image.Image:
+    """An "L" 0/255 mask: 255 where any colour channel of `image` is non-zero."""
+    if image.mode in ("P", "PA"):
+        image = image.convert("RGBA")
+    values = np.asarray(image)
+    if image.mode in _ALPHA_MODES or image.mode == "RGBA":
+        values = values[..., :-1]
+    defect = values != 0
+    if defect.ndim == 3:
+        defect = defect.any(axis=2)
+    return Image.fromarray(np.where(defect, EIGHT_BIT_MAX, 0).astype(np.uint8), mode="L")
+
+
 def open_mask(path: Path) -> Image.Image:
-    """A mask file as an 8-bit "L" image; a 0/1 mask is read as 0/255 (and logged)."""
-    mask = open_image(path, "L")
+    """A mask file as an 8-bit "L" image; a 0/1 mask is read as 0/255 (and logged); a mask
+    of an unusual encoding (`unusual_mask_encoding`) has every non-zero pixel as 255."""
+    path = Path(path)
+    mask = _decoded(path, lambda image: image.convert("L") if image.mode in STANDARD_MASK_MODES
+                    else _non_zero_as_defect(image))  # fmt: skip
     values = np.asarray(mask)
     if values.max(initial=0) == 1:
         LOGGER.warning("%s: mask values are 0/1, not 0/255; reading 1 as defect", path)
