@@ -145,3 +145,16 @@ def test_rgb_and_sixteen_bit_masks_read_like_grey_ones_with_one_warning(
         assert expected.sum() > 0 and torch.equal(mask, expected), dataset.samples[index]
     warnings = [r.getMessage() for r in caplog.records if "masks are not 8-bit grey" in r.getMessage()]
     assert len(warnings) == 1 and warnings[0].startswith(f"{len(defective)} of {len(defective)}")
+
+
+def test_a_gpu_id_on_a_machine_without_cuda_is_an_error(monkeypatch):
+    import torch
+
+    from patchcore.cli.common import resolve_device
+    from patchcore.errors import ConfigurationError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigurationError, match=r"^--gpu 3: CUDA is not available on this "
+                                                 r"machine; use --gpu -1 or --device cpu"):
+        resolve_device((3,), None)
+    assert resolve_device((-1,), None) == torch.device("cpu")

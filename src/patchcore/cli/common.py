@@ -136,8 +136,10 @@ def resolve_device(gpu: tuple[int, ...], device: str | None) -> torch.device:
         LOGGER.info("Running on the CPU (--gpu %d)", gpu[0])
         return torch.device("cpu")
     if not torch.cuda.is_available():
-        LOGGER.warning("--gpu %d given but CUDA is not available; running on the CPU", gpu[0])
-        return torch.device("cpu")
+        raise ConfigurationError(
+            f"--gpu {gpu[0]}: CUDA is not available on this machine; use --gpu -1 or "
+            "--device cpu to run on the CPU"
+        )
     return _cuda_device(gpu[0], f"--gpu {gpu[0]}", torch)
 
 
