@@ -158,3 +158,28 @@ def test_a_gpu_id_on_a_machine_without_cuda_is_an_error(monkeypatch):
                                                  r"machine; use --gpu -1 or --device cpu"):
         resolve_device((3,), None)
     assert resolve_device((-1,), None) == torch.device("cpu")
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    (["--crop", "center", "--max_size", "200"],
+     "--max_size has no effect with --crop center: the centre crop is --imagesize square"),
+    (["--max_size", "300"], "--max_size has no effect with --crop center (the default)"),
+    (["--tile_overlap", "0.5"], "--tile_overlap has no effect without --tile"),
+    (["--crop", "none", "--imagesize", "64"], "--imagesize has no effect with --crop none"),
+])  # fmt: skip
+def test_preprocessing_options_without_effect_are_refused_naming_both(
+    synthetic_root, tmp_path, options, message
+):
+    from click.testing import CliRunner
+
+    from patchcore.cli.runs import train_cli
+
+    outcome = CliRunner().invoke(train_cli, [
+        "--gpu", "-1", str(tmp_path / "results"), "patch_core", "-b", "resnet18",
+        "--random_backbone_weights", "sampler", "-p", "0.1", "approx_greedy_coreset",
+        "dataset", "--resize", "256", *options, "-d", "texture", "mvtec", str(synthetic_root),
+    ])  # fmt: skip
+    assert outcome.exit_code == 2, outcome.output
+    errors = [line for line in outcome.output.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and errors[0].startswith(f"Error: {message}"), outcome.output
+    assert not (tmp_path / "results").exists()

@@ -65,6 +65,25 @@ class PreprocessingRequest:
     tile_overlap: float | None = None
     scale: float | None = None
 
+    def __post_init__(self) -> None:
+        """Options that would have no effect with the others given are refused, naming both."""
+        crop = self.crop or "center"
+        crop_option = f"--crop {crop}" + ("" if self.crop else " (the default)")
+        conflicts = [
+            (self.max_size is not None and crop == "center",
+             (f"--max_size has no effect with {crop_option}: the centre crop is --imagesize "
+             "square; give --crop none to cap the longer side, or leave --max_size out")),
+            (self.tile_overlap is not None and self.tile is None,
+             ("--tile_overlap has no effect without --tile; give --tile or leave "
+             "--tile_overlap out")),
+            (self.imagesize is not None and crop == "none",
+             (f"--imagesize has no effect with {crop_option}: the whole image is inspected at "
+             "--resize (or --scale, --max_size); leave --imagesize out")),
+        ]  # fmt: skip
+        for conflict, message in conflicts:
+            if conflict:
+                raise ConfigurationError(message)
+
     def given(self) -> dict:
         return {
             field.name: getattr(self, field.name)

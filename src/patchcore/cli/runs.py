@@ -213,8 +213,9 @@ def _dataset_command(group: click.Group, training: bool) -> click.Command:
         from patchcore.apps.runs import PreprocessingRequest
 
         _refuse_non_default("--augment", augment, False, "PatchCore trains on unaugmented images")
-        request = PreprocessingRequest(resize, imagesize, crop, max_size, tile, tile_overlap, scale)
         with usage_errors():
+            request = PreprocessingRequest(resize, imagesize, crop, max_size, tile, tile_overlap,
+                                           scale)  # fmt: skip
             config = DatasetConfig(
                 name=name,
                 data_path=data_path,
