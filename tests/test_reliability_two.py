@@ -183,3 +183,40 @@ def test_preprocessing_options_without_effect_are_refused_naming_both(
     errors = [line for line in outcome.output.splitlines() if line.startswith("Error:")]
     assert len(errors) == 1 and errors[0].startswith(f"Error: {message}"), outcome.output
     assert not (tmp_path / "results").exists()
+
+
+# ------------------------------------------------------ one line for every fault
+@pytest.mark.parametrize(("options", "message"), [
+    (["--threshold_quantile", "nan"], ("Invalid value for '--threshold_quantile': 'nan' is not "
+                                      "a number in [0, 1]")),
+    (["--seed", "99999999999999999999999"], ("Invalid value for '--seed': 99999999999999999999999"
+                                            " is not in the range 0<=x<=9223372036854775806")),
+])  # fmt: skip
+def test_a_nan_quantile_and_a_huge_seed_are_one_line(synthetic_root, tmp_path, options, message):
+    from click.testing import CliRunner
+
+    from patchcore.cli.runs import train_cli
+
+    outcome = CliRunner().invoke(train_cli, [
+        "--gpu", "-1", *options, str(tmp_path / "results"), "patch_core", "-b", "resnet18",
+        "--random_backbone_weights", "sampler", "-p", "0.1", "approx_greedy_coreset",
+        "dataset", "-d", "texture", "mvtec", str(synthetic_root),
+    ])  # fmt: skip
+    assert outcome.exit_code == 2, outcome.output
+    errors = [line for line in outcome.output.splitlines() if line.startswith("Error:")]
+    assert errors == [f"Error: {message}."], outcome.output
+
+
+def test_quantiles_and_seeds_are_checked_by_the_configurations_too():
+    from patchcore.apps.runs import OutputOptions
+    from patchcore.config import PatchCoreConfig, SamplerConfig, split_seeded_name
+    from patchcore.errors import ConfigurationError
+
+    with pytest.raises(ConfigurationError, match=r"--threshold_quantile must be a number in"):
+        OutputOptions(threshold_quantile=float("nan"))
+    with pytest.raises(ConfigurationError, match=r"--seed must be an integer between 0 and"):
+        PatchCoreConfig(seed=10**23)
+    with pytest.raises(ConfigurationError, match=r"the sampler's seed must be an integer"):
+        SamplerConfig(seed=-1)
+    with pytest.raises(ConfigurationError, match=r"backbone name 'resnet18.seed-1.{23}': the seed"):
+        split_seeded_name(f"resnet18.seed-{10**23}")

@@ -33,6 +33,25 @@ def _require(condition: bool, message: str) -> None:
         raise ConfigurationError(message)
 
 
+MAX_SEED = 2**63 - 2  # torch generators take 64-bit seeds; samplers also use seed + 1
+
+
+def check_seed(seed: int, option: str = "--seed") -> None:
+    """A seed every random generator of the library accepts: an integer in [0, MAX_SEED]."""
+    _require(
+        isinstance(seed, int) and 0 <= seed <= MAX_SEED,
+        f"{option} must be an integer between 0 and {MAX_SEED}, got {seed}",
+    )
+
+
+def check_threshold_quantile(quantile: float | None) -> None:
+    """--threshold_quantile: None (keep or default) or a number in [0, 1], NaN refused."""
+    _require(
+        quantile is None or (math.isfinite(quantile) and 0.0 <= quantile <= 1.0),
+        f"--threshold_quantile must be a number in [0, 1], got {quantile}",
+    )
+
+
 def check_loader_settings(batch_size: int, num_workers: int) -> None:
     """The image loader's --batch_size and --num_workers, checked for every command."""
     _require(batch_size >= 1, f"--batch_size must be >= 1, got {batch_size}")
@@ -56,6 +75,7 @@ def split_seeded_name(name: str) -> tuple[str, int | None]:
     _require(
         seed.isdigit(), f"backbone name '{name}': the part after '{SEED_SUFFIX}' must be an integer"
     )
+    check_seed(int(seed), f"backbone name '{name}': the seed after '{SEED_SUFFIX}'")
     return base, int(seed)
 
 
@@ -145,6 +165,7 @@ class SamplerConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        check_seed(self.seed, "the sampler's seed")
         _require(
             self.name in SAMPLER_NAMES,
             f"sampler must be one of {', '.join(SAMPLER_NAMES)}, got '{self.name}'",
@@ -229,6 +250,7 @@ class PatchCoreConfig:
     index: IndexConfig = field(default_factory=IndexConfig)
 
     def __post_init__(self) -> None:
+        check_seed(self.seed)
         _require(bool(self.backbone_name), "backbone name must not be empty")
         _require(len(self.layers) >= 1, "at least one layer to extract from is required")
         _require(

@@ -17,7 +17,13 @@ from pathlib import Path
 
 import torch
 
-from patchcore.config import DatasetConfig, PatchCoreConfig, PreprocessingConfig, SearchConfig
+from patchcore.config import (
+    DatasetConfig,
+    PatchCoreConfig,
+    PreprocessingConfig,
+    SearchConfig,
+    check_threshold_quantile,
+)
 from patchcore.data.datasets import split_loader
 from patchcore.errors import ConfigurationError
 from patchcore.evaluation.ensemble import calibrate_ensemble, decision_statistics
@@ -51,6 +57,9 @@ class OutputOptions:
     # datasets named in results_order first.
     merge_results: bool = False
     results_order: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        check_threshold_quantile(self.threshold_quantile)
 
 
 @dataclass(frozen=True)

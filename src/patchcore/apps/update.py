@@ -27,7 +27,12 @@ import torch
 
 from patchcore import __version__
 from patchcore.apps.predict import resolve_inputs
-from patchcore.config import PreprocessingConfig, SearchConfig, check_loader_settings
+from patchcore.config import (
+    PreprocessingConfig,
+    SearchConfig,
+    check_loader_settings,
+    check_threshold_quantile,
+)
 from patchcore.data.datasets import GOOD, ImageDataset, Sample, SizeGroupedBatchSampler
 from patchcore.errors import ConfigurationError, ModelFormatError
 from patchcore.evaluation.ensemble import calibrate_ensemble, decision_statistics
@@ -66,9 +71,7 @@ class UpdateOptions:
         if not self.images:
             raise ConfigurationError("give at least one IMAGES file, folder or pattern")
         check_loader_settings(self.batch_size, self.num_workers)
-        quantile = self.threshold_quantile
-        if quantile is not None and not 0.0 <= quantile <= 1.0:
-            raise ConfigurationError(f"--threshold_quantile must be in [0, 1], got {quantile}")
+        check_threshold_quantile(self.threshold_quantile)
 
     @property
     def destination(self) -> Path:

@@ -15,6 +15,7 @@ import ctypes
 import ctypes.util
 import functools
 import logging
+import math
 import os
 import signal
 import sys
@@ -25,6 +26,7 @@ from typing import TYPE_CHECKING
 
 import click
 
+from patchcore.config import MAX_SEED
 from patchcore.errors import ConfigurationError, PatchCoreError
 from patchcore.progress import disable_bars
 
@@ -49,6 +51,21 @@ TERMINATED_EXIT_CODE = 128 + signal.SIGTERM  # what a shell reports for a proces
 
 
 # ------------------------------------------------------------------------ options
+class _Quantile(click.FloatRange):
+    """A number in [0, 1]; unlike click's FloatRange, NaN is refused."""
+
+    name = "quantile"
+
+    def convert(self, value, param, ctx):
+        number = super().convert(value, param, ctx)
+        if math.isnan(number):
+            self.fail(f"{value!r} is not a number in [0, 1].", param, ctx)
+        return number
+
+
+QUANTILE = _Quantile(0, 1)
+
+
 @dataclass(frozen=True)
 class CommonOptions:
     """The shared options of one command invocation."""
@@ -103,7 +120,8 @@ def common_options(seed: SeedOption | None = None):
         ]  # fmt: skip
         if seed is not None:
             options.append(
-                click.option("--seed", type=int, default=seed.default, show_default=True,
+                click.option("--seed", type=click.IntRange(0, MAX_SEED), default=seed.default,
+                             show_default=True,
                              help=seed.help)
             )  # fmt: skip
         options += [

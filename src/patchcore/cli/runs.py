@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 import click
 
 from patchcore.cli.common import (
+    QUANTILE,
     CommonOptions,
     OrderHintGroup,
     SeedOption,
@@ -283,7 +284,7 @@ def _dataset_command(group: click.Group, training: bool) -> click.Command:
 @click.option("--save_patchcore_model", is_flag=True,
               help="Save each dataset's model under models/<dataset>/.")
 @click.option(
-    "--threshold_quantile", type=click.FloatRange(0, 1), default=0.99, show_default=True,
+    "--threshold_quantile", type=QUANTILE, default=0.99, show_default=True,
     help="Decision threshold saved with the model = this quantile of held-out normal image scores.",
 )  # fmt: skip
 def train_cli(common, **_options):
