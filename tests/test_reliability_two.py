@@ -220,3 +220,18 @@ def test_quantiles_and_seeds_are_checked_by_the_configurations_too():
         SamplerConfig(seed=-1)
     with pytest.raises(ConfigurationError, match=r"backbone name 'resnet18.seed-1.{23}': the seed"):
         split_seeded_name(f"resnet18.seed-{10**23}")
+
+
+def test_compare_names_the_file_row_and_column_of_a_non_numeric_cell(tmp_path):
+    from click.testing import CliRunner
+
+    from patchcore.cli.compare import compare_cli
+
+    results = tmp_path / "results.csv"
+    results.write_text("Row Names,instance_auroc,pro\nmvtec_a,0.9,0.8\nmvtec_b,0.7,n/a\n")
+    outcome = CliRunner().invoke(compare_cli, [str(results), "--output", str(tmp_path / "c.csv")])
+    assert outcome.exit_code == 1 and "Traceback" not in outcome.output, outcome.output
+    assert outcome.output.strip() == (
+        f"Error: {results}:3: row 'mvtec_b', column 'pro': expected a number or an empty "
+        "cell, got 'n/a'"
+    )
