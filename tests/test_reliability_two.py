@@ -235,3 +235,18 @@ def test_compare_names_the_file_row_and_column_of_a_non_numeric_cell(tmp_path):
         f"Error: {results}:3: row 'mvtec_b', column 'pro': expected a number or an empty "
         "cell, got 'n/a'"
     )
+
+
+def test_a_required_option_after_a_positional_gets_the_order_hint(synthetic_root, tmp_path):
+    from click.testing import CliRunner
+
+    from patchcore.cli.common import ORDER_HINT
+    from patchcore.cli.runs import train_cli
+
+    head = ["--gpu", "-1", str(tmp_path / "results"), "patch_core", "-b", "resnet18", "sampler",
+            "-p", "0.1", "approx_greedy_coreset", "dataset"]  # fmt: skip
+    misplaced = CliRunner().invoke(train_cli, [*head, "mvtec", str(synthetic_root), "-d", "texture"])
+    assert misplaced.exit_code == 2
+    assert f"Error: Missing option '--subdatasets' / '-d'. {ORDER_HINT.strip()}" in misplaced.output
+    forgotten = CliRunner().invoke(train_cli, [*head, "mvtec", str(synthetic_root)])
+    assert forgotten.exit_code == 2 and ORDER_HINT.strip() not in forgotten.output

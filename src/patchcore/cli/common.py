@@ -283,6 +283,12 @@ class _OrderHint:
         except click.NoSuchOption as error:
             error.message += ORDER_HINT
             raise
+        except click.MissingParameter as error:
+            # A required option given after a positional argument is read as missing.
+            names = (*error.param.opts, *error.param.secondary_opts) if error.param else ()
+            if any(arg.split("=", 1)[0] in names for arg in args):
+                error.message = f"{error.message or ''}{ORDER_HINT}".strip()
+            raise
 
 
 class OrderHintCommand(_OrderHint, click.Command):
