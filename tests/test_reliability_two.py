@@ -250,3 +250,90 @@ def test_a_required_option_after_a_positional_gets_the_order_hint(synthetic_root
     assert f"Error: Missing option '--subdatasets' / '-d'. {ORDER_HINT.strip()}" in misplaced.output
     forgotten = CliRunner().invoke(train_cli, [*head, "mvtec", str(synthetic_root)])
     assert forgotten.exit_code == 2 and ORDER_HINT.strip() not in forgotten.output
+
+
+class _Payload:
+    """A pickle that would create `marker` when unpickled by a trusting loader."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return Path.touch, (self.marker,)
+
+
+@pytest.fixture(scope="module")
+def small_model_folder(tmp_path_factory) -> Path:
+    import torch
+
+    from conftest import small_config
+    from patchcore.config import SearchConfig
+    from patchcore.model.patchcore import PatchCore
+    from patchcore.model.serialization import save_models
+
+    model = PatchCore(small_config(), search=SearchConfig("torch"))
+    model.fit([torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))])
+    folder = tmp_path_factory.mktemp("files") / "model"
+    save_models(folder, [model])
+    return folder
+
+
+def test_a_hostile_exported_pth_is_one_line_naming_the_file(tmp_path, monkeypatch):
+    import torch
+
+    from patchcore.apps.runtimes import TorchModel
+    from patchcore.errors import ModelFormatError
+
+    marker = tmp_path / "code_ran"
+    weights = tmp_path / "bottle.pth"
+    torch.save({"payload": _Payload(marker)}, weights)
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    with pytest.raises(ModelFormatError) as raised:
+        TorchModel(weights)
+    assert str(raised.value).startswith(f"{weights}: cannot read weights (")
+    assert "\n" not in str(raised.value) and not marker.exists()
+
+
+def _model_copy(source: Path, tmp_path: Path) -> Path:
+    import shutil
+
+    return Path(shutil.copytree(source, tmp_path / "model"))
+
+
+@pytest.mark.parametrize("damage", ["hostile params", "wrong width", "no rows", "nan mapped"])
+def test_errors_about_a_model_file_name_the_file(small_model_folder, tmp_path, damage):
+    import pickle
+
+    from patchcore.config import SearchConfig
+    from patchcore.errors import ModelFormatError
+    from patchcore.model.bank_file import write_bank_file
+    from patchcore.model.search import write_memory_bank
+    from patchcore.model.serialization import INDEX_FILE, PARAMS_FILE, load_models
+
+    folder = _model_copy(small_model_folder, tmp_path)
+    bank = load_models(folder)[0].memory_bank
+    search = SearchConfig("torch")
+    if damage == "hostile params":
+        named = folder / PARAMS_FILE
+        named.write_bytes(pickle.dumps(_Payload(tmp_path / "code_ran")))
+        expected = "refusing to load 'pathlib.Path.touch'"
+    elif damage == "wrong width":
+        named = folder / INDEX_FILE
+        write_memory_bank(bank[:, :10].contiguous(), named)
+        expected = "the memory bank"
+    elif damage == "no rows":
+        named = folder / INDEX_FILE
+        write_memory_bank(bank[:0].contiguous(), named)
+        expected = "the memory bank"
+    else:
+        named = folder / INDEX_FILE
+        poisoned = bank.clone()
+        poisoned[0, 0] = float("nan")
+        write_bank_file(poisoned, named)
+        search = SearchConfig("torch", bank_storage="mmap")
+        expected = "the memory bank holds 1 values that are not finite"
+    with pytest.raises(ModelFormatError) as raised:
+        load_models(folder, search=search)
+    message = str(raised.value)
+    assert message.startswith(f"{named}: ") and expected in message, message
+    assert "\n" not in message and not (tmp_path / "code_ran").exists()

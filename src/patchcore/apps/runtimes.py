@@ -33,7 +33,13 @@ from patchcore import __version__
 from patchcore.config import RUNTIMES, PatchCoreConfig
 from patchcore.errors import ConfigurationError, DataError, ModelFormatError, missing_dependency
 from patchcore.model.calibration import NormalStatistics
-from patchcore.model.serialization import config_fields, config_from_meta, records_scale
+from patchcore.model.serialization import (
+    config_fields,
+    config_from_meta,
+    first_line,
+    read_weights_file,
+    records_scale,
+)
 
 LOGGER = logging.getLogger(__name__)
 
@@ -201,16 +207,12 @@ class TorchModel(ExportedModel):
         from patchcore.model.module import PatchCoreModule
 
         super().__init__(path, None)
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except (RuntimeError, OSError, EOFError) as error:
-            raise ModelFormatError(
-                f"{path}: not a readable torch weights file ({error})"
-            ) from error
-        if not isinstance(state, dict):
-            raise ModelFormatError(f"{path}: expected a PatchCoreModule state dict")
+        state = read_weights_file(path)
         self.module = PatchCoreModule()
-        self.module.load_state_dict(state)
+        try:
+            self.module.load_state_dict(state)
+        except (RuntimeError, ValueError, KeyError, TypeError) as error:
+            raise ModelFormatError(f"{path}: not a PatchCoreModule's weights ({first_line(error)})") from error
         self.module.to(device).eval()
 
     @property

@@ -43,7 +43,7 @@ from patchcore.config import (
     SamplerConfig,
     SearchConfig,
 )
-from patchcore.errors import ConfigurationError, ModelFormatError, PatchCoreError
+from patchcore.errors import ConfigurationError, DataError, ModelFormatError, PatchCoreError
 from patchcore.files import is_staging, recover_folder, staged_path
 from patchcore.model.bank_file import MappedBank, write_bank_file
 from patchcore.model.calibration import NormalStatistics
@@ -112,12 +112,32 @@ def read_plain_pickle(path: Path):
     """Unpickles `path` without ever importing or calling anything."""
     try:
         return _PlainDataUnpickler(io.BytesIO(path.read_bytes())).load()
-    except PatchCoreError:
-        raise
+    except PatchCoreError as error:
+        raise ModelFormatError(f"{path}: {error}") from error
     except OSError as error:
         raise ModelFormatError(f"{path}: cannot read ({error.strerror})") from error
     except (pickle.UnpicklingError, EOFError, ValueError, IndexError, KeyError) as error:
         raise ModelFormatError(f"{path}: not a readable parameter file ({error})") from error
+
+
+def read_weights_file(path: Path) -> dict:
+    """The state dict of a torch weights file (an exported `.pth`), read with
+    `weights_only=True`, so no code in it runs whatever torch's defaults are; a
+    ModelFormatError names the file, in one line, for anything else."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError,
+            AttributeError, ImportError) as error:  # fmt: skip
+        raise ModelFormatError(f"{path}: cannot read weights ({first_line(error)})") from error
+    if not isinstance(state, dict):
+        raise ModelFormatError(f"{path}: expected a state dict, found {type(state).__name__}")
+    return state
+
+
+def first_line(error: BaseException) -> str:
+    """The gist of an error from below in one line: its first two non-empty lines, joined."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return " ".join(lines[:2]) if lines else type(error).__name__
 
 
 def reference_parameters(config: PatchCoreConfig) -> dict:
@@ -448,10 +468,11 @@ def load_model(
     if search.index is None and config.index.approximate:
         model.index.read(folder / f"{prefix}{approximate_index_file(config.index.kind)}")
     bank_path = folder / f"{prefix}{INDEX_FILE}"
-    if search.bank_storage == "mmap":
-        model.set_memory_bank(MappedBank(bank_path))
-    else:
-        model.set_memory_bank(read_memory_bank(bank_path))
+    bank = MappedBank(bank_path) if search.bank_storage == "mmap" else read_memory_bank(bank_path)
+    try:
+        model.set_memory_bank(bank)
+    except DataError as error:  # the bank's rows, width or values: name the file
+        raise ModelFormatError(f"{bank_path}: {error}; save or train the model again") from error
     if meta.get("normal_statistics") is not None:
         model.normal_statistics = _statistics_from_meta(meta["normal_statistics"], str(meta_path))
     return model
