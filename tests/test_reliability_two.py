@@ -337,3 +337,100 @@ def test_errors_about_a_model_file_name_the_file(small_model_folder, tmp_path, d
     message = str(raised.value)
     assert message.startswith(f"{named}: ") and expected in message, message
     assert "\n" not in message and not (tmp_path / "code_ran").exists()
+
+
+# ------------------------------------------------------------------ bounded memory
+def _blank_png(path: Path, width: int, height: int) -> Path:
+    from PIL import Image
+
+    Image.new("L", (width, height)).save(path)
+    return path
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+def test_an_image_over_the_pixel_limit_or_a_strip_is_refused_from_its_header(
+    tmp_path, monkeypatch
+):
+    from PIL import ImageFile
+
+    from patchcore.data.preprocessing import image_header, open_image, open_mask
+    from patchcore.errors import DataError
+
+    huge = _blank_png(tmp_path / "huge.png", 10000, 10000)
+    strip = _blank_png(tmp_path / "strip.png", 200000, 1)
+    assert strip.stat().st_size < 1024
+
+    def no_decoding(self, *args, **kwargs):
+        raise AssertionError("decoded before its size was checked")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", no_decoding)
+    for read in (image_header, open_image, open_mask):
+        with pytest.raises(DataError, match=(
+            rf"^{huge}: 10000x10000 pixels, more than the limit of 67108864 for one image "
+            r"\(PATCHCORE_MAX_IMAGE_PIXELS\)")):  # fmt: skip
+            read(huge)
+        with pytest.raises(DataError, match=rf"^{strip}: 200000x1 pixels, sides more than 100 "
+                                            r"times apart"):  # fmt: skip
+            read(strip)
+    monkeypatch.setenv("PATCHCORE_MAX_IMAGE_PIXELS", str(10**8))
+    assert image_header(huge) == ((10000, 10000), "L")
+
+
+def test_an_image_whose_working_size_is_over_the_limit_is_refused_before_resizing(
+    tmp_path, monkeypatch
+):
+    from patchcore.apps.predict import PredictionDataset
+    from patchcore.config import PreprocessingConfig
+    from patchcore.data.datasets import ImageDataset, Sample
+    from patchcore.errors import DataError
+
+    image = _blank_png(tmp_path / "large.png", 300, 200)
+    whole = PreprocessingConfig(crop="none", scale=1.0)
+    monkeypatch.setenv("PATCHCORE_MAX_WORKING_PIXELS", "50000")
+    dataset = ImageDataset([Sample(image, None, "good", False)], whole)
+    with pytest.raises(DataError, match=rf"^{image}: resized to 300x200 pixels, more than the "
+                                        r"working limit of 50000 \(PATCHCORE_MAX_WORKING"):  # fmt: skip
+        dataset.working_sizes()
+    loaded = PredictionDataset([image], whole, keep_originals=False)[0]
+    assert loaded.image is None and "more than the working limit of 50000" in loaded.error
+    monkeypatch.delenv("PATCHCORE_MAX_WORKING_PIXELS")
+    assert dataset.working_sizes() == [(200, 300)]
+
+
+def test_options_beyond_the_working_limit_are_refused_in_one_line(tmp_path):
+    from click.testing import CliRunner
+
+    from patchcore.cli.runs import train_cli
+    from patchcore.cli.synthetic import synthetic_cli
+
+    outcome = CliRunner().invoke(train_cli, [
+        "--gpu", "-1", str(tmp_path / "results"), "patch_core", "-b", "resnet18", "sampler",
+        "approx_greedy_coreset", "dataset", "--resize", "20000", "--imagesize", "20000",
+        "-d", "texture", "mvtec", str(tmp_path),
+    ])  # fmt: skip
+    assert outcome.exit_code == 2 and "Error: --resize 20000 makes working images of at least " \
+        "20000x20000 pixels, more than the limit of 16777216 (PATCHCORE_MAX_WORKING_PIXELS); " \
+        "use at most 4096" in outcome.output, outcome.output
+    outcome = CliRunner().invoke(synthetic_cli, [str(tmp_path / "data"), "--image_size", "60000"])
+    assert outcome.exit_code == 1 and outcome.output.strip() == (
+        "Error: SyntheticSpec.image_size must be at most 4096 (the working image limit, "
+        "PATCHCORE_MAX_WORKING_PIXELS), got 60000"
+    ), outcome.output
+    assert not (tmp_path / "data").exists()
+
+
+def test_an_absurd_preprocessing_value_in_a_meta_file_is_refused_at_load(
+    small_model_folder, tmp_path
+):
+    import json
+
+    from patchcore.errors import ModelFormatError
+    from patchcore.model.serialization import META_FILE, load_models
+
+    folder = _model_copy(small_model_folder, tmp_path)
+    meta = json.loads((folder / META_FILE).read_text())
+    meta["config"]["preprocessing"]["resize"] = 100000
+    (folder / META_FILE).write_text(json.dumps(meta))
+    with pytest.raises(ModelFormatError, match=rf"^{folder / META_FILE}: --resize 100000 makes "
+                                               r"working images of at least 100000x100000"):  # fmt: skip
+        load_models(folder)

@@ -6,6 +6,7 @@ Every option is checked once, when its dataclass is built; code further down tru
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 
 from patchcore.errors import ConfigurationError
@@ -83,6 +84,38 @@ CROP_MODES = ("center", "none")
 MASK_RULES = ("reference", "binary")
 MIN_IMAGE_SIDE = 32  # smallest model input side: a stride-16 layer still has a 2 x 2 grid
 
+# Memory bounds on images (README "Reliability"). An image is refused from its header, before
+# it is decoded, when it holds more than the image limit of pixels or its sides are more than
+# MAX_ASPECT_RATIO times apart; and before it is resized when its resized (working) image would
+# hold more than the working limit. The options --resize and --tile are bounded by the working
+# limit too. Both limits can be changed with the environment variables named here.
+MAX_IMAGE_PIXELS = 8192 * 8192
+MAX_WORKING_PIXELS = 4096 * 4096
+MAX_ASPECT_RATIO = 100
+IMAGE_PIXELS_VARIABLE = "PATCHCORE_MAX_IMAGE_PIXELS"
+WORKING_PIXELS_VARIABLE = "PATCHCORE_MAX_WORKING_PIXELS"
+
+
+def pixel_limit(variable: str, default: int) -> int:
+    """The pixel limit the environment variable `variable` sets, or `default`; a
+    ConfigurationError names the variable when it is not a positive integer."""
+    text = os.environ.get(variable, "").strip()
+    if not text:
+        return default
+    _require(text.isdigit() and int(text) > 0,
+             f"{variable} must be a positive number of pixels, got '{text}'")  # fmt: skip
+    return int(text)
+
+
+def working_pixel_limit() -> int:
+    """Most pixels a resized (working) image may hold (MAX_WORKING_PIXELS, or the variable)."""
+    return pixel_limit(WORKING_PIXELS_VARIABLE, MAX_WORKING_PIXELS)
+
+
+def image_pixel_limit() -> int:
+    """Most pixels an image file may decode to (MAX_IMAGE_PIXELS, or the variable)."""
+    return pixel_limit(IMAGE_PIXELS_VARIABLE, MAX_IMAGE_PIXELS)
+
 
 @dataclass(frozen=True)
 class PreprocessingConfig:
@@ -113,6 +146,18 @@ class PreprocessingConfig:
         _require(
             self.resize >= MIN_IMAGE_SIDE,
             f"--resize must be an integer >= {MIN_IMAGE_SIDE}, got {self.resize}",
+        )
+        working_limit = working_pixel_limit()
+        _require(
+            self.resize * self.resize <= working_limit,
+            f"--resize {self.resize} makes working images of at least {self.resize}x"
+            f"{self.resize} pixels, more than the limit of {working_limit} "
+            f"({WORKING_PIXELS_VARIABLE}); use at most {math.isqrt(working_limit)}",
+        )
+        _require(
+            self.tile is None or self.tile * self.tile <= working_limit,
+            f"--tile {self.tile} makes tiles of more than the limit of {working_limit} pixels "
+            f"({WORKING_PIXELS_VARIABLE}); use at most {math.isqrt(working_limit)}",
         )
         _require(
             self.crop == "none" or MIN_IMAGE_SIDE <= self.imagesize <= self.resize,

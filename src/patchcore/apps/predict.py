@@ -72,7 +72,6 @@ from patchcore.data.preprocessing import (
     map_to_input_frame,
     open_image,
     to_tensor,
-    working_size,
 )
 from patchcore.errors import ConfigurationError, DataError, ModelFormatError
 from patchcore.evaluation.ensemble import decision_statistics, predict_new_images
@@ -220,9 +219,7 @@ class PredictionDataset(torch.utils.data.Dataset):
                 image = to_tensor(picture)
             else:
                 check_working_size(
-                    self.paths[index],
-                    working_size((picture.height, picture.width), self.preprocessing),
-                    self.preprocessing,
+                    self.paths[index], (picture.height, picture.width), self.preprocessing
                 )
                 image = image_tensor(picture, self.preprocessing)
         except DataError as error:

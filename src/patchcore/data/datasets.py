@@ -193,8 +193,8 @@ class ImageDataset(torch.utils.data.Dataset):
         image too small for the model (or for a tile) before any work starts, and one
         warning counts the images smaller than the model's input (they are upsampled)."""
         sizes = [working_size(size, self.preprocessing) for size in self.original_sizes()]
-        for sample, size in zip(self.samples, sizes, strict=True):
-            check_working_size(sample.image_path, size, self.preprocessing)
+        for sample, original in zip(self.samples, self.original_sizes(), strict=True):
+            check_working_size(sample.image_path, original, self.preprocessing)
         _warn_small_images(self.samples, self.original_sizes(), sizes)
         return sizes
 

@@ -51,7 +51,16 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
-from patchcore.config import MASK_RULES, MIN_IMAGE_SIDE, PreprocessingConfig
+from patchcore.config import (
+    IMAGE_PIXELS_VARIABLE,
+    MASK_RULES,
+    MAX_ASPECT_RATIO,
+    MIN_IMAGE_SIDE,
+    WORKING_PIXELS_VARIABLE,
+    PreprocessingConfig,
+    image_pixel_limit,
+    working_pixel_limit,
+)
 from patchcore.errors import ConfigurationError, DataError
 
 LOGGER = logging.getLogger(__name__)
@@ -94,15 +103,34 @@ def open_image(path: Path, mode: str = "RGB") -> Image.Image:
     return _decoded(path, lambda image: _eight_bit(path, image).convert(mode))
 
 
+def image_header_problem(size: tuple[int, int]) -> str | None:
+    """What is wrong with an image of (width, height) `size`, read from its header: more
+    pixels than an image may decode to, or sides more than MAX_ASPECT_RATIO times apart (see
+    the limits in `patchcore.config`); None when nothing is."""
+    width, height = size
+    limit = image_pixel_limit()
+    if width * height > limit:
+        return (f"{width}x{height} pixels, more than the limit of {limit} for one image "
+                f"({IMAGE_PIXELS_VARIABLE}); reduce the image or raise the limit")  # fmt: skip
+    if max(width, height) > MAX_ASPECT_RATIO * max(1, min(width, height)):
+        return (f"{width}x{height} pixels, sides more than {MAX_ASPECT_RATIO} times apart; "
+                "not an image the model can inspect")  # fmt: skip
+    return None
+
+
 def _decoded(path: Path, convert) -> Image.Image:
-    """`convert` of the fully decoded image file `path`; a DataError names the file."""
+    """`convert` of the fully decoded image file `path`, its size checked from the header
+    before decoding (`image_header_problem`); a DataError names the file."""
     try:
         with Image.open(path) as image:
-            image.load()
-            return convert(image)
+            problem = image_header_problem(image.size)
+            if problem is None:
+                image.load()
+                return convert(image)
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError,
             Image.DecompressionBombError) as error:  # fmt: skip
         raise DataError(f"{path}: cannot read image ({error})") from error
+    raise DataError(f"{path}: {problem}")
 
 
 def image_size_of(path: Path, verify: bool = False) -> tuple[int, int]:
@@ -113,7 +141,7 @@ def image_size_of(path: Path, verify: bool = False) -> tuple[int, int]:
 
 def image_header(path: Path, verify: bool = False) -> tuple[tuple[int, int], str]:
     """(width, height) and Pillow mode of an image file from its header, without decoding
-    the pixels.
+    the pixels; a DataError for a size `image_header_problem` refuses.
 
     `verify=True` also checks the file's structure without decoding it (Pillow's `verify`:
     for PNG every chunk and its checksum, so a truncated or damaged PNG is found at a few
@@ -124,10 +152,13 @@ def image_header(path: Path, verify: bool = False) -> tuple[tuple[int, int], str
             size, mode = image.size, image.mode
             if verify:
                 image.verify()
-            return size, mode
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError,
             Image.DecompressionBombError) as error:  # fmt: skip
         raise DataError(f"{path}: cannot read image ({error})") from error
+    problem = image_header_problem(size)
+    if problem is not None:
+        raise DataError(f"{path}: {problem}")
+    return size, mode
 
 
 STANDARD_MASK_MODES = ("L", "1")  # 8-bit grey and 1-bit: read as they are
@@ -200,9 +231,19 @@ def working_size(size: tuple[int, int], config: PreprocessingConfig) -> tuple[in
     return resized_size(size, config.resize, config.max_size, config.scale)
 
 
-def check_working_size(path: Path, size: tuple[int, int], config: PreprocessingConfig) -> None:
-    """A DataError naming `path` when its working (height, width) `size` is smaller than the
-    model's smallest input or than a tile."""
+def check_working_size(path: Path, original: tuple[int, int], config: PreprocessingConfig) -> None:
+    """A DataError naming `path` when the image of (height, width) `original` would, once
+    resized, hold more pixels than the working limit, or its working image is smaller than
+    the model's smallest input or than a tile."""
+    frame = frame_of(original, config)
+    limit = working_pixel_limit()
+    if frame.resized[0] * frame.resized[1] > limit:
+        raise DataError(
+            f"{path}: resized to {frame.resized[1]}x{frame.resized[0]} pixels, more than the "
+            f"working limit of {limit} ({WORKING_PIXELS_VARIABLE}); use a smaller --resize, "
+            "--scale or --max_size, or raise the limit"
+        )
+    size = frame.size
     if min(size) < MIN_IMAGE_SIDE:
         raise DataError(
             f"{path}: the working image is {size[1]}x{size[0]} pixels, smaller than the "
