@@ -434,3 +434,54 @@ def test_an_absurd_preprocessing_value_in_a_meta_file_is_refused_at_load(
     with pytest.raises(ModelFormatError, match=rf"^{folder / META_FILE}: --resize 100000 makes "
                                                r"working images of at least 100000x100000"):  # fmt: skip
         load_models(folder)
+
+
+# ------------------------------------------------- file names that are not UTF-8
+BAD_NAME = os.fsdecode(b"bad\xffname.png")
+
+
+def test_a_name_that_is_not_utf8_is_escaped_reversibly_and_others_are_unchanged():
+    from patchcore.files import name_of_printable, printable_name
+
+    assert printable_name("good name ü.png") == "good name ü.png"
+    printed = printable_name(BAD_NAME)
+    assert printed == "bad\\xffname.png" and printed.encode("utf-8")
+    assert name_of_printable(printed) == BAD_NAME
+    tricky = os.fsdecode(b"a\\xff\\b\xfe")
+    assert name_of_printable(printable_name(tricky)) == tricky
+
+
+def test_every_output_keeps_a_name_that_is_not_utf8(synthetic_root, tmp_path):
+    """Predict's CSV, training's predictions and overlays, for a test image named with a
+    byte that is not UTF-8."""
+    import shutil
+
+    from click.testing import CliRunner
+
+    from patchcore.cli.predict import predict_cli
+    from patchcore.cli.runs import train_cli
+    from test_cli import SMALL_DATA, SMALL_RANDOM
+
+    data = tmp_path / "data"
+    shutil.copytree(synthetic_root / "texture", data / "texture")
+    good = min((data / "texture" / "test" / "good").glob("*.png"))
+    bad = good.parent / BAD_NAME
+    good.rename(bad)
+    outcome = CliRunner().invoke(train_cli, [
+        "--gpu", "-1", "--save_patchcore_model", "--save_predictions",
+        "--save_segmentation_images", str(tmp_path / "results"), "patch_core", *SMALL_RANDOM,
+        "sampler", "-p", "0.1", "approx_greedy_coreset",
+        "dataset", *SMALL_DATA, "-d", "texture", "mvtec", str(data),
+    ], catch_exceptions=False)  # fmt: skip
+    assert outcome.exit_code == 0, outcome.output
+    run = tmp_path / "results" / "project" / "group"
+    records = (run / "predictions" / "mvtec_texture" / "predictions.csv").read_text("utf-8")
+    assert "bad\\xffname" in records
+    assert any("bad_name" in p.name for p in (run / "segmentation_images").rglob("*.png"))
+    csv_path = tmp_path / "scores.csv"
+    outcome = CliRunner().invoke(predict_cli, [
+        str(run / "models" / "mvtec_texture"), str(bad), "--output", str(csv_path),
+        "--gpu", "-1", "--num_workers", "0",
+    ], catch_exceptions=False)  # fmt: skip
+    assert outcome.exit_code == 0, outcome.output
+    assert f"{bad.parent}/bad\\xffname.png" in csv_path.read_text("utf-8")

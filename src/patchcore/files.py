@@ -316,6 +316,45 @@ def atomic_write_text(path: Path, text: str) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def printable_name(name: str) -> str:
+    """`name` as it may be written into a UTF-8 text output (CSV, a figure's title).
+
+    A file name whose bytes are not valid UTF-8 reaches Python with each such byte as a lone
+    surrogate (`os.fsdecode`), which no UTF-8 file can hold. Such a name is written with each
+    of those bytes as `\\xNN` and each backslash doubled, so the bytes can be recovered
+    (`name_of_printable`); every other name is written unchanged."""
+    if not any(0xD800 <= ord(c) <= 0xDFFF for c in name):
+        return name
+    return "".join(_escaped(c) for c in name)
+
+
+def _escaped(character: str) -> str:
+    code = ord(character)
+    if character == "\\":
+        return "\\\\"
+    if 0xDC80 <= code <= 0xDCFF:  # a byte that is not UTF-8, as os.fsdecode keeps it
+        return f"\\x{code - 0xDC00:02x}"
+    if 0xD800 <= code <= 0xDFFF:  # any other lone surrogate
+        return f"\\u{code:04x}"
+    return character
+
+
+def name_of_printable(printed: str) -> str:
+    """The file name `printable_name` printed as `printed` (for a name it escaped)."""
+    pieces = re.split(r"(\\\\|\\x[0-9a-f]{2}|\\u[0-9a-f]{4})", printed)
+    decoded = []
+    for piece in pieces:
+        if piece == "\\\\":
+            decoded.append("\\")
+        elif piece.startswith("\\x") and len(piece) == 4:
+            decoded.append(chr(0xDC00 + int(piece[2:], 16)))  # noqa: FURB166 (a \\x prefix)
+        elif piece.startswith("\\u") and len(piece) == 6:
+            decoded.append(chr(int(piece[2:], 16)))  # noqa: FURB166 (a \\u prefix)
+        else:
+            decoded.append(piece)
+    return "".join(decoded)
+
+
 def safe_file_stem(name: str) -> str:
     """`name` made safe as a file stem: letters and digits (any script), '.', '_' and '-'
     are kept, every other character becomes '_'; an empty name becomes '_'."""

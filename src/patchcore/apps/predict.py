@@ -76,7 +76,13 @@ from patchcore.data.preprocessing import (
 from patchcore.errors import ConfigurationError, DataError, ModelFormatError
 from patchcore.evaluation.ensemble import decision_statistics, predict_new_images
 from patchcore.evaluation.visualization import blend_heatmap, colour_bar_rgb, grey_out
-from patchcore.files import atomic_write, check_writable, staged_path, unique_file_stems
+from patchcore.files import (
+    atomic_write,
+    check_writable,
+    printable_name,
+    staged_path,
+    unique_file_stems,
+)
 from patchcore.model.calibration import NormalStatistics, colour_range, decide, decision_label
 from patchcore.model.patchcore import PatchCore
 from patchcore.model.serialization import PARAMS_FILE, load_ensemble_statistics, load_models
@@ -245,7 +251,8 @@ class ResultWriter:
         if self.csv is None:
             self.handle.write(json.dumps(record) + "\n")
         else:
-            self.csv.writerow([record[column] for column in COLUMNS])
+            self.csv.writerow([printable_name(value) if isinstance(value, str) else value
+                               for value in (record[column] for column in COLUMNS)])  # fmt: skip
         self.handle.flush()
 
 
