@@ -485,3 +485,20 @@ def test_every_output_keeps_a_name_that_is_not_utf8(synthetic_root, tmp_path):
     ], catch_exceptions=False)  # fmt: skip
     assert outcome.exit_code == 0, outcome.output
     assert f"{bad.parent}/bad\\xffname.png" in csv_path.read_text("utf-8")
+
+
+# ----------------------------------------------------------------------- dashboard
+def test_a_dashboard_path_holding_a_nul_byte_is_one_line_and_no_traceback_reaches_a_browser(
+    tmp_path,
+):
+    from patchcore.apps.dashboard import data
+    from patchcore.apps.dashboard.launch import streamlit_command
+    from patchcore.errors import DataError
+
+    root = data.ResultsRoot.of(tmp_path)
+    with pytest.raises(DataError, match=r"^images\\0x: a path cannot hold a NUL byte"):
+        data.folder_images(root, "images\x00x")
+    with pytest.raises(DataError, match=r"a path cannot hold a NUL byte"):
+        data.ResultsRoot.of(f"{tmp_path}\x00")
+    command = streamlit_command(tmp_path, 8501, "127.0.0.1", True, allow_scoring=True)
+    assert command[command.index("--client.showErrorDetails") + 1] == "false"
