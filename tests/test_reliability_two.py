@@ -502,3 +502,24 @@ def test_a_dashboard_path_holding_a_nul_byte_is_one_line_and_no_traceback_reache
         data.ResultsRoot.of(f"{tmp_path}\x00")
     command = streamlit_command(tmp_path, 8501, "127.0.0.1", True, allow_scoring=True)
     assert command[command.index("--client.showErrorDetails") + 1] == "false"
+
+
+@pytest.mark.parametrize(("changes", "message"), [
+    ({"patchsize": 99999}, ("--patchsize 99999 is larger than the smallest feature map allows "
+                           "(4x4 for layer strides up to 16 on a 64 px input")),
+    ({"pretrain_embed_dimension": 100_000_000}, ("--pretrain_embed_dimension 100000000 is above "
+                                                "the 3456 values of the layers' patch features")),
+    ({"target_embed_dimension": 1000}, ("--target_embed_dimension 1000 is above the 128 values "
+                                       "of 2 layer(s)")),
+])  # fmt: skip
+def test_model_options_beyond_what_the_backbone_can_use_are_refused_before_any_work(
+    changes, message
+):
+    from conftest import small_config
+    from patchcore.errors import ConfigurationError
+    from patchcore.model.patchcore import PatchCore
+
+    with pytest.raises(ConfigurationError) as raised:
+        PatchCore(small_config(**changes))
+    assert str(raised.value).startswith(message), str(raised.value)
+    PatchCore(small_config(patchsize=7))  # 2 x 4 - 1: still reaches feature-map cells

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -255,6 +256,19 @@ def check_working_size(path: Path, original: tuple[int, int], config: Preprocess
             f"{path}: --tile {config.tile} is larger than the working image ({size[1]}x{size[0]}); "
             "use a smaller --tile or a larger --resize or --scale"
         )
+
+
+def smallest_model_input_side(config: PreprocessingConfig) -> int:
+    """The shortest side a model input (a tile, with tiles) of `config` can have, as far as
+    the configuration says: the crop, the resized shorter side, or, when every image is
+    scaled by one factor, the largest side the working limit allows."""
+    if config.crop == "center":
+        side = config.imagesize
+    elif config.scale is None:
+        side = config.resize
+    else:
+        side = math.isqrt(working_pixel_limit())
+    return min(side, config.tile) if config.tile is not None else side
 
 
 @dataclass(frozen=True)

@@ -17,8 +17,8 @@ from dataclasses import replace
 import torch
 
 from patchcore.config import PatchCoreConfig, SearchConfig
-from patchcore.data.preprocessing import check_model_input, cut_tiles
-from patchcore.errors import DataError
+from patchcore.data.preprocessing import check_model_input, cut_tiles, smallest_model_input_side
+from patchcore.errors import ConfigurationError, DataError
 from patchcore.model.bank_file import MappedBank
 from patchcore.model.calibration import (
     DEFAULT_THRESHOLD_QUANTILE,
@@ -42,6 +42,46 @@ def images_of(batch) -> torch.Tensor:
     return batch["image"] if isinstance(batch, dict) else batch
 
 
+BACKBONE_PROBE_SIDE = 64  # side of the blank image the backbone's strides are read from
+
+
+@torch.inference_mode()
+def check_against_backbone(config: PatchCoreConfig, embedder, device: torch.device) -> None:
+    """Refuses, before any work, options the backbone cannot use (they would only exhaust
+    memory): a patch size beyond what the smallest layer's feature map of the smallest model
+    input (`smallest_model_input_side`) can fill, a pretrain dimension above the width of the
+    layers' patch features (channels x patch size squared, all layers together), and a
+    target dimension above what the layers' pretrain dimensions add up to. One blank image
+    of BACKBONE_PROBE_SIDE pixels through the backbone gives its channels and strides."""
+    probe = torch.zeros(1, 3, BACKBONE_PROBE_SIDE, BACKBONE_PROBE_SIDE, device=device)
+    maps = embedder.extractor(probe)
+    side = smallest_model_input_side(config.preprocessing)
+    stride = max(BACKBONE_PROBE_SIDE / min(m.shape[-2:]) for m in maps)
+    smallest_map = max(1, int(side / stride))
+    largest_patch = 2 * smallest_map - 1  # centred on any cell, a larger patch adds padding only
+    if config.patchsize > largest_patch:
+        raise ConfigurationError(
+            f"--patchsize {config.patchsize} is larger than the smallest feature map allows "
+            f"({smallest_map}x{smallest_map} for layer strides up to {stride:g} on a {side} px "
+            f"input: a patch beyond {largest_patch} only adds zero padding); use at most "
+            f"{largest_patch}"
+        )
+    width = sum(int(m.shape[1]) for m in maps) * config.patchsize**2
+    if config.pretrain_embed_dimension > width:
+        raise ConfigurationError(
+            f"--pretrain_embed_dimension {config.pretrain_embed_dimension} is above the "
+            f"{width} values of the layers' patch features (channels x patch size squared); "
+            f"use at most {width}"
+        )
+    combined = len(maps) * config.pretrain_embed_dimension
+    if config.target_embed_dimension > combined:
+        raise ConfigurationError(
+            f"--target_embed_dimension {config.target_embed_dimension} is above the {combined} "
+            f"values of {len(maps)} layer(s) at --pretrain_embed_dimension "
+            f"{config.pretrain_embed_dimension}; use at most {combined}"
+        )
+
+
 class PatchCore:
     """A PatchCore anomaly detector on one backbone."""
 
@@ -57,6 +97,7 @@ class PatchCore:
         self.config = config
         self.device = torch.device(device)
         self.embedder = build_embedder(config).to(self.device)
+        check_against_backbone(config, self.embedder, self.device)
         self.index = build_bank_index(config.index, search, self.device)
         self.memory_bank: torch.Tensor | None = None
         self.normal_statistics: NormalStatistics | None = None
