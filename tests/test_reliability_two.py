@@ -523,3 +523,35 @@ def test_model_options_beyond_what_the_backbone_can_use_are_refused_before_any_w
         PatchCore(small_config(**changes))
     assert str(raised.value).startswith(message), str(raised.value)
     PatchCore(small_config(patchsize=7))  # 2 x 4 - 1: still reaches feature-map cells
+
+
+def test_the_fit_memory_is_estimated_and_a_fit_that_cannot_fit_is_refused_first(
+    synthetic_root, tmp_path, monkeypatch
+):
+    from click.testing import CliRunner
+
+    from conftest import small_config
+    from patchcore.cli.runs import train_cli
+    from patchcore.model import patchcore
+    from patchcore.model.patchcore import PatchCore
+    from test_cli import SMALL_DATA, SMALL_RANDOM
+
+    model = PatchCore(small_config())  # resnet18 layer2 and layer3: an 8 x 8 grid at 64 px
+    estimate = model.fit_memory_estimate([(64, 64)] * 10)
+    assert estimate.patch_features == 640
+    assert estimate.bytes == 640 * (128 + 3) * 4 + 160 * 48 * 4  # projections, bank of 25 %
+    assert patchcore.available_memory_bytes(model.device) > 0
+
+    monkeypatch.setattr(patchcore, "available_memory_bytes", lambda device: 2**20)
+    fitted = []
+    monkeypatch.setattr(PatchCore, "fit", lambda self, batches: fitted.append(True))
+    outcome = CliRunner().invoke(train_cli, [
+        "--gpu", "-1", str(tmp_path / "results"), "patch_core", *SMALL_RANDOM,
+        "sampler", "-p", "0.1", "approx_greedy_coreset",
+        "dataset", *SMALL_DATA, "-d", "texture", "mvtec", str(synthetic_root),
+    ])  # fmt: skip
+    assert outcome.exit_code == 1 and not fitted, outcome.output
+    errors = [line for line in outcome.output.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and errors[0].startswith("Error: mvtec_texture: fitting needs about")
+    assert "GiB of memory (" in errors[0] and "more than the 0.0 GiB available on cpu" in errors[0]
+    assert list((tmp_path / "results" / "project").iterdir()) == []

@@ -208,6 +208,7 @@ def train_run(
         )
         for config in model_configs:
             model = PatchCore(replace(config, preprocessing=dataset.preprocessing), device, search)
+            model.check_fit_memory(train_loader.dataset.model_input_sizes(), name)
             model.fit(train_loader)
             if calibration_loader is not None:
                 calibration.append(model.calibrate(calibration_loader, output.threshold_quantile))

@@ -192,11 +192,16 @@ class ImageDataset(torch.utils.data.Dataset):
         """(height, width) of every image as the model sees it; a DataError names the first
         image too small for the model (or for a tile) before any work starts, and one
         warning counts the images smaller than the model's input (they are upsampled)."""
-        sizes = [working_size(size, self.preprocessing) for size in self.original_sizes()]
+        sizes = self.model_input_sizes()
         for sample, original in zip(self.samples, self.original_sizes(), strict=True):
             check_working_size(sample.image_path, original, self.preprocessing)
         _warn_small_images(self.samples, self.original_sizes(), sizes)
         return sizes
+
+    def model_input_sizes(self) -> list[tuple[int, int]]:
+        """(height, width) of every image as the model sees it, unchecked (`working_sizes`
+        checks them, once, before a loader is made)."""
+        return [working_size(size, self.preprocessing) for size in self.original_sizes()]
 
     def load_mask(self, sample: Sample, image_size: tuple[int, int]) -> torch.Tensor:
         """The mask of `sample` for an image of (height, width) `image_size`; zeros without one."""

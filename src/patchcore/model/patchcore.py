@@ -10,14 +10,21 @@ backbone; ensembles are lists of them (see `patchcore.evaluation.ensemble`). Ima
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import replace
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 import torch
 
 from patchcore.config import PatchCoreConfig, SearchConfig
-from patchcore.data.preprocessing import check_model_input, cut_tiles, smallest_model_input_side
+from patchcore.data.preprocessing import (
+    check_model_input,
+    cut_tiles,
+    smallest_model_input_side,
+    tile_origins,
+)
 from patchcore.errors import ConfigurationError, DataError
 from patchcore.model.bank_file import MappedBank
 from patchcore.model.calibration import (
@@ -82,6 +89,31 @@ def check_against_backbone(config: PatchCoreConfig, embedder, device: torch.devi
         )
 
 
+def available_memory_bytes(device: torch.device) -> int | None:
+    """Memory a fit can still use on `device`: the GPU's free memory, or on the CPU Linux's
+    MemAvailable (free memory plus caches it can drop); None where it cannot be told."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    meminfo = Path("/proc/meminfo")
+    if not meminfo.is_file():
+        return None
+    for line in meminfo.read_text().splitlines():
+        name, _, value = line.partition(":")
+        if name == "MemAvailable" and value.split() and value.split()[0].isdigit():
+            return int(value.split()[0]) * 1024
+    return None
+
+
+@dataclass(frozen=True)
+class FitMemoryEstimate:
+    """What fitting on a set of images holds in memory at its peak, roughly: the sampler's
+    projections of every patch feature and its distances, and the memory bank (the patch
+    features themselves wait in a temporary file on the CPU, see `feature_store`)."""
+
+    patch_features: int
+    bytes: int
+
+
 class PatchCore:
     """A PatchCore anomaly detector on one backbone."""
 
@@ -123,6 +155,43 @@ class PatchCore:
             yield self.embed(part)[0]
 
     # ---------------------------------------------------------------------- fit
+    @torch.inference_mode()
+    def fit_memory_estimate(self, working_sizes: Iterable[tuple[int, int]]) -> FitMemoryEstimate:
+        """The memory `fit` needs for training images of (height, width) `working_sizes`."""
+        probe = torch.zeros(1, 3, BACKBONE_PROBE_SIDE, BACKBONE_PROBE_SIDE, device=self.device)
+        grid = self.embed(probe)[1]
+        stride = BACKBONE_PROBE_SIDE / grid[0]  # of the patch grid (the first layer's map)
+        preprocessing = self.config.preprocessing
+        count = 0
+        for height, width in working_sizes:
+            if preprocessing.tile is None:
+                parts = [(height, width)]
+            else:
+                tiles = (len(tile_origins(height, preprocessing.tile, preprocessing.tile_overlap))
+                         * len(tile_origins(width, preprocessing.tile, preprocessing.tile_overlap)))
+                parts = [(preprocessing.tile, preprocessing.tile)] * tiles  # fmt: skip
+            count += sum(math.ceil(h / stride) * math.ceil(w / stride) for h, w in parts)
+        sampler = self.config.sampler
+        subsampled = sampler.name != "identity" and sampler.percentage < 1.0
+        fraction = sampler.percentage if subsampled else 1.0
+        per_feature = (sampler.projection_dimension + 3) * 4 if subsampled else 0
+        bank = math.ceil(count * fraction) * self.config.target_embed_dimension * 4
+        return FitMemoryEstimate(count, count * per_feature + bank)
+
+    def check_fit_memory(self, working_sizes: Iterable[tuple[int, int]], name: str) -> None:
+        """A ConfigurationError, before any work, when fitting on images of `working_sizes`
+        needs more memory than the device has available (`available_memory_bytes`)."""
+        estimate = self.fit_memory_estimate(working_sizes)
+        available = available_memory_bytes(self.device)
+        if available is not None and estimate.bytes > available:
+            raise ConfigurationError(
+                f"{name}: fitting needs about {estimate.bytes / 2**30:.1f} GiB of memory "
+                f"({estimate.patch_features} patch features), more than the "
+                f"{available / 2**30:.1f} GiB available on {self.device}; use fewer or smaller "
+                "training images (--resize, --scale, --max_size) or a smaller sampler "
+                "percentage (-p)"
+            )
+
     @torch.inference_mode()
     def fit(self, batches: Iterable) -> None:
         """Builds the memory bank from batches of normal training images.
