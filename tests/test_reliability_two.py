@@ -509,7 +509,7 @@ def test_a_dashboard_path_holding_a_nul_byte_is_one_line_and_no_traceback_reache
                            "(4x4 for layer strides up to 16 on a 64 px input")),
     ({"pretrain_embed_dimension": 100_000_000}, ("--pretrain_embed_dimension 100000000 is above "
                                                 "the 3456 values of the layers' patch features")),
-    ({"target_embed_dimension": 1000}, ("--target_embed_dimension 1000 is above the 128 values "
+    ({"target_embed_dimension": 5000}, ("--target_embed_dimension 5000 is above the 128 values "
                                        "of 2 layer(s)")),
 ])  # fmt: skip
 def test_model_options_beyond_what_the_backbone_can_use_are_refused_before_any_work(
@@ -523,6 +523,7 @@ def test_model_options_beyond_what_the_backbone_can_use_are_refused_before_any_w
         PatchCore(small_config(**changes))
     assert str(raised.value).startswith(message), str(raised.value)
     PatchCore(small_config(patchsize=7))  # 2 x 4 - 1: still reaches feature-map cells
+    PatchCore(small_config(target_embed_dimension=1024))  # repeats values, as the reference
 
 
 def test_the_fit_memory_is_estimated_and_a_fit_that_cannot_fit_is_refused_first(

@@ -50,6 +50,7 @@ def images_of(batch) -> torch.Tensor:
 
 
 BACKBONE_PROBE_SIDE = 64  # side of the blank image the backbone's strides are read from
+UNCHECKED_EMBED_DIMENSION = 4096  # embedding dimensions up to this are never refused
 
 
 @torch.inference_mode()
@@ -58,7 +59,8 @@ def check_against_backbone(config: PatchCoreConfig, embedder, device: torch.devi
     memory): a patch size beyond what the smallest layer's feature map of the smallest model
     input (`smallest_model_input_side`) can fill, a pretrain dimension above the width of the
     layers' patch features (channels x patch size squared, all layers together), and a
-    target dimension above what the layers' pretrain dimensions add up to. One blank image
+    target dimension above what the layers' pretrain dimensions add up to (both only beyond
+    UNCHECKED_EMBED_DIMENSION). One blank image
     of BACKBONE_PROBE_SIDE pixels through the backbone gives its channels and strides."""
     probe = torch.zeros(1, 3, BACKBONE_PROBE_SIDE, BACKBONE_PROBE_SIDE, device=device)
     maps = embedder.extractor(probe)
@@ -73,19 +75,24 @@ def check_against_backbone(config: PatchCoreConfig, embedder, device: torch.devi
             f"input: a patch beyond {largest_patch} only adds zero padding); use at most "
             f"{largest_patch}"
         )
+    # Beyond the features' width the adaptive poolings only repeat values; up to
+    # UNCHECKED_EMBED_DIMENSION (the reference's defaults and more) any dimension is accepted.
     width = sum(int(m.shape[1]) for m in maps) * config.patchsize**2
-    if config.pretrain_embed_dimension > width:
+    pretrain_limit = max(width, UNCHECKED_EMBED_DIMENSION)
+    if config.pretrain_embed_dimension > pretrain_limit:
         raise ConfigurationError(
             f"--pretrain_embed_dimension {config.pretrain_embed_dimension} is above the "
-            f"{width} values of the layers' patch features (channels x patch size squared); "
-            f"use at most {width}"
+            f"{width} values of the layers' patch features (channels x patch size squared), "
+            f"so it would only repeat them; use at most {pretrain_limit}"
         )
     combined = len(maps) * config.pretrain_embed_dimension
-    if config.target_embed_dimension > combined:
+    target_limit = max(combined, UNCHECKED_EMBED_DIMENSION)
+    if config.target_embed_dimension > target_limit:
         raise ConfigurationError(
             f"--target_embed_dimension {config.target_embed_dimension} is above the {combined} "
             f"values of {len(maps)} layer(s) at --pretrain_embed_dimension "
-            f"{config.pretrain_embed_dimension}; use at most {combined}"
+            f"{config.pretrain_embed_dimension}, so it would only repeat them; use at most "
+            f"{target_limit}"
         )
 
 
