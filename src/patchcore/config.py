@@ -6,6 +6,7 @@ Every option is checked once, when its dataclass is built; code further down tru
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 
 from patchcore.errors import ConfigurationError
@@ -37,6 +38,25 @@ def _require(condition: bool, message: str) -> None:
         raise ConfigurationError(message)
 
 
+MAX_SEED = 2**63 - 2  # torch generators take 64-bit seeds; samplers also use seed + 1
+
+
+def check_seed(seed: int, option: str = "--seed") -> None:
+    """A seed every random generator of the library accepts: an integer in [0, MAX_SEED]."""
+    _require(
+        isinstance(seed, int) and 0 <= seed <= MAX_SEED,
+        f"{option} must be an integer between 0 and {MAX_SEED}, got {seed}",
+    )
+
+
+def check_threshold_quantile(quantile: float | None) -> None:
+    """--threshold_quantile: None (keep or default) or a number in [0, 1], NaN refused."""
+    _require(
+        quantile is None or (math.isfinite(quantile) and 0.0 <= quantile <= 1.0),
+        f"--threshold_quantile must be a number in [0, 1], got {quantile}",
+    )
+
+
 def check_loader_settings(batch_size: int, num_workers: int) -> None:
     """The image loader's --batch_size and --num_workers, checked for every command."""
     _require(batch_size >= 1, f"--batch_size must be >= 1, got {batch_size}")
@@ -60,12 +80,45 @@ def split_seeded_name(name: str) -> tuple[str, int | None]:
     _require(
         seed.isdigit(), f"backbone name '{name}': the part after '{SEED_SUFFIX}' must be an integer"
     )
+    check_seed(int(seed), f"backbone name '{name}': the seed after '{SEED_SUFFIX}'")
     return base, int(seed)
 
 
 CROP_MODES = ("center", "none")
 MASK_RULES = ("reference", "binary")
 MIN_IMAGE_SIDE = 32  # smallest model input side: a stride-16 layer still has a 2 x 2 grid
+
+# Memory bounds on images (README "Reliability"). An image is refused from its header, before
+# it is decoded, when it holds more than the image limit of pixels or its sides are more than
+# MAX_ASPECT_RATIO times apart; and before it is resized when its resized (working) image would
+# hold more than the working limit. The options --resize and --tile are bounded by the working
+# limit too. Both limits can be changed with the environment variables named here.
+MAX_IMAGE_PIXELS = 8192 * 8192
+MAX_WORKING_PIXELS = 4096 * 4096
+MAX_ASPECT_RATIO = 100
+IMAGE_PIXELS_VARIABLE = "PATCHCORE_MAX_IMAGE_PIXELS"
+WORKING_PIXELS_VARIABLE = "PATCHCORE_MAX_WORKING_PIXELS"
+
+
+def pixel_limit(variable: str, default: int) -> int:
+    """The pixel limit the environment variable `variable` sets, or `default`; a
+    ConfigurationError names the variable when it is not a positive integer."""
+    text = os.environ.get(variable, "").strip()
+    if not text:
+        return default
+    _require(text.isdigit() and int(text) > 0,
+             f"{variable} must be a positive number of pixels, got '{text}'")  # fmt: skip
+    return int(text)
+
+
+def working_pixel_limit() -> int:
+    """Most pixels a resized (working) image may hold (MAX_WORKING_PIXELS, or the variable)."""
+    return pixel_limit(WORKING_PIXELS_VARIABLE, MAX_WORKING_PIXELS)
+
+
+def image_pixel_limit() -> int:
+    """Most pixels an image file may decode to (MAX_IMAGE_PIXELS, or the variable)."""
+    return pixel_limit(IMAGE_PIXELS_VARIABLE, MAX_IMAGE_PIXELS)
 
 
 @dataclass(frozen=True)
@@ -97,6 +150,18 @@ class PreprocessingConfig:
         _require(
             self.resize >= MIN_IMAGE_SIDE,
             f"--resize must be an integer >= {MIN_IMAGE_SIDE}, got {self.resize}",
+        )
+        working_limit = working_pixel_limit()
+        _require(
+            self.resize * self.resize <= working_limit,
+            f"--resize {self.resize} makes working images of at least {self.resize}x"
+            f"{self.resize} pixels, more than the limit of {working_limit} "
+            f"({WORKING_PIXELS_VARIABLE}); use at most {math.isqrt(working_limit)}",
+        )
+        _require(
+            self.tile is None or self.tile * self.tile <= working_limit,
+            f"--tile {self.tile} makes tiles of more than the limit of {working_limit} pixels "
+            f"({WORKING_PIXELS_VARIABLE}); use at most {math.isqrt(working_limit)}",
         )
         _require(
             self.crop == "none" or MIN_IMAGE_SIDE <= self.imagesize <= self.resize,
@@ -149,6 +214,7 @@ class SamplerConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        check_seed(self.seed, "the sampler's seed")
         _require(
             self.name in SAMPLER_NAMES,
             f"sampler must be one of {', '.join(SAMPLER_NAMES)}, got '{self.name}'",
@@ -238,6 +304,7 @@ class PatchCoreConfig:
     backbone_statistics: str = "reference"
 
     def __post_init__(self) -> None:
+        check_seed(self.seed)
         _require(bool(self.backbone_name), "backbone name must not be empty")
         _require(
             self.backbone_statistics in BACKBONE_STATISTICS,

@@ -25,7 +25,6 @@ import importlib
 import importlib.util
 import logging
 import math
-import pickle
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +47,7 @@ from patchcore.evaluation.metrics import (
 )
 from patchcore.evaluation.reporting import write_results_csv
 from patchcore.files import check_writable
+from patchcore.model.serialization import first_line, read_weights_file
 from patchcore.progress import track
 
 LOGGER = logging.getLogger(__name__)
@@ -215,21 +215,13 @@ def available_categories(dataset_path: Path, weights_path: Path) -> tuple[str, .
 def load_submission(cls: type, path: Path, device: torch.device) -> torch.nn.Module:
     """Constructs `cls()` and restores it from `path`, as challenge evaluators do; the file
     is read with `weights_only=True`, so it cannot run code whatever torch's defaults are."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as error:
-        raise ModelFormatError(f"{path}: cannot read weights ({_first_line(error)})") from error
+    state = read_weights_file(path)
     model = cls()
     try:
         model.load_state_dict(state)
     except RuntimeError as error:
-        raise ModelFormatError(f"{path}: {_first_line(error)}") from error
+        raise ModelFormatError(f"{path}: {first_line(error)}") from error
     return model.to(device).eval()
-
-
-def _first_line(error: Exception) -> str:
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return " ".join(lines[:2]) if lines else type(error).__name__
 
 
 def load_test_pair(sample: Sample) -> tuple[torch.Tensor, torch.Tensor]:

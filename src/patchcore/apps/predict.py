@@ -78,7 +78,6 @@ from patchcore.data.preprocessing import (
     map_to_input_frame,
     open_image,
     to_tensor,
-    working_size,
 )
 from patchcore.errors import ConfigurationError, DataError, ModelFormatError
 from patchcore.evaluation.ensemble import decision_statistics, predict_new_images
@@ -90,7 +89,13 @@ from patchcore.evaluation.visualization import (
     hidden_reject_note,
     mark_peak,
 )
-from patchcore.files import atomic_write, check_writable, staged_path, unique_file_stems
+from patchcore.files import (
+    atomic_write,
+    check_writable,
+    printable_name,
+    staged_path,
+    unique_file_stems,
+)
 from patchcore.model.calibration import NormalStatistics, colour_range, decide, decision_label
 from patchcore.model.identity import model_identity, saved_model_format
 from patchcore.model.patchcore import PatchCore
@@ -249,9 +254,7 @@ class PredictionDataset(torch.utils.data.Dataset):
                 image = to_tensor(picture)
             else:
                 check_working_size(
-                    self.paths[index],
-                    working_size((picture.height, picture.width), self.preprocessing),
-                    self.preprocessing,
+                    self.paths[index], (picture.height, picture.width), self.preprocessing
                 )
                 image = image_tensor(picture, self.preprocessing)
         except DataError as error:
@@ -277,7 +280,8 @@ class ResultWriter:
         if self.csv is None:
             self.handle.write(json.dumps(record) + "\n")
         else:
-            self.csv.writerow([record[column] for column in COLUMNS])
+            self.csv.writerow([printable_name(value) if isinstance(value, str) else value
+                               for value in (record[column] for column in COLUMNS)])  # fmt: skip
         self.handle.flush()
 
 

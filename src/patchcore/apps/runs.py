@@ -8,16 +8,24 @@ saved before any optional output, so a failure there never loses a trained model
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
 from patchcore.apps.model_card import TrainingImages, model_card
-from patchcore.config import DatasetConfig, PatchCoreConfig, PreprocessingConfig, SearchConfig
+from patchcore.config import (
+    DatasetConfig,
+    PatchCoreConfig,
+    PreprocessingConfig,
+    SearchConfig,
+    check_threshold_quantile,
+)
 from patchcore.data.datasets import list_samples, split_loader
 from patchcore.errors import ConfigurationError
 from patchcore.evaluation.ensemble import calibrate_ensemble, decision_statistics
@@ -27,8 +35,8 @@ from patchcore.evaluation.records import write_predictions
 from patchcore.evaluation.reporting import merge_results_csv, write_results_csv
 from patchcore.evaluation.testset import TestSetResult, evaluate_models
 from patchcore.evaluation.visualization import save_segmentation_images
-from patchcore.files import check_writable
-from patchcore.layout import RESULTS_FILE, RunLayout, create_run_folder
+from patchcore.files import check_writable, exclusive_lock_if_free, make_folder
+from patchcore.layout import RESULTS_FILE, RunLayout, new_run_folder
 from patchcore.model.calibration import (
     DEFAULT_THRESHOLD_QUANTILE,
     NormalStatistics,
@@ -56,6 +64,9 @@ class OutputOptions:
     merge_results: bool = False
     results_order: tuple[str, ...] = ()
 
+    def __post_init__(self) -> None:
+        check_threshold_quantile(self.threshold_quantile)
+
 
 @dataclass(frozen=True)
 class PreprocessingRequest:
@@ -68,6 +79,25 @@ class PreprocessingRequest:
     tile: int | None = None
     tile_overlap: float | None = None
     scale: float | None = None
+
+    def __post_init__(self) -> None:
+        """Options that would have no effect with the others given are refused, naming both."""
+        crop = self.crop or "center"
+        crop_option = f"--crop {crop}" + ("" if self.crop else " (the default)")
+        conflicts = [
+            (self.max_size is not None and crop == "center",
+             (f"--max_size has no effect with {crop_option}: the centre crop is --imagesize "
+             "square; give --crop none to cap the longer side, or leave --max_size out")),
+            (self.tile_overlap is not None and self.tile is None,
+             ("--tile_overlap has no effect without --tile; give --tile or leave "
+             "--tile_overlap out")),
+            (self.imagesize is not None and crop == "none",
+             (f"--imagesize has no effect with {crop_option}: the whole image is inspected at "
+             "--resize (or --scale, --max_size); leave --imagesize out")),
+        ]  # fmt: skip
+        for conflict, message in conflicts:
+            if conflict:
+                raise ConfigurationError(message)
 
     def given(self) -> dict:
         return {
@@ -222,6 +252,7 @@ def train_run(
             if len(model_configs) > 1:
                 LOGGER.info("%s: fitting %s", name, member)
             model = PatchCore(replace(config, preprocessing=dataset.preprocessing), device, search)
+            model.check_fit_memory(train_loader.dataset.model_input_sizes(), name)
             model.fit(train_loader)
             if calibration_loader is train_loader:
                 calibrate = model.calibrate_leave_one_out
@@ -349,15 +380,30 @@ def evaluate_run(
     return rows
 
 
-def evaluation_folder(results_folder: Path) -> Path:
-    """Where an evaluation writes: RESULTS_PATH, or, when it already holds a results.csv,
-    a new sibling folder `RESULTS_PATH_0`, `_1`, ... (logged), so nothing is overwritten."""
-    results_folder = Path(results_folder)
-    if not RunLayout(results_folder).results_csv.exists():
-        return results_folder
-    folder = create_run_folder(results_folder.parent, "", results_folder.name)
-    LOGGER.warning(
-        "%s already holds a %s from an earlier run; writing this evaluation to %s instead",
-        results_folder, RESULTS_FILE, folder,
-    )  # fmt: skip
-    return folder
+@contextlib.contextmanager
+def evaluation_folder(results_folder: Path) -> Iterator[Path]:
+    """Claims, for the block, where an evaluation writes: RESULTS_PATH when it holds no
+    results.csv and no other evaluation is writing there (an exclusive lock beside it, held
+    for the block and released by the system if the process dies); otherwise a new sibling
+    folder `RESULTS_PATH_0`, `_1`, ... (logged), created atomically, so concurrent
+    evaluations never share a folder and nothing is overwritten. A folder this evaluation
+    created and left empty by a failure is removed."""
+    results_folder = check_writable(Path(results_folder))
+    with exclusive_lock_if_free(results_folder) as claimed:
+        if claimed and not RunLayout(results_folder).results_csv.exists():
+            created = not results_folder.exists()
+            make_folder(results_folder)
+            try:
+                yield results_folder
+            except BaseException:
+                if created:
+                    with contextlib.suppress(OSError):  # not empty: what was written stays
+                        results_folder.rmdir()
+                raise
+            return
+    with new_run_folder(results_folder.parent, "", results_folder.name) as folder:
+        reason = (f"already holds a {RESULTS_FILE} from an earlier run" if claimed
+                  else "is being written by another evaluation")  # fmt: skip
+        LOGGER.warning("%s %s; writing this evaluation to %s instead", results_folder, reason,
+                       folder)  # fmt: skip
+        yield folder

@@ -36,7 +36,9 @@ from patchcore.model.calibration import NormalStatistics
 from patchcore.model.serialization import (
     config_fields,
     config_from_meta,
+    first_line,
     oldest_version,
+    read_weights_file,
     records_backbone_statistics,
     records_scale,
 )
@@ -222,16 +224,12 @@ class TorchModel(ExportedModel):
         from patchcore.model.module import PatchCoreModule
 
         super().__init__(path, None)
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except (RuntimeError, OSError, EOFError) as error:
-            raise ModelFormatError(
-                f"{path}: not a readable torch weights file ({error})"
-            ) from error
-        if not isinstance(state, dict):
-            raise ModelFormatError(f"{path}: expected a PatchCoreModule state dict")
+        state = read_weights_file(path)
         self.module = PatchCoreModule()
-        self.module.load_state_dict(state)
+        try:
+            self.module.load_state_dict(state)
+        except (RuntimeError, ValueError, KeyError, TypeError) as error:
+            raise ModelFormatError(f"{path}: not a PatchCoreModule's weights ({first_line(error)})") from error
         self.module.to(device).eval()
 
     @property

@@ -6,9 +6,11 @@ the threshold and normal statistics are measured again on them (same quantile as
 or `--threshold_quantile`), an ensemble's combined scale too; otherwise the saved ones are
 kept and the log says so.
 
-The new version is written next to the old one and moved into place only when complete
-(`patchcore.files.staged_path`): until then MODEL_DIR is the old model, and a failure leaves
-it untouched. `--output DIR` writes the new version elsewhere and keeps MODEL_DIR as it is.
+The new version is written next to the old one and exchanged with it only when complete
+(`patchcore.files.staged_path`): at every instant MODEL_DIR is a complete model, the old one
+until the exchange, and a failure or a kill leaves it untouched; leftovers of a killed update
+are recovered or removed by the next load or update. A MODEL_DIR that is a symbolic link
+stays one: the folder it points to is updated. `--output DIR` writes the new version elsewhere and keeps MODEL_DIR as it is.
 Concurrent updates of one model wait for each other (`patchcore.files.exclusive_lock`).
 Each update is recorded in the folder's `update_history.json`.
 """
@@ -25,11 +27,16 @@ import torch
 
 from patchcore import __version__
 from patchcore.apps.predict import resolve_inputs
-from patchcore.config import PreprocessingConfig, SearchConfig, check_loader_settings
+from patchcore.config import (
+    PreprocessingConfig,
+    SearchConfig,
+    check_loader_settings,
+    check_threshold_quantile,
+)
 from patchcore.data.datasets import GOOD, ImageDataset, Sample, SizeGroupedBatchSampler
 from patchcore.errors import ConfigurationError, ModelFormatError
 from patchcore.evaluation.ensemble import calibrate_ensemble, decision_statistics
-from patchcore.files import exclusive_lock
+from patchcore.files import exclusive_lock, link_target
 from patchcore.model.calibration import DEFAULT_THRESHOLD_QUANTILE, NormalStatistics
 from patchcore.model.identity import MODEL_CARD_FILE
 from patchcore.model.patchcore import PatchCore
@@ -65,9 +72,7 @@ class UpdateOptions:
         if not self.images:
             raise ConfigurationError("give at least one IMAGES file, folder or pattern")
         check_loader_settings(self.batch_size, self.num_workers)
-        quantile = self.threshold_quantile
-        if quantile is not None and not 0.0 <= quantile <= 1.0:
-            raise ConfigurationError(f"--threshold_quantile must be in [0, 1], got {quantile}")
+        check_threshold_quantile(self.threshold_quantile)
 
     @property
     def destination(self) -> Path:
@@ -165,7 +170,7 @@ def _recalibrate(
 def run_update(options: UpdateOptions) -> UpdateSummary:
     """Loads MODEL_DIR, adds the images, recalibrates if asked, saves the new version. Two
     updates of one model take turns (a lock beside the folder), so neither is lost."""
-    with exclusive_lock(options.model_dir):
+    with exclusive_lock(link_target(options.model_dir)):
         return _update(options)
 
 

@@ -15,14 +15,18 @@ import ctypes
 import ctypes.util
 import functools
 import logging
+import math
 import os
+import signal
 import sys
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import click
 
+from patchcore.config import MAX_SEED
 from patchcore.errors import ConfigurationError, PatchCoreError
 from patchcore.progress import disable_bars
 
@@ -43,9 +47,25 @@ GLIBC_M_TRIM_THRESHOLD = -1
 GLIBC_M_MMAP_THRESHOLD = -3
 MMAP_THRESHOLD_BYTES = 4 * 1024 * 1024
 TRIM_THRESHOLD_BYTES = 256 * 1024 * 1024
+TERMINATED_EXIT_CODE = 128 + signal.SIGTERM  # what a shell reports for a process ended by SIGTERM
 
 
 # ------------------------------------------------------------------------ options
+class _Quantile(click.FloatRange):
+    """A number in [0, 1]; unlike click's FloatRange, NaN is refused."""
+
+    name = "quantile"
+
+    def convert(self, value, param, ctx):
+        number = super().convert(value, param, ctx)
+        if math.isnan(number):
+            self.fail(f"{value!r} is not a number in [0, 1].", param, ctx)
+        return number
+
+
+QUANTILE = _Quantile(0, 1)
+
+
 @dataclass(frozen=True)
 class CommonOptions:
     """The shared options of one command invocation."""
@@ -100,7 +120,8 @@ def common_options(seed: SeedOption | None = None):
         ]  # fmt: skip
         if seed is not None:
             options.append(
-                click.option("--seed", type=int, default=seed.default, show_default=True,
+                click.option("--seed", type=click.IntRange(0, MAX_SEED), default=seed.default,
+                             show_default=True,
                              help=seed.help)
             )  # fmt: skip
         options += [
@@ -133,8 +154,10 @@ def resolve_device(gpu: tuple[int, ...], device: str | None) -> torch.device:
         LOGGER.info("Running on the CPU (--gpu %d)", gpu[0])
         return torch.device("cpu")
     if not torch.cuda.is_available():
-        LOGGER.warning("--gpu %d given but CUDA is not available; running on the CPU", gpu[0])
-        return torch.device("cpu")
+        raise ConfigurationError(
+            f"--gpu {gpu[0]}: CUDA is not available on this machine; use --gpu -1 or "
+            "--device cpu to run on the CPU"
+        )
     return _cuda_device(gpu[0], f"--gpu {gpu[0]}", torch)
 
 
@@ -199,7 +222,8 @@ def run_guarded(job: Callable[[], int | None], common: CommonOptions) -> None:
     configure_process(common)
     LOGGER.debug("Command line: %s", " ".join(sys.argv))
     try:
-        code = job()
+        with _termination_ends_like_an_error():
+            code = job()
     except PatchCoreError as error:
         if _show_traceback(common):
             raise
@@ -216,6 +240,26 @@ def run_guarded(job: Callable[[], int | None], common: CommonOptions) -> None:
         ) from error
     if code:
         click.get_current_context().exit(code)
+
+
+@contextlib.contextmanager
+def _termination_ends_like_an_error() -> Iterator[None]:
+    """For the block, SIGTERM (`kill`, a scheduler stopping the job) raises SystemExit with
+    exit code 143 instead of ending the process on the spot, so the cleanup of a failure runs:
+    an empty run folder and unfinished staging copies are removed. The previous handler is
+    restored afterwards. Only the main thread can handle signals; elsewhere nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _exit_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _exit_terminated(signum: int, frame) -> None:
+    raise SystemExit(TERMINATED_EXIT_CODE)
 
 
 def _show_traceback(common: CommonOptions) -> bool:
@@ -241,6 +285,12 @@ class _OrderHint:
             return super().parse_args(ctx, args)
         except click.NoSuchOption as error:
             error.message += ORDER_HINT
+            raise
+        except click.MissingParameter as error:
+            # A required option given after a positional argument is read as missing.
+            names = (*error.param.opts, *error.param.secondary_opts) if error.param else ()
+            if any(arg.split("=", 1)[0] in names for arg in args):
+                error.message = f"{error.message or ''}{ORDER_HINT}".strip()
             raise
 
 

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 import click
 
 from patchcore.cli.common import (
+    QUANTILE,
     CommonOptions,
     OrderHintGroup,
     SeedOption,
@@ -226,8 +227,9 @@ def _dataset_command(group: click.Group, training: bool) -> click.Command:
         from patchcore.apps.runs import PreprocessingRequest
 
         _refuse_non_default("--augment", augment, False, "PatchCore trains on unaugmented images")
-        request = PreprocessingRequest(resize, imagesize, crop, max_size, tile, tile_overlap, scale)
         with usage_errors():
+            request = PreprocessingRequest(resize, imagesize, crop, max_size, tile, tile_overlap,
+                                           scale)  # fmt: skip
             config = DatasetConfig(
                 name=name,
                 data_path=data_path,
@@ -295,7 +297,7 @@ def _dataset_command(group: click.Group, training: bool) -> click.Command:
 @click.option("--save_patchcore_model", is_flag=True,
               help="Save each dataset's model under models/<dataset>/.")
 @click.option(
-    "--threshold_quantile", type=click.FloatRange(0, 1), default=0.99, show_default=True,
+    "--threshold_quantile", type=QUANTILE, default=0.99, show_default=True,
     help="Decision threshold saved with the model = this quantile of held-out normal image scores.",
 )  # fmt: skip
 def train_cli(common, **_options):
@@ -493,11 +495,11 @@ def _evaluate(commands, results_path, **params):
             ensemble_normalisation=params["ensemble_normalisation"],
         )
         device = common.torch_device()
-        folder = evaluation_folder(Path(results_path))
-        rows = evaluate_run(
-            folder, [Path(p) for p in loader.model_folders], dataset.config, dataset.request,
-            device, loader.search, output,
-        )  # fmt: skip
+        with evaluation_folder(Path(results_path)) as folder:
+            rows = evaluate_run(
+                folder, [Path(p) for p in loader.model_folders], dataset.config, dataset.request,
+                device, loader.search, output,
+            )  # fmt: skip
         _show_results(rows, folder / "results.csv")
 
     run_guarded(job, common)

@@ -6,12 +6,12 @@ from pathlib import Path
 
 import click
 
-from patchcore.cli.common import common_options, run_guarded, usage_errors
+from patchcore.cli.common import QUANTILE, common_options, run_guarded, usage_errors
 from patchcore.config import BANK_STORAGES
 
 
 @click.command()
-@click.argument("model_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("model_dir", type=click.Path(file_okay=False, path_type=Path))
 @click.argument("images", nargs=-1, required=True)
 @click.option("--output", "-o", type=click.Path(file_okay=False, path_type=Path),
               help="Write the updated model here and leave MODEL_DIR as it is "
@@ -27,7 +27,7 @@ from patchcore.config import BANK_STORAGES
 @click.option("--normal_images", multiple=True,
               help="Held-out normal images (file, folder or pattern; repeat) to recalibrate "
                    "the threshold and normal statistics on [keep the saved ones].")
-@click.option("--threshold_quantile", type=click.FloatRange(0, 1), default=None,
+@click.option("--threshold_quantile", type=QUANTILE, default=None,
               help="Quantile of the normal images' scores used as threshold [the saved one].")
 @click.option("--batch_size", type=int, default=4, show_default=True,
               help="Images per forward pass.")

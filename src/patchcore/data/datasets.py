@@ -25,11 +25,13 @@ import torch
 from patchcore.config import DatasetConfig, PreprocessingConfig
 from patchcore.data.preprocessing import (
     check_working_size,
+    image_header,
     image_size_of,
     image_tensor,
     mask_tensor,
     open_image,
     open_mask,
+    unusual_mask_encoding,
     working_size,
 )
 from patchcore.errors import ConfigurationError, DataError
@@ -181,18 +183,25 @@ class ImageDataset(torch.utils.data.Dataset):
         that each image opens and each mask has its image's size: bad files are reported
         before any work starts, at a few milliseconds per image."""
         if self._original_sizes is None:
-            self._original_sizes = [_checked_size(sample) for sample in self.samples]
+            checked = [_checked_size(sample) for sample in self.samples]
+            self._original_sizes = [size for size, _ in checked]
+            _warn_unusual_masks(self.samples, [encoding for _, encoding in checked])
         return self._original_sizes
 
     def working_sizes(self) -> list[tuple[int, int]]:
         """(height, width) of every image as the model sees it; a DataError names the first
         image too small for the model (or for a tile) before any work starts, and one
         warning counts the images smaller than the model's input (they are upsampled)."""
-        sizes = [working_size(size, self.preprocessing) for size in self.original_sizes()]
-        for sample, size in zip(self.samples, sizes, strict=True):
-            check_working_size(sample.image_path, size, self.preprocessing)
+        sizes = self.model_input_sizes()
+        for sample, original in zip(self.samples, self.original_sizes(), strict=True):
+            check_working_size(sample.image_path, original, self.preprocessing)
         _warn_small_images(self.samples, self.original_sizes(), sizes)
         return sizes
+
+    def model_input_sizes(self) -> list[tuple[int, int]]:
+        """(height, width) of every image as the model sees it, unchecked (`working_sizes`
+        checks them, once, before a loader is made)."""
+        return [working_size(size, self.preprocessing) for size in self.original_sizes()]
 
     def load_mask(self, sample: Sample, image_size: tuple[int, int]) -> torch.Tensor:
         """The mask of `sample` for an image of (height, width) `image_size`; zeros without one."""
@@ -243,16 +252,34 @@ def _warn_small_images(
         )  # fmt: skip
 
 
-def _checked_size(sample: Sample) -> tuple[int, int]:
+def _warn_unusual_masks(samples: list[Sample], encodings: list[str | None]) -> None:
+    """One warning for a data set's masks stored in an unusual encoding (see
+    `patchcore.data.preprocessing.unusual_mask_encoding`): how many, and the first."""
+    unusual = [(sample.mask_path, encoding) for sample, encoding in zip(samples, encodings,
+               strict=True) if encoding is not None]  # fmt: skip
+    if unusual:
+        path, encoding = unusual[0]
+        LOGGER.warning(
+            "%d of %d masks are not 8-bit grey, e.g. %s (%s); every non-zero pixel of them "
+            "is read as a defect", len(unusual), sum(s.mask_path is not None for s in samples),
+            path, encoding,
+        )  # fmt: skip
+
+
+def _checked_size(sample: Sample) -> tuple[tuple[int, int], str | None]:
+    """(height, width) of the sample's image from its header, and its mask's unusual
+    encoding (None when usual or without mask)."""
     width, height = image_size_of(sample.image_path, verify=True)
+    encoding = None
     if sample.mask_path is not None:
-        mask_width, mask_height = image_size_of(sample.mask_path, verify=True)
+        (mask_width, mask_height), mode = image_header(sample.mask_path, verify=True)
         if (mask_width, mask_height) != (width, height):
             raise DataError(
                 f"{sample.mask_path}: mask is {mask_width}x{mask_height} but its image "
                 f"{sample.image_path} is {width}x{height}"
             )
-    return height, width
+        encoding = unusual_mask_encoding(mode)
+    return (height, width), encoding
 
 
 class SizeGroupedBatchSampler(torch.utils.data.Sampler):

@@ -23,6 +23,10 @@ Masks, two rules (`mask_rule`):
   reference's pixel metrics and its anomaly-only image selection).
 - `binary`: nearest-neighbour resize and a threshold at half (value > 127 of 255).
 A mask stored as 0/1 (not 0/255) is detected, logged with its file name, and read as 0/255.
+A mask in any other encoding than 8-bit grey or 1-bit (RGB or palette colours as annotation
+tools write them, 16- or 32-bit values such as 16-bit 0/1) is read as 0/255 with every
+non-zero pixel (in any colour channel; alpha ignored) a defect, under both rules; a data set
+warns once about such masks (`unusual_mask_encoding`).
 
 `to_model_input` and `map_to_input_frame` are the tensor forms of the same geometry, for
 callers that hold float images already (the exported module and exported graphs): resize and
@@ -39,6 +43,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,7 +52,16 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
-from patchcore.config import MASK_RULES, MIN_IMAGE_SIDE, PreprocessingConfig
+from patchcore.config import (
+    IMAGE_PIXELS_VARIABLE,
+    MASK_RULES,
+    MAX_ASPECT_RATIO,
+    MIN_IMAGE_SIDE,
+    WORKING_PIXELS_VARIABLE,
+    PreprocessingConfig,
+    image_pixel_limit,
+    working_pixel_limit,
+)
 from patchcore.errors import ConfigurationError, DataError
 
 LOGGER = logging.getLogger(__name__)
@@ -87,17 +101,48 @@ def open_image(path: Path, mode: str = "RGB") -> Image.Image:
     """Opens and fully decodes an image file in `mode` ("RGB" or "L"), naming the file in any
     error; 16-bit and float images are scaled to 8 bits (see the module docstring)."""
     path = Path(path)
+    return _decoded(path, lambda image: _eight_bit(path, image).convert(mode))
+
+
+def image_header_problem(size: tuple[int, int]) -> str | None:
+    """What is wrong with an image of (width, height) `size`, read from its header: more
+    pixels than an image may decode to, or sides more than MAX_ASPECT_RATIO times apart (see
+    the limits in `patchcore.config`); None when nothing is."""
+    width, height = size
+    limit = image_pixel_limit()
+    if width * height > limit:
+        return (f"{width}x{height} pixels, more than the limit of {limit} for one image "
+                f"({IMAGE_PIXELS_VARIABLE}); reduce the image or raise the limit")  # fmt: skip
+    if max(width, height) > MAX_ASPECT_RATIO * max(1, min(width, height)):
+        return (f"{width}x{height} pixels, sides more than {MAX_ASPECT_RATIO} times apart; "
+                "not an image the model can inspect")  # fmt: skip
+    return None
+
+
+def _decoded(path: Path, convert) -> Image.Image:
+    """`convert` of the fully decoded image file `path`, its size checked from the header
+    before decoding (`image_header_problem`); a DataError names the file."""
     try:
         with Image.open(path) as image:
-            image.load()
-            return _eight_bit(path, image).convert(mode)
+            problem = image_header_problem(image.size)
+            if problem is None:
+                image.load()
+                return convert(image)
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError,
             Image.DecompressionBombError) as error:  # fmt: skip
         raise DataError(f"{path}: cannot read image ({error})") from error
+    raise DataError(f"{path}: {problem}")
 
 
 def image_size_of(path: Path, verify: bool = False) -> tuple[int, int]:
-    """(width, height) of an image file from its header, without decoding the pixels.
+    """(width, height) of an image file from its header, without decoding the pixels
+    (`image_header`)."""
+    return image_header(path, verify)[0]
+
+
+def image_header(path: Path, verify: bool = False) -> tuple[tuple[int, int], str]:
+    """(width, height) and Pillow mode of an image file from its header, without decoding
+    the pixels; a DataError for a size `image_header_problem` refuses.
 
     `verify=True` also checks the file's structure without decoding it (Pillow's `verify`:
     for PNG every chunk and its checksum, so a truncated or damaged PNG is found at a few
@@ -105,18 +150,51 @@ def image_size_of(path: Path, verify: bool = False) -> tuple[int, int]:
     """
     try:
         with Image.open(path) as image:
-            size = image.size
+            size, mode = image.size, image.mode
             if verify:
                 image.verify()
-            return size
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError,
             Image.DecompressionBombError) as error:  # fmt: skip
         raise DataError(f"{path}: cannot read image ({error})") from error
+    problem = image_header_problem(size)
+    if problem is not None:
+        raise DataError(f"{path}: {problem}")
+    return size, mode
+
+
+STANDARD_MASK_MODES = ("L", "1")  # 8-bit grey and 1-bit: read as they are
+_ALPHA_MODES = ("RGBA", "LA", "PA", "La", "RGBa")
+
+
+def unusual_mask_encoding(mode: str) -> str | None:
+    """A description of a mask file's Pillow `mode` when it is not 8-bit grey or 1-bit (such
+    masks are read with every non-zero pixel a defect), else None."""
+    if mode in STANDARD_MASK_MODES:
+        return None
+    if mode in (*SIXTEEN_BIT_MODES, "I"):
+        return f"{'16' if mode in SIXTEEN_BIT_MODES else '32'}-bit values ({mode})"
+    return {"F": "32-bit float values (F)", "P": "palette colours (P)"}.get(mode, f"colour ({mode})")
+
+
+def _non_zero_as_defect(image: Image.Image) -> Image.Image:
+    """An "L" 0/255 mask: 255 where any colour channel of `image` is non-zero."""
+    if image.mode in ("P", "PA"):
+        image = image.convert("RGBA")
+    values = np.asarray(image)
+    if image.mode in _ALPHA_MODES or image.mode == "RGBA":
+        values = values[..., :-1]
+    defect = values != 0
+    if defect.ndim == 3:
+        defect = defect.any(axis=2)
+    return Image.fromarray(np.where(defect, EIGHT_BIT_MAX, 0).astype(np.uint8), mode="L")
 
 
 def open_mask(path: Path) -> Image.Image:
-    """A mask file as an 8-bit "L" image; a 0/1 mask is read as 0/255 (and logged)."""
-    mask = open_image(path, "L")
+    """A mask file as an 8-bit "L" image; a 0/1 mask is read as 0/255 (and logged); a mask
+    of an unusual encoding (`unusual_mask_encoding`) has every non-zero pixel as 255."""
+    path = Path(path)
+    mask = _decoded(path, lambda image: image.convert("L") if image.mode in STANDARD_MASK_MODES
+                    else _non_zero_as_defect(image))  # fmt: skip
     values = np.asarray(mask)
     if values.max(initial=0) == 1:
         LOGGER.warning("%s: mask values are 0/1, not 0/255; reading 1 as defect", path)
@@ -154,9 +232,19 @@ def working_size(size: tuple[int, int], config: PreprocessingConfig) -> tuple[in
     return resized_size(size, config.resize, config.max_size, config.scale)
 
 
-def check_working_size(path: Path, size: tuple[int, int], config: PreprocessingConfig) -> None:
-    """A DataError naming `path` when its working (height, width) `size` is smaller than the
-    model's smallest input or than a tile."""
+def check_working_size(path: Path, original: tuple[int, int], config: PreprocessingConfig) -> None:
+    """A DataError naming `path` when the image of (height, width) `original` would, once
+    resized, hold more pixels than the working limit, or its working image is smaller than
+    the model's smallest input or than a tile."""
+    frame = frame_of(original, config)
+    limit = working_pixel_limit()
+    if frame.resized[0] * frame.resized[1] > limit:
+        raise DataError(
+            f"{path}: resized to {frame.resized[1]}x{frame.resized[0]} pixels, more than the "
+            f"working limit of {limit} ({WORKING_PIXELS_VARIABLE}); use a smaller --resize, "
+            "--scale or --max_size, or raise the limit"
+        )
+    size = frame.size
     if min(size) < MIN_IMAGE_SIDE:
         raise DataError(
             f"{path}: the working image is {size[1]}x{size[0]} pixels, smaller than the "
@@ -168,6 +256,19 @@ def check_working_size(path: Path, size: tuple[int, int], config: PreprocessingC
             f"{path}: --tile {config.tile} is larger than the working image ({size[1]}x{size[0]}); "
             "use a smaller --tile or a larger --resize or --scale"
         )
+
+
+def smallest_model_input_side(config: PreprocessingConfig) -> int:
+    """The shortest side a model input (a tile, with tiles) of `config` can have, as far as
+    the configuration says: the crop, the resized shorter side, or, when every image is
+    scaled by one factor, the largest side the working limit allows."""
+    if config.crop == "center":
+        side = config.imagesize
+    elif config.scale is None:
+        side = config.resize
+    else:
+        side = math.isqrt(working_pixel_limit())
+    return min(side, config.tile) if config.tile is not None else side
 
 
 @dataclass(frozen=True)

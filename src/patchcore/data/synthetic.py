@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +39,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
+from patchcore.config import WORKING_PIXELS_VARIABLE, working_pixel_limit
 from patchcore.errors import ConfigurationError
 
 __all__ = [
@@ -120,6 +122,12 @@ def _check_int(name: str, value: object, minimum: int) -> None:
 def _validate_spec(spec: SyntheticSpec) -> None:
     """Check every field of ``spec``."""
     _check_int("image_size", spec.image_size, _MIN_IMAGE_SIZE)
+    largest = math.isqrt(working_pixel_limit())
+    if spec.image_size > largest:
+        raise ConfigurationError(
+            f"SyntheticSpec.image_size must be at most {largest} (the working image limit, "
+            f"{WORKING_PIXELS_VARIABLE}), got {spec.image_size}"
+        )
     _check_int("num_train", spec.num_train, 1)
     _check_int("num_test_good", spec.num_test_good, 1)
     _check_int("num_test_defective_per_type", spec.num_test_defective_per_type, 1)

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from patchcore.errors import DataError
-from patchcore.files import atomic_write_bytes, make_folder
+from patchcore.files import atomic_write_bytes, make_folder, printable_name
 from patchcore.model.calibration import NormalStatistics
 
 CSV_FILE = "predictions.csv"
@@ -68,9 +68,9 @@ def write_predictions(folder: Path, predictions: DatasetPredictions) -> Path:
     writer = csv.writer(table)
     writer.writerow(CSV_COLUMNS)
     for row in zip(
-        predictions.image_names,
-        predictions.image_paths,
-        predictions.defect_types,
+        map(printable_name, predictions.image_names),
+        map(printable_name, predictions.image_paths),
+        map(printable_name, predictions.defect_types),
         predictions.is_anomaly.astype(int),
         predictions.has_mask.astype(int),
         (repr(float(score)) for score in predictions.scores),

@@ -16,6 +16,7 @@ import csv
 import logging
 import math
 import os
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
@@ -81,10 +82,18 @@ def _format_cell(value: float) -> str:
     return "" if math.isnan(number) else repr(number)
 
 
-def _parse_cell(text: str) -> float:
-    """Inverse of `_format_cell`: an empty cell reads as NaN."""
+_NUMBER = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?|[+-]?(?:nan|inf)", re.IGNORECASE)
+
+
+def _parse_cell(text: str, where: str) -> float:
+    """Inverse of `_format_cell`: an empty cell reads as NaN; anything but a number is a
+    DataError naming `where` (file, row and column)."""
     stripped = text.strip()
-    return math.nan if not stripped else float(stripped)
+    if not stripped:
+        return math.nan
+    if _NUMBER.fullmatch(stripped) is None:
+        raise DataError(f"{where}: expected a number or an empty cell, got {stripped[:40]!r}")
+    return float(stripped)
 
 
 def _csv_records(rows: Rows) -> list[list[str]]:
@@ -158,7 +167,8 @@ def read_results_csv(path: Path) -> dict[str, dict[str, float]]:
                 f"{path}:{line_number}: expected {len(columns) + 1} cells, got {len(record)}"
             )
         table[record[0]] = {
-            c: _parse_cell(cell) for c, cell in zip(columns, record[1:], strict=True)
+            c: _parse_cell(cell, f"{path}:{line_number}: row {record[0]!r}, column {c!r}")
+            for c, cell in zip(columns, record[1:], strict=True)
         }
     return table
 

@@ -33,7 +33,7 @@ from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 
 from patchcore.errors import DataError
-from patchcore.files import atomic_write, make_folder, unique_file_stems
+from patchcore.files import atomic_write, make_folder, printable_name, unique_file_stems
 from patchcore.model.calibration import colour_range as default_colour_range
 from patchcore.model.calibration import decide, decision_label
 from patchcore.progress import track
@@ -291,7 +291,7 @@ def _per_image(values: Sequence | ArrayLike, argument: str, count: int) -> list:
 
 def _title(name: str, score: float, threshold: float | None) -> str:
     """Figure title: the name, the image score and, with a threshold, the decision."""
-    text = f"{name}  |  score {score:.4g}"
+    text = f"{printable_name(name)}  |  score {score:.4g}"
     if threshold is None:
         return text
     rejected = bool(decide(score, threshold))

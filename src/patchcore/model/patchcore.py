@@ -10,15 +10,22 @@ backbone; ensembles are lists of them (see `patchcore.evaluation.ensemble`). Ima
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import replace
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 import torch
 
 from patchcore.config import PatchCoreConfig, SearchConfig
-from patchcore.data.preprocessing import check_model_input, cut_tiles
-from patchcore.errors import DataError
+from patchcore.data.preprocessing import (
+    check_model_input,
+    cut_tiles,
+    smallest_model_input_side,
+    tile_origins,
+)
+from patchcore.errors import ConfigurationError, DataError
 from patchcore.model.bank_file import MappedBank
 from patchcore.model.calibration import (
     DEFAULT_THRESHOLD_QUANTILE,
@@ -47,6 +54,78 @@ def images_of(batch) -> torch.Tensor:
     return batch["image"] if isinstance(batch, dict) else batch
 
 
+BACKBONE_PROBE_SIDE = 64  # side of the blank image the backbone's strides are read from
+UNCHECKED_EMBED_DIMENSION = 4096  # embedding dimensions up to this are never refused
+
+
+@torch.inference_mode()
+def check_against_backbone(config: PatchCoreConfig, embedder, device: torch.device) -> None:
+    """Refuses, before any work, options the backbone cannot use (they would only exhaust
+    memory): a patch size beyond what the smallest layer's feature map of the smallest model
+    input (`smallest_model_input_side`) can fill, a pretrain dimension above the width of the
+    layers' patch features (channels x patch size squared, all layers together), and a
+    target dimension above what the layers' pretrain dimensions add up to (both only beyond
+    UNCHECKED_EMBED_DIMENSION). One blank image
+    of BACKBONE_PROBE_SIDE pixels through the backbone gives its channels and strides."""
+    probe = torch.zeros(1, 3, BACKBONE_PROBE_SIDE, BACKBONE_PROBE_SIDE, device=device)
+    maps = embedder.extractor(probe)
+    side = smallest_model_input_side(config.preprocessing)
+    stride = max(BACKBONE_PROBE_SIDE / min(m.shape[-2:]) for m in maps)
+    smallest_map = max(1, int(side / stride))
+    largest_patch = 2 * smallest_map - 1  # centred on any cell, a larger patch adds padding only
+    if config.patchsize > largest_patch:
+        raise ConfigurationError(
+            f"--patchsize {config.patchsize} is larger than the smallest feature map allows "
+            f"({smallest_map}x{smallest_map} for layer strides up to {stride:g} on a {side} px "
+            f"input: a patch beyond {largest_patch} only adds zero padding); use at most "
+            f"{largest_patch}"
+        )
+    # Beyond the features' width the adaptive poolings only repeat values; up to
+    # UNCHECKED_EMBED_DIMENSION (the reference's defaults and more) any dimension is accepted.
+    width = sum(int(m.shape[1]) for m in maps) * config.patchsize**2
+    pretrain_limit = max(width, UNCHECKED_EMBED_DIMENSION)
+    if config.pretrain_embed_dimension > pretrain_limit:
+        raise ConfigurationError(
+            f"--pretrain_embed_dimension {config.pretrain_embed_dimension} is above the "
+            f"{width} values of the layers' patch features (channels x patch size squared), "
+            f"so it would only repeat them; use at most {pretrain_limit}"
+        )
+    combined = len(maps) * config.pretrain_embed_dimension
+    target_limit = max(combined, UNCHECKED_EMBED_DIMENSION)
+    if config.target_embed_dimension > target_limit:
+        raise ConfigurationError(
+            f"--target_embed_dimension {config.target_embed_dimension} is above the {combined} "
+            f"values of {len(maps)} layer(s) at --pretrain_embed_dimension "
+            f"{config.pretrain_embed_dimension}, so it would only repeat them; use at most "
+            f"{target_limit}"
+        )
+
+
+def available_memory_bytes(device: torch.device) -> int | None:
+    """Memory a fit can still use on `device`: the GPU's free memory, or on the CPU Linux's
+    MemAvailable (free memory plus caches it can drop); None where it cannot be told."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    meminfo = Path("/proc/meminfo")
+    if not meminfo.is_file():
+        return None
+    for line in meminfo.read_text().splitlines():
+        name, _, value = line.partition(":")
+        if name == "MemAvailable" and value.split() and value.split()[0].isdigit():
+            return int(value.split()[0]) * 1024
+    return None
+
+
+@dataclass(frozen=True)
+class FitMemoryEstimate:
+    """What fitting on a set of images holds in memory at its peak, roughly: the sampler's
+    projections of every patch feature and its distances, and the memory bank (the patch
+    features themselves wait in a temporary file on the CPU, see `feature_store`)."""
+
+    patch_features: int
+    bytes: int
+
+
 class PatchCore:
     """A PatchCore anomaly detector on one backbone."""
 
@@ -62,6 +141,7 @@ class PatchCore:
         self.config = config
         self.device = torch.device(device)
         self.embedder = build_embedder(config).to(self.device)
+        check_against_backbone(config, self.embedder, self.device)
         self.index = build_bank_index(config.index, search, self.device)
         self.memory_bank: torch.Tensor | None = None
         self.normal_statistics: NormalStatistics | None = None
@@ -93,6 +173,43 @@ class PatchCore:
             yield self.embed(part)[0]
 
     # ---------------------------------------------------------------------- fit
+    @torch.inference_mode()
+    def fit_memory_estimate(self, working_sizes: Iterable[tuple[int, int]]) -> FitMemoryEstimate:
+        """The memory `fit` needs for training images of (height, width) `working_sizes`."""
+        probe = torch.zeros(1, 3, BACKBONE_PROBE_SIDE, BACKBONE_PROBE_SIDE, device=self.device)
+        grid = self.embed(probe)[1]
+        stride = BACKBONE_PROBE_SIDE / grid[0]  # of the patch grid (the first layer's map)
+        preprocessing = self.config.preprocessing
+        count = 0
+        for height, width in working_sizes:
+            if preprocessing.tile is None:
+                parts = [(height, width)]
+            else:
+                tiles = (len(tile_origins(height, preprocessing.tile, preprocessing.tile_overlap))
+                         * len(tile_origins(width, preprocessing.tile, preprocessing.tile_overlap)))
+                parts = [(preprocessing.tile, preprocessing.tile)] * tiles  # fmt: skip
+            count += sum(math.ceil(h / stride) * math.ceil(w / stride) for h, w in parts)
+        sampler = self.config.sampler
+        subsampled = sampler.name != "identity" and sampler.percentage < 1.0
+        fraction = sampler.percentage if subsampled else 1.0
+        per_feature = (sampler.projection_dimension + 3) * 4 if subsampled else 0
+        bank = math.ceil(count * fraction) * self.config.target_embed_dimension * 4
+        return FitMemoryEstimate(count, count * per_feature + bank)
+
+    def check_fit_memory(self, working_sizes: Iterable[tuple[int, int]], name: str) -> None:
+        """A ConfigurationError, before any work, when fitting on images of `working_sizes`
+        needs more memory than the device has available (`available_memory_bytes`)."""
+        estimate = self.fit_memory_estimate(working_sizes)
+        available = available_memory_bytes(self.device)
+        if available is not None and estimate.bytes > available:
+            raise ConfigurationError(
+                f"{name}: fitting needs about {estimate.bytes / 2**30:.1f} GiB of memory "
+                f"({estimate.patch_features} patch features), more than the "
+                f"{available / 2**30:.1f} GiB available on {self.device}; use fewer or smaller "
+                "training images (--resize, --scale, --max_size) or a smaller sampler "
+                "percentage (-p)"
+            )
+
     @torch.inference_mode()
     def fit(self, batches: Iterable) -> None:
         """Builds the memory bank from batches of normal training images.

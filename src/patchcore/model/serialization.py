@@ -43,8 +43,8 @@ from patchcore.config import (
     SamplerConfig,
     SearchConfig,
 )
-from patchcore.errors import ConfigurationError, ModelFormatError, PatchCoreError
-from patchcore.files import is_staging, staged_path
+from patchcore.errors import ConfigurationError, DataError, ModelFormatError, PatchCoreError
+from patchcore.files import is_staging, recover_folder, staged_path
 from patchcore.model.bank_file import MappedBank, write_bank_file
 from patchcore.model.calibration import NormalStatistics
 from patchcore.model.indexes import bank_storage_of
@@ -116,12 +116,32 @@ def read_plain_pickle(path: Path):
     """Unpickles `path` without ever importing or calling anything."""
     try:
         return _PlainDataUnpickler(io.BytesIO(path.read_bytes())).load()
-    except PatchCoreError:
-        raise
+    except PatchCoreError as error:
+        raise ModelFormatError(f"{path}: {error}") from error
     except OSError as error:
         raise ModelFormatError(f"{path}: cannot read ({error.strerror})") from error
     except (pickle.UnpicklingError, EOFError, ValueError, IndexError, KeyError) as error:
         raise ModelFormatError(f"{path}: not a readable parameter file ({error})") from error
+
+
+def read_weights_file(path: Path) -> dict:
+    """The state dict of a torch weights file (an exported `.pth`), read with
+    `weights_only=True`, so no code in it runs whatever torch's defaults are; a
+    ModelFormatError names the file, in one line, for anything else."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError,
+            AttributeError, ImportError) as error:  # fmt: skip
+        raise ModelFormatError(f"{path}: cannot read weights ({first_line(error)})") from error
+    if not isinstance(state, dict):
+        raise ModelFormatError(f"{path}: expected a state dict, found {type(state).__name__}")
+    return state
+
+
+def first_line(error: BaseException) -> str:
+    """The gist of an error from below in one line: its first two non-empty lines, joined."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return " ".join(lines[:2]) if lines else type(error).__name__
 
 
 def reference_parameters(config: PatchCoreConfig) -> dict:
@@ -278,6 +298,7 @@ def member_prefixes(folder: Path) -> list[str]:
             f"{folder}: an unfinished copy left by an interrupted save, not a model; use the "
             "model folder beside it, or delete it"
         )
+    recover_folder(folder)  # a replacement killed half-way (see patchcore.files)
     if not folder.is_dir():
         raise ModelFormatError(f"{folder}: model folder does not exist")
     prefixes = [path.name[: -len(PARAMS_FILE)] for path in folder.glob(f"*{PARAMS_FILE}")]
@@ -476,10 +497,11 @@ def load_model(
     if search.index is None and config.index.approximate:
         model.index.read(folder / f"{prefix}{approximate_index_file(config.index.kind)}")
     bank_path = folder / f"{prefix}{INDEX_FILE}"
-    if search.bank_storage == "mmap":
-        model.set_memory_bank(MappedBank(bank_path))
-    else:
-        model.set_memory_bank(read_memory_bank(bank_path))
+    bank = MappedBank(bank_path) if search.bank_storage == "mmap" else read_memory_bank(bank_path)
+    try:
+        model.set_memory_bank(bank)
+    except DataError as error:  # the bank's rows, width or values: name the file
+        raise ModelFormatError(f"{bank_path}: {error}; save or train the model again") from error
     if meta.get("normal_statistics") is not None:
         model.normal_statistics = _statistics_from_meta(meta["normal_statistics"], str(meta_path))
     return model
@@ -491,11 +513,35 @@ def load_models(
     search: SearchConfig | None = None,
     reference_resize: int = 256,
 ) -> list[PatchCore]:
-    """Every model in `folder`: one, or all ensemble members in order."""
-    return [
-        load_model(folder, prefix, device, search, reference_resize)
-        for prefix in member_prefixes(folder)
-    ]
+    """Every model in `folder`: one, or all ensemble members in order.
+
+    A folder replaced while it is read (`patchcore-update` exchanges it with the new version
+    in one step) is read again, so the models are all of one version, never a mix."""
+    for _ in range(_READ_ATTEMPTS):
+        version = _folder_version(folder)
+        models = [
+            load_model(folder, prefix, device, search, reference_resize)
+            for prefix in member_prefixes(folder)
+        ]
+        if _folder_version(folder) == version:
+            return models
+    raise ModelFormatError(
+        f"{folder}: replaced by another version {_READ_ATTEMPTS} times while it was being "
+        "read; load it again when the updates are over"
+    )
+
+
+_READ_ATTEMPTS = 3
+
+
+def _folder_version(folder: Path) -> tuple[int, int] | None:
+    """What tells one version of a model folder from the next: every replacement puts a new
+    folder (a new inode) in place."""
+    try:
+        status = Path(folder).stat()
+    except OSError:
+        return None
+    return status.st_dev, status.st_ino
 
 
 def load_ensemble_statistics(folder: Path) -> NormalStatistics | None:

@@ -80,6 +80,7 @@ class ResultsRoot:
         text = str(folder).strip()
         if not text:
             raise DataError("no results folder given: start the dashboard with --results DIR")
+        _refuse_nul(text)
         path = Path(text).expanduser().resolve()
         if not path.is_dir():
             raise DataError(f"{folder}: the results folder does not exist or is not a folder")
@@ -88,6 +89,7 @@ class ResultsRoot:
     def inside(self, path: Path | str) -> Path:
         """`path` (relative to the root, or absolute) resolved, symbolic links followed;
         DataError when it contains '..' or leads outside the root."""
+        _refuse_nul(str(path))
         candidate = Path(str(path).strip()).expanduser()
         if ".." in candidate.parts:
             raise DataError(f"{path}: '..' is not allowed; give a folder inside {self.path}")
@@ -96,6 +98,13 @@ class ResultsRoot:
             raise DataError(f"{path}: outside the results folder {self.path}; only folders "
                             "inside it can be used")  # fmt: skip
         return resolved
+
+
+def _refuse_nul(text: str) -> None:
+    """A DataError for a path holding a NUL byte, which no file system accepts."""
+    if "\x00" in text:
+        shown = text.replace("\x00", "\\0")
+        raise DataError(f"{shown}: a path cannot hold a NUL byte (\\0); give a folder name")
 
 
 def _within(path: Path, folder: Path) -> bool:

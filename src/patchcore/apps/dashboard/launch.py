@@ -50,6 +50,8 @@ def streamlit_command(
         "--server.headless", "true" if headless else "false",
         "--browser.gatherUsageStats", "false", "--client.toolbarMode", "minimal",
         "--server.fileWatcherType", "none",
+        # An uncaught error shows its message only: no traceback (server paths) in a browser.
+        "--client.showErrorDetails", "false",
         "--", "--results", str(results), "--device", device,
         *(["--allow_scoring"] if allow_scoring else []),
     ]  # fmt: skip
