@@ -193,6 +193,29 @@ def test_new_images_are_decided_on_the_scale_they_are_scored_on():
     assert refused.threshold is None and "cannot be put on" in refused.refusal
 
 
+def test_sidebar_and_new_images_panel_tell_one_threshold_story():
+    """A test_minmax ensemble whose members carry a threshold: the sidebar no longer says
+    that no threshold was saved while the new-images panel decides at it."""
+    statistics = NormalStatistics(0.0, 1.0, 0.1, 1.2, 0.9, 0.99, 10)
+    on_test_scale = dataclasses.replace(
+        records(np.ones((2, 4, 4))), members=2, normalisation="test_minmax", threshold=None
+    )
+    assert not data.on_run_scale(on_test_scale)
+    decision = data.new_image_decision(on_test_scale, 0.5, statistics)
+    value, note = data.initial_threshold(None, SCORES, DEFECTIVE, decision.threshold)
+    assert value == pytest.approx(np.quantile([0.1, 0.3, 0.7], 0.99))  # the run's own scale
+    assert "no threshold was saved" not in note
+    assert data.score_text(decision.threshold, 5) in note and "Score new images" in note
+    assert data.score_text(statistics.threshold, 5) in decision.note  # the same number
+    # Without a member threshold the sidebar says so, and the panel refuses.
+    _, note = data.initial_threshold(None, SCORES, DEFECTIVE, None)
+    assert "no threshold was saved" in note
+    assert data.new_image_decision(on_test_scale, 0.5, None).refusal
+    # Single models and normal_stats ensembles are on the run's scale: the slider decides.
+    assert data.on_run_scale(dataclasses.replace(on_test_scale, normalisation="normal_stats"))
+    assert data.on_run_scale(dataclasses.replace(on_test_scale, members=1))
+
+
 def test_overlay_outlines_the_ground_truth_and_crops_stay_inside():
     image = np.zeros((40, 40, 3), dtype=np.uint8)
     mask = np.zeros((40, 40), dtype=bool)

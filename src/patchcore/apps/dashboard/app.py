@@ -259,11 +259,24 @@ def _reset_threshold(key: str, value: float) -> None:
     st.session_state[key] = value
 
 
+def new_images_threshold(view: View) -> float | None:
+    """The threshold saved with an ensemble's members when new images are decided at it
+    rather than at the slider's (test-set min-max runs; `data.new_image_decision`)."""
+    if data.on_run_scale(view.predictions):
+        return None
+    folder = data.model_folder(view.run.folder, view.category)
+    if folder is None:
+        return None
+    statistics = saved_ensemble_statistics(str(folder), data.folder_stamp(folder))
+    return None if statistics is None else statistics.threshold
+
+
 def choose_controls(view: View) -> Controls:
     predictions = view.predictions
     start, note = data.initial_threshold(
-        predictions.threshold, predictions.scores, predictions.is_anomaly
-    )
+        predictions.threshold, predictions.scores, predictions.is_anomaly,
+        new_images_threshold(view),
+    )  # fmt: skip
     bounds = data.slider_range(predictions.scores, start)
     key = f"threshold:{view.key}"
     threshold = st.sidebar.slider(
