@@ -620,3 +620,40 @@ def test_stopping_the_command_stops_the_streamlit_server(tmp_path, stop):
         if launcher.poll() is None:
             launcher.kill()
             launcher.wait()
+
+
+def test_each_defective_image_says_when_its_defect_lies_outside_the_inspected_region(tmp_path):
+    """The dashboard's per-image note uses the coverage logic of inspection_coverage.csv."""
+    from PIL import Image as PILImage
+
+    from patchcore.config import PreprocessingConfig
+    from patchcore.data.datasets import list_samples
+    from patchcore.evaluation.quality import inspection_coverage
+
+    category = tmp_path / "part"
+    (category / "train" / "good").mkdir(parents=True)
+    (category / "test" / "crack").mkdir(parents=True)
+    (category / "ground_truth" / "crack").mkdir(parents=True)
+    cases = {"corner": (slice(0, 10), slice(0, 10)), "edge": (slice(0, 40), slice(100, 140)),
+             "centre": (slice(120, 140), slice(120, 140))}  # fmt: skip
+    for name, (rows, columns) in cases.items():
+        PILImage.new("RGB", (256, 256), "grey").save(category / "test" / "crack" / f"{name}.png")
+        mask = np.zeros((256, 256), dtype=np.uint8)
+        mask[rows, columns] = 255
+        PILImage.fromarray(mask).save(category / "ground_truth" / "crack" / f"{name}_mask.png")
+    preprocessing = PreprocessingConfig()  # centre crop 224 of 256
+    note = {name: data.coverage_note(str(category / "test" / "crack" / f"{name}.png"), "crack",
+                                     preprocessing) for name in cases}  # fmt: skip
+    assert note == {
+        "corner": "defect wholly outside the inspected region (centre crop 224 of 256)",
+        "edge": "defect partly outside the inspected region (centre crop 224 of 256)",
+        "centre": "",
+    }
+    # The same answers as the run's counts, and none for whole images or unknown masks.
+    coverage = inspection_coverage(list_samples(tmp_path, "part", "test"), preprocessing)
+    assert [Path(p).stem for p in coverage.wholly_outside] == ["corner"]
+    assert [Path(p).stem for p in coverage.partly_outside] == ["edge"]
+    whole = PreprocessingConfig(crop="none")
+    assert data.coverage_note(str(category / "test" / "crack" / "corner.png"), "crack", whole) == ""
+    assert data.coverage_note(str(tmp_path / "elsewhere.png"), "crack", preprocessing) == ""
+    assert data.coverage_note(str(category / "test" / "crack" / "corner.png"), "crack", None) == ""

@@ -429,6 +429,21 @@ def tile_png(
     return data.png_bytes(data.side_by_side(image, heat)), found
 
 
+@st.cache_data(max_entries=4096, show_spinner=False)
+def cached_coverage_note(image_path: str, defect_type: str, preprocessing: tuple | None) -> str:
+    config = None if preprocessing is None else PreprocessingConfig(*preprocessing)
+    return data.coverage_note(image_path, defect_type, config)
+
+
+def coverage_note(view: View, index: int) -> str:
+    """A defective test image's note when its defect lies (partly) outside what was inspected."""
+    predictions = view.predictions
+    if not predictions.is_anomaly[index]:
+        return ""
+    return cached_coverage_note(predictions.image_paths[index], predictions.defect_types[index],
+                                view.preprocessing)  # fmt: skip
+
+
 def show_tile(view: View, controls: Controls, index: int, selected_key: str) -> None:
     identity = (view.folder, view.stamp, view.preprocessing, view.scale)
     mtime = file_mtime(view.predictions.image_paths[index])
@@ -436,6 +451,9 @@ def show_tile(view: View, controls: Controls, index: int, selected_key: str) -> 
     caption = data.image_caption(view.predictions, index, controls.threshold)
     if not found:
         caption += " · image file not found"
+    note = coverage_note(view, index)
+    if note:
+        caption += f" · {note}"
     st.image(png, caption=caption, width="stretch")
     st.button(
         "Inspect", key=f"inspect:{view.key}:{index}", on_click=_select, args=(selected_key, index)
