@@ -166,3 +166,55 @@ def test_unloadable_weights_name_the_file(weights, synthetic_root, tmp_path):
 
 def test_challenge_script_is_a_thin_entry_point(monkeypatch, capsys):
     assert "--weights_path" in run_script_help("evaluate_challenge.py", monkeypatch, capsys)
+
+
+def test_each_image_is_prepared_once_single_threaded_and_the_weights_load_once(
+    weights, synthetic_root, tmp_path, monkeypatch
+):
+    """The evaluator's per-image cost stays near evaluate's (README, bench/bench_challenge.py):
+    one weights load per category, one decode per image, the image preparation on one torch
+    thread (the model keeps the caller's), and one sort of the pixels for the metrics."""
+    from patchcore.apps import challenge
+    from patchcore.evaluation import metrics
+
+    calls = {"load": 0, "decode": [], "threads": [], "sorts": 0}
+    original_load, original_pair = torch.load, challenge.fixed_size_pair
+    original_sort = metrics._sort_packed
+
+    def counting_load(*arguments, **keywords):
+        calls["load"] += 1
+        return original_load(*arguments, **keywords)
+
+    def counting_pair(image_path, *arguments):
+        calls["decode"].append(image_path)
+        calls["threads"].append(torch.get_num_threads())
+        return original_pair(image_path, *arguments)
+
+    def counting_sort(*arguments, **keywords):
+        calls["sorts"] += 1
+        return original_sort(*arguments, **keywords)
+
+    monkeypatch.setattr(challenge.torch, "load", counting_load)
+    monkeypatch.setattr(challenge, "fixed_size_pair", counting_pair)
+    monkeypatch.setattr(metrics, "_sort_packed", counting_sort)
+    threads = torch.get_num_threads()
+    first = run_challenge(options(weights, synthetic_root, tmp_path / "r.csv"))
+    samples = list_samples(synthetic_root, "texture", "test", masks_required=True)
+    assert calls["load"] == 1
+    assert sorted(calls["decode"]) == sorted(s.image_path for s in samples)  # once each
+    assert set(calls["threads"]) == {1} and torch.get_num_threads() == threads
+    assert calls["sorts"] == 2  # the image scores once, the pixels once (was 4: one per metric)
+    # The same numbers as each metric computed on its own.
+    monkeypatch.undo()
+    model = challenge.load_submission(
+        PatchCoreModule, weights / "texture.pth", torch.device("cpu")
+    )
+    scores, labels, maps, masks = challenge.predict_category(
+        model, samples, options(weights, synthetic_root, tmp_path / "r.csv"), "texture"
+    )
+    assert first["texture"] == {
+        "instance_auroc": metrics.instance_auroc(scores, labels),
+        "full_pixel_auroc": metrics.full_pixel_auroc(maps, masks),
+        "instance_f1max": metrics.instance_f1max(scores, labels),
+        "pixel_f1max": metrics.pixel_f1max(maps, masks),
+    }

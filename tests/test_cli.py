@@ -1,5 +1,6 @@
 """Both command lines end to end on synthetic data, and their errors."""
 
+import dataclasses
 import logging
 import shutil
 import subprocess
@@ -10,8 +11,10 @@ import pytest
 from click.testing import CliRunner
 
 from patchcore.cli.runs import evaluate_cli, train_cli
+from patchcore.config import PreprocessingConfig, SamplerConfig, SearchConfig
 from patchcore.evaluation.records import read_predictions
 from patchcore.evaluation.reporting import read_results_csv
+from patchcore.model.serialization import load_models
 
 REPO = Path(__file__).resolve().parents[1]
 SAME_LOADING = ["--num_workers", "0", "--batch_size", "4"]  # same batches: bit-identical maps
@@ -172,7 +175,8 @@ def test_contradicting_the_saved_preprocessing_is_an_error(trained_run, tmp_path
 
 
 def test_two_backbone_ensemble_saves_members_and_reloads(tmp_path, synthetic_root):
-    backbones = ["-b", "efficientnet_lite0", "-b", "resnet18.seed-4", "--random_backbone_weights",
+    # Mixed members: EfficientNet-Lite0 with its ImageNet weights, a random-weight ResNet-18.
+    backbones = ["-b", "efficientnet_lite0", "-b", "resnet18.seed-4.random",
                  "-le", "0._blocks.4", "-le", "0._blocks.10", "-le", "1.layer2",
                  "--pretrain_embed_dimension", "256", "--target_embed_dimension", "128"]  # fmt: skip
     outcome = train(tmp_path / "train", synthetic_root, backbones, ["--save_patchcore_model"])
@@ -187,6 +191,30 @@ def test_two_backbone_ensemble_saves_members_and_reloads(tmp_path, synthetic_roo
     assert outcome.exit_code == 0, outcome.output
     assert read_results_csv(tmp_path / "eval" / "results.csv") == read_results_csv(
         tmp_path / "train" / "project" / "group" / "results.csv")  # fmt: skip
+    members = load_models(models)
+    assert [(m.config.backbone_name, m.config.pretrained, m.config.seed) for m in members] == [
+        ("efficientnet_lite0", True, 0), ("resnet18", False, 4)]  # fmt: skip
+
+
+def test_ensemble_members_can_mix_pretrained_and_random_weights():
+    from patchcore.cli.runs import ModelOptions, split_member_name
+
+    assert split_member_name("resnet18") == ("resnet18", None, False)
+    assert split_member_name("resnet18.random") == ("resnet18", None, True)
+    assert split_member_name("resnet18.seed-4.random") == ("resnet18", 4, True)
+    assert split_member_name("resnet18.random.seed-4") == ("resnet18", 4, True)
+    options = ModelOptions(
+        backbones=("efficientnet_lite0", "resnet18.seed-4.random"), layers=(),
+        pretrain_embed_dimension=64, target_embed_dimension=32, patchsize=3, num_nn=1,
+        distance="squared_l2", score_reweighting=False, random_backbone_weights=False,
+        search=SearchConfig(backend="torch"),
+    )  # fmt: skip
+    configs = options.configs(SamplerConfig(), 0, PreprocessingConfig())
+    assert [(c.backbone_name, c.pretrained, c.seed) for c in configs] == [
+        ("efficientnet_lite0", True, 0), ("resnet18", False, 4)]  # fmt: skip
+    every = dataclasses.replace(options, random_backbone_weights=True)
+    assert [c.pretrained for c in every.configs(SamplerConfig(), 0, PreprocessingConfig())] == [
+        False, False]  # fmt: skip
 
 
 def test_existing_run_folder_is_never_overwritten(tmp_path, synthetic_root, caplog):

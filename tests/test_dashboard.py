@@ -193,6 +193,29 @@ def test_new_images_are_decided_on_the_scale_they_are_scored_on():
     assert refused.threshold is None and "cannot be put on" in refused.refusal
 
 
+def test_sidebar_and_new_images_panel_tell_one_threshold_story():
+    """A test_minmax ensemble whose members carry a threshold: the sidebar no longer says
+    that no threshold was saved while the new-images panel decides at it."""
+    statistics = NormalStatistics(0.0, 1.0, 0.1, 1.2, 0.9, 0.99, 10)
+    on_test_scale = dataclasses.replace(
+        records(np.ones((2, 4, 4))), members=2, normalisation="test_minmax", threshold=None
+    )
+    assert not data.on_run_scale(on_test_scale)
+    decision = data.new_image_decision(on_test_scale, 0.5, statistics)
+    value, note = data.initial_threshold(None, SCORES, DEFECTIVE, decision.threshold)
+    assert value == pytest.approx(np.quantile([0.1, 0.3, 0.7], 0.99))  # the run's own scale
+    assert "no threshold was saved" not in note
+    assert data.score_text(decision.threshold, 5) in note and "Score new images" in note
+    assert data.score_text(statistics.threshold, 5) in decision.note  # the same number
+    # Without a member threshold the sidebar says so, and the panel refuses.
+    _, note = data.initial_threshold(None, SCORES, DEFECTIVE, None)
+    assert "no threshold was saved" in note
+    assert data.new_image_decision(on_test_scale, 0.5, None).refusal
+    # Single models and normal_stats ensembles are on the run's scale: the slider decides.
+    assert data.on_run_scale(dataclasses.replace(on_test_scale, normalisation="normal_stats"))
+    assert data.on_run_scale(dataclasses.replace(on_test_scale, members=1))
+
+
 def test_overlay_outlines_the_ground_truth_and_crops_stay_inside():
     image = np.zeros((40, 40, 3), dtype=np.uint8)
     mask = np.zeros((40, 40), dtype=bool)
@@ -597,3 +620,40 @@ def test_stopping_the_command_stops_the_streamlit_server(tmp_path, stop):
         if launcher.poll() is None:
             launcher.kill()
             launcher.wait()
+
+
+def test_each_defective_image_says_when_its_defect_lies_outside_the_inspected_region(tmp_path):
+    """The dashboard's per-image note uses the coverage logic of inspection_coverage.csv."""
+    from PIL import Image as PILImage
+
+    from patchcore.config import PreprocessingConfig
+    from patchcore.data.datasets import list_samples
+    from patchcore.evaluation.quality import inspection_coverage
+
+    category = tmp_path / "part"
+    (category / "train" / "good").mkdir(parents=True)
+    (category / "test" / "crack").mkdir(parents=True)
+    (category / "ground_truth" / "crack").mkdir(parents=True)
+    cases = {"corner": (slice(0, 10), slice(0, 10)), "edge": (slice(0, 40), slice(100, 140)),
+             "centre": (slice(120, 140), slice(120, 140))}  # fmt: skip
+    for name, (rows, columns) in cases.items():
+        PILImage.new("RGB", (256, 256), "grey").save(category / "test" / "crack" / f"{name}.png")
+        mask = np.zeros((256, 256), dtype=np.uint8)
+        mask[rows, columns] = 255
+        PILImage.fromarray(mask).save(category / "ground_truth" / "crack" / f"{name}_mask.png")
+    preprocessing = PreprocessingConfig()  # centre crop 224 of 256
+    note = {name: data.coverage_note(str(category / "test" / "crack" / f"{name}.png"), "crack",
+                                     preprocessing) for name in cases}  # fmt: skip
+    assert note == {
+        "corner": "defect wholly outside the inspected region (centre crop 224 of 256)",
+        "edge": "defect partly outside the inspected region (centre crop 224 of 256)",
+        "centre": "",
+    }
+    # The same answers as the run's counts, and none for whole images or unknown masks.
+    coverage = inspection_coverage(list_samples(tmp_path, "part", "test"), preprocessing)
+    assert [Path(p).stem for p in coverage.wholly_outside] == ["corner"]
+    assert [Path(p).stem for p in coverage.partly_outside] == ["edge"]
+    whole = PreprocessingConfig(crop="none")
+    assert data.coverage_note(str(category / "test" / "crack" / "corner.png"), "crack", whole) == ""
+    assert data.coverage_note(str(tmp_path / "elsewhere.png"), "crack", preprocessing) == ""
+    assert data.coverage_note(str(category / "test" / "crack" / "corner.png"), "crack", None) == ""

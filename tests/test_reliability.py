@@ -477,11 +477,11 @@ def test_evaluate_refuses_a_leftover_given_as_the_model(model_copy, synthetic_ro
 
 
 def test_overlays_are_written_atomically(tmp_path, monkeypatch):
-    def killed_while_saving(figure, path, **kwargs):
+    def killed_while_saving(picture, path, **kwargs):
         Path(path).write_bytes(b"\x89PNG half a file")
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(visualization.Figure, "savefig", killed_while_saving)
+    monkeypatch.setattr(Image.Image, "save", killed_while_saving)
     with pytest.raises(OutputError, match=r"overlays/x.png: cannot write \(No space left"):
         visualization.save_segmentation_images(
             tmp_path / "overlays", torch.rand(1, 3, 16, 16), torch.rand(1, 16, 16), [1.0], ["x"]

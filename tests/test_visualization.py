@@ -218,18 +218,14 @@ def test_empty_input_writes_nothing(tmp_path: Path) -> None:
 
 
 def test_every_colour_bar_marks_the_threshold() -> None:
-    from matplotlib.colors import Normalize
-
-    panel = visualization.SegmentationPanel(
-        np.zeros((16, 16, 3)), np.zeros((16, 16)), None, 1.5, "x"
-    )
-    figure = visualization.render_segmentation_figure(panel, Normalize(0.0, 2.0), 1.2)
-    bar_axes = figure.axes[-1]  # the colour bar of the anomaly-map panel
-    marks = {float(line.get_ydata()[0]) for line in bar_axes.lines}
-    assert marks == {1.2}
-    assert any(text.get_text() == "threshold 1.200" for text in bar_axes.texts)
-    without = visualization.render_segmentation_figure(panel, Normalize(0.0, 2.0), None)
-    assert not without.axes[-1].lines
+    # The overlays' vertical bar: a dark line across it at the threshold (the middle of a
+    # threshold-centred scale), none without a threshold.
+    marked = visualization.vertical_colour_bar_rgb((0.0, 2.0), 1.0, 300)
+    unmarked = visualization.vertical_colour_bar_rgb((0.0, 2.0), None, 300)
+    assert marked.shape == unmarked.shape and marked.shape[0] == 300
+    line = (marked.max(axis=-1) < 60) & (unmarked.max(axis=-1) >= 60)
+    rows = np.flatnonzero(line.sum(axis=1) >= 10)
+    assert len(rows) and abs(rows.mean() - 150) < 4
     # The colour bar image of predict's heat maps and the dashboard: the same colours, a
     # dark line at the threshold (the middle of a threshold-centred scale).
     bar = visualization.colour_bar_rgb((0.0, 2.0), 1.0, 400)
@@ -240,3 +236,63 @@ def test_every_colour_bar_marks_the_threshold() -> None:
     assert len(columns) and abs(columns.mean() - 200) < 4
     assert visualization._threshold_label(21293.2) == "threshold 21293"
     assert visualization._threshold_label(0.68403) == "threshold 0.6840"
+
+
+def _overlay(tmp_path: Path, **changes) -> np.ndarray:
+    """The pixels of one overlay of a mid-grey image whose map is 0 on the left, 3 on the right."""
+    image = torch.full((1, 3, 64, 64), 0.5)
+    anomaly_map = torch.zeros(1, 64, 64)
+    anomaly_map[:, :, 32:] = 3.0
+    arguments = {"images": image, "anomaly_maps": anomaly_map, "scores": [3.0], "names": ["x"],
+                 "colour_range": (0.0, 3.0), "threshold": 1.5, **changes}  # fmt: skip
+    return _pixels(save_segmentation_images(tmp_path, **arguments)[0])
+
+
+def test_overlay_map_panel_uses_the_shared_colour_scale_and_blend(tmp_path: Path) -> None:
+    pixels = _overlay(tmp_path)
+    grey = np.full((1, 1, 3), 128, dtype=np.uint8)
+    low = visualization.blend_heatmap(grey, np.zeros((1, 1)), (0.0, 3.0))[0, 0]
+    high = visualization.blend_heatmap(grey, np.full((1, 1), 3.0), (0.0, 3.0))[0, 0]
+    panel = visualization.MARGIN + 2 * (visualization.PANEL_SIZE + visualization.PANEL_GAP)
+    middle = visualization.TITLE_HEIGHT + visualization.PANEL_TITLE_HEIGHT + 150
+    assert np.array_equal(pixels[middle, panel + 40], low)  # the map's low half: dark blue
+    assert np.array_equal(pixels[middle, panel + 260], high)  # its high half: dark red
+    image_panel = pixels[middle, visualization.MARGIN + 150]
+    assert np.array_equal(image_panel, [128, 128, 128])
+    # A different colour range changes the colours: the scale is the one given.
+    rescaled = _overlay(tmp_path / "b", colour_range=(0.0, 6.0))
+    assert not np.array_equal(rescaled[middle, panel + 260], high)
+
+
+def test_overlays_render_matplotlib_once_per_call(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    draws = []
+    original = visualization.FigureCanvasAgg.draw
+
+    def counting(canvas, *arguments, **keywords):
+        draws.append(canvas)
+        return original(canvas, *arguments, **keywords)
+
+    monkeypatch.setattr(visualization.FigureCanvasAgg, "draw", counting)
+    paths = save_segmentation_images(tmp_path, **_inputs(), threshold=2.0)
+    assert len(paths) == COUNT and len(draws) == 1  # the colour bar, shared by every image
+
+
+def test_overlays_take_at_most_a_twentieth_of_a_second_per_image(tmp_path: Path) -> None:
+    """0.05 s per 224x224 image is the target (README, bench/bench_overlays.py); the bound
+    here is twice that, best of two, since the test machine is shared."""
+    import time
+
+    generator = torch.Generator().manual_seed(1)
+    count = 10
+    images = torch.rand(count, 3, 224, 224, generator=generator)
+    maps = torch.rand(count, 224, 224, generator=generator)
+    masks = (maps > 0.9).float()
+    best = float("inf")
+    for attempt in range(2):
+        start = time.perf_counter()
+        save_segmentation_images(tmp_path / str(attempt), images, maps, maps.amax(dim=(1, 2)),
+                                 [f"i{i}" for i in range(count)], masks=masks, threshold=0.5)  # fmt: skip
+        best = min(best, (time.perf_counter() - start) / count)
+    assert best < 0.1, f"{best:.3f} s per overlay"

@@ -53,6 +53,22 @@ if TYPE_CHECKING:
 DEFAULT_NUM_WORKERS = min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 
 
+RANDOM_WEIGHTS_SUFFIX = ".random"
+
+
+def split_member_name(name: str) -> tuple[str, int | None, bool]:
+    """An ensemble member as given to -b: `resnet18.seed-4.random` (or `resnet18.random.seed-4`)
+    -> (`resnet18`, 4, True): the backbone, its own seed or None, and whether it gets random
+    weights while the other members keep their pretrained ones."""
+    random_member = name.endswith(RANDOM_WEIGHTS_SUFFIX)
+    if random_member:
+        name = name.removesuffix(RANDOM_WEIGHTS_SUFFIX)
+    base, seed = split_seeded_name(name)
+    if base.endswith(RANDOM_WEIGHTS_SUFFIX):
+        base, random_member = base.removesuffix(RANDOM_WEIGHTS_SUFFIX), True
+    return base, seed, random_member
+
+
 @dataclass(frozen=True)
 class ModelOptions:
     """`patch_core` options: backbones and how their features become patch features."""
@@ -75,14 +91,14 @@ class ModelOptions:
     ) -> list[PatchCoreConfig]:
         """One model configuration per backbone; `i.layer` layers go to backbone i."""
         configs = []
-        for position, seeded_name in enumerate(self.backbones):
-            name, member_seed = split_seeded_name(seeded_name)
+        for position, marked_name in enumerate(self.backbones):
+            name, member_seed, random_member = split_member_name(marked_name)
             member_seed = seed if member_seed is None else member_seed
             configs.append(
                 PatchCoreConfig(
                     backbone_name=name,
                     layers=self._layers_of(position, name),
-                    pretrained=not self.random_backbone_weights,
+                    pretrained=not (self.random_backbone_weights or random_member),
                     pretrain_embed_dimension=self.pretrain_embed_dimension,
                     target_embed_dimension=self.target_embed_dimension,
                     patchsize=self.patchsize,
@@ -380,7 +396,8 @@ def _train(commands, results_path, **params):
 @train_cli.command("patch_core")
 @click.option("--backbone_names", "-b", type=str, multiple=True, default=["wideresnet50"],
               show_default=True,
-              help="Backbone; repeat for an ensemble; 'name.seed-N' gives a member its own seed.")
+              help="Backbone; repeat for an ensemble; 'name.seed-N' gives a member its own seed, "
+                   "'name.random' random weights (mixed with pretrained members).")
 @click.option("--layers_to_extract_from", "-le", type=str, multiple=True, default=[],
               help="Layer (module) name; repeat; 'i.layer' with several backbones. Default: "
                    "layer2 and layer3 (the backbone family's mid-level stages).")  # fmt: skip
@@ -408,7 +425,7 @@ def _train(commands, results_path, **params):
               help="Re-weight image scores by the paper's Eq. 7 (off in the reference).")
 @click.option("--random_backbone_weights", is_flag=True,
               help="Random weights for every backbone member (tests of mechanics and timing "
-                   "only; results are meaningless).")  # fmt: skip
+                   "only; results are meaningless); 'name.random' marks one member.")  # fmt: skip
 @click.option("--backbone_statistics", type=click.Choice(BACKBONE_STATISTICS), default="reference",
               show_default=True,
               help="BatchNorm statistics: 'reference' moves them by the reference's training-mode "

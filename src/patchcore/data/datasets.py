@@ -96,7 +96,8 @@ def _split_training(files: list[Path], split: str, train_val_split: float) -> li
     return files[:boundary] if split == "train" else files[boundary:]
 
 
-def _mask_for(category_root: Path, defect_type: str, image_path: Path) -> Path | None:
+def mask_for(category_root: Path, defect_type: str, image_path: Path) -> Path | None:
+    """The ground-truth mask of a test image of the MVTec layout, or None."""
     folder = category_root / "ground_truth" / defect_type
     for candidate in (folder / f"{image_path.stem}_mask.png", folder / f"{image_path.stem}.png"):
         if candidate.is_file():
@@ -148,7 +149,7 @@ def list_samples(
             if defect_type == GOOD:
                 samples.append(Sample(image_path, None, GOOD, False))
                 continue
-            mask_path = _mask_for(category_root, defect_type, image_path)
+            mask_path = mask_for(category_root, defect_type, image_path)
             if mask_path is None and masks_required:
                 raise DataError(
                     f"{image_path}: no mask; expected "

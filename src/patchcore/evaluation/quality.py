@@ -81,6 +81,20 @@ def defect_outside(mask: np.ndarray, region: np.ndarray) -> str:
     return "wholly" if inside == 0 else "partly"
 
 
+def mask_outside(mask_path: Path, preprocessing) -> str:
+    """`defect_outside` of one mask file (a pixel is defective at half intensity or more, at
+    the mask's own size) against the region `preprocessing` inspects."""
+    mask = np.asarray(open_image(mask_path, "L")) >= 128
+    return defect_outside(mask, inspected_region(mask.shape, preprocessing).numpy())
+
+
+def outside_note(where: str, preprocessing) -> str:
+    """One image's note for `defect_outside`'s answer, or '' when the defect is inside."""
+    if not where:
+        return ""
+    return f"defect {where} outside the inspected region ({inspected_words(preprocessing)})"
+
+
 def inspection_coverage(samples: Sequence[Sample], preprocessing) -> Coverage:
     """Counts the defective `samples` whose mask (a pixel is defective at half intensity or
     more, at the mask's own size) reaches outside `inspected_region`."""
@@ -88,9 +102,7 @@ def inspection_coverage(samples: Sequence[Sample], preprocessing) -> Coverage:
     with_mask = [sample for sample in defective if sample.mask_path is not None]
     outside: dict[str, list[str]] = {"wholly": [], "partly": []}
     for sample in with_mask:
-        mask = np.asarray(open_image(sample.mask_path, "L")) >= 128
-        region = inspected_region(mask.shape, preprocessing).numpy()
-        where = defect_outside(mask, region)
+        where = mask_outside(sample.mask_path, preprocessing)
         if where:
             outside[where].append(str(sample.image_path))
     return Coverage(len(defective), len(with_mask), tuple(outside["wholly"]),

@@ -11,14 +11,17 @@ Every heat map drawn by one call of `save_segmentation_images` uses the same col
 scale (by default the minimum and maximum over all maps given), so the same colour means
 the same anomaly score in every image of a run and images can be compared at a glance.
 
-Figures are built with the object-oriented matplotlib API on the Agg canvas, never with
-pyplot, so no global figure registry is touched and calls are safe from worker threads.
+Overlay PNGs are composed with numpy and PIL (`compose_overlay`); matplotlib draws only the
+colour bar, once per call (`vertical_colour_bar_rgb`), with the object-oriented API on the
+Agg canvas, never with pyplot, so no global figure registry is touched and calls are safe
+from worker threads.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +29,6 @@ from pathlib import Path
 import matplotlib
 import numpy as np
 import torch
-from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.cm import ScalarMappable
 from matplotlib.colors import Normalize
@@ -299,57 +301,115 @@ def _title(name: str, score: float, threshold: float | None) -> str:
     return f"{text} {relation} threshold {threshold:.4g}: {decision_label(rejected)}"
 
 
-def _plain_axes(axes: Axes, title: str) -> None:
-    """Give a panel its title and remove ticks and tick labels."""
-    axes.set_title(title, fontsize=10)
-    axes.set_xticks([])
-    axes.set_yticks([])
+# The overlay PNG is composed with numpy and PIL; matplotlib draws only its colour bar, once
+# per call of save_segmentation_images (the scale and threshold are shared by every image).
+PANEL_SIZE = 300  # pixels; each panel's image is fitted into a square of this side
+PANEL_GAP = 8
+MARGIN = 4
+TITLE_HEIGHT = 32
+PANEL_TITLE_HEIGHT = 20
+OVERLAY_BAR_WIDTH = 84  # pixels: the vertical colour bar with its ticks and labels
+NO_TRUTH_IMAGE_WEIGHT = 0.4  # how much of the image shows in the 'no ground truth' panel
 
 
-def _draw_mask(axes: Axes, image: np.ndarray, mask: np.ndarray | None) -> None:
-    """The ground-truth panel: the binary mask, or the image marked 'no ground truth'."""
-    _plain_axes(axes, "ground truth")
+def _font(size: int):
+    """PIL's built-in scalable font at `size` pixels."""
+    from PIL import ImageFont
+
+    return ImageFont.load_default(size=size)
+
+
+def vertical_colour_bar_rgb(
+    colour_range: tuple[float, float], threshold: float | None, height: int
+) -> np.ndarray:
+    """The overlays' vertical colour bar `height` pixels high as uint8 [height, w, 3] (white
+    background): low scores at the bottom, tick labels, "anomaly score", the threshold
+    marked by a black-and-white line and labelled to the left of the bar."""
+    vmin, vmax = _check_colour_range(colour_range)
+    width = OVERLAY_BAR_WIDTH
+    figure = Figure(figsize=(width / FIGURE_DPI, height / FIGURE_DPI), dpi=FIGURE_DPI,
+                    facecolor="white")  # fmt: skip
+    canvas = FigureCanvasAgg(figure)
+    axes = figure.add_axes((0.2, 0.03, 0.2, 0.94))
+    draw_colour_bar(figure, Normalize(vmin=vmin, vmax=vmax), threshold, "vertical", cax=axes)
+    canvas.draw()
+    pixels = np.asarray(canvas.buffer_rgba())[..., :3]
+    figure.clear()
+    return np.ascontiguousarray(pixels[:height, :width])
+
+
+def _fitted(pixels: np.ndarray, nearest: bool = False):
+    """uint8 [H, W, 3] as a PIL image fitted into PANEL_SIZE x PANEL_SIZE, aspect kept."""
+    from PIL import Image
+
+    height, width = pixels.shape[:2]
+    factor = PANEL_SIZE / max(height, width)
+    size = (max(1, round(width * factor)), max(1, round(height * factor)))
+    resample = Image.Resampling.NEAREST if nearest else Image.Resampling.BILINEAR
+    return Image.fromarray(pixels).resize(size, resample)
+
+
+def _mask_panel(image: np.ndarray, mask: np.ndarray | None):
+    """The ground-truth panel: the binary mask in black and white, or the image faded
+    towards white and marked 'no ground truth'."""
+    from PIL import ImageDraw
+
     if mask is not None:
-        axes.imshow(mask, cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
-        return
-    axes.imshow(image, alpha=0.4)
-    axes.text(
-        0.5, 0.5, "no ground truth", transform=axes.transAxes, ha="center", va="center",
-        fontsize=11, bbox={"facecolor": "white", "alpha": 0.85, "edgecolor": "grey"},
-    )  # fmt: skip
+        grey = np.where(mask > 0.5, 255, 0).astype(np.uint8)
+        return _fitted(np.repeat(grey[..., None], 3, axis=-1), nearest=True)
+    faded = NO_TRUTH_IMAGE_WEIGHT * image.astype(np.float64) + (1 - NO_TRUTH_IMAGE_WEIGHT) * 255
+    panel = _fitted(np.round(faded).astype(np.uint8))
+    draw, font, text = ImageDraw.Draw(panel), _font(15), "no ground truth"
+    left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
+    x = (panel.width - (right - left)) // 2 - left
+    y = (panel.height - (bottom - top)) // 2 - top
+    draw.rectangle((x + left - 6, y + top - 5, x + right + 6, y + bottom + 5),
+                   fill=(255, 255, 255), outline=(128, 128, 128))  # fmt: skip
+    draw.text((x, y), text, fill=(0, 0, 0), font=font)
+    return panel
 
 
-def _draw_heatmap(
-    figure: Figure, axes: Axes, panel: SegmentationPanel, norm: Normalize, threshold: float | None
-) -> None:
-    """The anomaly map over the image on the shared scale, with its colour bar."""
-    _plain_axes(axes, "anomaly map")
-    axes.imshow(panel.image)
-    axes.imshow(panel.anomaly_map, cmap=HEATMAP_CMAP, norm=norm, alpha=HEATMAP_ALPHA)
-    draw_colour_bar(figure, norm, threshold, ax=axes, fraction=0.046, pad=0.03)
+def compose_overlay(
+    panel: SegmentationPanel,
+    colour_range: tuple[float, float],
+    threshold: float | None,
+    colour_bar: np.ndarray,
+):
+    """The overlay of one image as a PIL RGB image: the title (name, score, decision), then
+    three panels (the image; the ground truth; the anomaly map blended over the image on
+    the shared scale, `colour_bar` from `vertical_colour_bar_rgb` beside it)."""
+    from PIL import Image, ImageDraw
+
+    image = np.round(np.clip(panel.image, 0.0, 1.0) * 255).astype(np.uint8)
+    map_values = np.where(np.isfinite(panel.anomaly_map), panel.anomaly_map, colour_range[1])
+    tiles = (_fitted(image), _mask_panel(image, panel.mask),
+             _fitted(blend_heatmap(image, map_values, colour_range)))  # fmt: skip
+    width = 2 * MARGIN + 3 * PANEL_SIZE + 3 * PANEL_GAP + OVERLAY_BAR_WIDTH
+    top = TITLE_HEIGHT + PANEL_TITLE_HEIGHT
+    height = top + PANEL_SIZE + 2 * MARGIN
+    canvas = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(canvas)
+    title_font, panel_font = _font(17), _font(13)
+    draw.text((width // 2, TITLE_HEIGHT // 2 + 2), _title(panel.name, panel.score, threshold),
+              fill=(0, 0, 0), font=title_font, anchor="mm")  # fmt: skip
+    for number, (tile, label) in enumerate(zip(tiles, ("image", "ground truth", "anomaly map"))):
+        left = MARGIN + number * (PANEL_SIZE + PANEL_GAP)
+        x = left + (PANEL_SIZE - tile.width) // 2
+        y = top + (PANEL_SIZE - tile.height) // 2
+        canvas.paste(tile, (x, y))
+        draw.rectangle((x - 1, y - 1, x + tile.width, y + tile.height), outline=(0, 0, 0))
+        draw.text((left + PANEL_SIZE // 2, y - 4), label, fill=(0, 0, 0), font=panel_font,
+                  anchor="mb")  # fmt: skip
+    bar_left = MARGIN + 3 * PANEL_SIZE + 2 * PANEL_GAP + PANEL_GAP
+    canvas.paste(Image.fromarray(colour_bar), (bar_left, top))
+    return canvas
 
 
-def render_segmentation_figure(
-    panel: SegmentationPanel, norm: Normalize, threshold: float | None
-) -> Figure:
-    """Build (without saving) the three-panel figure for one image."""
-    figure = Figure(figsize=FIGURE_SIZE, dpi=FIGURE_DPI, layout="constrained")
-    FigureCanvasAgg(figure)
-    image_axes, mask_axes, map_axes = figure.subplots(1, 3)
-    _plain_axes(image_axes, "image")
-    image_axes.imshow(panel.image)
-    _draw_mask(mask_axes, panel.image, panel.mask)
-    _draw_heatmap(figure, map_axes, panel, norm, threshold)
-    figure.suptitle(_title(panel.name, panel.score, threshold), fontsize=12)
-    return figure
-
-
-def _save_figure(figure: Figure, path: Path) -> None:
-    """Write `figure` as a PNG to `path` atomically, then free what it holds."""
-    try:
-        atomic_write(path, lambda temporary: figure.savefig(temporary, format="png", dpi=FIGURE_DPI))
-    finally:
-        figure.clear()
+def write_png(picture, path: Path) -> None:
+    """Write a PIL image as a PNG to `path` atomically: fast zlib compression (level 1, run
+    lengths only), half the time of the default for about the same size."""
+    atomic_write(path, lambda temporary: picture.save(temporary, format="PNG", compress_level=1,
+                                                      compress_type=zlib.Z_RLE))  # fmt: skip
 
 
 def save_segmentation_images(
@@ -386,7 +446,7 @@ def save_segmentation_images(
         vmin, vmax = default_colour_range(None, None, map_array)
     else:
         vmin, vmax = _check_colour_range(colour_range)
-    norm = Normalize(vmin=vmin, vmax=vmax)
+    colour_bar = vertical_colour_bar_rgb((vmin, vmax), threshold, PANEL_SIZE)
 
     output_folder = make_folder(output_folder)
     paths = []
@@ -400,7 +460,7 @@ def save_segmentation_images(
             name=str(names[index]),
         )
         path = output_folder / f"{stems[index]}.png"
-        _save_figure(render_segmentation_figure(panel, norm, threshold), path)
+        write_png(compose_overlay(panel, (vmin, vmax), threshold, colour_bar), path)
         paths.append(path)
     LOGGER.info("Wrote %d segmentation image(s) to %s", len(paths), output_folder)
     return paths

@@ -259,11 +259,24 @@ def _reset_threshold(key: str, value: float) -> None:
     st.session_state[key] = value
 
 
+def new_images_threshold(view: View) -> float | None:
+    """The threshold saved with an ensemble's members when new images are decided at it
+    rather than at the slider's (test-set min-max runs; `data.new_image_decision`)."""
+    if data.on_run_scale(view.predictions):
+        return None
+    folder = data.model_folder(view.run.folder, view.category)
+    if folder is None:
+        return None
+    statistics = saved_ensemble_statistics(str(folder), data.folder_stamp(folder))
+    return None if statistics is None else statistics.threshold
+
+
 def choose_controls(view: View) -> Controls:
     predictions = view.predictions
     start, note = data.initial_threshold(
-        predictions.threshold, predictions.scores, predictions.is_anomaly
-    )
+        predictions.threshold, predictions.scores, predictions.is_anomaly,
+        new_images_threshold(view),
+    )  # fmt: skip
     bounds = data.slider_range(predictions.scores, start)
     key = f"threshold:{view.key}"
     threshold = st.sidebar.slider(
@@ -416,6 +429,21 @@ def tile_png(
     return data.png_bytes(data.side_by_side(image, heat)), found
 
 
+@st.cache_data(max_entries=4096, show_spinner=False)
+def cached_coverage_note(image_path: str, defect_type: str, preprocessing: tuple | None) -> str:
+    config = None if preprocessing is None else PreprocessingConfig(*preprocessing)
+    return data.coverage_note(image_path, defect_type, config)
+
+
+def coverage_note(view: View, index: int) -> str:
+    """A defective test image's note when its defect lies (partly) outside what was inspected."""
+    predictions = view.predictions
+    if not predictions.is_anomaly[index]:
+        return ""
+    return cached_coverage_note(predictions.image_paths[index], predictions.defect_types[index],
+                                view.preprocessing)  # fmt: skip
+
+
 def show_tile(view: View, controls: Controls, index: int, selected_key: str) -> None:
     identity = (view.folder, view.stamp, view.preprocessing, view.scale)
     mtime = file_mtime(view.predictions.image_paths[index])
@@ -423,6 +451,9 @@ def show_tile(view: View, controls: Controls, index: int, selected_key: str) -> 
     caption = data.image_caption(view.predictions, index, controls.threshold)
     if not found:
         caption += " · image file not found"
+    note = coverage_note(view, index)
+    if note:
+        caption += f" · {note}"
     st.image(png, caption=caption, width="stretch")
     st.button(
         "Inspect", key=f"inspect:{view.key}:{index}", on_click=_select, args=(selected_key, index)

@@ -32,9 +32,10 @@ from PIL import Image, ImageDraw
 from scipy import ndimage
 
 from patchcore.config import PatchCoreConfig, PreprocessingConfig
-from patchcore.data.datasets import image_files
+from patchcore.data.datasets import image_files, mask_for
 from patchcore.data.preprocessing import image_tensor, open_image
 from patchcore.errors import ConfigurationError, DataError, ModelFormatError
+from patchcore.evaluation.quality import mask_outside, outside_note
 from patchcore.evaluation.records import SUMMARY_FILE, DatasetPredictions, DecisionTable
 from patchcore.evaluation.visualization import blend_heatmap, colour_bar_rgb
 from patchcore.files import is_staging
@@ -286,22 +287,41 @@ def confusion_counts(scores: np.ndarray, is_anomaly: np.ndarray, threshold: floa
 
 
 def initial_threshold(
-    saved: float | None, scores: np.ndarray, is_anomaly: np.ndarray
+    saved: float | None,
+    scores: np.ndarray,
+    is_anomaly: np.ndarray,
+    new_images_threshold: float | None = None,
 ) -> tuple[float, str]:
-    """Where the threshold slider starts, and a sentence saying where that value comes from."""
+    """Where the threshold slider starts, and a sentence saying where that value comes from.
+
+    `new_images_threshold`: the threshold new images are decided at when it is not on the
+    run's scale (an ensemble evaluated with test-set min-max normalisation whose members
+    carry a threshold, `new_image_decision`); the sentence then says that a threshold was
+    saved, why the slider cannot start at it, and that new images are decided at it, so the
+    sidebar and the "Score new images" panel tell one story."""
     if saved is not None and math.isfinite(saved):
         return float(saved), "the threshold saved with the model (calibrated on normal images)"
+    if new_images_threshold is not None:
+        origin = (
+            "the threshold saved with the ensemble's members "
+            f"({score_text(new_images_threshold, 5)}) is on their combined normal-image scale, "
+            "not on this run's test-set min-max scale (--ensemble_normalisation test_minmax), "
+            "so the slider cannot start there; new images are decided at it (Score new "
+            "images)"
+        )
+    else:
+        origin = "no threshold was saved with this run"
     good = np.asarray(scores, dtype=np.float64)[~np.asarray(is_anomaly, dtype=bool)]
     if good.size:
         percent = 100 * DEFAULT_THRESHOLD_QUANTILE
         return float(np.quantile(good, DEFAULT_THRESHOLD_QUANTILE)), (
-            f"no threshold was saved with this run; starting at the {percent:.0f}th percentile "
-            "of the good test images' scores"
+            f"{origin}; starting at the {percent:.0f}th percentile of the good test images' "
+            "scores"
         )
     scores = np.asarray(scores, dtype=np.float64)
     return float((scores.min() + scores.max()) / 2), (
-        "no threshold was saved and there are no good test images; starting at the midpoint "
-        "of the score range"
+        f"{origin}; there are no good test images, so starting at the midpoint of the score "
+        "range"
     )
 
 
@@ -618,6 +638,20 @@ def load_view_image(
     return np.asarray(picture.resize((size[1], size[0]), Image.Resampling.BILINEAR))
 
 
+def coverage_note(image_path: str, defect_type: str, preprocessing) -> str:
+    """Whether a test image's ground-truth defect lies wholly or partly outside the region the
+    model inspected (`patchcore.evaluation.quality`, as inspection_coverage.csv counts it);
+    '' when it lies inside, no mask is known (MVTec layout: ground_truth/<type>/) or no
+    saved preprocessing is."""
+    if preprocessing is None:
+        return ""
+    path = Path(image_path)
+    mask = mask_for(path.parent.parent.parent, defect_type, path)
+    if mask is None:
+        return ""
+    return outside_note(mask_outside(mask, preprocessing), preprocessing)
+
+
 def image_caption(predictions: DatasetPredictions, index: int, threshold: float) -> str:
     score = float(predictions.scores[index])
     label = true_label(bool(predictions.is_anomaly[index]), predictions.defect_types[index])
@@ -701,6 +735,12 @@ class NewImageDecision:
     scale: tuple[float, float] | None = None
 
 
+def on_run_scale(predictions: DatasetPredictions) -> bool:
+    """Whether new images are scored on the scale of the run's test scores: a single model,
+    or an ensemble normalised with its normal images' statistics."""
+    return predictions.members == 1 or predictions.normalisation == "normal_stats"
+
+
 def new_image_decision(
     predictions: DatasetPredictions, slider_threshold: float, ensemble_statistics
 ) -> NewImageDecision:
@@ -709,7 +749,7 @@ def new_image_decision(
     scores are on that scale, the slider's threshold applies to them; an ensemble evaluated
     on a test-set min-max scale decides new images with the threshold saved with its members
     (`ensemble_statistics`), or cannot score them without one."""
-    if predictions.members == 1 or predictions.normalisation == "normal_stats":
+    if on_run_scale(predictions):
         return NewImageDecision(slider_threshold, "decided at the threshold of the slider")
     if ensemble_statistics is not None:
         return NewImageDecision(
