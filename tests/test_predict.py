@@ -275,16 +275,17 @@ def test_results_stream_to_a_temporary_file_and_appear_at_the_end(tmp_path):
     with streamed_results(target, json_lines=False) as writer:
         writer.write({"path": "p", "score": 1.5, "threshold": 1.0, "decision": "reject",
                       "heatmap": "h/p.png", "mask": "", "error": "", "model_id": "ab12",
-                      "model_format": "patchcore-model/3"})  # fmt: skip
-        assert "p,1.5,1.0,reject,h/p.png,,,ab12,patchcore-model/3" in writer.temporary.read_text()
+                      "model_format": "patchcore-model/3", "inspection": ""})  # fmt: skip
+        assert "p,1.5,1.0,reject,h/p.png,,,ab12,patchcore-model/3," in writer.temporary.read_text()
         assert not target.exists()
     assert target.read_text().splitlines() == [
-        "path,score,threshold,decision,heatmap,mask,error,model_id,model_format",
-        "p,1.5,1.0,reject,h/p.png,,,ab12,patchcore-model/3"]  # fmt: skip
+        "path,score,threshold,decision,heatmap,mask,error,model_id,model_format,inspection",
+        "p,1.5,1.0,reject,h/p.png,,,ab12,patchcore-model/3,"]  # fmt: skip
     assert [p.name for p in tmp_path.iterdir()] == ["out.csv"]
     with pytest.raises(KeyboardInterrupt), streamed_results(tmp_path / "x.csv", False) as writer:
         writer.write({"path": "q", "score": 0.5, "threshold": 1.0, "decision": "accept",
-                      "heatmap": "", "mask": "", "error": "", "model_id": "", "model_format": ""})  # fmt: skip
+                      "heatmap": "", "mask": "", "error": "", "model_id": "", "model_format": "",
+                      "inspection": ""})  # fmt: skip
         raise KeyboardInterrupt
     assert [p.name for p in tmp_path.iterdir()] == ["out.csv"]
 
@@ -353,3 +354,43 @@ def test_a_reject_without_a_visible_region_says_why_and_the_peak_is_boxed():
 def test_inputs_are_required_unless_describing(models, tmp_path):
     code, output = predict(models["calibrated"], [], tmp_path / "o.csv")
     assert code == 2 and "give at least one INPUT" in output
+
+
+def test_rows_say_when_a_known_defect_lies_outside_the_inspected_region(tmp_path):
+    """Test images of the MVTec layout with ground truth: predict's `inspection` column says
+    wholly / partly outside the centre crop (the coverage logic of inspection_coverage.csv);
+    a defect inside and an image without a mask get an empty cell."""
+    from conftest import small_config
+    from patchcore.config import SamplerConfig
+
+    category = tmp_path / "part"
+    (category / "test" / "crack").mkdir(parents=True)
+    (category / "ground_truth" / "crack").mkdir(parents=True)
+    cases = {"corner": (slice(0, 6), slice(0, 6)), "edge": (slice(0, 20), slice(30, 50)),
+             "centre": (slice(30, 40), slice(30, 40))}  # fmt: skip
+    generator = np.random.default_rng(0)
+    for name, (rows, columns) in cases.items():
+        pixels = generator.integers(0, 256, (80, 80, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(category / "test" / "crack" / f"{name}.png")
+        mask = np.zeros((80, 80), dtype=np.uint8)
+        mask[rows, columns] = 255
+        Image.fromarray(mask).save(category / "ground_truth" / "crack" / f"{name}_mask.png")
+    Image.fromarray(generator.integers(0, 256, (80, 80, 3), dtype=np.uint8)).save(
+        category / "test" / "crack" / "unlabelled.png"
+    )
+    # centre crop 64 of 80
+    config = small_config(preprocessing=PreprocessingConfig(resize=80, imagesize=64),
+                          sampler=SamplerConfig(name="identity"))  # fmt: skip
+    model = PatchCore(config)
+    model.fit([torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))])
+    model.calibrate([torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))])
+    save_models(tmp_path / "model", [model])
+    code, output = predict(tmp_path / "model", [category / "test" / "crack"], tmp_path / "out.csv")
+    assert code in (0, 3), output
+    notes = {Path(row["path"]).stem: row["inspection"] for row in read_rows(tmp_path / "out.csv")}
+    assert notes == {
+        "corner": "defect wholly outside the inspected region (centre crop 64 of 80)",
+        "edge": "defect partly outside the inspected region (centre crop 64 of 80)",
+        "centre": "",
+        "unlabelled": "",
+    }

@@ -44,7 +44,10 @@ Every input gets a row, in input order: an input
 that cannot be scored (unreadable, or of a size an exported graph does not take) gets
 decision `error`, no score and the reason in `error`; the run goes on. Every row names the
 model that decided (`model_id`, its content hash, `patchcore.model.identity`; `model_format`)
-and the threshold used. The exit code (`PredictionSummary.exit_code`) is 0 when every image
+and the threshold used. Where an input is a test image of the MVTec layout whose
+ground-truth mask exists, `inspection` says when its defect lies wholly or partly outside the
+region the model inspects (`patchcore.evaluation.quality.ground_truth_note`, as
+`inspection_coverage.csv` counts it); empty otherwise. The exit code (`PredictionSummary.exit_code`) is 0 when every image
 was accepted, 3 when any was rejected and none failed, 4 when any input could not be scored
 (1: the run failed, no results file; 2: a wrong command line). INPUT folders are
 searched through symbolic links to folders too (each real folder once). The output file's
@@ -81,6 +84,7 @@ from patchcore.data.preprocessing import (
 )
 from patchcore.errors import ConfigurationError, DataError, ModelFormatError
 from patchcore.evaluation.ensemble import decision_statistics, predict_new_images
+from patchcore.evaluation.quality import ground_truth_note
 from patchcore.evaluation.visualization import (
     blend_heatmap,
     colour_bar_rgb,
@@ -105,7 +109,7 @@ from patchcore.progress import track
 LOGGER = logging.getLogger(__name__)
 
 COLUMNS = ("path", "score", "threshold", "decision", "heatmap", "mask", "error", "model_id",
-           "model_format")  # fmt: skip
+           "model_format", "inspection")  # fmt: skip
 ERROR = "error"  # the decision of an input that could not be scored
 # Exit codes of `patchcore-predict` (1 and 2 are click's: the run failed, the command line is
 # wrong); a line script reads them with the results file.
@@ -538,7 +542,8 @@ def _record(job: _Job, index: int, **values) -> dict:
     return {
         "path": str(job.paths[index]), "score": None, "threshold": job.threshold,
         "decision": ERROR, "heatmap": "", "mask": "", "error": "",
-        "model_id": job.scorer.identity, "model_format": job.scorer.model_format, **values,
+        "model_id": job.scorer.identity, "model_format": job.scorer.model_format,
+        "inspection": ground_truth_note(job.paths[index], job.scorer.preprocessing), **values,
     }  # fmt: skip
 
 

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from patchcore.data.datasets import Sample
+from patchcore.data.datasets import Sample, mask_for
 from patchcore.data.preprocessing import inspected_region, open_image
 from patchcore.evaluation.metrics import instance_auroc
 from patchcore.files import atomic_write_text, exclusive_lock
@@ -93,6 +93,20 @@ def outside_note(where: str, preprocessing) -> str:
     if not where:
         return ""
     return f"defect {where} outside the inspected region ({inspected_words(preprocessing)})"
+
+
+def ground_truth_note(image_path: Path, preprocessing, defect_type: str | None = None) -> str:
+    """`outside_note` for a test image of the MVTec layout (`<category>/test/<type>/<name>`)
+    whose ground-truth mask exists (`<category>/ground_truth/<type>/`); '' when its defect
+    lies inside the inspected region, no mask is known or no preprocessing is. `defect_type`
+    defaults to the image's folder name."""
+    if preprocessing is None:
+        return ""
+    path = Path(image_path)
+    mask = mask_for(path.parent.parent.parent, defect_type or path.parent.name, path)
+    if mask is None:
+        return ""
+    return outside_note(mask_outside(mask, preprocessing), preprocessing)
 
 
 def inspection_coverage(samples: Sequence[Sample], preprocessing) -> Coverage:

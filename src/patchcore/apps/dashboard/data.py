@@ -32,10 +32,10 @@ from PIL import Image, ImageDraw
 from scipy import ndimage
 
 from patchcore.config import PatchCoreConfig, PreprocessingConfig
-from patchcore.data.datasets import image_files, mask_for
+from patchcore.data.datasets import image_files
 from patchcore.data.preprocessing import image_tensor, open_image
 from patchcore.errors import ConfigurationError, DataError, ModelFormatError
-from patchcore.evaluation.quality import mask_outside, outside_note
+from patchcore.evaluation.quality import ground_truth_note
 from patchcore.evaluation.records import SUMMARY_FILE, DatasetPredictions, DecisionTable
 from patchcore.evaluation.visualization import blend_heatmap, colour_bar_rgb
 from patchcore.files import is_staging
@@ -640,16 +640,10 @@ def load_view_image(
 
 def coverage_note(image_path: str, defect_type: str, preprocessing) -> str:
     """Whether a test image's ground-truth defect lies wholly or partly outside the region the
-    model inspected (`patchcore.evaluation.quality`, as inspection_coverage.csv counts it);
-    '' when it lies inside, no mask is known (MVTec layout: ground_truth/<type>/) or no
-    saved preprocessing is."""
-    if preprocessing is None:
-        return ""
-    path = Path(image_path)
-    mask = mask_for(path.parent.parent.parent, defect_type, path)
-    if mask is None:
-        return ""
-    return outside_note(mask_outside(mask, preprocessing), preprocessing)
+    model inspected (`patchcore.evaluation.quality.ground_truth_note`, as
+    inspection_coverage.csv counts it); '' when it lies inside, no mask is known (MVTec
+    layout: ground_truth/<type>/) or no saved preprocessing is."""
+    return ground_truth_note(Path(image_path), preprocessing, defect_type)
 
 
 def image_caption(predictions: DatasetPredictions, index: int, threshold: float) -> str:
