@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from patchcore.data.datasets import Sample, mask_for
-from patchcore.data.preprocessing import inspected_region, open_image
+from patchcore.data.preprocessing import inspected_region, open_mask
 from patchcore.evaluation.metrics import instance_auroc
 from patchcore.files import atomic_write_text, exclusive_lock
 from patchcore.model.calibration import decide
@@ -84,7 +84,7 @@ def defect_outside(mask: np.ndarray, region: np.ndarray) -> str:
 def mask_outside(mask_path: Path, preprocessing) -> str:
     """`defect_outside` of one mask file (a pixel is defective at half intensity or more, at
     the mask's own size) against the region `preprocessing` inspects."""
-    mask = np.asarray(open_image(mask_path, "L")) >= 128
+    mask = np.asarray(open_mask(mask_path)) >= 128
     return defect_outside(mask, inspected_region(mask.shape, preprocessing).numpy())
 
 

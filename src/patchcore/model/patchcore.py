@@ -33,7 +33,7 @@ from patchcore.model.calibration import (
     measure_normal_statistics,
 )
 from patchcore.model.feature_store import feature_store_for
-from patchcore.model.features import build_embedder
+from patchcore.model.features import build_embedder, patch_grid_size
 from patchcore.model.indexes import build_bank_index, gather_bank
 from patchcore.model.samplers import build_sampler
 from patchcore.model.scoring import (
@@ -59,18 +59,24 @@ UNCHECKED_EMBED_DIMENSION = 4096  # embedding dimensions up to this are never re
 
 
 @torch.inference_mode()
-def check_against_backbone(config: PatchCoreConfig, embedder, device: torch.device) -> None:
+def probe_layer_shapes(embedder, device: torch.device) -> list[torch.Size]:
+    """The [1, C, h, w] shapes of the extracted layers' maps for one blank image of
+    BACKBONE_PROBE_SIDE pixels: the backbone's channels and strides (eval mode, so the
+    statistics are untouched)."""
+    probe = torch.zeros(1, 3, BACKBONE_PROBE_SIDE, BACKBONE_PROBE_SIDE, device=device)
+    return [feature_map.shape for feature_map in embedder.extractor(probe)]
+
+
+def check_against_backbone(config: PatchCoreConfig, maps: list[torch.Size]) -> None:
     """Refuses, before any work, options the backbone cannot use (they would only exhaust
     memory): a patch size beyond what the smallest layer's feature map of the smallest model
     input (`smallest_model_input_side`) can fill, a pretrain dimension above the width of the
     layers' patch features (channels x patch size squared, all layers together), and a
     target dimension above what the layers' pretrain dimensions add up to (both only beyond
-    UNCHECKED_EMBED_DIMENSION). One blank image
-    of BACKBONE_PROBE_SIDE pixels through the backbone gives its channels and strides."""
-    probe = torch.zeros(1, 3, BACKBONE_PROBE_SIDE, BACKBONE_PROBE_SIDE, device=device)
-    maps = embedder.extractor(probe)
+    UNCHECKED_EMBED_DIMENSION). `maps` are the layers' shapes on the probe image
+    (`probe_layer_shapes`)."""
     side = smallest_model_input_side(config.preprocessing)
-    stride = max(BACKBONE_PROBE_SIDE / min(m.shape[-2:]) for m in maps)
+    stride = max(BACKBONE_PROBE_SIDE / min(m[-2:]) for m in maps)
     smallest_map = max(1, int(side / stride))
     largest_patch = 2 * smallest_map - 1  # centred on any cell, a larger patch adds padding only
     if config.patchsize > largest_patch:
@@ -82,7 +88,7 @@ def check_against_backbone(config: PatchCoreConfig, embedder, device: torch.devi
         )
     # Beyond the features' width the adaptive poolings only repeat values; up to
     # UNCHECKED_EMBED_DIMENSION (the reference's defaults and more) any dimension is accepted.
-    width = sum(int(m.shape[1]) for m in maps) * config.patchsize**2
+    width = sum(int(m[1]) for m in maps) * config.patchsize**2
     pretrain_limit = max(width, UNCHECKED_EMBED_DIMENSION)
     if config.pretrain_embed_dimension > pretrain_limit:
         raise ConfigurationError(
@@ -141,7 +147,8 @@ class PatchCore:
         self.config = config
         self.device = torch.device(device)
         self.embedder = build_embedder(config).to(self.device)
-        check_against_backbone(config, self.embedder, self.device)
+        self.layer_shapes = probe_layer_shapes(self.embedder, self.device)
+        check_against_backbone(config, self.layer_shapes)
         self.index = build_bank_index(config.index, search, self.device)
         self.memory_bank: torch.Tensor | None = None
         self.normal_statistics: NormalStatistics | None = None
@@ -173,12 +180,11 @@ class PatchCore:
             yield self.embed(part)[0]
 
     # ---------------------------------------------------------------------- fit
-    @torch.inference_mode()
     def fit_memory_estimate(self, working_sizes: Iterable[tuple[int, int]]) -> FitMemoryEstimate:
         """The memory `fit` needs for training images of (height, width) `working_sizes`."""
-        probe = torch.zeros(1, 3, BACKBONE_PROBE_SIDE, BACKBONE_PROBE_SIDE, device=self.device)
-        grid = self.embed(probe)[1]
-        stride = BACKBONE_PROBE_SIDE / grid[0]  # of the patch grid (the first layer's map)
+        grid = patch_grid_size(self.layer_shapes[0][-2], self.config.patchsize,
+                               self.config.patchstride)  # fmt: skip
+        stride = BACKBONE_PROBE_SIDE / grid  # of the patch grid (the first layer's map)
         preprocessing = self.config.preprocessing
         count = 0
         for height, width in working_sizes:
