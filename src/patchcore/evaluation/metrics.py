@@ -285,6 +285,15 @@ def _rank_and_count(values: NDArray[np.floating], flags: NDArray[np.bool_]) -> _
     return _counts(ranking.payloads != 0, ranking.tie_ends)
 
 
+def ranked_counts(scores, labels) -> tuple[np.ndarray, np.ndarray]:
+    """(true positives, false positives) [T] at each distinct score, highest first, when
+    every sample scoring at least that score is called positive: the counts the AUROCs
+    here are read from, for callers that draw the curves."""
+    values = _narrowed_if_exact(np.asarray(scores, dtype=np.float64).reshape(-1))
+    counts = _rank_and_count(values, np.asarray(labels).astype(bool).reshape(-1))
+    return counts.true_positives, counts.false_positives
+
+
 # ------------------------------------------------------------------ curve reductions
 
 

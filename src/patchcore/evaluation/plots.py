@@ -2,9 +2,9 @@
 of the image scores and a histogram of the good and defective images' scores, each with the
 saved threshold marked, as PNGs under `plots/` of the run folder.
 
-The curves are computed here from the sorted scores (`curve_counts`: true and false positives
-at each distinct score, as scikit-learn's `roc_curve` and `precision_recall_curve` count
-them); the threshold's own point comes from `patchcore.model.calibration.decide`.
+The curves are read off the metrics' own ranking (`patchcore.evaluation.metrics.
+ranked_counts`: true and false positives at each distinct score, as scikit-learn's
+`roc_curve` and `precision_recall_curve` count them); the threshold's own point comes from `patchcore.model.calibration.decide`.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from patchcore.evaluation.metrics import ranked_counts
 from patchcore.files import atomic_write, make_folder
 from patchcore.model.calibration import decide
 
@@ -22,21 +23,9 @@ PLOTS_FOLDER = "plots"
 PLOT_KINDS = ("roc", "pr", "scores")
 
 
-def curve_counts(scores, labels) -> tuple[np.ndarray, np.ndarray]:
-    """(true positives, false positives) [T] when every image scoring at least each distinct
-    score (highest first) is called defective."""
-    scores = np.asarray(scores, dtype=np.float64)
-    labels = np.asarray(labels).astype(bool)
-    order = np.argsort(-scores, kind="mergesort")
-    ordered, flags = scores[order], labels[order]
-    ends = np.r_[np.flatnonzero(np.diff(ordered)), len(ordered) - 1]
-    true_positives = np.cumsum(flags)[ends]
-    return true_positives, (ends + 1) - true_positives
-
-
 def roc_points(scores, labels) -> tuple[np.ndarray, np.ndarray]:
     """False- and true-positive rates [T + 1], from (0, 0)."""
-    true_positives, false_positives = curve_counts(scores, labels)
+    true_positives, false_positives = ranked_counts(scores, labels)
     positives, negatives = true_positives[-1], false_positives[-1]
     fpr = np.r_[0.0, false_positives / max(negatives, 1)]
     tpr = np.r_[0.0, true_positives / max(positives, 1)]
@@ -45,7 +34,7 @@ def roc_points(scores, labels) -> tuple[np.ndarray, np.ndarray]:
 
 def pr_points(scores, labels) -> tuple[np.ndarray, np.ndarray]:
     """Recall and precision [T] at each distinct score, highest score first."""
-    true_positives, false_positives = curve_counts(scores, labels)
+    true_positives, false_positives = ranked_counts(scores, labels)
     recall = true_positives / max(true_positives[-1], 1)
     precision = true_positives / (true_positives + false_positives)
     return recall, precision
