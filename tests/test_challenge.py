@@ -171,7 +171,7 @@ def test_challenge_script_is_a_thin_entry_point(monkeypatch, capsys):
 def test_each_image_is_prepared_once_single_threaded_and_the_weights_load_once(
     weights, synthetic_root, tmp_path, monkeypatch
 ):
-    """The evaluator's per-image cost stays near evaluate's (README, bench/bench_challenge.py):
+    """The evaluator's per-image cost stays near evaluate's (docs/how-to/challenge-format.md, bench/bench_challenge.py):
     one weights load per category, one decode per image, the image preparation on one torch
     thread (the model keeps the caller's), and one sort of the pixels for the metrics."""
     from patchcore.apps import challenge

@@ -5,8 +5,8 @@ rendered anything over its websocket, so the browser is driven through the DevTo
 on a pipe (`--remote-debugging-pipe`, messages are JSON ended by a NUL byte on file
 descriptors 3 and 4): navigate, wait (bounded) until the page shows the metrics and its
 images have loaded, then read the page, click and type as an operator would, and take a
-screenshot (the README's `docs/dashboard.png` is written by this test when
-PATCHCORE_DASHBOARD_SCREENSHOT names it). Only the loopback address is used.
+screenshot (`docs/images/dashboard.png`, shown in docs/how-to/dashboard.md, is written by
+this test when PATCHCORE_DASHBOARD_SCREENSHOT names it). Only the loopback address is used.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Tolerances (FP32 graphs against torch, same float inputs): image scores within a relative
 1e-4, anomaly maps within 1e-4 of the largest map value, identical decisions. Measured
-differences are about 100 times smaller (see the README's deployment section).
+differences are about 100 times smaller (see docs/explanations/fidelity.md, exported graphs).
 OpenVINO IR with FP16 weights: scores within a relative 2e-2, maps within 2e-2.
 """
 

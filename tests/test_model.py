@@ -126,7 +126,7 @@ def test_eq7_weight_in_a_constructed_bank_is_the_hand_computed_one(backend):
     torch.testing.assert_close(image_scores, torch.tensor([dense, isolated]), rtol=0, atol=1e-6)
     # The weight reads raw distances: scaled to the tens and hundreds of units that real
     # backbone features have, the same geometry's gaps are many units wide, the softmax
-    # saturates and the weight is 1 to within a millionth (see the README).
+    # saturates and the weight is 1 to within a millionth (see docs/explanations/fidelity.md, Eq. 7).
     _, scaled = score_patches(30 * EQ7_QUERIES, (1, 1), _fitted(index, 30 * EQ7_BANK), config)
     dense_scaled = 1 - 1 / (1 + 2 * math.exp(15))
     assert 1 - dense_scaled < 1e-6

@@ -1,6 +1,6 @@
 """PatchCore: anomaly detection and segmentation from defect-free images only.
 
-The package reads as the pipeline (see the README's module map):
+The package reads as the pipeline (see the module map in docs/reference/package-layout.md):
 - `patchcore.data`: datasets, preprocessing (image or mask to tensor), synthetic data;
 - `patchcore.model`: backbones, patch features, samplers, search, the scorer, the
   `PatchCore` estimator, calibration (decisions) and saving/loading;

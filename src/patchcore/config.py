@@ -88,10 +88,10 @@ CROP_MODES = ("center", "none")
 MASK_RULES = ("reference", "binary")
 MIN_IMAGE_SIDE = 32  # smallest model input side: a stride-16 layer still has a 2 x 2 grid
 
-# Memory bounds on images (README "Reliability"). An image is refused from its header, before
-# it is decoded, when it holds more than the image limit of pixels or its sides are more than
-# MAX_ASPECT_RATIO times apart; and before it is resized when its resized (working) image would
-# hold more than the working limit. The options --resize and --tile are bounded by the working
+# Memory bounds on images (docs/explanations/reliability.md). An image is refused from its
+# header, before it is decoded, when it holds more than the image limit of pixels or its
+# sides are more than MAX_ASPECT_RATIO times apart; and before it is resized when its
+# resized (working) image would hold more than the working limit. The options --resize and --tile are bounded by the working
 # limit too. Both limits can be changed with the environment variables named here.
 MAX_IMAGE_PIXELS = 8192 * 8192
 MAX_WORKING_PIXELS = 4096 * 4096

@@ -23,7 +23,7 @@ from patchcore.config import DEFAULT_BANK_CHUNK_SIZE
               help="Fixed input size of ONNX/OpenVINO graphs, e.g. 480x640 or 256; "
                    "default: the model's --resize as a square.")
 @click.option("--fp16", is_flag=True,
-              help="OpenVINO IR with FP16 weights (half the file; see the README for accuracy).")
+              help="OpenVINO IR with FP16 weights (half the file; see docs/explanations/fidelity.md for accuracy).")
 @click.option("--threshold", type=float,
               help="Decision threshold built into the graphs; default: the model's saved one.")
 @click.option("--bank_chunk_size", type=int, default=DEFAULT_BANK_CHUNK_SIZE, show_default=True,

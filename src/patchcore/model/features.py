@@ -56,7 +56,7 @@ class FeatureExtractor(torch.nn.Module):
         self.register_buffer("mean", torch.tensor(backbone.mean).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(backbone.std).view(1, 3, 1, 1))
         # Channels-last (NHWC) weights and inputs: oneDNN's and cuDNN's fastest convolution
-        # layouts (EfficientNet-Lite0 extraction about 1.25x faster on CPU, README Performance);
+        # layouts (EfficientNet-Lite0 extraction about 1.25x faster on CPU, docs/explanations/performance.md);
         # the same arithmetic up to float rounding.
         self.use_memory_format(torch.channels_last)
 
