@@ -9,8 +9,9 @@
   where NAME is one of `SETUPS` below (`my_parts`: a small synthetic category in the folder
   layout at `my_parts/widget`; `exported`: a small calibrated model exported as
   `weights/bottle.pth` and `deploy/bottle.onnx`). Blocks without the comment get an empty
-  folder. There is no way to skip a block: an example that cannot run does not belong in
-  the docs.
+  folder. There is no way to skip a block, except that one importing `onnxruntime` or
+  `openvino` is skipped where the `export`/`openvino` extra is not installed: an example
+  that cannot run does not belong in the docs.
 - Every command line in a ```bash block that runs a console script (`patchcore-*`, or one of
   the `bin/` scripts) names a real command of pyproject.toml's `[project.scripts]`, and every
   option it passes exists on that click command (or, for the chained commands, on the
