@@ -172,7 +172,10 @@ def _banks():
     grid = torch.randint(0, 3, (1000, 20), generator=generator).float()
     return {
         "far": (far, far[::3] + 1e-3 * torch.randn(267, 64, generator=generator)),
-        "repeated": (repeated, torch.cat([repeated[:50], torch.randn(50, 48, generator=generator)])),
+        "repeated": (
+            repeated,
+            torch.cat([repeated[:50], torch.randn(50, 48, generator=generator)]),
+        ),
         "grid": (grid, torch.randint(0, 3, (200, 20), generator=generator).float()),
     }
 

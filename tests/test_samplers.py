@@ -1,7 +1,6 @@
 """Coreset samplers: same selections as a straightforward N x N implementation, O(N) memory."""
 
 import math
-import os
 
 import pytest
 import torch

@@ -8,8 +8,8 @@ multiply-adds are written as intrinsics and bounded as such), and tuned for the 
 The instruction-set kernels (AMX, AVX512-BF16, AVX2) carry their own target attributes and
 run only where `product_paths()` finds the CPU and the kernel allow them, so any build runs
 on any CPU of its architecture (`build_kernels` makes one with other flags, e.g. the
-`-march=x86-64-v3` an AVX2-only CPU would get). The library is cached under `$PATCHCORE_CACHE_DIR` (default
-`~/.cache/patchcore`), keyed by the source, the compiler and the CPU, and replaced
+`-march=x86-64-v3` an AVX2-only CPU would get). The library is cached under
+`$PATCHCORE_CACHE_DIR` (default `~/.cache/patchcore`), keyed by the source, the compiler and the CPU, and replaced
 atomically, so concurrent processes are safe. Without a compiler `coreset_kernels()` returns
 None and callers use their pure-torch forms, which give identical results, only slower.
 """
@@ -137,3 +137,29 @@ def build_kernels(tuning: tuple[str, ...]) -> ctypes.CDLL | None:
         compiler,
     )
     return None
+
+
+def cpu_class() -> str:
+    """This CPU in one line, for benchmark tables: its model name, the vector and matrix
+    instruction sets the product paths use, and the cores this process may use."""
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and model == (
+                platform.processor() or platform.machine()
+            ):
+                model = value.strip()
+            elif key.strip() in ("flags", "Features") and not flags:
+                flags = set(value.split())
+    except OSError:
+        pass
+    named = [("AVX2+FMA", {"avx2", "fma"}), ("AVX-512", {"avx512f"}),
+             ("AVX512-BF16", {"avx512_bf16"}), ("AMX-BF16", {"amx_bf16", "amx_tile"}),
+             ("NEON", {"asimd"}), ("BF16", {"bf16"})]  # fmt: skip
+    present = [name for name, needed in named if needed <= flags]
+    absent = [name for name, needed in named[:4] if not needed <= flags]
+    if platform.machine() not in ("x86_64", "AMD64"):
+        absent = []
+    described = ", ".join(present + [f"no {name}" for name in absent]) or "no listed extensions"
+    return f"{model} ({platform.machine()}; {described}; {len(os.sched_getaffinity(0))} cores)"

@@ -19,9 +19,9 @@ On the CPU every selection path compares the same exact float32 distances (see
 updates, triangle-inequality pruning, low-precision matrix products bounding distances, with
 exact rechecks) selects exactly what the plain sweep (`farthest_point_selection`) selects,
 ties included, whichever product path (`product_path`: AMX, AVX512-BF16, AVX2, portable C or
-torch, chosen per CPU at run time or forced with $PATCHCORE_PRODUCTS) computes the products. The hot
-loops are compiled C (`patchcore.model.native`); without a C compiler both paths fall back
-to pure torch with the same results.
+torch, chosen per CPU at run time or forced with $PATCHCORE_PRODUCTS) computes the products.
+The hot loops are compiled C (`patchcore.model.native`); without a C compiler both paths
+fall back to pure torch with the same results.
 """
 
 from __future__ import annotations

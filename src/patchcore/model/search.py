@@ -293,4 +293,3 @@ def read_memory_bank(path: Path) -> torch.Tensor:
             "infinite), so it would score images wrongly; train the model again"
         )
     return bank
-
