@@ -90,6 +90,27 @@ def product_rate(dtype: torch.dtype, threads: int) -> float:
     return 2 * 1024 * 128 * 256 / min(rounds)
 
 
+def kernel_rate(kernels, path: str) -> float:
+    """Operations per second of the compiled products of `path` (None where the path has no
+    compiled kernel), one thread, at the lazy selection's shapes, best of 3 rounds of 20."""
+    if path not in ("amx", "avx512bf16", "avx2", "portable"):
+        return float("nan")
+    dtype = torch.bfloat16 if path in samplers.BFLOAT16_PATHS else torch.float32
+    rows, points = torch.randn(1024 + 16, 128).to(dtype), torch.randn(256, 128).to(dtype)
+    out, pairs = torch.empty(1024, 256, dtype=dtype), torch.empty(128 * 16, dtype=torch.bfloat16)
+    code = samplers.PRODUCT_PATHS.index(path)
+    arguments = (rows.data_ptr(), 1024, 128, points.data_ptr(), 256, pairs.data_ptr(),
+                 out.data_ptr())  # fmt: skip
+    kernels.tile_products(code, *arguments)
+    rounds = []
+    for _ in range(3):
+        start = time.perf_counter()
+        for _ in range(20):
+            kernels.tile_products(code, *arguments)
+        rounds.append((time.perf_counter() - start) / 20)
+    return 2 * 1024 * 128 * 256 / min(rounds)
+
+
 def kernels_and_path(entry: str):
     """(kernels, path) of a `--products` entry `path[:march]`."""
     path, _, march = entry.partition(":")
@@ -128,6 +149,9 @@ def main() -> None:
           f"{rates[torch.float32][1] / 1e9:.0f} GFLOP/s; a sweep moves "
           f"{sweep_bytes / 1e6:.0f} MB: floor {sweep_bytes / bandwidth * 1e3:.2f} ms per "
           "iteration")  # fmt: skip
+    for entry, kernels, path in variants:
+        rate = kernel_rate(kernels, path)
+        print(f"products {entry}: path {path}, compiled kernel {rate / 1e9:.0f} GFLOP/s (1 thread)")
     header = ("  %  iterations  reference s  sweep s  products               lazy s  lazy x ref  "
               "lazy x sweep  sweep ms/it (floor)  lazy ms/it  pairs/it  floor ms/it  "
               "lazy x floor  threads after")  # fmt: skip

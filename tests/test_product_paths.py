@@ -78,6 +78,38 @@ def test_each_product_path_selects_the_plain_sweeps_rows(path):
 
 
 @needs_kernels
+@pytest.mark.parametrize("path", ["amx", "avx512bf16", "avx2", "portable"])
+def test_compiled_products_are_within_the_bound_of_their_path(path):
+    """Each compiled kernel's products differ from the exact products of its copies by at
+    most eta (|x|^2 + |c|^2) / 2, eta the path's bound (`products_rounding_eta`); point counts
+    and dimensions exercise every block shape and a vector tail."""
+    if path not in NATIVE:
+        pytest.skip(f"this CPU does not run {path} products (its rounding is emulated above)")
+    bfloat16 = path in samplers.BFLOAT16_PATHS
+    generator = torch.Generator().manual_seed(5)
+    for dimension in (64,) if bfloat16 else (64, 37):
+        eta = samplers.products_rounding_eta(dimension, bfloat16)
+        for count, points in ((40, 7), (33, 5), (17, 1), (16, 16)):
+            scale = torch.logspace(-2, 2, count + 16)[:, None]
+            rows = torch.randn(count + 16, dimension, generator=generator) * scale
+            rows[count:] = 0  # the padding the kernels may read
+            centres = torch.randn(points, dimension, generator=generator)
+            dtype = torch.bfloat16 if bfloat16 else torch.float32
+            rows, centres = rows.to(dtype).contiguous(), centres.to(dtype).contiguous()
+            out = torch.empty(count, points, dtype=dtype)
+            pairs = torch.empty(dimension * 16, dtype=torch.bfloat16)
+            code = KERNELS.tile_products(PRODUCT_PATHS.index(path), rows.data_ptr(), count,
+                                         dimension, centres.data_ptr(), points,
+                                         pairs.data_ptr(), out.data_ptr())  # fmt: skip
+            assert code == 0
+            x, c = rows[:count].double(), centres.double()
+            exact = x @ c.T
+            allowed = eta * (x.square().sum(1)[:, None] + c.square().sum(1)[None, :]) / 2
+            error = (out.double() - exact).abs()
+            assert bool((error <= allowed).all()), (dimension, count, points)
+
+
+@needs_kernels
 @pytest.mark.parametrize("path", ["avx2", "portable"])
 def test_float32_paths_compute_every_batch_in_compiled_code(monkeypatch, path):
     """The AVX2 and portable paths never hand a batch back to torch.mm (the helper thread

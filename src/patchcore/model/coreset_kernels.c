@@ -398,54 +398,70 @@ TARGET("avx2,fma") static inline __m128 lane_sums(__m256 a, __m256 b, __m256 c, 
     return _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1));
 }
 
-/* A block of NR (4 or 8) rows x NP (1 to 3) points: NR x NP accumulators of eight lanes
-   (fused multiply-adds), the last partial vector of dimensions loaded under `tail`. */
+/* A block of NR rows x NP points (2 x 4, 2 x 3, 4 x 2 or 8 x 1: at most 8 accumulators, so
+   the block fits the 16 vector registers of AVX2 with the points' vectors): NR x NP
+   accumulators of eight lanes (fused multiply-adds), the last partial vector of dimensions
+   loaded under `tail`; each sum's lanes joined in three additions (lane_sums). */
+#define AVX2_STEP(NR, NP, LOAD)                                                               \
+    do {                                                                                      \
+        __m256 c[NP];                                                                         \
+        for (int k = 0; k < NP; k++) c[k] = LOAD(point + k * d + j);                          \
+        for (int i = 0; i < NR; i++) {                                                        \
+            __m256 x = LOAD(row + i * d + j);                                                 \
+            for (int k = 0; k < NP; k++) acc[i][k] = _mm256_fmadd_ps(x, c[k], acc[i][k]);     \
+        }                                                                                     \
+    } while (0)
+#define AVX2_WHOLE(address) _mm256_loadu_ps(address)
+#define AVX2_TAIL(address) _mm256_maskload_ps(address, tail)
+
 #define AVX2_BLOCK(NR, NP)                                                                    \
     do {                                                                                      \
         __m256 acc[NR][NP];                                                                   \
         for (int i = 0; i < NR; i++)                                                          \
             for (int k = 0; k < NP; k++) acc[i][k] = _mm256_setzero_ps();                     \
-        for (int64_t j = 0; j < d; j += 8) {                                                  \
-            __m256 c[NP];                                                                     \
-            int whole = j + 8 <= d;                                                           \
-            for (int k = 0; k < NP; k++)                                                      \
-                c[k] = whole ? _mm256_loadu_ps(point + k * d + j)                             \
-                             : _mm256_maskload_ps(point + k * d + j, tail);                   \
-            for (int i = 0; i < NR; i++) {                                                    \
-                __m256 x = whole ? _mm256_loadu_ps(row + i * d + j)                           \
-                                 : _mm256_maskload_ps(row + i * d + j, tail);                 \
-                for (int k = 0; k < NP; k++) acc[i][k] = _mm256_fmadd_ps(x, c[k], acc[i][k]); \
+        int64_t j = 0;                                                                        \
+        for (; j + 8 <= d; j += 8) AVX2_STEP(NR, NP, AVX2_WHOLE);                             \
+        if (j < d) AVX2_STEP(NR, NP, AVX2_TAIL);                                              \
+        for (int i = 0; i < NR && r + i < count; i++) {                                       \
+            if (NP == 4) {                                                                    \
+                _mm_storeu_ps(out + (r + i) * p + q,                                          \
+                              lane_sums(acc[i][0], acc[i][NP > 1 ? 1 : 0],                    \
+                                        acc[i][NP > 2 ? 2 : 0], acc[i][NP > 3 ? 3 : 0]));     \
+            } else {                                                                          \
+                for (int k = 0; k < NP; k++) {                                                \
+                    float sums[4];                                                            \
+                    _mm_storeu_ps(sums, lane_sums(acc[i][k], acc[i][k], acc[i][k], acc[i][k])); \
+                    out[(r + i) * p + q + k] = sums[0];                                       \
+                }                                                                             \
             }                                                                                 \
         }                                                                                     \
-        for (int i0 = 0; i0 < NR; i0 += 4)                                                    \
-            for (int k = 0; k < NP; k++) {                                                    \
-                float sums[4];                                                                \
-                _mm_storeu_ps(sums, lane_sums(acc[i0][k], acc[i0 + 1][k], acc[i0 + 2][k],     \
-                                              acc[i0 + 3][k]));                               \
-                for (int i = i0; i < i0 + 4 && r + i < count; i++)                            \
-                    out[(r + i) * p + q + k] = sums[i - i0];                                  \
-            }                                                                                 \
     } while (0)
 
 /* out[r * p + q]: the float32 product of float32 rows[r] and points[q] with AVX2 fused
-   multiply-adds, in blocks of 4 rows x 3 points (8 rows x 1 point for a lone point): the
-   float32 bound above holds (ceil(d / 8) + 3 roundings per term). Reads up to 7 rows past
-   rows[count - 1] (the caller's copies are padded) and ignores them. */
+   multiply-adds, in blocks of 2 rows x 4 points (the last 1 to 3 points in blocks of 2 x 3,
+   4 x 2 or 8 x 1): the float32 bound above holds (ceil(d / 8) + 3 roundings per term).
+   Reads up to 7 rows past rows[count - 1] (the caller's copies are padded) and ignores
+   them. */
 TARGET("avx2,fma")
 static void avx2_products(const float* rows, int64_t count, int64_t d, const float* points,
                           int64_t p, float* out) {
     __m256i tail = _mm256_cmpgt_epi32(_mm256_set1_epi32((int)(d % 8)),
                                       _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
     int64_t q = 0;
-    for (; q + 3 <= p; q += 3) {
+    for (; q + 4 <= p; q += 4) {
         const float* point = points + q * d;
-        for (int64_t r = 0; r < count; r += 4) {
+        for (int64_t r = 0; r < count; r += 2) {
             const float* row = rows + r * d;
-            AVX2_BLOCK(4, 3);
+            AVX2_BLOCK(2, 4);
         }
     }
     const float* point = points + q * d;
-    if (p - q == 2)
+    if (p - q == 3)
+        for (int64_t r = 0; r < count; r += 2) {
+            const float* row = rows + r * d;
+            AVX2_BLOCK(2, 3);
+        }
+    else if (p - q == 2)
         for (int64_t r = 0; r < count; r += 4) {
             const float* row = rows + r * d;
             AVX2_BLOCK(4, 2);
@@ -565,6 +581,34 @@ int64_t product_paths(void) {
     (void)unused;
 #endif
     return paths;
+}
+
+/* out[r * p + q]: the products of rows[r] and points[q] (bfloat16 bits for PATH_AMX and
+   PATH_AVX512BF16, d a multiple of 32; float32 otherwise) on `path`, as the lazy selection
+   computes them (for tests and benchmarks; the caller checks product_paths). Rows are read
+   in blocks of up to 16 (pad them); `pairs` is AMX scratch of d x 16 bfloat16 values. Returns
+   0, or -1 for a path without a compiled kernel here. */
+int64_t tile_products(int64_t path, const void* rows, int64_t count, int64_t d,
+                      const void* points, int64_t p, void* pairs, void* out) {
+    switch (path) {
+#if defined(X86_KERNELS)
+    case PATH_AMX:
+        amx_products(rows, count, d, points, p, (uint32_t*)pairs, out);
+        return 0;
+    case PATH_AVX512BF16:
+        bfloat16_products(rows, count, d, points, p, out);
+        return 0;
+    case PATH_AVX2:
+        avx2_products(rows, count, d, points, p, out);
+        return 0;
+#endif
+    case PATH_PORTABLE:
+        float32_products(rows, count, d, points, p, out);
+        return 0;
+    default:
+        (void)pairs;
+        return -1;
+    }
 }
 
 /* The next step of the lazy selection, from each tile's bound (largest minimum distance; an

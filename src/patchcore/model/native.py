@@ -52,6 +52,7 @@ SIGNATURES = {
     ),
     "lazy_steps": ([_P, _I], _I),
     "product_paths": ([], _I),
+    "tile_products": ([_I, _P, _I, _I, _P, _I, _P, _P], _I),
     "extended_copies": ([_P, _I, _I, _P, _I32, _I32, _P, _I, _P, _P], None),
     "rerank_neighbours": (
         [_P, _P, _I, _I, _I, _P, _I32, _I, _P, _P, _F, _F, _F, _I, _P, _P, _P, _P],
