@@ -377,7 +377,21 @@ static void float32_products(const float* rows, int64_t count, int64_t d, const 
                              int64_t p, float* out) {
     for (int64_t r = 0; r < count; r++) {
         const float* row = rows + r * d;
-        for (int64_t q = 0; q < p; q++) {
+        int64_t q = 0;
+        for (; q + 4 <= p; q += 4) { /* four points at once: four independent sums */
+            const float* point = points + q * d;
+            float acc[4][8] = {{0.0f}};
+            int64_t j = 0;
+            for (; j + 8 <= d; j += 8)
+                for (int k = 0; k < 4; k++)
+                    for (int l = 0; l < 8; l++) acc[k][l] += row[j + l] * point[k * d + j + l];
+            for (int k = 0; k < 4; k++)
+                for (int l = 0; j + l < d; l++) acc[k][l] += row[j + l] * point[k * d + j + l];
+            for (int k = 0; k < 4; k++)
+                out[r * p + q + k] = ((acc[k][0] + acc[k][1]) + (acc[k][2] + acc[k][3])) +
+                                     ((acc[k][4] + acc[k][5]) + (acc[k][6] + acc[k][7]));
+        }
+        for (; q < p; q++) {
             const float* point = points + q * d;
             float acc[8] = {0.0f};
             int64_t j = 0;
