@@ -40,6 +40,13 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 #define TARGET(features) __attribute__((target(features)))
+/* compilers that know the AVX512-BF16 and AMX targets (older ones build without them) */
+#if defined(__clang__) ? __clang_major__ >= 9 : __GNUC__ >= 10
+#define X86_BF16 1
+#endif
+#if defined(__clang__) ? __clang_major__ >= 12 : __GNUC__ >= 11
+#define X86_AMX 1
+#endif
 #endif
 
 #define LANES 16
@@ -362,8 +369,8 @@ int64_t apply_points(const float* x, int64_t d, const int64_t* rows, int64_t cou
 
 /* ------------------------------------------------------------------ products
 
-   The float32 products (AVX2, PORTABLE, and torch.mm for the caller) are rounded float32
-   sums of exact-ish terms: each term x_j c_j passes through at most d + 8 roundings (its
+   The float32 products (AVX2, PORTABLE, and torch.mm for the caller) are float32 sums of
+   rounded or fused products: each term x_j c_j passes through at most d + 8 roundings (its
    multiplication, fused with an addition or not, the additions of its partial sum and those
    joining the partial sums: below ceil(d / 8) + 4 here, at most d in any order a matrix
    product may choose), so, whatever the order,
@@ -487,6 +494,7 @@ static void avx2_products(const float* rows, int64_t count, int64_t d, const flo
         }
 }
 
+#if defined(X86_BF16)
 /* out[r * p + q]: the product of bfloat16 rows[r] and points[q] (d a multiple of 32),
    accumulated in float32 in any order and rounded to bfloat16, as torch.mm's bfloat16 output
    is: the same rounding bound (`eta`) holds. Products of bfloat16 values are exact in
@@ -508,6 +516,9 @@ static void bfloat16_products(const uint16_t* rows, int64_t count, int64_t d,
     }
 }
 
+#endif
+
+#if defined(X86_AMX)
 typedef struct {
     uint8_t palette, start_row, reserved[14];
     uint16_t bytes_per_row[16];
@@ -556,6 +567,7 @@ static void amx_products(const uint16_t* rows, int64_t count, int64_t d,
     }
     _tile_release();
 }
+#endif
 
 /* XCR0: the register state the operating system saves (0 without XSAVE). */
 static uint64_t saved_state(void) {
@@ -588,11 +600,15 @@ int64_t product_paths(void) {
     int tiles = (state & 0x60000) == 0x60000;
     if (ymm && (c & (1u << 12)) && (c & (1u << 28)) && (b7 & (1u << 5)))
         paths |= 1 << PATH_AVX2;
+#if defined(X86_BF16)
     if (zmm && (b7 & (1u << 16)) && (a71 & (1u << 5))) paths |= 1 << PATH_AVX512BF16;
+#endif
+#if defined(X86_AMX)
     if (tiles && (d7 & (1u << 22)) && (d7 & (1u << 24)) &&
         syscall(SYS_arch_prctl, 0x1023, 18) == 0)
         paths |= 1 << PATH_AMX;
-    (void)unused;
+#endif
+    (void)unused, (void)zmm, (void)tiles, (void)d7, (void)a71;
 #endif
     return paths;
 }
@@ -606,12 +622,16 @@ int64_t tile_products(int64_t path, const void* rows, int64_t count, int64_t d,
                       const void* points, int64_t p, void* pairs, void* out) {
     switch (path) {
 #if defined(X86_KERNELS)
+#if defined(X86_AMX)
     case PATH_AMX:
         amx_products(rows, count, d, points, p, (uint32_t*)pairs, out);
         return 0;
+#endif
+#if defined(X86_BF16)
     case PATH_AVX512BF16:
         bfloat16_products(rows, count, d, points, p, out);
         return 0;
+#endif
     case PATH_AVX2:
         avx2_products(rows, count, d, points, p, out);
         return 0;
@@ -689,11 +709,15 @@ enum { LAZY_DONE = 0, LAZY_STOPPED = 1, LAZY_NEEDS_PRODUCT = 2 };
 static int product_kind(const LazySelection* s, int64_t kept) {
     int bfloat16_rows = s->half && s->d % 32 == 0;
     switch (s->path) {
-#if defined(X86_KERNELS)
+#if defined(X86_AMX)
     case PATH_AMX:
         return bfloat16_rows ? PATH_AMX : PATH_TORCH;
+#endif
+#if defined(X86_BF16)
     case PATH_AVX512BF16:
         return bfloat16_rows && kept <= s->small ? PATH_AVX512BF16 : PATH_TORCH;
+#endif
+#if defined(X86_KERNELS)
     case PATH_AVX2:
         return s->half ? PATH_TORCH : PATH_AVX2;
 #endif
@@ -725,12 +749,16 @@ static RowsUpdate update_rows(const LazySelection* s, int64_t t, int64_t begin, 
     const void* points = s->point_copies;
     switch (kind) {
 #if defined(X86_KERNELS)
+#if defined(X86_AMX)
     case PATH_AMX:
         amx_products(rows, count, d, points, kept, (uint32_t*)pairs, products);
         break;
+#endif
+#if defined(X86_BF16)
     case PATH_AVX512BF16:
         bfloat16_products(rows, count, d, points, kept, products);
         break;
+#endif
     case PATH_AVX2:
         avx2_products(rows, count, d, points, kept, products);
         break;
