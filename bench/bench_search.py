@@ -15,8 +15,12 @@ image AUROC, pixel AUROC and PRO, and their differences from exact in points.
 
 A variant is `kind[:name=value,...]` with IndexConfig fields, e.g. `ivfpq:pq_m=128,nprobe=16`,
 or, for exact search, the backend: `exact:backend=faiss` (default: the library's default,
-`rerank`). Neighbour distances are recomputed from the bank vectors by the scorer for every
-variant, as in the library, so only the neighbours found differ.
+`rerank`), and for `rerank` the product path: `exact:products=avx2` (see
+`patchcore.model.samplers.product_path`; default: this CPU's own; the bfloat16 paths, AMX
+and AVX512-BF16, give the product pass bfloat16 copies, the others float32). The CPU class
+and each `rerank` variant's product path are printed. Neighbour distances are recomputed
+from the bank vectors by the scorer for every variant, as in the library, so only the
+neighbours found differ.
 """
 
 from __future__ import annotations
@@ -43,8 +47,10 @@ from patchcore.config import (
 from patchcore.data.datasets import ImageDataset, list_samples
 from patchcore.evaluation.metrics import compute_metrics
 from patchcore.model.indexes import build_bank_index
+from patchcore.model.native import cpu_class
 from patchcore.model.patchcore import PatchCore
 from patchcore.model.scoring import patch_scores_to_maps, score_patches
+from patchcore.model.search import RerankedNearestNeighbours
 from patchcore.model.serialization import load_models, save_models
 from patchcore.progress import track
 
@@ -56,17 +62,20 @@ COLUMNS = [
 ]  # fmt: skip
 
 
-def parse_variant(text: str) -> tuple[str, IndexConfig, str]:
-    """(name, index configuration, exact-search backend) of a `--variants` entry."""
+def parse_variant(text: str) -> tuple[str, IndexConfig, str, str | None]:
+    """(name, index configuration, exact-search backend, product path) of a `--variants`
+    entry."""
     kind, _, settings = text.partition(":")
-    values, backend = {}, SearchConfig().backend
+    values, backend, products = {}, SearchConfig().backend, None
     for item in filter(None, settings.split(",")):
         name, _, value = item.partition("=")
         if name == "backend":
             backend = value
+        elif name == "products":
+            products = value
         else:
             values[name] = int(value)
-    return text, IndexConfig(kind=kind, **values), backend
+    return text, IndexConfig(kind=kind, **values), backend, products
 
 
 @dataclass
@@ -97,10 +106,13 @@ class Variant:
         return distances, indices
 
 
-def build_variant(name: str, config: IndexConfig, backend: str, bank: torch.Tensor,
-                  threads: int) -> Variant:  # fmt: skip
+def build_variant(name: str, config: IndexConfig, backend: str, products: str | None,
+                  bank: torch.Tensor, threads: int) -> Variant:  # fmt: skip
     search = SearchConfig(backend=backend, faiss_num_workers=threads)
-    index = build_bank_index(config, search, torch.device("cpu"))
+    if products is not None and backend == "rerank" and not config.approximate:
+        index = RerankedNearestNeighbours(products=products)
+    else:
+        index = build_bank_index(config, search, torch.device("cpu"))
     start = time.perf_counter()
     index.fit(bank)
     seconds = time.perf_counter() - start
@@ -150,8 +162,10 @@ def main() -> None:
     bank = model.memory_bank
     if args.variants[0].partition(":")[0] != "exact":
         parser.error("the first variant must be exact: it is the reference of the others")
-    variants = [build_variant(name, config, backend, bank, args.threads)
-                for name, config, backend in map(parse_variant, args.variants)]  # fmt: skip
+    variants = [
+        build_variant(name, config, backend, products, bank, args.threads)
+        for name, config, backend, products in map(parse_variant, args.variants)
+    ]
 
     samples = list_samples(Path(args.root), args.category, "test")[: args.test_images]
     loader = torch.utils.data.DataLoader(
@@ -183,6 +197,10 @@ def main() -> None:
           f"({model.config.backbone_name}, {model.config.sampler.name} "
           f"{model.config.sampler.percentage:g}); {platform.machine()} "
           f"{args.threads} threads, torch {torch.__version__}")  # fmt: skip
+    print(f"CPU: {cpu_class()}")
+    for variant in variants:
+        if isinstance(variant.index, RerankedNearestNeighbours):
+            print(f"  {variant.name}: re-ranking search, {variant.index.path} products")
     reference_ms = 1000 * reference_variant.search_seconds / len(samples)
     table = []
     for variant, metrics in rows:

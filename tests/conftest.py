@@ -146,3 +146,17 @@ def _add_scoring_folders_and_escapes(data: Path, results: Path) -> None:
 def dashboard_results(synthetic_root, tmp_path_factory) -> Path:
     """The results folder of `make_dashboard_runs`, built once per test session (read-only)."""
     return make_dashboard_runs(synthetic_root, tmp_path_factory.mktemp("dashboard"))
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Which product paths (tests/test_product_paths.py) ran natively on this machine; the
+    others ran in emulation only."""
+    from patchcore.model.native import coreset_kernels
+    from patchcore.model.samplers import PRODUCT_PATHS, native_product_paths
+
+    native = native_product_paths(coreset_kernels())
+    emulated = [path for path in PRODUCT_PATHS if path not in native]
+    terminalreporter.write_line(
+        f"product paths run natively here: {', '.join(native)}; emulated only: "
+        f"{', '.join(emulated) or 'none'}"
+    )

@@ -14,7 +14,7 @@ from patchcore.model.search import (
 
 needs_reranking = pytest.mark.skipif(
     not reranking_applies(torch.device("cpu")),
-    reason="re-ranking search needs a C compiler and bfloat16 instructions",
+    reason="re-ranking search needs a C compiler",
 )
 
 

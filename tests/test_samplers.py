@@ -1,7 +1,6 @@
 """Coreset samplers: same selections as a straightforward N x N implementation, O(N) memory."""
 
 import math
-import os
 
 import pytest
 import torch
@@ -206,7 +205,7 @@ def test_fast_selection_is_the_same_with_float32_products_and_one_thread(monkeyp
     features = HARD_CASES["repeated"]
     start = _start(features)
     plain = farthest_point_selection(features, None, start.clone(), 600)
-    monkeypatch.setattr(samplers, "bfloat16_is_fast", lambda: False)
+    monkeypatch.setenv("PATCHCORE_PRODUCTS", "torch")  # float32 products, torch.mm
     assert torch.equal(pruned_farthest_point_selection(features, None, start, 600), plain)
     torch.set_num_threads(1)
     try:
@@ -220,12 +219,12 @@ def test_selection_without_a_compiler_is_the_same(monkeypatch, tmp_path):
     start = _start(features)
     compiled = pruned_farthest_point_selection(features, None, start, 100)
     monkeypatch.setattr(native, "_compiler", lambda: None)
-    native.coreset_kernels.cache_clear()
+    native.build_kernels.cache_clear()
     try:
         assert native.coreset_kernels() is None
         assert torch.equal(pruned_farthest_point_selection(features, None, start, 100), compiled)
     finally:
-        native.coreset_kernels.cache_clear()
+        native.build_kernels.cache_clear()
 
 
 def test_plain_sweep_updates_the_minimum_distances_in_place():
@@ -240,58 +239,31 @@ def test_plain_sweep_updates_the_minimum_distances_in_place():
 
 
 @pytest.mark.parametrize("use_helper", [False, True])
-@pytest.mark.parametrize("use_amx", [False, True])
+@pytest.mark.parametrize("path", ["amx", "avx512bf16"])
 @pytest.mark.parametrize("small_batch", [0, 16, 10**6])
 @pytest.mark.parametrize("name", ["manifold", "repeated", "clusters", "scales"])
-def test_small_batches_products_select_as_torch_mm_does(monkeypatch, name, small_batch, use_amx,
+def test_small_batches_products_select_as_torch_mm_does(monkeypatch, name, small_batch, path,
                                                         use_helper):  # fmt: skip
     """Tiles are brought up to date with batches of pending points whose products the compiled
-    loop computes itself (on AMX tiles where allowed, or up to SMALL_BATCH points with
+    loop computes itself (on AMX tiles for every batch, or up to SMALL_BATCH points with
     AVX512-BF16), with or without the helper thread taking half of each tile's rows, or
     torch.mm computes: any split selects what the plain sweep selects. Dimensions here are
-    multiples of 32 (the compiled products' condition)."""
+    multiples of 32 (the compiled products' condition). A path this CPU cannot run is
+    emulated (every batch by torch, rounded as the path rounds)."""
+    kernels = coreset_kernels()
+    if kernels is None:
+        pytest.skip("no C compiler")
+    emulate = path not in samplers.native_product_paths(kernels)
     features = HARD_CASES[name]
     features = torch.cat([features, features.flip(1)], dim=1)[:, :32].contiguous()
     count = len(features) // 4
     start = _start(features)
     plain = farthest_point_selection(features, None, start.clone(), count)
     monkeypatch.setattr(samplers, "SMALL_BATCH", small_batch)
-    monkeypatch.setattr(samplers, "USE_AMX", use_amx)
     monkeypatch.setattr(samplers, "USE_HELPER_THREAD", use_helper)
     for chunk_size in (1024, 40):
-        selected = pruned_farthest_point_selection(features, None, start, count,
-                                                   chunk_size=chunk_size)  # fmt: skip
-        assert torch.equal(selected, plain), chunk_size
-
-
-def test_the_helper_thread_shares_tile_updates_and_selects_the_same(monkeypatch):
-    """With two torch threads and every batch's products computed on AMX tiles, the helper
-    thread takes half of the rows of updates (counted), and the selection is the plain
-    sweep's; with one torch thread, or switched off, it takes none."""
-    kernels = coreset_kernels()
-    if kernels is None or not samplers.bfloat16_is_fast() or not kernels.amx_available():
-        pytest.skip("no AMX tiles for this process (CPU, kernel or compiler)")
-    if len(os.sched_getaffinity(0)) < 2:
-        pytest.skip("one CPU core: the calling thread would claim every half itself")
-    generator = torch.Generator().manual_seed(11)
-    features = torch.randn(6000, 64, generator=generator) * torch.rand(6000, 1, generator=generator)
-    start = _start(features)
-    plain = farthest_point_selection(features, None, start.clone(), 800)
-
-    def shared_updates(threads: int, helper: bool) -> int:
-        monkeypatch.setattr(samplers, "USE_HELPER_THREAD", helper)
-        tiles = samplers._LazyTiles(kernels, features.contiguous(), start, 512)
-        torch.set_num_threads(threads)
-        try:
-            assert torch.equal(tiles.run(800), plain)
-        finally:
-            torch.set_num_threads(THREADS)
-        assert tiles.stats["updates"] > 0
-        return tiles.stats["shared"]
-
-    assert shared_updates(2, helper=True) > 0
-    assert shared_updates(1, helper=True) == 0
-    assert shared_updates(2, helper=False) == 0
+        tiles = samplers._LazyTiles(kernels, features, start, chunk_size, path, emulate)
+        assert torch.equal(tiles.run(count), plain), chunk_size
 
 
 def test_lazy_selection_stops_where_the_plain_sweep_stops():
@@ -309,9 +281,10 @@ def test_lazy_selection_stops_where_the_plain_sweep_stops():
 
 def test_amx_tiles_compute_every_batch_where_the_process_may_use_them(monkeypatch):
     """Where AMX is usable, no batch of pending points goes back to torch.mm, and the
-    selection is still the plain sweep's (rows of 64 values: two 32-value tile blocks)."""
+    selection is still the plain sweep's (rows of 64 values: two 32-value tile blocks).
+    (Elsewhere the AMX path's rounding is tested in emulation: tests/test_product_paths.py.)"""
     kernels = coreset_kernels()
-    if kernels is None or not samplers.bfloat16_is_fast() or not kernels.amx_available():
+    if kernels is None or "amx" not in samplers.native_product_paths(kernels):
         pytest.skip("no AMX tiles for this process (CPU, kernel or compiler)")
     handed_back = []
 
@@ -325,5 +298,6 @@ def test_amx_tiles_compute_every_batch_where_the_process_may_use_them(monkeypatc
     features = torch.randn(5000, 64, generator=generator) * torch.rand(5000, 1, generator=generator)
     start = _start(features)
     plain = farthest_point_selection(features, None, start.clone(), 700)
-    selected = pruned_farthest_point_selection(features, None, start, 700, chunk_size=333)
+    selected = pruned_farthest_point_selection(features, None, start, 700, chunk_size=333,
+                                               products="amx")  # fmt: skip
     assert torch.equal(selected, plain) and not handed_back

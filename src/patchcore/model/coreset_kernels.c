@@ -12,7 +12,19 @@
    true one may exceed the exact float value, (2 d + 64) unit roundoffs below 1.
 
    Features are row-major float32 [n, d]. A tile is a list of rows with a centre and a
-   radius. Low-precision copies are bfloat16 bit patterns (uint16) or float32. */
+   radius. Low-precision copies are bfloat16 bit patterns (uint16) or float32.
+
+   Product paths (how a batch of products of copies is computed; samplers.py picks one per
+   CPU at run time, `product_paths` says which this build and CPU can run):
+     AMX         bfloat16 copies, AMX-BF16 tile products (x86-64, Linux grants the tiles)
+     AVX512BF16  bfloat16 copies, AVX512-BF16 dot products for small batches, torch.mm else
+     AVX2        float32 copies, AVX2/FMA products
+     PORTABLE    float32 copies, plain C products (any CPU: ARM64, x86 without AVX2)
+     caller      torch.mm in Python (samplers._LargeBatches), either precision
+   The instruction-set kernels are compiled for their own target (function attributes), not
+   for the compiler's command line, so the file builds for any x86-64 (with or without
+   AVX-512) and, without them, for ARM64; a run-time CPU check (CPUID, XGETBV) decides which
+   may run. */
 
 #include <math.h>
 #include <pthread.h>
@@ -21,13 +33,20 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#if defined(__AVX512BF16__) || (defined(__AMX_TILE__) && defined(__AMX_BF16__))
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define X86_KERNELS 1
+#include <cpuid.h>
 #include <immintrin.h>
-#endif
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
-#define HAS_AMX 1
 #include <sys/syscall.h>
 #include <unistd.h>
+#define TARGET(features) __attribute__((target(features)))
+/* compilers that know the AVX512-BF16 and AMX targets (older ones build without them) */
+#if defined(__clang__) ? __clang_major__ >= 9 : __GNUC__ >= 10
+#define X86_BF16 1
+#endif
+#if defined(__clang__) ? __clang_major__ >= 12 : __GNUC__ >= 11
+#define X86_AMX 1
+#endif
 #endif
 
 #define LANES 16
@@ -348,12 +367,140 @@ int64_t apply_points(const float* x, int64_t d, const int64_t* rows, int64_t cou
     return checks;
 }
 
-#if defined(__AVX512BF16__)
+/* ------------------------------------------------------------------ products
+
+   The float32 products (AVX2, PORTABLE, and torch.mm for the caller) are float32 sums of
+   rounded or fused products: each term x_j c_j passes through at most d + 8 roundings (its
+   multiplication, fused with an addition or not, the additions of its partial sum and those
+   joining the partial sums: below ceil(d / 8) + 4 here, at most d in any order a matrix
+   product may choose), so, whatever the order,
+       |computed - x.c| <= gamma_{d+8} sum_j |x_j c_j| <= gamma_{d+8} (|x|^2 + |c|^2) / 2,
+   gamma_n = n u / (1 - n u), u = 2^-24: the float32 `eta` of samplers._LazyTiles. The
+   bfloat16 products add one rounding of the float32 sum to bfloat16 (2^-8 relative). */
+
+/* out[r * p + q]: the float32 product of float32 rows[r] and points[q], eight partial sums
+   joined pairwise (see above), in plain C: any CPU. */
+static void float32_products(const float* rows, int64_t count, int64_t d, const float* points,
+                             int64_t p, float* out) {
+    for (int64_t r = 0; r < count; r++) {
+        const float* row = rows + r * d;
+        int64_t q = 0;
+        for (; q + 4 <= p; q += 4) { /* four points at once: four independent sums */
+            const float* point = points + q * d;
+            float acc[4][8] = {{0.0f}};
+            int64_t j = 0;
+            for (; j + 8 <= d; j += 8)
+                for (int k = 0; k < 4; k++)
+                    for (int l = 0; l < 8; l++) acc[k][l] += row[j + l] * point[k * d + j + l];
+            for (int k = 0; k < 4; k++)
+                for (int l = 0; j + l < d; l++) acc[k][l] += row[j + l] * point[k * d + j + l];
+            for (int k = 0; k < 4; k++)
+                out[r * p + q + k] = ((acc[k][0] + acc[k][1]) + (acc[k][2] + acc[k][3])) +
+                                     ((acc[k][4] + acc[k][5]) + (acc[k][6] + acc[k][7]));
+        }
+        for (; q < p; q++) {
+            const float* point = points + q * d;
+            float acc[8] = {0.0f};
+            int64_t j = 0;
+            for (; j + 8 <= d; j += 8)
+                for (int l = 0; l < 8; l++) acc[l] += row[j + l] * point[j + l];
+            for (int l = 0; j + l < d; l++) acc[l] += row[j + l] * point[j + l];
+            out[r * p + q] = ((acc[0] + acc[1]) + (acc[2] + acc[3])) +
+                             ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+        }
+    }
+}
+
+#if defined(X86_KERNELS)
+/* Sums of four vectors' lanes, [sum a, sum b, sum c, sum d]: three additions per lane. */
+TARGET("avx2,fma") static inline __m128 lane_sums(__m256 a, __m256 b, __m256 c, __m256 d) {
+    __m256 ab = _mm256_hadd_ps(a, b), cd = _mm256_hadd_ps(c, d);
+    __m256 abcd = _mm256_hadd_ps(ab, cd);
+    return _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1));
+}
+
+/* A block of NR rows x NP points (2 x 4, 2 x 3, 4 x 2 or 8 x 1: at most 8 accumulators, so
+   the block fits the 16 vector registers of AVX2 with the points' vectors): NR x NP
+   accumulators of eight lanes (fused multiply-adds), the last partial vector of dimensions
+   loaded under `tail`; each sum's lanes joined in three additions (lane_sums). */
+#define AVX2_STEP(NR, NP, LOAD)                                                               \
+    do {                                                                                      \
+        __m256 c[NP];                                                                         \
+        for (int k = 0; k < NP; k++) c[k] = LOAD(point + k * d + j);                          \
+        for (int i = 0; i < NR; i++) {                                                        \
+            __m256 x = LOAD(row + i * d + j);                                                 \
+            for (int k = 0; k < NP; k++) acc[i][k] = _mm256_fmadd_ps(x, c[k], acc[i][k]);     \
+        }                                                                                     \
+    } while (0)
+#define AVX2_WHOLE(address) _mm256_loadu_ps(address)
+#define AVX2_TAIL(address) _mm256_maskload_ps(address, tail)
+
+#define AVX2_BLOCK(NR, NP)                                                                    \
+    do {                                                                                      \
+        __m256 acc[NR][NP];                                                                   \
+        for (int i = 0; i < NR; i++)                                                          \
+            for (int k = 0; k < NP; k++) acc[i][k] = _mm256_setzero_ps();                     \
+        int64_t j = 0;                                                                        \
+        for (; j + 8 <= d; j += 8) AVX2_STEP(NR, NP, AVX2_WHOLE);                             \
+        if (j < d) AVX2_STEP(NR, NP, AVX2_TAIL);                                              \
+        for (int i = 0; i < NR && r + i < count; i++) {                                       \
+            if (NP == 4) {                                                                    \
+                _mm_storeu_ps(out + (r + i) * p + q,                                          \
+                              lane_sums(acc[i][0], acc[i][NP > 1 ? 1 : 0],                    \
+                                        acc[i][NP > 2 ? 2 : 0], acc[i][NP > 3 ? 3 : 0]));     \
+            } else {                                                                          \
+                for (int k = 0; k < NP; k++) {                                                \
+                    float sums[4];                                                            \
+                    _mm_storeu_ps(sums, lane_sums(acc[i][k], acc[i][k], acc[i][k], acc[i][k])); \
+                    out[(r + i) * p + q + k] = sums[0];                                       \
+                }                                                                             \
+            }                                                                                 \
+        }                                                                                     \
+    } while (0)
+
+/* out[r * p + q]: the float32 product of float32 rows[r] and points[q] with AVX2 fused
+   multiply-adds, in blocks of 2 rows x 4 points (the last 1 to 3 points in blocks of 2 x 3,
+   4 x 2 or 8 x 1): the float32 bound above holds (ceil(d / 8) + 3 roundings per term).
+   Reads up to 7 rows past rows[count - 1] (the caller's copies are padded) and ignores
+   them. */
+TARGET("avx2,fma")
+static void avx2_products(const float* rows, int64_t count, int64_t d, const float* points,
+                          int64_t p, float* out) {
+    __m256i tail = _mm256_cmpgt_epi32(_mm256_set1_epi32((int)(d % 8)),
+                                      _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    int64_t q = 0;
+    for (; q + 4 <= p; q += 4) {
+        const float* point = points + q * d;
+        for (int64_t r = 0; r < count; r += 2) {
+            const float* row = rows + r * d;
+            AVX2_BLOCK(2, 4);
+        }
+    }
+    const float* point = points + q * d;
+    if (p - q == 3)
+        for (int64_t r = 0; r < count; r += 2) {
+            const float* row = rows + r * d;
+            AVX2_BLOCK(2, 3);
+        }
+    else if (p - q == 2)
+        for (int64_t r = 0; r < count; r += 4) {
+            const float* row = rows + r * d;
+            AVX2_BLOCK(4, 2);
+        }
+    else if (p - q == 1)
+        for (int64_t r = 0; r < count; r += 8) {
+            const float* row = rows + r * d;
+            AVX2_BLOCK(8, 1);
+        }
+}
+
+#if defined(X86_BF16)
 /* out[r * p + q]: the product of bfloat16 rows[r] and points[q] (d a multiple of 32),
    accumulated in float32 in any order and rounded to bfloat16, as torch.mm's bfloat16 output
    is: the same rounding bound (`eta`) holds. Products of bfloat16 values are exact in
    float32; flushed denormals (below 2^-126 per operation) are far inside the 1e-18 slack of
    `reach` in apply_points. */
+TARGET("avx512f,avx512bf16")
 static void bfloat16_products(const uint16_t* rows, int64_t count, int64_t d,
                               const uint16_t* points, int64_t p, uint16_t* out) {
     for (int64_t r = 0; r < count; r++) {
@@ -368,20 +515,10 @@ static void bfloat16_products(const uint16_t* rows, int64_t count, int64_t d,
         }
     }
 }
+
 #endif
 
-/* 1 when this build has AMX-BF16 products and the kernel lets this process use AMX tiles
-   (Linux asks each process to request them: arch_prctl ARCH_REQ_XCOMP_PERM for
-   XFEATURE_XTILEDATA), 0 otherwise. */
-int64_t amx_available(void) {
-#if defined(HAS_AMX)
-    return syscall(SYS_arch_prctl, 0x1023, 18) == 0;
-#else
-    return 0;
-#endif
-}
-
-#if defined(HAS_AMX)
+#if defined(X86_AMX)
 typedef struct {
     uint8_t palette, start_row, reserved[14];
     uint16_t bytes_per_row[16];
@@ -394,6 +531,7 @@ typedef struct {
    in bfloat16_products). Reads up to 15 rows past rows[count - 1] (the caller's copies are
    padded) and ignores them. `pairs` is scratch of d x 16 bfloat16 values: a block of points
    in the tiles' pair-interleaved layout. */
+TARGET("amx-tile,amx-bf16")
 static void amx_products(const uint16_t* rows, int64_t count, int64_t d,
                          const uint16_t* points, int64_t p, uint32_t* pairs, uint16_t* out) {
     TileConfig config = {0};
@@ -430,6 +568,82 @@ static void amx_products(const uint16_t* rows, int64_t count, int64_t d,
     _tile_release();
 }
 #endif
+
+/* XCR0: the register state the operating system saves (0 without XSAVE). */
+static uint64_t saved_state(void) {
+    unsigned a, b, c, d;
+    if (!__get_cpuid(1, &a, &b, &c, &d) || !(c & (1u << 27))) return 0;
+    uint32_t low, high;
+    __asm__ volatile("xgetbv" : "=a"(low), "=d"(high) : "c"(0));
+    return ((uint64_t)high << 32) | low;
+}
+#endif
+
+/* Product paths (bits of product_paths; samplers.PRODUCT_PATHS, same numbers). */
+enum { PATH_TORCH = 0, PATH_AMX = 1, PATH_AVX512BF16 = 2, PATH_AVX2 = 3, PATH_PORTABLE = 4 };
+
+/* Bit k set when path k can run here: this build has its kernel and the CPU (CPUID) and the
+   operating system (saved register state; for AMX, Linux's per-process permission, asked
+   for here: arch_prctl ARCH_REQ_XCOMP_PERM for XFEATURE_XTILEDATA) allow it. */
+int64_t product_paths(void) {
+    int64_t paths = (1 << PATH_TORCH) | (1 << PATH_PORTABLE);
+#if defined(X86_KERNELS)
+    unsigned a = 0, b = 0, c = 0, d = 0, b7 = 0, d7 = 0, a71 = 0, unused;
+    if (!__get_cpuid(1, &a, &b, &c, &d)) return paths;
+    if (__get_cpuid_max(0, NULL) >= 7) {
+        unsigned leaves;
+        __cpuid_count(7, 0, leaves, b7, unused, d7);
+        if (leaves >= 1) __cpuid_count(7, 1, a71, unused, unused, unused);
+    }
+    uint64_t state = saved_state();
+    int ymm = (state & 0x6) == 0x6, zmm = (state & 0xe6) == 0xe6;
+    int tiles = (state & 0x60000) == 0x60000;
+    if (ymm && (c & (1u << 12)) && (c & (1u << 28)) && (b7 & (1u << 5)))
+        paths |= 1 << PATH_AVX2;
+#if defined(X86_BF16)
+    if (zmm && (b7 & (1u << 16)) && (a71 & (1u << 5))) paths |= 1 << PATH_AVX512BF16;
+#endif
+#if defined(X86_AMX)
+    if (tiles && (d7 & (1u << 22)) && (d7 & (1u << 24)) &&
+        syscall(SYS_arch_prctl, 0x1023, 18) == 0)
+        paths |= 1 << PATH_AMX;
+#endif
+    (void)unused, (void)zmm, (void)tiles, (void)d7, (void)a71;
+#endif
+    return paths;
+}
+
+/* out[r * p + q]: the products of rows[r] and points[q] (bfloat16 bits for PATH_AMX and
+   PATH_AVX512BF16, d a multiple of 32; float32 otherwise) on `path`, as the lazy selection
+   computes them (for tests and benchmarks; the caller checks product_paths). Rows are read
+   in blocks of up to 16 (pad them); `pairs` is AMX scratch of d x 16 bfloat16 values. Returns
+   0, or -1 for a path without a compiled kernel here. */
+int64_t tile_products(int64_t path, const void* rows, int64_t count, int64_t d,
+                      const void* points, int64_t p, void* pairs, void* out) {
+    switch (path) {
+#if defined(X86_KERNELS)
+#if defined(X86_AMX)
+    case PATH_AMX:
+        amx_products(rows, count, d, points, p, (uint32_t*)pairs, out);
+        return 0;
+#endif
+#if defined(X86_BF16)
+    case PATH_AVX512BF16:
+        bfloat16_products(rows, count, d, points, p, out);
+        return 0;
+#endif
+    case PATH_AVX2:
+        avx2_products(rows, count, d, points, p, out);
+        return 0;
+#endif
+    case PATH_PORTABLE:
+        float32_products(rows, count, d, points, p, out);
+        return 0;
+    default:
+        (void)pairs;
+        return -1;
+    }
+}
 
 /* The next step of the lazy selection, from each tile's bound (largest minimum distance; an
    upper bound when the tile is stale) and argmax (lowest row index holding it). When no stale
@@ -472,7 +686,7 @@ typedef struct {
     int64_t *argmax, *applied;
     float* m;
     int64_t* selected;
-    int64_t half, small, amx, pending_batch, has_stop, helper;
+    int64_t half, small, path, pending_batch, has_stop, helper;
     double eta, shrink, stop_at;
     void* point_copies;
     float *point_norms, *point_errors;
@@ -487,25 +701,33 @@ typedef struct {
 
 enum { LAZY_DONE = 0, LAZY_STOPPED = 1, LAZY_NEEDS_PRODUCT = 2 };
 
-/* Who computes a batch's products: the caller (torch.mm), AMX tiles or AVX512-BF16 dot
-   products. Where the copies are bfloat16 and d is a multiple of 32: AMX tiles whatever the
-   batch's size (s->amx: this build has them and the process may use them), else dot
-   products for batches of at most s->small points. */
-enum { PRODUCTS_BY_CALLER = 0, PRODUCTS_AMX = 1, PRODUCTS_DOT = 2 };
-
+/* Who computes a batch's products (a PATH_*; PATH_TORCH: the caller, with torch.mm), from
+   the selection's path (s->path, which product_paths allows; PATH_TORCH for every batch by
+   the caller): AMX tiles for every batch of bfloat16 rows of a multiple of 32 values,
+   AVX512-BF16 dot products for such batches of at most s->small points, AVX2 or plain C
+   products for every batch of float32 rows. */
 static int product_kind(const LazySelection* s, int64_t kept) {
-#if defined(HAS_AMX) || defined(__AVX512BF16__)
     int bfloat16_rows = s->half && s->d % 32 == 0;
+    switch (s->path) {
+#if defined(X86_AMX)
+    case PATH_AMX:
+        return bfloat16_rows ? PATH_AMX : PATH_TORCH;
 #endif
-#if defined(HAS_AMX)
-    if (bfloat16_rows && s->amx) return PRODUCTS_AMX;
+#if defined(X86_BF16)
+    case PATH_AVX512BF16:
+        return bfloat16_rows && kept <= s->small ? PATH_AVX512BF16 : PATH_TORCH;
 #endif
-#if defined(__AVX512BF16__)
-    if (bfloat16_rows && kept <= s->small) return PRODUCTS_DOT;
+#if defined(X86_KERNELS)
+    case PATH_AVX2:
+        return s->half ? PATH_TORCH : PATH_AVX2;
 #endif
-    (void)s;
-    (void)kept;
-    return PRODUCTS_BY_CALLER;
+    case PATH_PORTABLE:
+        return s->half ? PATH_TORCH : PATH_PORTABLE;
+    default:
+        (void)bfloat16_rows;
+        (void)kept;
+        return PATH_TORCH;
+    }
 }
 
 typedef struct {
@@ -515,25 +737,35 @@ typedef struct {
 } RowsUpdate;
 
 /* Applies the pending batch (s->point_copies, point_norms, point_errors, point_ids: `kept`
-   points) to rows [begin, end) of tile t: their products (`kind`, not PRODUCTS_BY_CALLER)
-   into their own part of s->products, then apply_points. `pairs` and `scratch` are the
-   calling thread's scratch (AMX pair layout: d x 16 bfloat16; kept floats). */
+   points) to rows [begin, end) of tile t: their products (`kind`, not PATH_TORCH) into their
+   own part of s->products, then apply_points. `pairs` and `scratch` are the calling thread's
+   scratch (AMX pair layout: d x 16 bfloat16; kept floats). */
 static RowsUpdate update_rows(const LazySelection* s, int64_t t, int64_t begin, int64_t end,
                               int64_t kept, int kind, void* pairs, float* scratch) {
     int64_t d = s->d, low = s->edges[t] + begin, count = end - begin;
-    uint16_t* products = (uint16_t*)s->products + begin * kept;
-#if defined(HAS_AMX) || defined(__AVX512BF16__)
-    const uint16_t* rows = (const uint16_t*)s->copies + d * low;
-    const uint16_t* points = (const uint16_t*)s->point_copies;
-#endif
-#if defined(HAS_AMX)
-    if (kind == PRODUCTS_AMX)
+    size_t size = s->half ? sizeof(uint16_t) : sizeof(float);
+    void* products = (char*)s->products + (size_t)(begin * kept) * size;
+    const void* rows = (const char*)s->copies + (size_t)(d * low) * size;
+    const void* points = s->point_copies;
+    switch (kind) {
+#if defined(X86_KERNELS)
+#if defined(X86_AMX)
+    case PATH_AMX:
         amx_products(rows, count, d, points, kept, (uint32_t*)pairs, products);
+        break;
 #endif
-#if defined(__AVX512BF16__)
-    if (kind == PRODUCTS_DOT) bfloat16_products(rows, count, d, points, kept, products);
+#if defined(X86_BF16)
+    case PATH_AVX512BF16:
+        bfloat16_products(rows, count, d, points, kept, products);
+        break;
 #endif
-    (void)kind;
+    case PATH_AVX2:
+        avx2_products(rows, count, d, points, kept, products);
+        break;
+#endif
+    default: /* PATH_PORTABLE */
+        float32_products(rows, count, d, points, kept, products);
+    }
     (void)pairs;
     RowsUpdate update;
     update.checks = apply_points(s->x, d, s->order + low, count, products, (int)s->half, kept,
@@ -631,7 +863,7 @@ static int bring_up_to_date(LazySelection* s, int64_t t, Helper* helper) {
                                       s->point_errors, s->point_ids);
         if (kept == 0) continue;
         int kind = product_kind(s, kept);
-        if (kind == PRODUCTS_BY_CALLER) {
+        if (kind == PATH_TORCH) {
             s->applied[t] = start;
             s->tile = t;
             s->start = start;
@@ -690,7 +922,7 @@ static int bring_up_to_date(LazySelection* s, int64_t t, Helper* helper) {
 int64_t lazy_steps(LazySelection* s, int64_t until) {
     Helper helper;
     /* a helper only where this build computes products itself (see product_kind) */
-    int shared = s->helper && product_kind(s, 1) != PRODUCTS_BY_CALLER;
+    int shared = s->helper && product_kind(s, 1) != PATH_TORCH;
     Helper* h = shared && start_helper(&helper, s) ? &helper : NULL;
     int64_t outcome = LAZY_DONE;
     while (outcome == LAZY_DONE && s->step < until) {
@@ -722,24 +954,31 @@ static inline float squared_distance(const float* x, const float* c, int64_t d) 
     return fast_squared_distance(x, c, d);
 }
 
-/* Extended centred bfloat16 copies for the product pass of the search: with x~ the bfloat16
-   copy of x - centre and s = |x~|^2 (double precision) split as s_hi + s_lo in bfloat16,
-   bank rows become (-2 x~, 1, 1, s_hi, s_lo) and queries (x~, s_hi, s_lo, 1, 1), zero
-   padded to `width`, so that a query-bank product is |q~ - b~|^2. Writes |x~| (rounded up)
-   and an upper bound of |x - centre - x~|. */
+/* Extended centred copies for the product pass of the search, bfloat16 (`half`) or float32:
+   with x~ the copy of x - centre and s = |x~|^2 (double precision) split as s_hi + s_lo in
+   the copies' precision, bank rows become (-2 x~, 1, 1, s_hi, s_lo) and queries
+   (x~, s_hi, s_lo, 1, 1), zero padded to `width`, so that a query-bank product is
+   |q~ - b~|^2. Writes |x~| (rounded up) and an upper bound of |x - centre - x~|. */
 void extended_copies(const float* x, int64_t n, int64_t d, const float* centre, int bank_side,
-                     uint16_t* out, int64_t width, float* norms, float* errors) {
+                     int half, void* out, int64_t width, float* norms, float* errors) {
     for (int64_t i = 0; i < n; i++) {
         const float* row = x + i * d;
-        uint16_t* copy = out + i * width;
+        uint16_t* low_copy = (uint16_t*)out + i * width;
+        float* full_copy = (float*)out + i * width;
         double norm[8] = {0.0}, lost[8] = {0.0}, size[8] = {0.0};
         for (int64_t j0 = 0; j0 < d; j0 += 8) {
             int lanes = d - j0 < 8 ? (int)(d - j0) : 8;
             for (int l = 0; l < lanes; l++) {
                 float centred = row[j0 + l] - centre[j0 + l];
-                uint16_t low = to_bfloat16(centred);
-                double kept = (double)from_bfloat16(low);
-                copy[j0 + l] = bank_side ? to_bfloat16(-2.0f * from_bfloat16(low)) : low;
+                double kept;
+                if (half) {
+                    uint16_t low = to_bfloat16(centred);
+                    kept = (double)from_bfloat16(low);
+                    low_copy[j0 + l] = bank_side ? to_bfloat16(-2.0f * from_bfloat16(low)) : low;
+                } else {
+                    kept = (double)centred;
+                    full_copy[j0 + l] = bank_side ? -2.0f * centred : centred;
+                }
                 double difference = (double)centred - kept;
                 norm[l] += kept * kept;
                 lost[l] += difference * difference;
@@ -752,38 +991,61 @@ void extended_copies(const float* x, int64_t n, int64_t d, const float* centre, 
             lost_sum += lost[l];
             size_sum += size[l];
         }
-        uint16_t high = to_bfloat16((float)norm_sum);
-        uint16_t rest = to_bfloat16((float)(norm_sum - (double)from_bfloat16(high)));
-        uint16_t one = to_bfloat16(1.0f);
-        for (int64_t j = d; j < width; j++) copy[j] = 0;
-        copy[d] = bank_side ? one : high;
-        copy[d + 1] = bank_side ? one : rest;
-        copy[d + 2] = bank_side ? high : one;
-        copy[d + 3] = bank_side ? rest : one;
+        float extension[4];
+        if (half) {
+            uint16_t high = to_bfloat16((float)norm_sum);
+            uint16_t rest = to_bfloat16((float)(norm_sum - (double)from_bfloat16(high)));
+            uint16_t one = to_bfloat16(1.0f);
+            for (int64_t j = d; j < width; j++) low_copy[j] = 0;
+            low_copy[d] = bank_side ? one : high;
+            low_copy[d + 1] = bank_side ? one : rest;
+            low_copy[d + 2] = bank_side ? high : one;
+            low_copy[d + 3] = bank_side ? rest : one;
+        } else {
+            float high = (float)norm_sum, rest = (float)(norm_sum - (double)high);
+            for (int64_t j = d; j < width; j++) full_copy[j] = 0.0f;
+            extension[0] = bank_side ? 1.0f : high;
+            extension[1] = bank_side ? 1.0f : rest;
+            extension[2] = bank_side ? high : 1.0f;
+            extension[3] = bank_side ? rest : 1.0f;
+            memcpy(full_copy + d, extension, sizeof(extension));
+        }
         norms[i] = (float)(sqrt(norm_sum) * (1.0 + 1e-6));
         errors[i] = (float)((sqrt(lost_sum) + sqrt(size_sum) * 0x1p-23) * (1.0 + 1e-6)) + 1e-30f;
     }
 }
 
+/* Values [j0, j0 + lanes) of a row of the product pass, as floats. */
+static inline void approximate_values(const void* row, int half, int64_t j0, int lanes,
+                                      float* out) {
+    if (half)
+        for (int l = 0; l < lanes; l++) out[l] = from_bfloat16(((const uint16_t*)row)[j0 + l]);
+    else
+        memcpy(out, (const float*)row + j0, (size_t)lanes * sizeof(float));
+}
+
 /* Exact k-nearest-neighbour search from a low-precision pass. For queries [0, n): row i of
-   `approx` (bfloat16 bits, stride ld, bank size m) holds, for every bank row j, the
-   low-precision product giving |q~ - b~_j|^2 (see extended_copies). Its error is at most
-       eps_ij = gamma (|q~_i| + |b~_j|)^2 + 2^-8 |approx_ij| + tiny,
-   and the true distance differs from |q~ - b~| by at most the copies' error norms
+   `approx` (bfloat16 bits when `half`, else float32; stride ld, bank size m) holds, for every
+   bank row j, the product giving |q~ - b~_j|^2 (see extended_copies). Its error is at most
+       eps_ij = gamma (|q~_i| + |b~_j|)^2 + rho |approx_ij| + tiny,
+   (gamma: the float32 accumulation of `width` terms of total size at most (|q~| + |b~|)^2
+   and the split of the squared norms; rho: the output's rounding, 2^-8 for bfloat16, 0 for
+   float32), and the true distance differs from |q~ - b~| by at most the copies' error norms
    query_errors[i] + bank_error. From these bounds, every bank row that could be among the
    k nearest is a candidate; candidates are ranked by float32 squared distances of the
    original vectors (queries [n, d], bank [m, d]), ties to the lower index. Writes
    distances [n, k] and indices [n, k] nearest first; returns the number of candidates. */
 int64_t rerank_neighbours(const float* queries, const float* bank, int64_t d, int64_t n,
-                          int64_t m, const uint16_t* approx, int64_t ld,
+                          int64_t m, const void* approx, int half, int64_t ld,
                           const float* query_norms, const float* query_errors,
                           float bank_norm, float bank_error, float gamma, int64_t k,
                           float* scratch, int64_t* candidates, float* out_distances,
                           int64_t* out_indices) {
     int64_t total = 0;
-    const float output_rounding = 0x1p-8f;
+    const float output_rounding = half ? 0x1p-8f : 0.0f;
+    size_t size = half ? sizeof(uint16_t) : sizeof(float);
     for (int64_t i = 0; i < n; i++) {
-        const uint16_t* row = approx + i * ld;
+        const void* row = (const char*)approx + (size_t)(i * ld) * size;
         float reach = query_norms[i] + bank_norm;
         float fixed = gamma * reach * reach + 1e-30f;
         float error = query_errors[i] + bank_error;
@@ -795,10 +1057,8 @@ int64_t rerank_neighbours(const float* queries, const float* bank, int64_t d, in
             int lanes = m - j0 < LANES ? (int)(m - j0) : LANES;
             float block[LANES];
             float block_min = INFINITY;
-            for (int l = 0; l < lanes; l++) {
-                block[l] = from_bfloat16(row[j0 + l]);
-                block_min = block[l] < block_min ? block[l] : block_min;
-            }
+            approximate_values(row, half, j0, lanes, block);
+            for (int l = 0; l < lanes; l++) block_min = block[l] < block_min ? block[l] : block_min;
             if (filled == k && block_min >= smallest[k - 1]) continue;
             for (int l = 0; l < lanes; l++) {
                 float value = block[l];
@@ -820,11 +1080,13 @@ int64_t rerank_neighbours(const float* queries, const float* bank, int64_t d, in
         int64_t count = 0;
         for (int64_t j0 = 0; j0 < m; j0 += LANES) {
             int lanes = m - j0 < LANES ? (int)(m - j0) : LANES;
+            float block[LANES];
+            approximate_values(row, half, j0, lanes, block);
             int any = 0;
-            for (int l = 0; l < lanes; l++) any |= from_bfloat16(row[j0 + l]) <= limit;
+            for (int l = 0; l < lanes; l++) any |= block[l] <= limit;
             if (!any) continue;
             for (int l = 0; l < lanes; l++)
-                if (from_bfloat16(row[j0 + l]) <= limit) candidates[count++] = j0 + l;
+                if (block[l] <= limit) candidates[count++] = j0 + l;
         }
         total += count;
         /* exact ranking of the candidates */

@@ -2,9 +2,14 @@
 
 The kernels are compiled with the system's C compiler (`$CC`, else `cc`, `gcc` or `clang`)
 the first time they are needed, with `-ffp-contract=off` so that their float32 arithmetic is
-exactly the one written in the source (no fused multiply-add), and tuned for the machine
-(`-march=native`). The library is cached under `$PATCHCORE_CACHE_DIR` (default
-`~/.cache/patchcore`), keyed by the source, the compiler and the CPU, and replaced
+exactly the one written in the source (no fused multiply-add; the AVX2 products' fused
+multiply-adds are written as intrinsics and bounded as such), and tuned for the machine
+(`-march=native` on x86-64, `-mcpu=native` elsewhere; without them where the compiler refuses).
+The instruction-set kernels (AMX, AVX512-BF16, AVX2) carry their own target attributes and
+run only where `product_paths()` finds the CPU and the kernel allow them, so any build runs
+on any CPU of its architecture (`build_kernels` makes one with other flags, e.g. the
+`-march=x86-64-v3` an AVX2-only CPU would get). The library is cached under
+`$PATCHCORE_CACHE_DIR` (default `~/.cache/patchcore`), keyed by the source, the compiler and the CPU, and replaced
 atomically, so concurrent processes are safe. Without a compiler `coreset_kernels()` returns
 None and callers use their pure-torch forms, which give identical results, only slower.
 """
@@ -26,7 +31,11 @@ LOGGER = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("coreset_kernels.c")
 REQUIRED_FLAGS = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-fPIC", "-shared", "-pthread"]
-TUNING_FLAGS = ["-march=native", "-mprefer-vector-width=512"]
+TUNING_FLAGS = (
+    ("-march=native", "-mprefer-vector-width=512")
+    if platform.machine() in ("x86_64", "AMD64")
+    else ("-mcpu=native",)
+)
 
 _P, _I, _I32, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
 SIGNATURES = {
@@ -42,9 +51,13 @@ SIGNATURES = {
         _I,
     ),
     "lazy_steps": ([_P, _I], _I),
-    "amx_available": ([], _I),
-    "extended_copies": ([_P, _I, _I, _P, _I32, _P, _I, _P, _P], None),
-    "rerank_neighbours": ([_P, _P, _I, _I, _I, _P, _I, _P, _P, _F, _F, _F, _I, _P, _P, _P, _P], _I),
+    "product_paths": ([], _I),
+    "tile_products": ([_I, _P, _I, _I, _P, _I, _P, _P], _I),
+    "extended_copies": ([_P, _I, _I, _P, _I32, _I32, _P, _I, _P, _P], None),
+    "rerank_neighbours": (
+        [_P, _P, _I, _I, _I, _P, _I32, _I, _P, _P, _F, _F, _F, _I, _P, _P, _P, _P],
+        _I,
+    ),
 }
 
 
@@ -86,9 +99,16 @@ def _compile(compiler: str, flags: list[str], target: Path) -> bool:
     return True
 
 
-@functools.lru_cache(maxsize=1)
 def coreset_kernels() -> ctypes.CDLL | None:
-    """The compiled kernels, building them on first use; None without a working compiler."""
+    """The compiled kernels tuned for this machine, building them on first use; None
+    without a working compiler."""
+    return build_kernels(TUNING_FLAGS)
+
+
+@functools.lru_cache(maxsize=8)
+def build_kernels(tuning: tuple[str, ...]) -> ctypes.CDLL | None:
+    """The kernels compiled with REQUIRED_FLAGS and `tuning` (without `tuning` if the compiler
+    refuses it); None without a working compiler."""
     compiler = _compiler()
     if compiler is None:
         LOGGER.warning(
@@ -100,7 +120,7 @@ def coreset_kernels() -> ctypes.CDLL | None:
     version = subprocess.run(
         [compiler, "--version"], capture_output=True, text=True, check=False
     ).stdout
-    for flags in (REQUIRED_FLAGS + TUNING_FLAGS, REQUIRED_FLAGS):
+    for flags in (REQUIRED_FLAGS + list(tuning), REQUIRED_FLAGS):
         key = hashlib.sha256(
             b"\0".join(s.encode() if isinstance(s, str) else s
                        for s in (source, compiler, version, " ".join(flags), _cpu_signature()))
@@ -118,3 +138,29 @@ def coreset_kernels() -> ctypes.CDLL | None:
         compiler,
     )
     return None
+
+
+def cpu_class() -> str:
+    """This CPU in one line, for benchmark tables: its model name, the vector and matrix
+    instruction sets the product paths use, and the cores this process may use."""
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and model == (
+                platform.processor() or platform.machine()
+            ):
+                model = value.strip()
+            elif key.strip() in ("flags", "Features") and not flags:
+                flags = set(value.split())
+    except OSError:
+        pass
+    named = [("AVX2+FMA", {"avx2", "fma"}), ("AVX-512", {"avx512f"}),
+             ("AVX512-BF16", {"avx512_bf16"}), ("AMX-BF16", {"amx_bf16", "amx_tile"}),
+             ("NEON", {"asimd"}), ("BF16", {"bf16"})]  # fmt: skip
+    present = [name for name, needed in named if needed <= flags]
+    absent = [name for name, needed in named[:4] if not needed <= flags]
+    if platform.machine() not in ("x86_64", "AMD64"):
+        absent = []
+    described = ", ".join(present + [f"no {name}" for name in absent]) or "no listed extensions"
+    return f"{model} ({platform.machine()}; {described}; {len(os.sched_getaffinity(0))} cores)"

@@ -16,10 +16,12 @@ selected, and stopped before the first pick that would be at most a given distan
 
 On the CPU every selection path compares the same exact float32 distances (see
 `exact_squared_distances`), so the fast path (`pruned_farthest_point_selection`: lazy tile
-updates, triangle-inequality pruning, bfloat16 matrix products with exact rechecks) selects
-exactly what the plain sweep (`farthest_point_selection`) selects, ties included. The hot
-loops are compiled C (`patchcore.model.native`); without a C compiler both paths fall back
-to pure torch with the same results.
+updates, triangle-inequality pruning, low-precision matrix products bounding distances, with
+exact rechecks) selects exactly what the plain sweep (`farthest_point_selection`) selects,
+ties included, whichever product path (`product_path`: AMX, AVX512-BF16, AVX2, portable C or
+torch, chosen per CPU at run time or forced with $PATCHCORE_PRODUCTS) computes the products.
+The hot loops are compiled C (`patchcore.model.native`); without a C compiler both paths
+fall back to pure torch with the same results.
 """
 
 from __future__ import annotations
@@ -28,12 +30,14 @@ import bisect
 import ctypes
 import logging
 import math
+import os
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy
 import torch
 
 from patchcore.config import SamplerConfig
+from patchcore.errors import ConfigurationError
 from patchcore.model.native import coreset_kernels
 from patchcore.progress import track, track_blocks
 
@@ -303,6 +307,7 @@ def pruned_farthest_point_selection(
     seed: int = 0,
     chunk_size: int = 1024,
     stop_at: float | None = None,
+    products: str | None = None,
 ) -> torch.Tensor:
     """The same selections as `farthest_point_selection` (CPU), computed lazily, with the same
     `stop_at`.
@@ -313,10 +318,11 @@ def pruned_farthest_point_selection(
     next farthest point, and then with every point added since, as one product of the
     tile's rows with those points (compute-bound, where a sweep is bound by memory
     bandwidth; on AMX tiles in the compiled loop where the CPU and kernel allow, otherwise a
-    few points' products there and more with `torch.mm`). Points that the triangle
-    inequality (tile centre and radius) shows cannot change the tile are skipped. The
-    product uses bfloat16 copies of the rows centred on their tile (float32 copies where
-    the CPU lacks bfloat16 instructions); a pair is computed exactly whenever the
+    few points' products there and more with `torch.mm`; AVX2 or plain C float32 products
+    in the compiled loop where the CPU has no bfloat16 instructions: see `product_path`,
+    `products` forces one). Points that the triangle inequality (tile centre and radius)
+    shows cannot change the tile are skipped. The product uses copies of the rows centred
+    on their tile, bfloat16 or float32 by the path; a pair is computed exactly whenever the
     product's rounding bound cannot rule out that it lowers the row's minimum distance, so
     every minimum distance that decides a selection is the exact one, and ties go to the
     lowest row index as in the sweep. `min_squared_distances` is not modified;
@@ -331,17 +337,22 @@ def pruned_farthest_point_selection(
             stop_at,
         )  # fmt: skip
     del seed  # tiles are consecutive rows; kept for the signature
-    tiles = _LazyTiles(kernels, features, min_squared_distances, chunk_size)
+    tiles = _LazyTiles(kernels, features, min_squared_distances, chunk_size, products)
     return tiles.run(num_samples, stop_at)
 
 
 _PENDING_BATCH = 4096  # coreset points per matrix product
 _PRODUCT_WIDTHS = [16 * 2 ** (k // 2) * (3 if k % 2 else 2) // 2 for k in range(24)]
-SMALL_BATCH = 16  # pending points up to which a tile's products are computed without torch.mm
-USE_AMX = True  # AMX tiles compute every batch's products where the CPU and kernel allow
+SMALL_BATCH = 16  # pending points up to which AVX512-BF16 computes a tile's products itself
 # A second thread updates half of each tile's rows where torch may use two or more threads.
 USE_HELPER_THREAD = True
 _UNIT_ROUNDOFF = 2.0**-24
+
+# Product paths, numbered as in coreset_kernels.c (PATH_*), and the order of preference.
+PRODUCT_PATHS = ("torch", "amx", "avx512bf16", "avx2", "portable")
+BFLOAT16_PATHS = ("amx", "avx512bf16")
+_PREFERENCE = ("amx", "avx512bf16", "avx2", "portable", "torch")
+PRODUCTS_VARIABLE = "PATCHCORE_PRODUCTS"
 
 
 def _product_width(count: int) -> int:
@@ -349,21 +360,74 @@ def _product_width(count: int) -> int:
     return _PRODUCT_WIDTHS[bisect.bisect_left(_PRODUCT_WIDTHS, count)]
 
 
-def bfloat16_is_fast() -> bool:
-    """bfloat16 products pay where the CPU has bfloat16 (AVX-512 BF16, AMX) instructions."""
-    try:
-        flags = open("/proc/cpuinfo").read()  # noqa: SIM115
-    except OSError:
-        return False
-    return " avx512_bf16" in flags or " amx_bf16" in flags
+def native_product_paths(kernels) -> tuple[str, ...]:
+    """The product paths that `kernels` (a build of coreset_kernels.c, or None) run on this
+    CPU, fastest first: AMX tiles (x86-64 with AMX-BF16, where Linux grants the process the
+    tile state), AVX512-BF16 dot products, AVX2/FMA float32 products, portable C float32
+    products (any CPU), torch.mm (always)."""
+    if kernels is None:
+        return ("torch",)
+    mask = int(kernels.product_paths())
+    return tuple(name for name in _PREFERENCE if mask >> PRODUCT_PATHS.index(name) & 1)
+
+
+def check_product_path(name: str, source: str) -> str:
+    """`name` if it names a product path, else a ConfigurationError naming `source`."""
+    if name not in PRODUCT_PATHS:
+        raise ConfigurationError(
+            f"{source}: unknown product path {name!r}; expected one of {', '.join(_PREFERENCE)}"
+        )
+    return name
+
+
+def product_path(kernels, requested: str | None = None) -> str:
+    """The product path of the lazy selection and the re-ranking search: `requested`, else
+    $PATCHCORE_PRODUCTS, else the fastest that `kernels` run on this CPU. A path named that
+    this CPU or build cannot run is a ConfigurationError."""
+    source = "products"
+    if requested is None and os.environ.get(PRODUCTS_VARIABLE):
+        requested, source = os.environ[PRODUCTS_VARIABLE], PRODUCTS_VARIABLE
+    available = native_product_paths(kernels)
+    if requested is None:
+        return available[0]
+    check_product_path(requested, source)
+    if requested not in available:
+        raise ConfigurationError(
+            f"{source}: product path {requested!r} cannot run on this CPU and build; it runs "
+            f"{', '.join(available)}"
+        )
+    return requested
+
+
+def products_rounding_eta(dimension: int, bfloat16: bool) -> float:
+    """Bound of a product's error relative to (|x~|^2 + |c~|^2) / 2 (x~, c~ the copies), with
+    margin for evaluating the test in float32. A float32 sum of d products, in any order and
+    with or without fused multiply-adds, passes each term through at most d + 8 roundings
+    here (see coreset_kernels.c), so its error is at most gamma_{d+8} sum |x~_j c~_j| <=
+    gamma_{d+8} (|x~|^2 + |c~|^2) / 2; bfloat16 output rounds that sum once more (2^-8)."""
+    roundings = dimension + 8
+    gamma = roundings * _UNIT_ROUNDOFF / (1 - roundings * _UNIT_ROUNDOFF)
+    output_rounding = 2.0**-8 if bfloat16 else 0.0
+    return output_rounding * (1 + gamma) + gamma + 64 * _UNIT_ROUNDOFF
 
 
 class _LazyTiles:
     """State of a lazy, pruned farthest-point selection (see
     `pruned_farthest_point_selection`). Tile t holds rows order[edges[t]:edges[t + 1]]."""
 
-    def __init__(self, kernels, features, min_squared_distances, tile_size):
+    def __init__(self, kernels, features, min_squared_distances, tile_size, products=None,
+                 emulate=False):  # fmt: skip
+        """`products` names the product path (see `product_path`); with `emulate`, that
+        path's arithmetic (copies' precision, rounding, bound) with every product computed
+        by torch, on any CPU: bfloat16 products as float32 products of the bfloat16 copies
+        rounded once to bfloat16, as AMX and AVX512-BF16 compute them."""
         self.kernels = kernels
+        if emulate:
+            self.path = check_product_path(products, "products")
+        else:
+            self.path = product_path(kernels, products)
+        self.emulated = emulate
+        self.native_path = 0 if emulate else PRODUCT_PATHS.index(self.path)
         self.features = features
         count, dimension = features.shape
         self.dimension = dimension
@@ -372,14 +436,11 @@ class _LazyTiles:
         self.num_tiles = num_tiles
         self.order = torch.arange(count)  # tiles of consecutive rows: neighbouring patches
         self.edges = torch.tensor([count * tile // num_tiles for tile in range(num_tiles + 1)])
-        self.half = int(bfloat16_is_fast())
-        gamma = dimension * _UNIT_ROUNDOFF / (1 - dimension * _UNIT_ROUNDOFF)
-        product_rounding = 2.0**-8 if self.half else 0.0
-        # Bound of the product's error relative to (|x~|^2 + |c~|^2) / 2, with margin for
-        # evaluating the test in float32; and the exact distance's relative rounding.
-        self.eta = product_rounding * (1 + gamma) + gamma + 64 * _UNIT_ROUNDOFF
+        self.half = int(self.path in BFLOAT16_PATHS)
+        self.eta = products_rounding_eta(dimension, bool(self.half))
+        # the exact distance's relative rounding
         self.shrink = 1.0 - (2 * dimension + 64) * _UNIT_ROUNDOFF
-        # 16 zero rows past the end: AMX products read whole blocks of 16 rows
+        # 16 zero rows past the end: AMX and AVX2 products read whole blocks of rows
         self.copies = torch.zeros(count + 16, dimension, dtype=self.low_precision)[:count]
         self.row_norms = torch.empty(count)
         self.row_errors = torch.empty(count)
@@ -409,10 +470,10 @@ class _LazyTiles:
         """Selects `num_samples` rows (fewer with `stop_at`).
 
         The steps run in the compiled `lazy_steps`; it hands back only the batches of
-        pending points whose products it does not compute itself (none where AMX is usable),
-        for `_LargeBatches` to compute with `torch.mm`. Where torch may use two or more
-        threads, a second thread of `lazy_steps` updates half of each tile's rows (the same
-        selection)."""
+        pending points whose products it does not compute itself (none on the AMX, AVX2 and
+        portable paths), for `_LargeBatches` to compute with `torch.mm`. Where torch may use
+        two or more threads, a second thread of `lazy_steps` updates half of each tile's rows
+        (the same selection). torch's thread count is restored afterwards."""
         self.selected = torch.empty(num_samples, dtype=torch.long)
         large = _LargeBatches(self, num_samples)
         previous_threads = torch.get_num_threads()
@@ -425,7 +486,7 @@ class _LazyTiles:
             stale=self.stale.ctypes.data, argmax=self.argmax.ctypes.data,
             applied=self.applied.ctypes.data, m=self.minimum.data_ptr(),
             selected=self.selected.data_ptr(), half=self.half,
-            small=SMALL_BATCH, amx=int(USE_AMX and bool(self.kernels.amx_available())),
+            small=SMALL_BATCH, path=self.native_path,
             pending_batch=_PENDING_BATCH, has_stop=int(stop_at is not None),
             helper=int(USE_HELPER_THREAD and previous_threads >= 2),
             eta=self.eta, shrink=self.shrink, stop_at=0.0 if stop_at is None else stop_at,
@@ -448,7 +509,7 @@ class _LazyTiles:
         finally:
             torch.set_num_threads(previous_threads)
         self.stats = {"updates": state.updates, "pairs": state.pairs, "checks": state.checks,
-                      "shared": state.shared}  # fmt: skip
+                      "shared": state.shared, "path": self.path}  # fmt: skip
         LOGGER.debug("Lazy coreset: %s", self.stats)
         return self.selected
 
@@ -464,7 +525,7 @@ class _LazySelectionState(ctypes.Structure):
         *[(name, ctypes.c_void_p) for name in (
             "order", "edges", "copies", "row_norms", "row_errors", "centres", "radii",
             "bounds", "stale", "argmax", "applied", "m", "selected")],
-        *[(name, ctypes.c_int64) for name in ("half", "small", "amx", "pending_batch",
+        *[(name, ctypes.c_int64) for name in ("half", "small", "path", "pending_batch",
                                               "has_stop", "helper")],
         *[(name, ctypes.c_double) for name in ("eta", "shrink", "stop_at")],
         *[(name, ctypes.c_void_p) for name in (
@@ -478,11 +539,11 @@ class _LazySelectionState(ctypes.Structure):
 class _LargeBatches:
     """Scratch space of the pending points, and the large batches' products.
 
-    A tile is usually behind by a few points; `lazy_steps` computes the bfloat16 products of
-    every batch itself on AMX tiles (where the build has them and the process may use them),
-    or of batches of at most `SMALL_BATCH` points (where the build has AVX512-BF16), and hands
-    other batches back, for `apply`: one `torch.mm`, rounded to bfloat16 alike, so selections
-    do not depend on the split (tested)."""
+    A tile is usually behind by a few points; `lazy_steps` computes the products of every
+    batch itself on the AMX, AVX2 and portable paths, of batches of at most `SMALL_BATCH`
+    points on the AVX512-BF16 path, and hands other batches back (all of them on the torch
+    path and when a path is emulated), for `apply`: one `torch.mm`, rounded alike, so
+    selections do not depend on the split (tested)."""
 
     def __init__(self, tiles: _LazyTiles, num_samples: int):
         self.tiles = tiles
@@ -507,7 +568,10 @@ class _LargeBatches:
         rows = high - low
         width = _product_width(kept)
         products = self.products[: rows * width].view(rows, width)
-        torch.mm(tiles.copies[low:high], self.copies[:width].T, out=products)
+        if tiles.emulated and tiles.half:  # float32 sums of exact products, rounded once
+            products.copy_(torch.mm(tiles.copies[low:high].float(), self.copies[:width].float().T))
+        else:
+            torch.mm(tiles.copies[low:high], self.copies[:width].T, out=products)
         checks = tiles.kernels.apply_points(
             tiles.features.data_ptr(), tiles.dimension, tiles.order.data_ptr() + 8 * low, rows,
             products.data_ptr(), tiles.half, kept, width, self.ids.data_ptr(),

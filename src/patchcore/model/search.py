@@ -65,28 +65,40 @@ class TorchNearestNeighbours:
 
 
 class RerankedNearestNeighbours:
-    """Exact search in two passes: a bfloat16 product pass bounds every distance, then only
-    the bank rows whose bound can reach a query's k nearest are ranked with float32
+    """Exact search in two passes: a low-precision product pass bounds every distance, then
+    only the bank rows whose bound can reach a query's k nearest are ranked with float32
     distances of the original vectors.
 
-    The product pass multiplies centred bfloat16 copies extended by their squared norms
-    (split in two bfloat16 parts), so it yields approximate squared distances directly;
-    their error is bounded from the copies' rounding, float32 accumulation and the
-    bfloat16 output (see `rerank_neighbours` in `coreset_kernels.c`). The results are those
-    of a brute-force float32 search: the same neighbours (ties to the lower index) and
-    distances equal within float32 rounding. Needs the compiled kernels
-    (`patchcore.model.native`) and pays where the CPU has bfloat16 instructions (AMX,
-    AVX-512 BF16); `build_index` falls back to FAISS otherwise.
+    The product pass multiplies centred copies extended by their squared norms (split in
+    two parts), so it yields approximate squared distances directly; their error is bounded
+    from the copies' rounding, float32 accumulation and the output's rounding (see
+    `rerank_neighbours` in `coreset_kernels.c`). The copies are bfloat16 on the bfloat16
+    product paths (AMX, AVX512-BF16: torch.mm runs them on those instructions) and float32
+    on the others (AVX2, portable, torch: torch's float32 matrix product, AVX2/FMA where the
+    CPU has it); `products` forces a path (see `samplers.product_path`), `emulate` runs a
+    bfloat16 path's rounding on any CPU (float32 products of the bfloat16 copies, rounded
+    once). The results are those of a brute-force float32 search: the same neighbours (ties
+    to the lower index) and distances equal within float32 rounding. Needs the compiled
+    kernels (`patchcore.model.native`; `build_index` falls back to FAISS without them).
     """
 
-    # bytes of bfloat16 products held at once: queries are searched in chunks of at most
-    # `max_chunk_rows` rows, fewer for banks of over 65,536 rows (64 at least)
+    # bytes of products held at once: queries are searched in chunks of at most
+    # `max_chunk_rows` rows, fewer for large banks (64 at least)
     PRODUCT_BUDGET = 128 * 2**20
 
-    def __init__(self, max_chunk_rows: int = 1024) -> None:
+    def __init__(self, max_chunk_rows: int = 1024, products: str | None = None,
+                 emulate: bool = False, kernels=None) -> None:  # fmt: skip
         from patchcore.model.native import coreset_kernels
+        from patchcore.model.samplers import BFLOAT16_PATHS, check_product_path, product_path
 
-        self.kernels = coreset_kernels()
+        self.kernels = kernels if kernels is not None else coreset_kernels()
+        if emulate:
+            self.path = check_product_path(products, "products")
+        else:
+            self.path = product_path(self.kernels, products)
+        self.emulated = emulate
+        self.half = self.path in BFLOAT16_PATHS
+        self.dtype = torch.bfloat16 if self.half else torch.float32
         self.max_chunk_rows = max_chunk_rows
         self.bank = torch.empty(0, 0)
         # threads that re-rank beside the calling thread; made on the first search that
@@ -97,22 +109,30 @@ class RerankedNearestNeighbours:
     def fit(self, bank: torch.Tensor) -> None:
         self.bank = bank.detach().to("cpu", torch.float32).contiguous()
         self.centre = self.bank.double().mean(dim=0).float()
-        self.width = -(-(self.bank.shape[1] + 4) // 32) * 32
+        # bfloat16 rows are padded to whole 32-value blocks, float32 rows to 8 values
+        multiple = 32 if self.half else 8
+        self.width = -(-(self.bank.shape[1] + 4) // multiple) * multiple
         copies, norms, errors = self._extended_copies(self.bank, bank_side=True)
         self.bank_copies = copies
         self.bank_norm = float(norms.max()) if len(norms) else 0.0
         self.bank_error = float(errors.max()) if len(errors) else 0.0
 
     def _extended_copies(self, rows: torch.Tensor, bank_side: bool):
-        """Extended bfloat16 copies [len(rows), width], their norms and error norms (see
+        """Extended copies [len(rows), width], their norms and error norms (see
         `extended_copies` in `coreset_kernels.c`)."""
-        copies = torch.empty(len(rows), self.width, dtype=torch.bfloat16)
+        copies = torch.empty(len(rows), self.width, dtype=self.dtype)
         norms, errors = torch.empty(len(rows)), torch.empty(len(rows))
         self.kernels.extended_copies(
             rows.data_ptr(), len(rows), rows.shape[1], self.centre.data_ptr(), int(bank_side),
-            copies.data_ptr(), self.width, norms.data_ptr(), errors.data_ptr(),
+            int(self.half), copies.data_ptr(), self.width, norms.data_ptr(), errors.data_ptr(),
         )  # fmt: skip
         return copies, norms, errors
+
+    def _products(self, copies: torch.Tensor) -> torch.Tensor:
+        """The product pass of a chunk of queries' copies with the bank's."""
+        if self.emulated and self.half:  # float32 sums of exact products, rounded once
+            return torch.mm(copies.float(), self.bank_copies.float().T).bfloat16()
+        return torch.mm(copies, self.bank_copies.T)
 
     def search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """queries [Q, D] -> (squared distances [Q, k], indices [Q, k]), nearest first.
@@ -126,12 +146,12 @@ class RerankedNearestNeighbours:
         threads = max(1, min(torch.get_num_threads(), len(queries) // 64))
         if threads > 1 and self._helpers is None:
             self._helpers = ThreadPoolExecutor(torch.get_num_threads() - 1)
-        affordable = self.PRODUCT_BUDGET // (2 * max(1, len(self.bank)))
+        affordable = self.PRODUCT_BUDGET // (self.dtype.itemsize * max(1, len(self.bank)))
         chunk_rows = min(self.max_chunk_rows, max(64, affordable))
         for start in range(0, len(queries), chunk_rows):
             chunk = queries[start : start + chunk_rows]
             copies, norms, errors = self._extended_copies(chunk, bank_side=False)
-            approximate = torch.mm(copies, self.bank_copies.T)
+            approximate = self._products(copies)
             edges = [start + len(chunk) * part // threads for part in range(threads + 1)]
             parts = [(queries, approximate, norms, errors, start, first, last, k,
                       distances, indices) for first, last in itertools.pairwise(edges)]  # fmt: skip
@@ -148,12 +168,14 @@ class RerankedNearestNeighbours:
         if first == last:
             return
         row = first - offset
-        gamma = (self.width + 8) * 2.0**-24 * 1.01 + 2.0**-16
+        # float32 accumulation of `width` terms; the squared norms split in two parts leave
+        # 2^-16 (bfloat16) or 2^-48 (float32) of them
+        gamma = (self.width + 8) * 2.0**-24 * 1.01 + (2.0**-16 if self.half else 2.0**-40)
         candidates = torch.empty(len(self.bank), dtype=torch.long)
         smallest = torch.empty(k)
         self.kernels.rerank_neighbours(
             queries[first].data_ptr(), self.bank.data_ptr(), self.bank.shape[1], last - first,
-            len(self.bank), approximate[row].data_ptr(), approximate.shape[1],
+            len(self.bank), approximate[row].data_ptr(), int(self.half), approximate.shape[1],
             norms[row].data_ptr(), errors[row].data_ptr(), self.bank_norm, self.bank_error,
             gamma, k, smallest.data_ptr(), candidates.data_ptr(), distances[first].data_ptr(),
             indices[first].data_ptr(),
@@ -198,12 +220,11 @@ class FaissNearestNeighbours:
 
 
 def reranking_applies(device: torch.device) -> bool:
-    """The re-ranking search runs on the CPU, with the compiled kernels, and pays where the
-    CPU has bfloat16 instructions."""
+    """The re-ranking search runs on the CPU, with the compiled kernels (bfloat16 products
+    where the CPU has bfloat16 instructions, float32 products elsewhere)."""
     from patchcore.model.native import coreset_kernels
-    from patchcore.model.samplers import bfloat16_is_fast
 
-    return device.type == "cpu" and bfloat16_is_fast() and coreset_kernels() is not None
+    return device.type == "cpu" and coreset_kernels() is not None
 
 
 def build_index(config: SearchConfig, device: torch.device):
@@ -272,4 +293,3 @@ def read_memory_bank(path: Path) -> torch.Tensor:
             "infinite), so it would score images wrongly; train the model again"
         )
     return bank
-
