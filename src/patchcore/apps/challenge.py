@@ -34,6 +34,7 @@ from types import ModuleType
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
@@ -41,7 +42,7 @@ from patchcore.apps.export import ALTERNATIVE_SUFFIX, WEIGHTS_SUFFIX
 from patchcore.data.datasets import Sample, list_samples
 from patchcore.data.preprocessing import fixed_size_pair
 from patchcore.errors import ConfigurationError, DataError, ModelFormatError
-from patchcore.evaluation.metrics import compute_metrics
+from patchcore.evaluation.metrics import auroc_and_f1max
 from patchcore.evaluation.reporting import write_results_csv
 from patchcore.files import check_writable
 from patchcore.model.serialization import first_line, read_weights_file
@@ -149,6 +150,26 @@ def _colour(image: torch.Tensor, parameters: DriftParameters) -> torch.Tensor:
     return image
 
 
+def blur_kernel(size: int, sigma: float) -> torch.Tensor:
+    """The 1-d Gaussian taps [size] of torchvision's `gaussian_blur` (offsets -size//2 ..
+    size//2, weights exp(-offset^2 / (2 sigma^2)), normalised)."""
+    offsets = torch.arange(size, dtype=torch.float32) - size // 2
+    return torch.softmax(-(offsets / sigma).square() / 2.0, dim=0)
+
+
+def separable_blur(image: torch.Tensor, size: int, sigma: float) -> torch.Tensor:
+    """image float [C, H, W] -> `TF.gaussian_blur(image, [size, size], [sigma, sigma])` (the
+    same reflect padding and taps, equal to float rounding) as two 1-d passes: 2 * size
+    multiply-adds per pixel instead of size^2 (13 x 13 taps at the largest sigma)."""
+    kernel = blur_kernel(size, sigma).to(image)
+    channels, radius = image.shape[0], size // 2
+    padded = F.pad(image[None], [radius, radius, radius, radius], mode="reflect")
+    rows = F.conv2d(padded, kernel.view(1, 1, 1, size).expand(channels, 1, 1, size),
+                    groups=channels)  # fmt: skip
+    return F.conv2d(rows, kernel.view(1, 1, size, 1).expand(channels, 1, size, 1),
+                    groups=channels)[0]  # fmt: skip
+
+
 def apply_drift(
     image: torch.Tensor, mask: torch.Tensor, parameters: DriftParameters
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -156,8 +177,7 @@ def apply_drift(
     image = _geometric(image, parameters, InterpolationMode.BILINEAR)
     mask = _geometric(mask, parameters, InterpolationMode.NEAREST)
     image = _colour(image, parameters)
-    size, sigma = parameters.blur_kernel_size, parameters.blur_sigma
-    image = TF.gaussian_blur(image, [size, size], [sigma, sigma])
+    image = separable_blur(image, parameters.blur_kernel_size, parameters.blur_sigma)
     return image.clamp(0.0, 1.0), mask
 
 
@@ -305,9 +325,9 @@ def evaluate_category(cls: type, category: str, options: ChallengeOptions) -> di
     model = load_submission(cls, path, options.device)
     samples = list_samples(options.dataset_path, category, "test", masks_required=True)
     scores, labels, maps, masks = predict_category(model, samples, options, category)
-    # compute_metrics sorts the pixels once for every pixel metric: cheaper than the two
-    # pixel metrics each sorting them, even with the PRO it adds.
-    metrics = compute_metrics(scores, labels, maps, masks)
+    # One sort of the image scores and one of the pixels for the four metrics, without the
+    # defect regions and PRO of compute_metrics, which the challenge does not report.
+    metrics = auroc_and_f1max(scores, labels, maps, masks)
     return {key: metrics[key] for key in CHALLENGE_METRICS}
 
 

@@ -618,6 +618,35 @@ def _pixel_metrics(
     }
 
 
+def auroc_and_f1max(scores: Array, labels: Array, maps: Array, masks: Array) -> dict[str, float]:
+    """Image and full-pixel AUROC and F1-max only (what challenge evaluators report): one
+    ranking of the image scores and one of the pixels, without the defect regions, PRO and
+    anomaly-pixel subset that `compute_metrics` adds. Arguments as `compute_metrics`'s; the
+    same values as `instance_auroc`, `full_pixel_auroc`, `instance_f1max`, `pixel_f1max`."""
+    score_values, label_flags = _as_values(scores, "scores"), _as_flags(labels)
+    _check_instances(score_values, label_flags)
+    pixels = _pixels(maps, masks)
+    if pixels.sizes.size != score_values.size:
+        raise DataError(
+            f"maps has {pixels.sizes.size} images but scores has {score_values.size}; "
+            "they must match"
+        )
+    instances = _rank_and_count(score_values, label_flags)
+    results = {
+        "instance_auroc": _auroc_from_counts(instances, "instance_auroc"),
+        "full_pixel_auroc": math.nan,
+        "instance_f1max": _f1max_from_counts(instances, "instance_f1max"),
+        "pixel_f1max": math.nan,
+    }
+    if not pixels.flags.any():
+        results["full_pixel_auroc"] = results["pixel_f1max"] = _no_defect_nan("pixel metrics")
+        return results
+    counts = _rank_and_count(pixels.values, pixels.flags)
+    results["full_pixel_auroc"] = _auroc_from_counts(counts, "full_pixel_auroc")
+    results["pixel_f1max"] = _f1max_from_counts(counts, "pixel_f1max")
+    return results
+
+
 def compute_metrics(
     scores: Array,
     labels: Array,
