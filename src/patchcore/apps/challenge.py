@@ -42,7 +42,7 @@ from patchcore.apps.export import ALTERNATIVE_SUFFIX, WEIGHTS_SUFFIX
 from patchcore.data.datasets import Sample, list_samples
 from patchcore.data.preprocessing import fixed_size_pair
 from patchcore.errors import ConfigurationError, DataError, ModelFormatError
-from patchcore.evaluation.metrics import auroc_and_f1max
+from patchcore.evaluation.metrics import compute_metrics
 from patchcore.evaluation.reporting import write_results_csv
 from patchcore.files import check_writable
 from patchcore.model.serialization import first_line, read_weights_file
@@ -327,7 +327,7 @@ def evaluate_category(cls: type, category: str, options: ChallengeOptions) -> di
     scores, labels, maps, masks = predict_category(model, samples, options, category)
     # One sort of the image scores and one of the pixels for the four metrics, without the
     # defect regions and PRO of compute_metrics, which the challenge does not report.
-    metrics = auroc_and_f1max(scores, labels, maps, masks)
+    metrics = compute_metrics(scores, labels, maps, masks, full_pixels_only=True)
     return {key: metrics[key] for key in CHALLENGE_METRICS}
 
 
