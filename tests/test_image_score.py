@@ -221,3 +221,30 @@ def test_synthetic_wide_parts_are_panels_with_an_exact_mask(tmp_path):
     assert wide.mask.any() and columns.max() // 64 == columns.min() // 64  # one panel only
     with pytest.raises(ConfigurationError, match="panels must be an integer >= 1"):
         generate_category(tmp_path, "texture", SyntheticSpec(panels=0))
+
+
+def test_training_records_the_rule_and_evaluation_scores_with_it(synthetic_root, tmp_path):
+    """patchcore-train --image_score: the saved model, its card and patchcore-evaluate's
+    records carry the rule; the evaluated scores are the rule over the records' patch maps."""
+    from test_cli import SMALL_RANDOM, run, train
+
+    from patchcore.cli.runs import evaluate_cli
+    from patchcore.evaluation.records import read_predictions
+    from patchcore.model.serialization import load_models
+
+    rule = ["--image_score", "top_k_mean", "--image_score_top_k", "4"]
+    outcome = train(tmp_path / "r", synthetic_root, [*SMALL_RANDOM, *rule],
+                    ["--save_patchcore_model"])  # fmt: skip
+    assert outcome.exit_code == 0, outcome.output
+    folder = tmp_path / "r" / "project" / "group" / "models" / "mvtec_texture"
+    (model,) = load_models(folder)
+    assert (model.config.image_score, model.config.image_score_top_k) == ("top_k_mean", 4)
+    assert "mean of the 4 largest patch scores" in (folder / "MODEL_CARD.md").read_text()
+    outcome = run(evaluate_cli, ["--gpu", "-1", "--save_predictions", tmp_path / "e",
+                                 "patch_core_loader", "-p", folder,
+                                 "dataset", "--num_workers", "0", "-d", "texture", "mvtec",
+                                 synthetic_root])  # fmt: skip
+    assert outcome.exit_code == 0, outcome.output
+    predictions = read_predictions(tmp_path / "e" / "predictions" / "mvtec_texture")
+    np.testing.assert_allclose(predictions.scores, numpy_rule(predictions.patch_scores, model.config),
+                               rtol=1e-6)  # fmt: skip

@@ -86,7 +86,9 @@ class ModelOptions:
     search: SearchConfig
     index: IndexConfig = field(default_factory=IndexConfig)
     backbone_statistics: str = "reference"
-    image_score: dict = field(default_factory=dict)  # PatchCoreConfig's image-score fields
+    image_score: str = "max"
+    image_score_quantile: float = 0.99
+    image_score_top_k: int = 10
 
     def configs(
         self, sampler: SamplerConfig, seed: int, preprocessing: PreprocessingConfig
@@ -114,7 +116,9 @@ class ModelOptions:
                     seed=member_seed,
                     index=self.index,
                     backbone_statistics=self.backbone_statistics,
-                    **self.image_score,
+                    image_score=self.image_score,
+                    image_score_quantile=self.image_score_quantile,
+                    image_score_top_k=self.image_score_top_k,
                 )
             )
         return configs
@@ -466,7 +470,7 @@ def _patch_core(
         score_reweighting=score_reweighting,
         random_backbone_weights=random_backbone_weights,
         backbone_statistics=backbone_statistics,
-        image_score=image_score_config,
+        **image_score_config,
         search=SearchConfig(nn_backend, faiss_on_gpu, faiss_num_workers,
                             bank_storage=index_values["bank_storage"]),
         index=index_config(index_values, nn_backend),
