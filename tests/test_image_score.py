@@ -226,11 +226,10 @@ def test_synthetic_wide_parts_are_panels_with_an_exact_mask(tmp_path):
 def test_training_records_the_rule_and_evaluation_scores_with_it(synthetic_root, tmp_path):
     """patchcore-train --image_score: the saved model, its card and patchcore-evaluate's
     records carry the rule; the evaluated scores are the rule over the records' patch maps."""
-    from test_cli import SMALL_RANDOM, run, train
-
     from patchcore.cli.runs import evaluate_cli
     from patchcore.evaluation.records import read_predictions
     from patchcore.model.serialization import load_models
+    from test_cli import SMALL_RANDOM, run, train
 
     rule = ["--image_score", "top_k_mean", "--image_score_top_k", "4"]
     outcome = train(tmp_path / "r", synthetic_root, [*SMALL_RANDOM, *rule],
