@@ -232,3 +232,24 @@ def test_the_separable_blur_equals_torchvisions_two_dimensional_one(sigma):
     size = replace(NO_CHANGE, blur_sigma=sigma).blur_kernel_size
     expected = TF.gaussian_blur(image, [size, size], [sigma, sigma])
     torch.testing.assert_close(separable_blur(image, size, sigma), expected, rtol=0, atol=2e-6)
+
+
+def test_a_grey_image_skips_the_hue_shift_with_the_same_result():
+    """The drift's colour jitter on a grayscale picture equals torchvision's own, hue shift
+    included, bit for bit (the shift is skipped there: it returns a grey image unchanged)."""
+    from torchvision.transforms.v2 import functional as TF
+
+    from patchcore.apps import challenge
+
+    generator = torch.Generator().manual_seed(5)
+    for index in range(6):
+        grey = torch.rand(1, 48, 40, generator=generator).expand(3, -1, -1).clone()
+        parameters = sample_drift(drift_generator(7, index))
+        expected = grey
+        for position in parameters.colour_order:
+            name = challenge.COLOUR_ADJUSTMENTS[position]
+            expected = getattr(TF, f"adjust_{name}")(expected, getattr(parameters, name))
+        assert challenge.is_grey(grey) and challenge.is_grey(expected)
+        assert torch.equal(challenge._colour(grey, parameters), expected)
+    colour = torch.rand(3, 48, 40, generator=generator)
+    assert not challenge.is_grey(colour)
