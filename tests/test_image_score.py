@@ -247,3 +247,11 @@ def test_training_records_the_rule_and_evaluation_scores_with_it(synthetic_root,
     predictions = read_predictions(tmp_path / "e" / "predictions" / "mvtec_texture")
     np.testing.assert_allclose(predictions.scores, numpy_rule(predictions.patch_scores, model.config),
                                rtol=1e-6)  # fmt: skip
+
+
+def test_the_dashboard_says_which_rule_scored_the_image():
+    from patchcore.apps.dashboard.data import _relation
+
+    note = _relation(2.0, 1.5, 1, TOP_K)
+    assert note.startswith("The image score is the mean of the 5 largest patch scores")
+    assert _relation(2.0, 2.0, 1, PatchCoreConfig()) == "This patch's score is the image score."
