@@ -14,6 +14,8 @@ on its own and taken off).
 from __future__ import annotations
 
 import argparse
+import platform
+import resource
 import tempfile
 import time
 from pathlib import Path
@@ -61,10 +63,16 @@ def main() -> None:
             evaluate_category(PatchCoreModule, arguments.category, options)
             challenge_times.append((time.perf_counter() - start - loading) / len(samples))
     best_evaluate, best_challenge = min(evaluate_times), min(challenge_times)
+    flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines()
+                 if line.startswith("flags")).split()  # fmt: skip
+    print(f"{platform.machine()}, AVX-512 {'yes' if 'avx512f' in flags else 'no'}, AMX "
+          f"{'yes' if 'amx_tile' in flags else 'no'}, torch {torch.__version__}")  # fmt: skip
     print(f"{len(samples)} test images, threads {torch.get_num_threads()}, drift {arguments.drift}")
     print(f"evaluate:  {best_evaluate:.3f} s per image (rounds {evaluate_times})")
     print(f"challenge: {best_challenge:.3f} s per image (rounds {challenge_times})")
     print(f"ratio challenge / evaluate: {best_challenge / best_evaluate:.2f}")
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"peak memory (max RSS): {peak:.0f} MiB")
 
 
 if __name__ == "__main__":

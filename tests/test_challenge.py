@@ -218,3 +218,38 @@ def test_each_image_is_prepared_once_single_threaded_and_the_weights_load_once(
         "instance_f1max": metrics.instance_f1max(scores, labels),
         "pixel_f1max": metrics.pixel_f1max(maps, masks),
     }
+
+
+@pytest.mark.parametrize("sigma", [0.1, 0.7, 1.37, 2.0])
+def test_the_separable_blur_equals_torchvisions_two_dimensional_one(sigma):
+    """The drift's blur in two 1-d passes gives torchvision's 2-d kernel's image to float
+    rounding (bench/bench_challenge.py: it halves the blur's cost)."""
+    from torchvision.transforms.v2 import functional as TF
+
+    from patchcore.apps.challenge import separable_blur
+
+    image = torch.rand(3, 40, 56, generator=torch.Generator().manual_seed(3))
+    size = replace(NO_CHANGE, blur_sigma=sigma).blur_kernel_size
+    expected = TF.gaussian_blur(image, [size, size], [sigma, sigma])
+    torch.testing.assert_close(separable_blur(image, size, sigma), expected, rtol=0, atol=2e-6)
+
+
+def test_a_grey_image_skips_the_hue_shift_with_the_same_result():
+    """The drift's colour jitter on a grayscale picture equals torchvision's own, hue shift
+    included, bit for bit (the shift is skipped there: it returns a grey image unchanged)."""
+    from torchvision.transforms.v2 import functional as TF
+
+    from patchcore.apps import challenge
+
+    generator = torch.Generator().manual_seed(5)
+    for index in range(6):
+        grey = torch.rand(1, 48, 40, generator=generator).expand(3, -1, -1).clone()
+        parameters = sample_drift(drift_generator(7, index))
+        expected = grey
+        for position in parameters.colour_order:
+            name = challenge.COLOUR_ADJUSTMENTS[position]
+            expected = getattr(TF, f"adjust_{name}")(expected, getattr(parameters, name))
+        assert challenge.is_grey(grey) and challenge.is_grey(expected)
+        assert torch.equal(challenge._colour(grey, parameters), expected)
+    colour = torch.rand(3, 48, 40, generator=generator)
+    assert not challenge.is_grey(colour)

@@ -178,6 +178,24 @@ def test_pixel_f1max_matches_sklearn(decimals: int | None) -> None:
     )
 
 
+def test_full_pixels_only_metrics_match_sklearn() -> None:
+    """The challenge's four metrics from two rankings, checked against scikit-learn."""
+    masks = region_masks()
+    maps = random_maps(np.random.default_rng(9), masks, 2)
+    labels = masks.reshape(len(masks), -1).any(axis=1)  # three defective images, one good
+    scores = np.random.default_rng(10).normal(size=len(masks)) + labels
+    got = compute_metrics(scores, labels, maps, masks, full_pixels_only=True)
+    assert math.isnan(got["pro"]) and math.isnan(got["anomaly_pixel_auroc"])
+    assert got["instance_auroc"] == pytest.approx(roc_auc_score(labels, scores), abs=EXACT)
+    assert got["instance_f1max"] == pytest.approx(sklearn_f1max(labels, scores), abs=EXACT)
+    assert got["full_pixel_auroc"] == pytest.approx(
+        roc_auc_score(masks.ravel(), maps.ravel()), abs=EXACT
+    )
+    assert got["pixel_f1max"] == pytest.approx(
+        sklearn_f1max(masks.ravel(), maps.ravel()), abs=EXACT
+    )
+
+
 # ---------------------------------------------------------------------------- PRO
 
 

@@ -18,7 +18,7 @@ from patchcore.model.samplers import build_sampler
 from patchcore.model.scoring import score_patches
 from patchcore.model.search import build_index
 from patchcore.model.serialization import (
-    FORMAT_VERSION,
+    BACKBONE_STATISTICS_FORMAT_VERSION,
     INDEX_FILE,
     META_FILE,
     PARAMS_FILE,
@@ -213,7 +213,7 @@ def test_an_ensemble_threshold_is_measured_on_its_combined_scale_and_saved_with_
     metas = [json.loads((folder / f"{prefix}{META_FILE}").read_text())
              for prefix in member_prefixes(folder)]  # fmt: skip
     # The reference's backbone statistics: written as version 6, the oldest that records them.
-    assert [meta["format_version"] for meta in metas] == [FORMAT_VERSION] * 2 == [6, 6]
+    assert [meta["format_version"] for meta in metas] == [BACKBONE_STATISTICS_FORMAT_VERSION] * 2 == [6, 6]
     assert metas[0]["ensemble"] == metas[1]["ensemble"]
     assert metas[0]["ensemble"]["members"] == 2
     # A library that knows only format 2 refuses these folders with a clear message.

@@ -304,7 +304,7 @@ def test_predict_script_is_a_thin_entry_point(monkeypatch, capsys):
 def test_every_row_names_the_model_by_content_hash_and_format(models, synthetic_root, tmp_path):
     import hashlib
 
-    from patchcore.model.serialization import FORMAT_VERSION
+    from patchcore.model.serialization import BACKBONE_STATISTICS_FORMAT_VERSION
 
     folder = tmp_path / "model"
     shutil.copytree(models["calibrated"], folder)
@@ -316,7 +316,7 @@ def test_every_row_names_the_model_by_content_hash_and_format(models, synthetic_
         digest.update(f"{file.name}\0{file.stat().st_size}\0".encode() + file.read_bytes())
     assert {row["model_id"] for row in rows} == {digest.hexdigest()[:16]}
     # the reference's backbone statistics (the default) are recorded since version 6
-    assert {row["model_format"] for row in rows} == {f"patchcore-model/{FORMAT_VERSION}"}
+    assert {row["model_format"] for row in rows} == {f"patchcore-model/{BACKBONE_STATISTICS_FORMAT_VERSION}"}
     (folder / "MODEL_CARD.md").write_text("a description is not part of the model")
     predict(folder, [image], tmp_path / "b.csv")
     assert read_rows(tmp_path / "b.csv")[0]["model_id"] == rows[0]["model_id"]

@@ -204,6 +204,14 @@ def test_sixteen_bit_copies_load_like_the_originals_in_every_pipeline(synthetic_
     [
         (torch.full((1, 3, 64, 64), float("nan")), "not finite numbers"),
         (torch.full((1, 3, 64, 64), float("inf")), "not finite numbers"),
+        (torch.rand(1, 3, 64, 64).index_put_((torch.tensor([0]), torch.tensor([2]),
+                                             torch.tensor([5]), torch.tensor([9])),
+                                            torch.tensor(float("nan"))),
+         "hold 1 values that are not finite numbers"),  # one NaN among valid values
+        (torch.rand(1, 3, 64, 64).index_put_((torch.tensor([0]), torch.tensor([0]),
+                                             torch.tensor([0]), torch.tensor([0])),
+                                            torch.tensor(float("-inf"))),
+         "hold 1 values that are not finite numbers"),
         (torch.rand(1, 3, 64, 64) * 255, r"values from .* to .*; divide 8-bit pixels by 255"),
         (torch.rand(1, 3, 64, 64) * 2 - 1, "do not normalise"),
         (torch.rand(0, 3, 64, 64), "empty batch"),

@@ -18,6 +18,10 @@ DISTANCES = ("squared_l2", "l2")
 # of a constant image; "pretrained": the pretrained ones untouched.
 BACKBONE_STATISTICS = ("reference", "pretrained")
 SEARCH_BACKENDS = ("rerank", "faiss", "torch")
+# How an image's score comes from its patch scores (see patchcore.model.scoring): "max" (the
+# reference), "quantile" (the image_score_quantile quantile of the patch scores, numpy's
+# linear interpolation) or "top_k_mean" (the mean of the image_score_top_k largest).
+IMAGE_SCORES = ("max", "quantile", "top_k_mean")
 INDEX_KINDS = ("exact", "ivf", "ivfpq", "hnsw")
 BANK_STORAGES = ("memory", "mmap")
 NORMALISATIONS = ("test_minmax", "normal_stats")
@@ -280,6 +284,10 @@ class PatchCoreConfig:
     `reweighting_neighbours` nearest memory-bank neighbours of the closest bank feature.
     `index` is how the memory bank is searched (exact by default, or a FAISS approximate
     index); it is saved with the model.
+    `image_score` is how an image's score comes from its patch scores: `max` (the reference),
+    `quantile` (the `image_score_quantile` quantile of the patch scores) or `top_k_mean` (the
+    mean of the `image_score_top_k` largest); the last two are less sensitive to the number
+    of patches an image has (docs/how-to/wide-parts.md).
     `backbone_statistics` is where the backbone's BatchNorm running statistics come from:
     `reference` (default) reproduces the reference implementation, whose `PatchCore.load`
     passes one constant image through the backbone in training mode before extracting
@@ -302,9 +310,31 @@ class PatchCoreConfig:
     seed: int = 0
     index: IndexConfig = field(default_factory=IndexConfig)
     backbone_statistics: str = "reference"
+    image_score: str = "max"
+    image_score_quantile: float = 0.99
+    image_score_top_k: int = 10
 
     def __post_init__(self) -> None:
         check_seed(self.seed)
+        _require(
+            self.image_score in IMAGE_SCORES,
+            f"--image_score must be one of {', '.join(IMAGE_SCORES)}, got '{self.image_score}'",
+        )
+        _require(
+            isinstance(self.image_score_quantile, (int, float))
+            and math.isfinite(self.image_score_quantile)
+            and 0.0 < self.image_score_quantile <= 1.0,
+            f"--image_score_quantile must be a number in (0, 1], got {self.image_score_quantile}",
+        )
+        _require(
+            isinstance(self.image_score_top_k, int) and self.image_score_top_k >= 1,
+            f"--image_score_top_k must be an integer >= 1, got {self.image_score_top_k}",
+        )
+        _require(
+            not (self.score_reweighting and self.image_score != "max"),
+            f"--score_reweighting re-weights the highest patch score and is not defined for "
+            f"--image_score {self.image_score}; leave one of them out",
+        )
         _require(bool(self.backbone_name), "backbone name must not be empty")
         _require(
             self.backbone_statistics in BACKBONE_STATISTICS,

@@ -34,6 +34,7 @@ from types import ModuleType
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
@@ -137,16 +138,46 @@ def _geometric(
     return TF.rotate(tensor, parameters.angle, interpolation=interpolation, fill=0.0)
 
 
+def is_grey(image: torch.Tensor) -> bool:
+    """Whether the three channels of image [3, H, W] are equal (a grayscale picture)."""
+    return torch.equal(image[0], image[1]) and torch.equal(image[1], image[2])
+
+
 def _colour(image: torch.Tensor, parameters: DriftParameters) -> torch.Tensor:
+    # Brightness, contrast and saturation keep equal channels equal, and torchvision's hue
+    # shift returns a grey image unchanged, bit for bit (saturation 0: every channel is the
+    # value); so a grey image skips the shift's costly HSV round trip (about 40 % of the
+    # drift's time on grayscale data such as magnetic tile).
+    grey = is_grey(image)
     adjust = {
         "brightness": lambda x: TF.adjust_brightness(x, parameters.brightness),
         "contrast": lambda x: TF.adjust_contrast(x, parameters.contrast),
         "saturation": lambda x: TF.adjust_saturation(x, parameters.saturation),
-        "hue": lambda x: TF.adjust_hue(x, parameters.hue),
+        "hue": lambda x: x if grey else TF.adjust_hue(x, parameters.hue),
     }
     for position in parameters.colour_order:
         image = adjust[COLOUR_ADJUSTMENTS[position]](image)
     return image
+
+
+def blur_kernel(size: int, sigma: float) -> torch.Tensor:
+    """The 1-d Gaussian taps [size] of torchvision's `gaussian_blur` (offsets -size//2 ..
+    size//2, weights exp(-offset^2 / (2 sigma^2)), normalised)."""
+    offsets = torch.arange(size, dtype=torch.float32) - size // 2
+    return torch.softmax(-(offsets / sigma).square() / 2.0, dim=0)
+
+
+def separable_blur(image: torch.Tensor, size: int, sigma: float) -> torch.Tensor:
+    """image float [C, H, W] -> `TF.gaussian_blur(image, [size, size], [sigma, sigma])` (the
+    same reflect padding and taps, equal to float rounding) as two 1-d passes: 2 * size
+    multiply-adds per pixel instead of size^2 (13 x 13 taps at the largest sigma)."""
+    kernel = blur_kernel(size, sigma).to(image)
+    channels, radius = image.shape[0], size // 2
+    padded = F.pad(image[None], [radius, radius, radius, radius], mode="reflect")
+    rows = F.conv2d(padded, kernel.view(1, 1, 1, size).expand(channels, 1, 1, size),
+                    groups=channels)  # fmt: skip
+    return F.conv2d(rows, kernel.view(1, 1, size, 1).expand(channels, 1, size, 1),
+                    groups=channels)[0]  # fmt: skip
 
 
 def apply_drift(
@@ -156,8 +187,7 @@ def apply_drift(
     image = _geometric(image, parameters, InterpolationMode.BILINEAR)
     mask = _geometric(mask, parameters, InterpolationMode.NEAREST)
     image = _colour(image, parameters)
-    size, sigma = parameters.blur_kernel_size, parameters.blur_sigma
-    image = TF.gaussian_blur(image, [size, size], [sigma, sigma])
+    image = separable_blur(image, parameters.blur_kernel_size, parameters.blur_sigma)
     return image.clamp(0.0, 1.0), mask
 
 
@@ -305,9 +335,9 @@ def evaluate_category(cls: type, category: str, options: ChallengeOptions) -> di
     model = load_submission(cls, path, options.device)
     samples = list_samples(options.dataset_path, category, "test", masks_required=True)
     scores, labels, maps, masks = predict_category(model, samples, options, category)
-    # compute_metrics sorts the pixels once for every pixel metric: cheaper than the two
-    # pixel metrics each sorting them, even with the PRO it adds.
-    metrics = compute_metrics(scores, labels, maps, masks)
+    # One sort of the image scores and one of the pixels for the four metrics, without the
+    # defect regions and PRO of compute_metrics, which the challenge does not report.
+    metrics = compute_metrics(scores, labels, maps, masks, full_pixels_only=True)
     return {key: metrics[key] for key in CHALLENGE_METRICS}
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from patchcore.model.calibration import NormalStatistics
 from patchcore.model.identity import MODEL_CARD_FILE, model_identity, saved_model_format
+from patchcore.model.scoring import image_score_rule
 
 PACKAGES = ("patchcore", "torch", "torchvision", "numpy", "scipy", "faiss-cpu", "pillow")
 
@@ -111,6 +112,7 @@ def model_card(
              f"patch size {config.patchsize}, k = {config.num_nn} nearest neighbours, "
              f"{config.distance} distance, Eq. 7 re-weighting "
              f"{'on' if config.score_reweighting else 'off'}"),
+            f"- image score: {image_score_rule(config)}",
             (f"- memory bank: {len(model.memory_bank)} features of dimension "
              f"{model.memory_bank.shape[1]} ({config.sampler.name}, "
              f"{config.sampler.percentage:g} of the training patch features, seed "

@@ -40,6 +40,7 @@ from patchcore.model.serialization import (
     oldest_version,
     read_weights_file,
     records_backbone_statistics,
+    records_image_score,
     records_scale,
 )
 
@@ -48,8 +49,10 @@ LOGGER = logging.getLogger(__name__)
 EXPORT_FORMAT_NAME = "patchcore-export"
 # 2: preprocessing.scale; 3: backbone_statistics (the graph's constants hold the statistics
 # either way; older records predate the reference's pass and describe "pretrained"). Each
-# written only by exports that record it.
-EXPORT_FORMAT_VERSION = 3
+# written only by exports that record it; 4: image_score (records without it score by the
+# largest patch score).
+EXPORT_FORMAT_VERSION = 4
+BACKBONE_STATISTICS_EXPORT_FORMAT_VERSION = 3
 SCALE_EXPORT_FORMAT_VERSION = 2
 WITHOUT_SCALE_EXPORT_FORMAT_VERSION = 1
 METADATA_KEY = "patchcore"
@@ -91,7 +94,8 @@ class ExportRecord:
             WITHOUT_SCALE_EXPORT_FORMAT_VERSION,
             [
                 (records_scale, SCALE_EXPORT_FORMAT_VERSION),
-                (records_backbone_statistics, EXPORT_FORMAT_VERSION),
+                (records_backbone_statistics, BACKBONE_STATISTICS_EXPORT_FORMAT_VERSION),
+                (records_image_score, EXPORT_FORMAT_VERSION),
             ],
         )
 

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from patchcore.config import MAX_SEED
+from patchcore.config import IMAGE_SCORES, MAX_SEED, PatchCoreConfig
 from patchcore.errors import ConfigurationError, PatchCoreError
 from patchcore.progress import disable_bars
 
@@ -64,6 +64,53 @@ class _Quantile(click.FloatRange):
 
 
 QUANTILE = _Quantile(0, 1)
+
+
+def image_score_options(function: Callable) -> Callable:
+    """`--image_score` and its parameters: how a model scores an image from its patch scores
+    (`PatchCoreConfig.image_score`); a command receives them as `image_score_config`."""
+    decorators = [
+        click.option("--image_score", type=click.Choice(IMAGE_SCORES), default="max",
+                     show_default=True,
+                     help="Image score from the patch scores: the largest (max, the "
+                          "reference), a high quantile (quantile) or the mean of the k largest "
+                          "(top_k_mean); the last two grow less with the image's area "
+                          "(docs/how-to/wide-parts.md)."),
+        click.option("--image_score_quantile", type=float, default=None,
+                     help="With --image_score quantile: the quantile in (0, 1] [0.99]."),
+        click.option("--image_score_top_k", type=int, default=None,
+                     help="With --image_score top_k_mean: how many of the largest patch "
+                          "scores are averaged [10]."),
+    ]  # fmt: skip
+
+    @functools.wraps(function)
+    def wrapper(*args, image_score, image_score_quantile, image_score_top_k, **kwargs):
+        kwargs["image_score_config"] = image_score_config(
+            image_score, image_score_quantile, image_score_top_k
+        )
+        return function(*args, **kwargs)
+
+    for decorator in reversed(decorators):
+        wrapper = decorator(wrapper)
+    return wrapper
+
+
+def image_score_config(mode: str, quantile: float | None, top_k: int | None) -> dict:
+    """The `PatchCoreConfig` fields of the image-score options, checked by that dataclass;
+    a parameter given with another mode is refused (it would be silently ignored)."""
+    if quantile is not None and mode != "quantile":
+        raise click.UsageError(f"--image_score_quantile needs --image_score quantile, got {mode}")
+    if top_k is not None and mode != "top_k_mean":
+        raise click.UsageError(f"--image_score_top_k needs --image_score top_k_mean, got {mode}")
+    defaults = PatchCoreConfig()
+    fields = {
+        "image_score": mode,
+        "image_score_quantile": defaults.image_score_quantile if quantile is None else quantile,
+        "image_score_top_k": defaults.image_score_top_k if top_k is None else top_k,
+    }
+    with usage_errors():
+        PatchCoreConfig(**fields)  # the one validation of the values
+    return fields
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ from patchcore.cli.common import (
     OrderHintGroup,
     SeedOption,
     common_options,
+    image_score_options,
     run_guarded,
     usage_errors,
 )
@@ -85,6 +86,9 @@ class ModelOptions:
     search: SearchConfig
     index: IndexConfig = field(default_factory=IndexConfig)
     backbone_statistics: str = "reference"
+    image_score: str = "max"
+    image_score_quantile: float = 0.99
+    image_score_top_k: int = 10
 
     def configs(
         self, sampler: SamplerConfig, seed: int, preprocessing: PreprocessingConfig
@@ -112,6 +116,9 @@ class ModelOptions:
                     seed=member_seed,
                     index=self.index,
                     backbone_statistics=self.backbone_statistics,
+                    image_score=self.image_score,
+                    image_score_quantile=self.image_score_quantile,
+                    image_score_top_k=self.image_score_top_k,
                 )
             )
         return configs
@@ -414,7 +421,7 @@ def _train(commands, results_path, **params):
 @click.option("--patchsize", type=int, default=3, show_default=True,
               help="Neighbourhood size p (odd) of the locally aggregated patch features.")
 @click.option("--patchscore", type=str, default="max", metavar="max",
-              help="Reference option; the image score is the largest patch score.")
+              help="Reference option; only 'max' (see --image_score for the others).")
 @click.option("--patchoverlap", type=float, default=0.0, metavar="0",
               help="Reference option; patches use stride 1.")
 @click.option("--patchsize_aggregate", "-pa", type=int, multiple=True, default=[],
@@ -431,6 +438,7 @@ def _train(commands, results_path, **params):
               help="BatchNorm statistics: 'reference' moves them by the reference's training-mode "
                    "pass of a constant image, as its PatchCore.load does; 'pretrained' keeps the "
                    "ImageNet ones.")  # fmt: skip
+@image_score_options
 @_search_options
 @index_options(training=True)
 @usage_errors()
@@ -438,7 +446,8 @@ def _patch_core(
     backbone_names, layers_to_extract_from, pretrain_embed_dimension, target_embed_dimension,
     preprocessing, aggregation, anomaly_scorer_num_nn, patchsize, patchscore, patchoverlap,
     patchsize_aggregate, distance, score_reweighting, random_backbone_weights,
-    backbone_statistics, faiss_on_gpu, faiss_num_workers, nn_backend, **index_values,
+    backbone_statistics, image_score_config, faiss_on_gpu, faiss_num_workers, nn_backend,
+    **index_values,
 ):  # fmt: skip
     """Backbone(s), layers and patch-feature dimensions; nearest-neighbour search."""
     _refuse_non_default("--preprocessing", preprocessing, "mean",
@@ -446,7 +455,7 @@ def _patch_core(
     _refuse_non_default("--aggregation", aggregation, "mean",
                         "layers are merged by adaptive average pooling only")  # fmt: skip
     _refuse_non_default("--patchscore", patchscore, "max",
-                        "the image score is the maximum patch score")  # fmt: skip
+                        "use --image_score (max, quantile, top_k_mean)")  # fmt: skip
     _refuse_non_default("--patchoverlap", patchoverlap, 0.0, "patches use stride 1")
     _refuse_non_default("--patchsize_aggregate", tuple(patchsize_aggregate), (),
                         "multi-size patch aggregation is not implemented")  # fmt: skip
@@ -461,6 +470,7 @@ def _patch_core(
         score_reweighting=score_reweighting,
         random_backbone_weights=random_backbone_weights,
         backbone_statistics=backbone_statistics,
+        **image_score_config,
         search=SearchConfig(nn_backend, faiss_on_gpu, faiss_num_workers,
                             bank_storage=index_values["bank_storage"]),
         index=index_config(index_values, nn_backend),

@@ -26,9 +26,12 @@ DATA_SEED = SeedOption(DEFAULTS.seed, "Seed of the data: the same seed writes by
               help="Normal test images per category.")
 @click.option("--num_defective", type=int, default=DEFAULTS.num_test_defective_per_type, show_default=True,
               help="Defective test images per defect type.")
+@click.option("--panels", type=int, default=DEFAULTS.panels, show_default=True,
+              help="Wide parts: each image is this many square renderings side by side "
+                   "(image_size x panels * image_size), a defect in one of them.")
 @common_options(seed=DATA_SEED)
 def synthetic_cli(root, categories, image_size, num_train, num_test_good, num_defective,
-                  common):  # fmt: skip
+                  panels, common):  # fmt: skip
     """Write a synthetic dataset with exact defect masks to ROOT."""
 
     def job() -> None:
@@ -40,11 +43,13 @@ def synthetic_cli(root, categories, image_size, num_train, num_test_good, num_de
             num_test_good=num_test_good,
             num_test_defective_per_type=num_defective,
             seed=common.seed,
+            panels=panels,
         )
         started = time.perf_counter()
         generate_dataset(root, list(categories), spec)
         click.echo(
-            f"Synthetic dataset: {', '.join(categories)} at {image_size} px ({num_train} train, "
+            f"Synthetic dataset: {', '.join(categories)} at {image_size} px"
+            f"{f' x {panels} panels' if panels > 1 else ''} ({num_train} train, "
             f"{num_test_good} good + {num_defective} per defect type test), seed {common.seed} "
             f"-> {root} in {time.perf_counter() - started:.2f} s"
         )

@@ -84,6 +84,7 @@ class SyntheticSpec:
     num_test_good: int = 6
     num_test_defective_per_type: int = 4
     seed: int = 0
+    panels: int = 1
 
 
 @dataclass(frozen=True)
@@ -132,6 +133,13 @@ def _validate_spec(spec: SyntheticSpec) -> None:
     _check_int("num_test_good", spec.num_test_good, 1)
     _check_int("num_test_defective_per_type", spec.num_test_defective_per_type, 1)
     _check_int("seed", spec.seed, 0)
+    _check_int("panels", spec.panels, 1)
+    if spec.image_size * spec.image_size * spec.panels > working_pixel_limit():
+        raise ConfigurationError(
+            f"SyntheticSpec.panels {spec.panels} of {spec.image_size} px make images of more "
+            f"than the working image limit of {working_pixel_limit()} pixels "
+            f"({WORKING_PIXELS_VARIABLE}); use fewer panels or a smaller image_size"
+        )
 
 
 def _validate_category(category: str) -> None:
@@ -447,29 +455,43 @@ def _is_visible(mask: BoolMask) -> bool:
 
 
 def make_sample(
-    category: str, defect_type: str | None, image_size: int, rng: np.random.Generator
+    category: str,
+    defect_type: str | None,
+    image_size: int,
+    rng: np.random.Generator,
+    panels: int = 1,
 ) -> SyntheticSample:
     """Render one sample of ``category``; ``defect_type=None`` gives a normal image.
 
     The defect-free rendering is drawn first from ``rng``, so ``clean`` is a
     normal sample of the category.  Defect placements whose changed area is
     too small (e.g. a crack clipped by the object edge) are redrawn.
+
+    ``panels > 1`` makes a wide part: that many independent renderings of
+    ``image_size`` side by side (``image_size`` x ``panels * image_size``, the
+    texture and the defects at the same scale in pixels as one panel), the
+    defect, if any, in one panel drawn at random.  One panel draws exactly what
+    earlier versions drew.
     """
     _validate_category(category)
     _check_int("image_size", image_size, _MIN_IMAGE_SIZE)
-    scene = _RENDERERS[category](rng, image_size)
-    clean = _to_uint8(scene.image)
+    _check_int("panels", panels, 1)
+    scenes = [_RENDERERS[category](rng, image_size) for _ in range(panels)]
+    cleans = [_to_uint8(scene.image) for scene in scenes]
+    clean = np.concatenate(cleans, axis=1)
     if defect_type is None:
         return SyntheticSample(clean=clean, image=clean, mask=np.zeros(clean.shape[:2], bool))
     if defect_type not in SYNTHETIC_DEFECT_TYPES[category]:
         valid = ", ".join(SYNTHETIC_DEFECT_TYPES[category])
         raise ConfigurationError(f"unknown defect type {defect_type!r} for {category!r}; valid: {valid}")
     painter = _PAINTERS[(category, defect_type)]
+    chosen = int(rng.integers(panels)) if panels > 1 else 0
     for _ in range(_MAX_DEFECT_ATTEMPTS):
-        image = _to_uint8(painter(rng, scene, image_size))
-        mask = np.any(image != clean, axis=-1)
-        if _is_visible(mask):
-            return SyntheticSample(clean=clean, image=image, mask=mask)
+        panel = _to_uint8(painter(rng, scenes[chosen], image_size))
+        panel_mask = np.any(panel != cleans[chosen], axis=-1)
+        if _is_visible(panel_mask):
+            image = np.concatenate([*cleans[:chosen], panel, *cleans[chosen + 1 :]], axis=1)
+            return SyntheticSample(clean=clean, image=image, mask=np.any(image != clean, axis=-1))
     raise RuntimeError(f"could not place a visible {defect_type!r} defect on {category!r}")
 
 
@@ -524,7 +546,7 @@ def generate_category(root: Path, category: str, spec: SyntheticSpec = Synthetic
             mask_dir.mkdir(parents=True, exist_ok=True)
         for index in range(count):
             rng = sample_rng(spec.seed, category, group, index)
-            sample = make_sample(category, defect, spec.image_size, rng)
+            sample = make_sample(category, defect, spec.image_size, rng, spec.panels)
             image_path = image_dir / f"{index:03d}.png"
             _save_rgb(image_path, sample.image)
             written.add(image_path)

@@ -56,8 +56,9 @@ class DatasetPredictions:
     statistics: NormalStatistics | None = None
     members: int = 1  # ensemble size
     normalisation: str | None = None  # how an ensemble's members were combined
-    # N patch-score grids [h_i, w_i] on the image scores' scale (an image's score is its
-    # highest patch score, up to Eq. 7), or None in files of older versions.
+    # N patch-score grids [h_i, w_i] on the image scores' scale (an image's score comes from
+    # them by the model's image_score rule, by default the highest, up to Eq. 7), or None in
+    # files of older versions.
     patch_scores: list[np.ndarray] | None = None
 
 

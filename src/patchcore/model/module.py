@@ -55,14 +55,17 @@ from patchcore.model.serialization import (
     exact_search_config,
     oldest_version,
     records_backbone_statistics,
+    records_image_score,
     records_scale,
 )
 
 FORMAT_NAME = "patchcore-challenge-module"
 # 3: preprocessing.scale; 4: backbone_statistics (the buffers hold the statistics either
-# way; older files predate the reference's pass and describe "pretrained"). Each written
-# only by modules that record it.
-FORMAT_VERSION = 4
+# way; older files predate the reference's pass and describe "pretrained"); 5: image_score
+# (files without it score by the largest patch score). Each written only by modules that
+# record it.
+FORMAT_VERSION = 5
+BACKBONE_STATISTICS_FORMAT_VERSION = 4
 SCALE_FORMAT_VERSION = 3
 WITHOUT_SCALE_FORMAT_VERSION = 2
 CONFIG_KEY = "patchcore_config_json"
@@ -98,7 +101,11 @@ def config_blob(config: PatchCoreConfig) -> dict:
         "format_version": oldest_version(
             config,
             WITHOUT_SCALE_FORMAT_VERSION,
-            [(records_scale, SCALE_FORMAT_VERSION), (records_backbone_statistics, FORMAT_VERSION)],
+            [
+                (records_scale, SCALE_FORMAT_VERSION),
+                (records_backbone_statistics, BACKBONE_STATISTICS_FORMAT_VERSION),
+                (records_image_score, FORMAT_VERSION),
+            ],
         ),
         "library_version": __version__,
         "config": config_fields(config),

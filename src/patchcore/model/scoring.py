@@ -10,18 +10,24 @@ the dashboard) scores through `score_features`, so a model scores the same where
   terms share (1e-4 to 1e-3 of the distance when features are long and close to the bank),
   so its values would depend on how a backend or runtime sums (FAISS, torch, ONNX Runtime,
   OpenVINO, CPU or GPU), while the recomputed ones agree to float rounding of the distance.
-- An image's score is its largest patch score, optionally re-weighted by the paper's Eq. 7.
+- An image's score is its largest patch score, optionally re-weighted by the paper's Eq. 7;
+  or, with `image_score` "quantile" / "top_k_mean", a high quantile of its patch scores or
+  the mean of its k largest (`image_scores_of`), which grow less with the number of patches
+  an image has (wide parts, whole images: docs/how-to/wide-parts.md). Both use top-k
+  selection only, so exported graphs (ONNX, OpenVINO) compute them too.
 - The anomaly map is the patch-score grid upsampled bilinearly to the image size, then
   smoothed by a Gaussian equal to `scipy.ndimage.gaussian_filter(map, sigma)` (truncate
   4.0, mode 'reflect', i.e. edge-including mirror padding), done in torch on the maps' device
   (both steps folded into one small matrix per axis).
 - Tiled inspection (`preprocessing.tile`): each tile's patch scores are upsampled to the
   tile's pixels and stitched into one map of the whole image, averaged where tiles overlap;
-  the image score is the largest value of that stitched map, which is then smoothed.
+  the image score is the largest value of that stitched map (or, with another `image_score`,
+  the rule applied to the stitched patch grid), which is then smoothed.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -253,6 +259,38 @@ def neighbour_distances(
     return torch.stack(columns, dim=1)
 
 
+def image_scores_of(patch_scores: torch.Tensor, config: PatchCoreConfig) -> torch.Tensor:
+    """Patch scores [B, ...] -> image scores [B] by `config.image_score`: the largest patch
+    score; the `image_score_quantile` quantile (linear interpolation between the two
+    neighbouring order statistics, as `numpy.quantile`'s default); or the mean of the
+    `image_score_top_k` largest (all patches when an image has fewer). Only the largest few
+    scores are selected (`topk`), never a full sort, and every size is a Python integer of
+    the map's static shape, so traced and exported graphs hold the same computation."""
+    flat = patch_scores.flatten(1)
+    count = int(flat.shape[1])
+    if config.image_score == "max":
+        return flat.amax(dim=1)
+    if config.image_score == "top_k_mean":
+        return flat.topk(min(config.image_score_top_k, count), dim=1).values.mean(dim=1)
+    position = config.image_score_quantile * (count - 1)
+    below = min(math.floor(position), count - 1)
+    fraction = position - below
+    # The largest count - below scores, descending: the order statistics below and above.
+    largest = flat.topk(count - below, dim=1).values
+    lower = largest[:, -1]
+    upper = largest[:, -2] if count - below >= 2 else lower
+    return lower + fraction * (upper - lower)
+
+
+def image_score_rule(config: PatchCoreConfig) -> str:
+    """How `config` scores an image, in words (model card, dashboard)."""
+    if config.image_score == "quantile":
+        return f"the {config.image_score_quantile:g} quantile of the patch scores (--image_score quantile)"
+    if config.image_score == "top_k_mean":
+        return f"the mean of the {config.image_score_top_k} largest patch scores (--image_score top_k_mean)"
+    return "the largest patch score (--image_score max, the reference)"
+
+
 def score_patches(
     features: torch.Tensor,
     grid: tuple[int, int],
@@ -270,6 +308,8 @@ def score_patches(
     distances = squared if config.distance == "squared_l2" else squared.sqrt()
     patch_scores = distances.to(device).mean(dim=1).reshape(batch, grid_h, grid_w)
     image_scores, worst_patch = patch_scores.reshape(batch, -1).max(dim=1)
+    if config.image_score != "max":
+        image_scores = image_scores_of(patch_scores, config)
     if config.score_reweighting:
         image_scores = image_scores * reweighting_factor(
             features.reshape(batch, grid_h * grid_w, -1),
@@ -335,8 +375,11 @@ def score_images(
     features, grid = embed(tiles)
     patch_scores, _ = score_patches(features, grid, index, config)
     stitched = stitch_tiles(patch_scores, origins, tile, image_size)
-    image_scores = stitched.flatten(1).amax(dim=1)
     cell = tile / grid[0]
     patch_grid = (max(1, round(image_size[0] / cell)), max(1, round(image_size[1] / cell)))
     stitched_patches = F.adaptive_avg_pool2d(stitched.unsqueeze(1), patch_grid).squeeze(1)
+    if config.image_score == "max":
+        image_scores = stitched.flatten(1).amax(dim=1)
+    else:
+        image_scores = image_scores_of(stitched_patches, config)
     return Prediction(image_scores, gaussian_blur(stitched, sigma), stitched_patches)

@@ -60,9 +60,11 @@ FORMAT_NAME = "patchcore-model"
 # its `search_index_<kind>.faiss`); 5: preprocessing.scale (one resize factor for every
 # image); 6: backbone_statistics (the reference's statistics pass; every description
 # without the field predates the pass and loads as "pretrained"). Older versions still
-# load; a newer one is refused with a clear error. A model is written in the oldest
-# version that describes it.
-FORMAT_VERSION = 6
+# load; a newer one is refused with a clear error; 7: image_score (and its quantile and k),
+# written only when not "max" (descriptions without it load as "max"). A model is written
+# in the oldest version that describes it.
+FORMAT_VERSION = 7
+BACKBONE_STATISTICS_FORMAT_VERSION = 6
 SCALE_FORMAT_VERSION = 5  # a model with preprocessing.scale and pretrained statistics
 APPROXIMATE_INDEX_FORMAT_VERSION = 4  # a model with an approximate index, without scale
 EXACT_SEARCH_FORMAT_VERSION = 3  # what a model without either is written as
@@ -176,6 +178,9 @@ def config_fields(config: PatchCoreConfig) -> dict:
         del fields["preprocessing"]["scale"]
     if not records_backbone_statistics(config):
         del fields["backbone_statistics"]
+    if not records_image_score(config):
+        for name in IMAGE_SCORE_FIELDS:
+            del fields[name]
     return fields
 
 
@@ -197,6 +202,15 @@ def records_backbone_statistics(config: PatchCoreConfig) -> bool:
     return config.backbone_statistics != PRETRAINED_STATISTICS
 
 
+IMAGE_SCORE_FIELDS = ("image_score", "image_score_quantile", "image_score_top_k")
+
+
+def records_image_score(config: PatchCoreConfig) -> bool:
+    """Whether a description of `config` holds `image_score` and its parameters (newer
+    formats only): descriptions without them score images by their largest patch score."""
+    return config.image_score != "max"
+
+
 def oldest_version(
     config: PatchCoreConfig, base: int, introduced: Sequence[tuple[Callable[[PatchCoreConfig], bool], int]]
 ) -> int:
@@ -215,7 +229,8 @@ def format_version_of(config: PatchCoreConfig) -> int:
         [
             (lambda described: described.index.approximate, APPROXIMATE_INDEX_FORMAT_VERSION),
             (records_scale, SCALE_FORMAT_VERSION),
-            (records_backbone_statistics, FORMAT_VERSION),
+            (records_backbone_statistics, BACKBONE_STATISTICS_FORMAT_VERSION),
+            (records_image_score, FORMAT_VERSION),
         ],
     )
 

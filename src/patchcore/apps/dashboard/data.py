@@ -46,6 +46,7 @@ from patchcore.model.calibration import (
     decision_label,
 )
 from patchcore.model.calibration import colour_range as scale_of
+from patchcore.model.scoring import image_score_rule
 from patchcore.model.serialization import META_FILE, config_from_meta, member_prefixes, read_meta
 
 if TYPE_CHECKING:
@@ -531,6 +532,11 @@ def _relation(patch_score: float, image_score: float, members: int, config) -> s
         return (
             "The image score is the highest value of the stitched tile scores; the patch score "
             "is this cell's average of them."
+        )
+    if config is not None and config.image_score != "max":
+        return (
+            f"The image score is {image_score_rule(config)}; this cell has the highest patch "
+            "score."
         )
     if np.isclose(patch_score, image_score, rtol=1e-6, atol=0.0):
         return "This patch's score is the image score."
