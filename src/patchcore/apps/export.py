@@ -390,7 +390,7 @@ _EXAMPLE_FACTORS = (1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0)
 def example_size(config: PatchCoreConfig) -> tuple[int, int]:
     """A (height, width) to trace the any-size graph of a model of `config` with."""
     preprocessing = config.preprocessing
-    base = 2 * max(MIN_IMAGE_SIDE, preprocessing.tile or 0) + 7
+    base = 4 * max(MIN_IMAGE_SIDE, preprocessing.tile or 0) + 7  # deep maps of a few cells
     for factor in _EXAMPLE_FACTORS:
         size = (int(base * factor) + 1, int(base * factor * _EXAMPLE_ASPECT) + 3)
         try:

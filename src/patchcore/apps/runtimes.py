@@ -184,6 +184,7 @@ class ExportedModel:
     def __init__(self, path: Path, record: ExportRecord | None) -> None:
         self.path = Path(path)
         self.record = record
+        self._geometry_cache: dict[tuple[int, int], dict[str, np.ndarray]] = {}
 
     @property
     def input_size(self) -> tuple[int, int] | None:
@@ -235,7 +236,7 @@ class ExportedModel:
 
         if not self.any_size:
             return {}
-        cache = self.__dict__.setdefault("_geometry_cache", {})
+        cache = self._geometry_cache  # oldest first
         if size in cache:
             cache[size] = cache.pop(size)  # the newest last
         else:
