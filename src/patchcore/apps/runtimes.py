@@ -28,6 +28,7 @@ import dataclasses
 import importlib.util
 import json
 import logging
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -185,6 +186,7 @@ class ExportedModel:
         self.path = Path(path)
         self.record = record
         self._geometry_cache: dict[tuple[int, int], dict[str, np.ndarray]] = {}
+        self._geometry_lock = threading.Lock()  # predict may be called from several threads
 
     @property
     def input_size(self) -> tuple[int, int] | None:
@@ -236,15 +238,17 @@ class ExportedModel:
 
         if not self.any_size:
             return {}
-        cache = self._geometry_cache  # oldest first
-        if size in cache:
-            cache[size] = cache.pop(size)  # the newest last
-        else:
-            inputs = any_size_inputs(size, self.config, name)
-            cache[size] = {key: tensor.numpy() for key, tensor in inputs.items()}
-            if len(cache) > GEOMETRY_CACHE_SIZE:
+        with self._geometry_lock:
+            inputs = self._geometry_cache.pop(size, None)
+        if inputs is None:
+            computed = any_size_inputs(size, self.config, name)
+            inputs = {key: tensor.numpy() for key, tensor in computed.items()}
+        with self._geometry_lock:
+            cache = self._geometry_cache  # oldest first
+            cache[size] = inputs
+            while len(cache) > GEOMETRY_CACHE_SIZE:
                 del cache[next(iter(cache))]
-        return cache[size]
+        return inputs
 
     def check_input(self, images: np.ndarray) -> None:
         """A one-line DataError unless `images` is float [B, 3, H, W] of a size the graph
