@@ -78,12 +78,14 @@ def whole_image_model(synthetic_root) -> PatchCore:
 
 @pytest.fixture(scope="module")
 def median_threshold(whole_image_model, synthetic_root) -> float:
-    """The median torch score of the mixed-size images: both decisions occur."""
+    """Halfway between the two middle torch scores of the mixed-size images: both decisions
+    occur, and no score lies within rounding of the threshold."""
     module = PatchCoreModule.from_patchcore(whole_image_model)
-    scores = [
-        float(module(image)["pred_score"][0]) for image in mixed_images(synthetic_root, SIZES)
-    ]
-    return float(np.median(scores))
+    images = mixed_images(synthetic_root, SIZES)
+    scores = sorted(float(module(image)["pred_score"][0]) for image in images)
+    middle = len(scores) // 2
+    assert scores[middle] - scores[middle - 1] > 1e-3 * scores[middle]
+    return (scores[middle - 1] + scores[middle]) / 2
 
 
 @pytest.fixture(scope="module")
@@ -184,8 +186,11 @@ def test_any_size_record_is_format_4_and_names_its_inputs(any_size_export, whole
 @pytest.mark.parametrize(
     "preprocessing",
     [PreprocessingConfig(72, 64, crop="none", scale=0.5, tile=32, tile_overlap=0.25),
+     # the shorter side resized to the tile: one row or one column of tiles, whichever
+     # way the image lies (a square: one tile)
+     PreprocessingConfig(64, 64, crop="none", tile=64),
      PreprocessingConfig(72, 64)],
-    ids=["tiles", "centre-crop-any"],
+    ids=["tiles", "tile-as-long-as-the-shorter-side", "centre-crop-any"],
 )  # fmt: skip
 def test_tiled_and_centre_crop_graphs_of_any_size(
     whole_image_model, synthetic_root, tmp_path, preprocessing

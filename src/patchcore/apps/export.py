@@ -381,8 +381,7 @@ def onnx_program(graph: FixedSizePatchCore, record: ExportRecord, where: str = "
 
 
 # An example input size for tracing an any-size graph: the first of these multiples of a
-# base size whose geometry is valid and has no side of 0 or 1 (the tracer would fix those)
-# and at least two tiles each way, with different counts (so no count is fixed either).
+# base size whose geometry is valid and has no length of 0 or 1 (the tracer would fix it).
 _EXAMPLE_ASPECT = 1.43
 _EXAMPLE_FACTORS = (1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0)
 
@@ -397,14 +396,32 @@ def example_size(config: PatchCoreConfig) -> tuple[int, int]:
             inputs = any_size_inputs(size, config)
         except DataError:
             continue
-        dims = [dim for tensor in inputs.values() for dim in tensor.shape]
-        counts = [len(inputs[name]) for name in ("tile_rows", "tile_columns") if name in inputs]
-        if min(dims) > 1 and (not counts or (min(counts) > 1 and counts[0] != counts[1])):
+        lengths = [
+            length
+            for name, tensor in inputs.items()
+            if not name.startswith("tile_")
+            for length in tensor.shape
+        ]
+        if min(lengths) > 1:
             return size
     raise ConfigurationError(
         "no example input size works for this model's preprocessing (--resize, --scale, "
         "--max_size, --tile); export with a fixed --input_size"
     )
+
+
+def _example_tiles(geometry: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The example's tile rows and columns, each repeated until there are at least two of
+    them and their counts differ (so that the tracer fixes neither count; a working side as
+    long as the tile has one row or column of tiles, whatever the image)."""
+    names = [name for name in ("tile_rows", "tile_columns") if name in geometry]
+    tiles = dict(geometry)
+    for name in names:
+        while len(tiles[name]) < 2:
+            tiles[name] = torch.cat([tiles[name], tiles[name][-1:]])
+    if len(names) == 2 and len(tiles[names[0]]) == len(tiles[names[1]]):
+        tiles[names[1]] = torch.cat([tiles[names[1]], tiles[names[1]][-1:]])
+    return tiles
 
 
 def any_size_program(graph: AnySizePatchCore, record: ExportRecord, where: str = "model"):
@@ -413,7 +430,7 @@ def any_size_program(graph: AnySizePatchCore, record: ExportRecord, where: str =
     size = example_size(graph.config)
     device = graph.module.memory_bank.device
     images = torch.rand(EXAMPLE_BATCH, 3, *size, generator=torch.Generator().manual_seed(0))
-    geometry = any_size_inputs(size, graph.config)
+    geometry = _example_tiles(any_size_inputs(size, graph.config))
     dynamic = torch.export.Dim.DYNAMIC
     fixed_last = ("map_", "tile_")  # [L, 2] sampling taps, [T, tile] tile positions
 
