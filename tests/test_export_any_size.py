@@ -254,7 +254,7 @@ def test_input_size_any_and_what_export_refuses(whole_image_model, tmp_path):
     assert ExportOptions(("onnx",), any_size=True).size_for(centre) is None
     with pytest.raises(ConfigurationError, match="either HEIGHTxWIDTH or 'any', not both"):
         ExportOptions(("onnx",), (90, 110), any_size=True)
-    options = ExportOptions(("onnx",), (40, 90))
+    options = ExportOptions(("torch", "onnx"), (40, 90))
     with pytest.raises(ConfigurationError) as refused:
         export_model(whole_image_model, Path("whole"), tmp_path, "small", options)
     message = str(refused.value)

@@ -338,7 +338,8 @@ def _innermost_line(error: BaseException) -> str:
     """The first line of the innermost cause of `error` (the exporter wraps its errors)."""
     while error.__cause__ is not None:
         error = error.__cause__
-    return f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"
 
 
 def _export_onnx(graph: torch.nn.Module, inputs: tuple, dynamic_shapes, where: str):
@@ -505,6 +506,10 @@ def export_model(
     model: PatchCore, folder: Path, output_folder: Path, name: str, options: ExportOptions
 ) -> list[Path]:
     """Writes `model` (loaded from `folder`) in every format of `options`; the paths."""
+    graphs = "onnx" in options.formats or "openvino" in options.formats
+    size = options.size_for(model.config)
+    if graphs and size is not None:
+        _check_fixed_size(size, model.config, folder)  # before any file is written
     module = PatchCoreModule.from_patchcore(model, options.threshold).cpu().eval()
     module.bank_chunk_size = options.bank_chunk_size
     written = []
@@ -512,16 +517,14 @@ def export_model(
         path = output_folder / f"{name}{WEIGHTS_SUFFIX}"
         state = module.state_dict()
         written.append(atomic_write(path, lambda temporary: _save(state, temporary, path)))
-    if "onnx" not in options.formats and "openvino" not in options.formats:
+    if not graphs:
         return written
-    size = options.size_for(model.config)
     if size is None:
         graph = AnySizePatchCore(module).eval()
         program = any_size_program(
             graph, export_record(model, module, graph, folder, "fp32"), str(folder)
         )
     else:
-        _check_fixed_size(size, model.config, folder)
         graph = FixedSizePatchCore(module, size).eval()
         program = onnx_program(
             graph, export_record(model, module, graph, folder, "fp32"), str(folder)
