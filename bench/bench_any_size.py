@@ -111,14 +111,12 @@ def read_rows(path: Path) -> dict[str, dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("root", type=Path)
-    parser.add_argument("category")
-    parser.add_argument("--train-images", type=int, default=200)
-    parser.add_argument("--scale", type=float, default=0.5)
-    parser.add_argument("--coreset", type=float, default=0.01)
-    parser.add_argument("--tile", type=int, default=None)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--work-dir", type=Path, default=None)
+    for name, kind, default in (
+        ("root", Path, None), ("category", str, None), ("--train-images", int, 200),
+        ("--scale", float, 0.5), ("--coreset", float, 0.01), ("--tile", int, None),
+        ("--threads", int, 2), ("--work-dir", Path, None),
+    ):  # fmt: skip
+        parser.add_argument(name, type=kind, **({"default": default} if name[0] == "-" else {}))
     args = parser.parse_args()
 
     from patchcore.apps.predict import PredictOptions, run_prediction
