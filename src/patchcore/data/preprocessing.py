@@ -448,22 +448,34 @@ def apply_taps(pixels: torch.Tensor, dim: int, taps: ResizeTaps) -> torch.Tensor
     fixed-point total is S_high * 2**8 + S_low + 2**21 and the pixel its floor over 2**22,
     split as q + floor(((S_high - q * 2**14) * 2**8 + S_low + 2**21) / 2**22) with
     q = floor(S_high / 2**14), where every term stays below 2**24. Every product and partial
-    sum is a whole number below 2**24, so the order of the sums does not matter: the taps
-    are gathered and summed at once, for any number of taps (a graph exported with dynamic
-    sizes takes the taps as inputs)."""
-    moved = pixels.movedim(dim, -1)
+    sum is a whole number below 2**24, so the order of the sums does not matter: taps are
+    summed one at a time (memory of the output's size), or, when their number is a traced
+    value (a graph of any input size, whose taps are inputs), gathered and summed at once."""
     indices = taps.indices.to(pixels.device)
-    gathered = moved.index_select(-1, indices.reshape(-1)).reshape(
-        *moved.shape[:-1], indices.shape[0], indices.shape[1]
-    )  # [..., out, K]
-    high = (gathered * taps.high.to(pixels.device, torch.float32)).sum(dim=-1)
-    low = (gathered * taps.low.to(pixels.device, torch.float32)).sum(dim=-1)
+    high_weights = taps.high.to(pixels.device, torch.float32)
+    low_weights = taps.low.to(pixels.device, torch.float32)
+    if isinstance(indices.shape[1], int):
+        shape = [1] * pixels.ndim
+        shape[dim] = -1
+        high = low = None
+        for tap in range(indices.shape[1]):
+            gathered = pixels.index_select(dim, indices[:, tap])
+            high_term = gathered * high_weights[:, tap].view(shape)
+            low_term = gathered * low_weights[:, tap].view(shape)
+            high = high_term if high is None else high + high_term
+            low = low_term if low is None else low + low_term
+    else:
+        moved = pixels.movedim(dim, -1)
+        gathered = moved.index_select(-1, indices.reshape(-1)).reshape(
+            *moved.shape[:-1], indices.shape[0], indices.shape[1]
+        )  # [..., out, K]
+        high = (gathered * high_weights).sum(dim=-1).movedim(-1, dim)
+        low = (gathered * low_weights).sum(dim=-1).movedim(-1, dim)
     high_shift = float(1 << (PIL_PRECISION_BITS - LOW_WEIGHT_BITS))
     whole = torch.floor(high / high_shift)
     rest = (high - whole * high_shift) * float(1 << LOW_WEIGHT_BITS) + low
     rest = rest + float(1 << (PIL_PRECISION_BITS - 1))
-    resampled = (whole + torch.floor(rest / float(1 << PIL_PRECISION_BITS))).clamp(0, EIGHT_BIT_MAX)
-    return resampled.movedim(-1, dim)
+    return (whole + torch.floor(rest / float(1 << PIL_PRECISION_BITS))).clamp(0, EIGHT_BIT_MAX)
 
 
 @functools.cache
