@@ -9,7 +9,11 @@
   (Eq. 7 when configured), upsampled and smoothed map, and the decision against the saved
   threshold. Input `images` float32 [batch, 3, H, W] in [0, 1] with a dynamic batch and the
   fixed (H, W) given at export; outputs `pred_score` [batch], `anomaly_map` [batch, H, W]
-  and, with a threshold, `pred_label` [batch] (bool);
+  and, with a threshold, `pred_label` [batch] (bool). Graphs for any input size
+  (`--input_size any`, the default of whole-image models, `--crop none`) are made from
+  `AnySizePatchCore` with dynamic batch, height and width: after `images` they take the
+  geometry inputs of the image size (`patchcore.model.module.any_size_inputs`; the runtimes
+  of `patchcore.apps.runtimes` compute them); the same outputs;
 - `openvino`: `<category>.xml` + `.bin`, OpenVINO IR converted from that ONNX graph by
   `openvino.convert_model`, FP32 weights, or FP16 weights with `fp16`.
 ONNX and OpenVINO files describe themselves (`patchcore.apps.runtimes.ExportRecord`).
@@ -50,7 +54,13 @@ from patchcore.config import (
     PatchCoreConfig,
     SearchConfig,
 )
-from patchcore.errors import ConfigurationError, ModelFormatError, OutputError, missing_dependency
+from patchcore.errors import (
+    ConfigurationError,
+    DataError,
+    ModelFormatError,
+    OutputError,
+    missing_dependency,
+)
 from patchcore.files import (
     atomic_write,
     atomic_write_text,
@@ -61,7 +71,12 @@ from patchcore.files import (
 from patchcore.layout import MODELS_FOLDER
 from patchcore.model.backbones import EFFICIENTNET_LITE0, TORCHVISION_ALIASES
 from patchcore.model.chunked_search import DEFAULT_BANK_CHUNK_SIZE
-from patchcore.model.module import FixedSizePatchCore, PatchCoreModule
+from patchcore.model.module import (
+    AnySizePatchCore,
+    FixedSizePatchCore,
+    PatchCoreModule,
+    any_size_inputs,
+)
 from patchcore.model.patchcore import PatchCore
 from patchcore.model.serialization import PARAMS_FILE, exact_search_config, load_models
 
@@ -217,12 +232,19 @@ def export_challenge_models(
 
 
 # ----------------------------------------------------------------- patchcore-export
-def parse_input_size(text: str) -> tuple[int, int]:
-    """`HEIGHTxWIDTH` (e.g. `480x640`) or one number for a square -> (height, width)."""
+ANY_SIZE = "any"  # --input_size any: graphs with dynamic height and width
+
+
+def parse_input_size(text: str) -> tuple[int, int] | None:
+    """`HEIGHTxWIDTH` (e.g. `480x640`) or one number for a square -> (height, width);
+    `any` -> None (graphs for any input size)."""
+    if str(text).strip().lower() == ANY_SIZE:
+        return None
     parts = str(text).lower().replace(" ", "").split("x")
     if len(parts) not in (1, 2) or not all(part.isdigit() for part in parts):
         raise ConfigurationError(
-            f"--input_size must be HEIGHTxWIDTH (e.g. 480x640) or one number, got '{text}'"
+            f"--input_size must be HEIGHTxWIDTH (e.g. 480x640), one number or '{ANY_SIZE}', "
+            f"got '{text}'"
         )
     height, width = int(parts[0]), int(parts[-1])
     if min(height, width) < MIN_IMAGE_SIDE:
@@ -236,13 +258,16 @@ def parse_input_size(text: str) -> tuple[int, int]:
 class ExportOptions:
     """What `export_models` writes; checked once when built.
 
-    `input_size`: the (height, width) of exported graphs' inputs; None takes the model's
-    resize size as a square (the input whose shorter side needs no resizing).
+    `input_size`: the (height, width) of exported graphs' inputs. `any_size`: graphs take
+    inputs of any height and width (`AnySizePatchCore`). With neither, whole-image models
+    (`--crop none`, tiled or not) get graphs of any size and centre-crop models graphs of
+    their resize size as a square (the input whose shorter side needs no resizing).
     `threshold`: the decision threshold to build in; None keeps the model's saved one.
     """
 
     formats: tuple[str, ...]
     input_size: tuple[int, int] | None = None
+    any_size: bool = False
     fp16: bool = False
     bank_chunk_size: int = DEFAULT_BANK_CHUNK_SIZE
     threshold: float | None = None
@@ -261,10 +286,17 @@ class ExportOptions:
             raise ConfigurationError(f"--bank_chunk_size must be >= 1, got {self.bank_chunk_size}")
         if self.threshold is not None and not np.isfinite(self.threshold):
             raise ConfigurationError(f"--threshold must be a finite number, got {self.threshold}")
+        if self.any_size and self.input_size is not None:
+            raise ConfigurationError(
+                f"--input_size is either HEIGHTxWIDTH or '{ANY_SIZE}', not both"
+            )
 
-    def size_for(self, config: PatchCoreConfig) -> tuple[int, int]:
+    def size_for(self, config: PatchCoreConfig) -> tuple[int, int] | None:
+        """The fixed (height, width) of the graphs of a model of `config`; None: any size."""
         if self.input_size is not None:
             return self.input_size
+        if self.any_size or config.preprocessing.crop == "none":
+            return None
         return config.preprocessing.resize, config.preprocessing.resize
 
 
@@ -302,28 +334,119 @@ def _quiet_exporter():
             LOGGER.debug("torch.onnx: %s", captured.getvalue().strip())
 
 
-def onnx_program(graph: FixedSizePatchCore, record: ExportRecord):
+def _innermost_line(error: BaseException) -> str:
+    """The first line of the innermost cause of `error` (the exporter wraps its errors)."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"
+
+
+def _export_onnx(graph: torch.nn.Module, inputs: tuple, dynamic_shapes, where: str):
+    """torch's ONNX exporter on `graph`; a ModelFormatError of one line when it fails (an
+    operation without an ONNX form, a size the backbone cannot take)."""
+    try:
+        with _quiet_exporter():
+            return torch.onnx.export(
+                graph,
+                inputs,
+                None,
+                dynamo=True,
+                opset_version=ONNX_OPSET,
+                input_names=list(getattr(graph, "input_names", (INPUT_NAME,))),
+                output_names=list(graph.output_names),
+                dynamic_shapes=dynamic_shapes,
+                verbose=False,
+            )
+    except Exception as error:  # the exporter raises many untyped errors
+        raise ModelFormatError(
+            f"{where}: torch's ONNX exporter cannot export this model ({_innermost_line(error)})"
+        ) from error
+
+
+def _described(program, record: ExportRecord):
+    program.model.metadata_props[METADATA_KEY] = record.to_json()
+    program.model.producer_name = "patchcore"
+    program.model.producer_version = __version__
+    return program
+
+
+def onnx_program(graph: FixedSizePatchCore, record: ExportRecord, where: str = "model"):
     """The ONNX program of `graph` with `record` stored as its metadata."""
     example = torch.rand(
         EXAMPLE_BATCH, 3, *graph.input_size, generator=torch.Generator().manual_seed(0)
     ).to(graph.module.memory_bank.device)
     batch = torch.export.Dim("batch", min=1)
-    with _quiet_exporter():
-        program = torch.onnx.export(
-            graph,
-            (example,),
-            None,
-            dynamo=True,
-            opset_version=ONNX_OPSET,
-            input_names=[INPUT_NAME],
-            output_names=list(graph.output_names),
-            dynamic_shapes={"images": {0: batch}},
-            verbose=False,
-        )
-    program.model.metadata_props[METADATA_KEY] = record.to_json()
-    program.model.producer_name = "patchcore"
-    program.model.producer_version = __version__
-    return program
+    program = _export_onnx(graph, (example,), {"images": {0: batch}}, where)
+    return _described(program, record)
+
+
+# An example input size for tracing an any-size graph: the first of these multiples of a
+# base size whose geometry is valid and has no length of 0 or 1 (the tracer would fix it).
+_EXAMPLE_ASPECT = 1.43
+_EXAMPLE_FACTORS = (1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0)
+
+
+def example_size(config: PatchCoreConfig) -> tuple[int, int]:
+    """A (height, width) to trace the any-size graph of a model of `config` with."""
+    preprocessing = config.preprocessing
+    base = 4 * max(MIN_IMAGE_SIDE, preprocessing.tile or 0) + 7  # deep maps of a few cells
+    for factor in _EXAMPLE_FACTORS:
+        size = (int(base * factor) + 1, int(base * factor * _EXAMPLE_ASPECT) + 3)
+        try:
+            inputs = any_size_inputs(size, config)
+        except DataError:
+            continue
+        lengths = [
+            length
+            for name, tensor in inputs.items()
+            if not name.startswith("tile_")
+            for length in tensor.shape
+        ]
+        if min(lengths) > 1:
+            return size
+    raise ConfigurationError(
+        "no example input size works for this model's preprocessing (--resize, --scale, "
+        "--max_size, --tile); export with a fixed --input_size"
+    )
+
+
+def _example_tiles(geometry: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The example's tile rows and columns, each repeated until there are at least two of
+    them and their counts differ (so that the tracer fixes neither count; a working side as
+    long as the tile has one row or column of tiles, whatever the image)."""
+    names = [name for name in ("tile_rows", "tile_columns") if name in geometry]
+    tiles = dict(geometry)
+    for name in names:
+        while len(tiles[name]) < 2:
+            tiles[name] = torch.cat([tiles[name], tiles[name][-1:]])
+    if len(names) == 2 and len(tiles[names[0]]) == len(tiles[names[1]]):
+        tiles[names[1]] = torch.cat([tiles[names[1]], tiles[names[1]][-1:]])
+    return tiles
+
+
+def any_size_program(graph: AnySizePatchCore, record: ExportRecord, where: str = "model"):
+    """The ONNX program of `graph` with dynamic batch, height and width (and geometry
+    inputs of dynamic lengths), with `record` stored as its metadata."""
+    size = example_size(graph.config)
+    device = graph.module.memory_bank.device
+    images = torch.rand(EXAMPLE_BATCH, 3, *size, generator=torch.Generator().manual_seed(0))
+    geometry = _example_tiles(any_size_inputs(size, graph.config))
+    dynamic = torch.export.Dim.DYNAMIC
+    fixed_last = ("map_", "tile_")  # [L, 2] sampling taps, [T, tile] tile positions
+
+    def axes(name: str, tensor: torch.Tensor) -> dict:
+        first = 1 if name.endswith("_weights") and tensor.ndim == 3 else 0  # [2, out, K]
+        last = tensor.ndim - 1 if name.startswith(fixed_last) else tensor.ndim
+        return {axis: dynamic for axis in range(first, last)}
+
+    shapes = {
+        "images": {0: dynamic, 2: dynamic, 3: dynamic},
+        "geometry": tuple(axes(name, tensor) for name, tensor in geometry.items()),
+    }
+    inputs = (images.to(device), *(tensor.to(device) for tensor in geometry.values()))
+    program = _export_onnx(graph, inputs, shapes, where)
+    return _described(program, record)
 
 
 def write_onnx(program, path: Path) -> Path:
@@ -351,14 +474,14 @@ def write_openvino(onnx_path: Path, path: Path, record: ExportRecord, fp16: bool
 def export_record(
     model: PatchCore,
     module: PatchCoreModule,
-    graph: FixedSizePatchCore,
+    graph: FixedSizePatchCore | AnySizePatchCore,
     folder: Path,
     precision: str,
 ) -> ExportRecord:
     """The self-description of `graph`, exported from `model` (saved in `folder`)."""
     return ExportRecord(
         config=exact_search_config(model.config),
-        input_size=graph.input_size,
+        input_size=getattr(graph, "input_size", None),
         threshold=graph.threshold,
         normal_statistics=module.statistics(),
         bank_size=int(module.memory_bank.shape[0]),
@@ -369,10 +492,24 @@ def export_record(
     )
 
 
+def _check_fixed_size(size: tuple[int, int], config: PatchCoreConfig, folder: Path) -> None:
+    """A one-line ConfigurationError when the model cannot score inputs of `size`."""
+    try:
+        any_size_inputs(size, config)
+    except DataError as error:
+        raise ConfigurationError(
+            f"{folder}: --input_size {size[0]}x{size[1]} cannot be scored by this model ({error})"
+        ) from error
+
+
 def export_model(
     model: PatchCore, folder: Path, output_folder: Path, name: str, options: ExportOptions
 ) -> list[Path]:
     """Writes `model` (loaded from `folder`) in every format of `options`; the paths."""
+    graphs = "onnx" in options.formats or "openvino" in options.formats
+    size = options.size_for(model.config)
+    if graphs and size is not None:
+        _check_fixed_size(size, model.config, folder)  # before any file is written
     module = PatchCoreModule.from_patchcore(model, options.threshold).cpu().eval()
     module.bank_chunk_size = options.bank_chunk_size
     written = []
@@ -380,10 +517,18 @@ def export_model(
         path = output_folder / f"{name}{WEIGHTS_SUFFIX}"
         state = module.state_dict()
         written.append(atomic_write(path, lambda temporary: _save(state, temporary, path)))
-    if "onnx" not in options.formats and "openvino" not in options.formats:
+    if not graphs:
         return written
-    graph = FixedSizePatchCore(module, options.size_for(model.config)).eval()
-    program = onnx_program(graph, export_record(model, module, graph, folder, "fp32"))
+    if size is None:
+        graph = AnySizePatchCore(module).eval()
+        program = any_size_program(
+            graph, export_record(model, module, graph, folder, "fp32"), str(folder)
+        )
+    else:
+        graph = FixedSizePatchCore(module, size).eval()
+        program = onnx_program(
+            graph, export_record(model, module, graph, folder, "fp32"), str(folder)
+        )
     with tempfile.TemporaryDirectory(prefix="patchcore-export-") as scratch:
         onnx_path = Path(scratch) / f"{name}{ONNX_SUFFIX}"
         if "onnx" in options.formats:

@@ -10,9 +10,10 @@ The job behind `patchcore-predict MODEL INPUT...`. INPUTs are image files, folde
 - an exported file (`.pth` with `torch`, `.onnx` with `onnxruntime` or `openvino`, `.xml`
   with `openvino`; see `patchcore.apps.runtimes`): the decoded image enters the exported
   graph whole, as float RGB in [0, 1], and the graph does the resize and crop on tensors
-  and returns the map on the image's own frame. ONNX and OpenVINO graphs take the input
-  size fixed at export only; an image of another size stops the run with a one-line error
-  naming it.
+  and returns the map on the image's own frame. ONNX and OpenVINO graphs take either any
+  size (`patchcore-export --input_size any`, the default of whole-image models) or the size
+  fixed at export; an image of a size the model cannot take (another fixed size, or a
+  working image too small for the patch grid or a tile) gets an error row naming it.
 An image is rejected by `patchcore.model.calibration.decide`: its score is above the
 threshold (`--threshold`, or the one saved with the model) or is not a finite number.
 
@@ -365,7 +366,9 @@ class Scorer:
     (exported graphs); otherwise images go through `preprocessing`'s PIL chain first and
     maps come back on the model's input frame. `threshold`: the saved decision threshold,
     or None; `statistics`: the normal-image statistics whose scale the heat maps use, or
-    None. `input_size`: the only (height, width) `score` takes, if fixed.
+    None. `input_size`: the only (height, width) `score` takes, if fixed. `size_problem`:
+    why an image of (height, width) can not be scored, naming the file ('' when it can),
+    or None when every decoded image's size is checked while loading.
     """
 
     score: Score
@@ -378,6 +381,7 @@ class Scorer:
     ensemble: bool = False
     identity: str = ""  # the model's content hash (patchcore.model.identity)
     model_format: str = ""  # e.g. patchcore-model/3, patchcore-export/1, reference
+    size_problem: Callable[[tuple[int, int], str], str] | None = None
 
 
 def load_scoring_models(options: PredictOptions) -> list[PatchCore]:
@@ -428,6 +432,7 @@ def exported_scorer(model: ExportedModel) -> Scorer:
         score, model.config.preprocessing, True, model.threshold, model.normal_statistics,
         model.input_size, str(model.path), identity=model_identity(model.path),
         model_format=f"{EXPORT_FORMAT_NAME}/{model.record.format_version if model.record else '?'}",
+        size_problem=model.size_problem,
     )  # fmt: skip
 
 
@@ -526,15 +531,9 @@ def _same_size_groups(items: list[LoadedImage]) -> list[list[LoadedImage]]:
 
 def _size_problem(job: _Job, item: LoadedImage) -> str:
     """Why the scorer cannot take this image's size ('' when it can)."""
-    size = job.scorer.input_size
-    if size is None or tuple(item.image.shape[-2:]) == size:
+    if job.scorer.size_problem is None:
         return ""
-    return (
-        f"{job.paths[item.index]}: image is {item.image.shape[-2]}x{item.image.shape[-1]} "
-        f"(height x width) but {Path(job.scorer.name).name} takes {size[0]}x{size[1]} "
-        "images, the size fixed at export; resize the images or export again with "
-        "--input_size"
-    )
+    return job.scorer.size_problem(tuple(item.image.shape[-2:]), str(job.paths[item.index]))
 
 
 def _record(job: _Job, index: int, **values) -> dict:

@@ -11,8 +11,13 @@ the file, as ONNX metadata (key `patchcore`; OpenVINO shows it as rt_info
 
 Every runtime takes float32 RGB images [B, 3, H, W] in [0, 1] and returns `RuntimeOutputs`:
 image scores [B], anomaly maps [B, H, W] on the input's frame, and the decisions [B] when
-the model carries a threshold. ONNX and OpenVINO graphs have a fixed input size; an input
-of another size is refused with a one-line error before it reaches the runtime.
+the model carries a threshold. An ONNX or OpenVINO graph takes either one input size, fixed
+at export (an input of another size is refused with a one-line error before it reaches the
+runtime), or any size (`input_size` None): then the geometry inputs of each image size
+(`patchcore.model.module.any_size_inputs`) are computed here, kept for the
+`GEOMETRY_CACHE_SIZE` sizes used last, and fed with the images. `size_problem` says, before
+scoring, why an image size cannot be scored (the fixed size differs, or the working image is
+smaller than the patch grid or a tile needs); the torch runtime takes any size the model can.
 OpenVINO compiles with inference precision f32: on CPUs with bfloat16 units it would
 otherwise compute in bfloat16, which changes scores by about a percent.
 """
@@ -23,6 +28,7 @@ import dataclasses
 import importlib.util
 import json
 import logging
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +37,7 @@ import torch
 
 from patchcore import __version__
 from patchcore.config import RUNTIMES, PatchCoreConfig
+from patchcore.data.preprocessing import check_working_size
 from patchcore.errors import ConfigurationError, DataError, ModelFormatError, missing_dependency
 from patchcore.model.calibration import NormalStatistics
 from patchcore.model.serialization import (
@@ -48,10 +55,12 @@ LOGGER = logging.getLogger(__name__)
 
 EXPORT_FORMAT_NAME = "patchcore-export"
 # 2: preprocessing.scale; 3: backbone_statistics (the graph's constants hold the statistics
-# either way; older records predate the reference's pass and describe "pretrained"). Each
-# written only by exports that record it; 4: image_score (records without it score by the
-# largest patch score).
-EXPORT_FORMAT_VERSION = 4
+# either way; older records predate the reference's pass and describe "pretrained"); 4:
+# image_score (records without it score by the largest patch score); 5: graphs of any input
+# size (input_size null, geometry inputs). Each written only by exports that record it.
+EXPORT_FORMAT_VERSION = 5
+ANY_SIZE_EXPORT_FORMAT_VERSION = 5
+IMAGE_SCORE_EXPORT_FORMAT_VERSION = 4
 BACKBONE_STATISTICS_EXPORT_FORMAT_VERSION = 3
 SCALE_EXPORT_FORMAT_VERSION = 2
 WITHOUT_SCALE_EXPORT_FORMAT_VERSION = 1
@@ -68,6 +77,7 @@ RUNTIMES_OF_SUFFIX = {
     OPENVINO_SUFFIX: ("openvino",),
 }
 OPENVINO_CONFIG = {"INFERENCE_PRECISION_HINT": "f32"}
+GEOMETRY_CACHE_SIZE = 64  # image sizes whose geometry inputs a model keeps
 
 
 @dataclass(frozen=True)
@@ -75,7 +85,7 @@ class ExportRecord:
     """What an exported graph says about itself (stored as JSON inside the file)."""
 
     config: PatchCoreConfig
-    input_size: tuple[int, int]
+    input_size: tuple[int, int] | None  # None: any size (geometry inputs after images)
     threshold: float | None
     normal_statistics: NormalStatistics | None
     bank_size: int
@@ -89,28 +99,34 @@ class ExportRecord:
     @property
     def format_version(self) -> int:
         """The oldest export format version that describes this export."""
-        return oldest_version(
+        version = oldest_version(
             self.config,
             WITHOUT_SCALE_EXPORT_FORMAT_VERSION,
             [
                 (records_scale, SCALE_EXPORT_FORMAT_VERSION),
                 (records_backbone_statistics, BACKBONE_STATISTICS_EXPORT_FORMAT_VERSION),
-                (records_image_score, EXPORT_FORMAT_VERSION),
+                (records_image_score, IMAGE_SCORE_EXPORT_FORMAT_VERSION),
             ],
         )
+        return max(version, ANY_SIZE_EXPORT_FORMAT_VERSION if self.input_size is None else 0)
 
     def to_json(self) -> str:
+        from patchcore.model.module import geometry_input_names
+
         data = dataclasses.asdict(self)
         data["config"] = config_fields(self.config)
         version = self.format_version
-        data["input_size"] = list(self.input_size)
+        any_size = self.input_size is None
+        data["input_size"] = None if any_size else list(self.input_size)
         data["input"] = {
             "name": INPUT_NAME,
-            "shape": ["batch", 3, *self.input_size],
+            "shape": ["batch", 3, *(("height", "width") if any_size else self.input_size)],
             "dtype": "float32",
             "channels": "RGB",
             "range": [0.0, 1.0],
         }
+        if any_size:
+            data["geometry_inputs"] = list(geometry_input_names(self.config))
         return json.dumps(
             {"format": EXPORT_FORMAT_NAME, "format_version": version, **data},
             sort_keys=True,
@@ -131,7 +147,7 @@ class ExportRecord:
             statistics = data["normal_statistics"]
             return cls(
                 config=config,
-                input_size=(int(data["input_size"][0]), int(data["input_size"][1])),
+                input_size=_input_size(data["input_size"], data["format_version"]),
                 threshold=None if data["threshold"] is None else float(data["threshold"]),
                 normal_statistics=NormalStatistics(**statistics) if statistics else None,
                 bank_size=int(data["bank_size"]),
@@ -146,6 +162,13 @@ class ExportRecord:
             raise ModelFormatError(
                 f"{where}: incomplete patchcore description ({type(error).__name__}: {error})"
             ) from error
+
+
+def _input_size(value, version: int) -> tuple[int, int] | None:
+    """A record's input_size: (height, width), or None (any size, from version 5 on)."""
+    if value is None and version >= ANY_SIZE_EXPORT_FORMAT_VERSION:
+        return None
+    return int(value[0]), int(value[1])
 
 
 @dataclass(frozen=True)
@@ -165,6 +188,8 @@ class ExportedModel:
     def __init__(self, path: Path, record: ExportRecord | None) -> None:
         self.path = Path(path)
         self.record = record
+        self._geometry_cache: dict[tuple[int, int], dict[str, np.ndarray]] = {}
+        self._geometry_lock = threading.Lock()  # predict may be called from several threads
 
     @property
     def input_size(self) -> tuple[int, int] | None:
@@ -183,8 +208,54 @@ class ExportedModel:
     def normal_statistics(self) -> NormalStatistics | None:
         return self.record.normal_statistics
 
+    @property
+    def any_size(self) -> bool:
+        """Whether this is a graph for any input size, fed geometry inputs per size."""
+        return self.record is not None and self.record.input_size is None
+
+    def size_problem(self, size: tuple[int, int], name: str = "image") -> str:
+        """Why images of (height, width) `size` cannot be scored, naming `name` (the file),
+        or '' when they can."""
+        if self.input_size is not None:
+            if tuple(size) == self.input_size:
+                return ""
+            return (
+                f"{name}: image is {size[0]}x{size[1]} (height x width) but {self.path.name} "
+                f"takes {self.input_size[0]}x{self.input_size[1]} images, the size fixed at "
+                "export; resize the images or export again with --input_size (any: every size)"
+            )
+        try:
+            if self.any_size:
+                self._geometry(tuple(size), name)
+            else:
+                check_working_size(Path(name), tuple(size), self.config.preprocessing)
+        except DataError as error:
+            text = str(error)
+            return text if text.startswith(f"{name}: ") else f"{name}: {text}"
+        return ""
+
+    def _geometry(self, size: tuple[int, int], name: str = "image") -> dict[str, np.ndarray]:
+        """The geometry inputs of `size` for a graph of any size ({} for others), kept for
+        the `GEOMETRY_CACHE_SIZE` sizes used last."""
+        from patchcore.model.module import any_size_inputs
+
+        if not self.any_size:
+            return {}
+        with self._geometry_lock:
+            inputs = self._geometry_cache.pop(size, None)
+        if inputs is None:
+            computed = any_size_inputs(size, self.config, name)
+            inputs = {key: tensor.numpy() for key, tensor in computed.items()}
+        with self._geometry_lock:
+            cache = self._geometry_cache  # oldest first
+            cache[size] = inputs
+            while len(cache) > GEOMETRY_CACHE_SIZE:
+                del cache[next(iter(cache))]
+        return inputs
+
     def check_input(self, images: np.ndarray) -> None:
-        """A one-line DataError unless `images` is float [B, 3, H, W] of the graph's size."""
+        """A one-line DataError unless `images` is float [B, 3, H, W] of a size the graph
+        takes."""
         expected = (
             "[B, 3, H, W]"
             if self.input_size is None
@@ -202,6 +273,9 @@ class ExportedModel:
                 f"fixed at export, got {images.shape[-2]}x{images.shape[-1]}; resize the "
                 "images or export again with --input_size"
             )
+        problem = self.size_problem(tuple(images.shape[-2:]), self.path.name)
+        if problem:
+            raise DataError(problem)
 
     def predict(self, images) -> RuntimeOutputs:
         """images float32 [B, 3, H, W] in [0, 1] (numpy or torch) -> `RuntimeOutputs`."""
@@ -211,11 +285,16 @@ class ExportedModel:
             else np.asarray(images)
         )
         self.check_input(array)
-        outputs = self._run(np.ascontiguousarray(array, dtype=np.float32))
+        feeds = {
+            INPUT_NAME: np.ascontiguousarray(array, dtype=np.float32),
+            **self._geometry(tuple(array.shape[-2:]), self.path.name),
+        }
+        outputs = self._run(feeds)
         labels = outputs[2].astype(bool) if len(outputs) > 2 else None
         return RuntimeOutputs(outputs[0].astype(np.float32), outputs[1].astype(np.float32), labels)
 
-    def _run(self, images: np.ndarray) -> list[np.ndarray]:
+    def _run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """The graph's outputs for its named inputs (images, and geometry inputs)."""
         raise NotImplementedError
 
 
@@ -248,8 +327,8 @@ class TorchModel(ExportedModel):
     def normal_statistics(self) -> NormalStatistics | None:
         return self.module.statistics()
 
-    def _run(self, images: np.ndarray) -> list[np.ndarray]:
-        outputs = self.module(torch.from_numpy(images))
+    def _run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        outputs = self.module(torch.from_numpy(feeds[INPUT_NAME]))
         names = ("pred_score", "anomaly_map", "pred_label")
         return [outputs[name].cpu().numpy() for name in names if name in outputs]
 
@@ -286,8 +365,8 @@ class OnnxRuntimeModel(ExportedModel):
         super().__init__(path, ExportRecord.from_json(metadata[METADATA_KEY], str(path)))
         self.output_names = [output.name for output in self.session.get_outputs()]
 
-    def _run(self, images: np.ndarray) -> list[np.ndarray]:
-        return self.session.run(self.output_names, {INPUT_NAME: images})
+    def _run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        return self.session.run(self.output_names, feeds)
 
 
 class OpenVinoModel(ExportedModel):
@@ -317,8 +396,8 @@ class OpenVinoModel(ExportedModel):
         self.compiled = core.compile_model(model, "CPU", config)
         self.request = self.compiled.create_infer_request()
 
-    def _run(self, images: np.ndarray) -> list[np.ndarray]:
-        results = self.request.infer({INPUT_NAME: images})
+    def _run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        results = self.request.infer(feeds)
         return [np.array(results[output]) for output in self.compiled.outputs]
 
 

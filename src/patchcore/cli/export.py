@@ -19,9 +19,10 @@ from patchcore.config import DEFAULT_BANK_CHUNK_SIZE
               help="Folder for <category>.pth / .onnx / .xml+.bin files.")
 @click.option("--format", "-f", "formats", multiple=True, required=True,
               help="Format to write: torch, onnx or openvino; repeat for several.")
-@click.option("--input_size", default=None, metavar="HEIGHTxWIDTH",
-              help="Fixed input size of ONNX/OpenVINO graphs, e.g. 480x640 or 256; "
-                   "default: the model's --resize as a square.")
+@click.option("--input_size", default=None, metavar="HEIGHTxWIDTH|any",
+              help="Input size of ONNX/OpenVINO graphs: fixed, e.g. 480x640 or 256, or 'any' "
+                   "(dynamic height and width); default: any for whole-image models "
+                   "(--crop none), the model's --resize as a square for centre crops.")
 @click.option("--fp16", is_flag=True,
               help="OpenVINO IR with FP16 weights (half the file; see docs/explanations/fidelity.md for accuracy).")
 @click.option("--threshold", type=float,
@@ -34,16 +35,19 @@ def export_deployment_cli(sources, output_folder, formats, input_size, fp16, thr
                           bank_chunk_size, common):  # fmt: skip
     """Export saved models (SOURCES: model folders, or run folders with models/) for
     deployment: a PatchCoreModule weights file (torch), an ONNX graph (onnx) or OpenVINO IR
-    (openvino), named by category. Graphs take float RGB [B, 3, H, W] in [0, 1] and return
-    pred_score, anomaly_map and pred_label."""
+    (openvino), named by category. Graphs take float RGB [B, 3, H, W] in [0, 1] (with
+    --input_size any, also the geometry inputs of the size, which patchcore-predict and
+    patchcore.apps.runtimes compute) and return pred_score, anomaly_map and pred_label."""
 
     def job() -> None:
         from patchcore.apps.export import ExportOptions, export_models, parse_input_size
 
         with usage_errors():
+            size = None if input_size is None else parse_input_size(input_size)
             options = ExportOptions(
                 formats=tuple(dict.fromkeys(name.lower() for name in formats)),
-                input_size=None if input_size is None else parse_input_size(input_size),
+                input_size=size,
+                any_size=input_size is not None and size is None,
                 fp16=fp16,
                 bank_chunk_size=bank_chunk_size,
                 threshold=threshold,

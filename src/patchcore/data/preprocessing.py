@@ -449,19 +449,30 @@ def apply_taps(pixels: torch.Tensor, dim: int, taps: ResizeTaps) -> torch.Tensor
     in float32. With S_high and S_low the sums of the weight parts (each below 2**24), the
     fixed-point total is S_high * 2**8 + S_low + 2**21 and the pixel its floor over 2**22,
     split as q + floor(((S_high - q * 2**14) * 2**8 + S_low + 2**21) / 2**22) with
-    q = floor(S_high / 2**14), where every term stays below 2**24."""
-    shape = [1] * pixels.ndim
-    shape[dim] = -1
+    q = floor(S_high / 2**14), where every term stays below 2**24. Every product and partial
+    sum is a whole number below 2**24, so the order of the sums does not matter: taps are
+    summed one at a time (memory of the output's size), or, when their number is a traced
+    value (a graph of any input size, whose taps are inputs), gathered and summed at once."""
     indices = taps.indices.to(pixels.device)
     high_weights = taps.high.to(pixels.device, torch.float32)
     low_weights = taps.low.to(pixels.device, torch.float32)
-    high = low = None
-    for tap in range(indices.shape[1]):
-        gathered = pixels.index_select(dim, indices[:, tap])
-        high_term = gathered * high_weights[:, tap].view(shape)
-        low_term = gathered * low_weights[:, tap].view(shape)
-        high = high_term if high is None else high + high_term
-        low = low_term if low is None else low + low_term
+    if isinstance(indices.shape[1], int):
+        shape = [1] * pixels.ndim
+        shape[dim] = -1
+        high = low = None
+        for tap in range(indices.shape[1]):
+            gathered = pixels.index_select(dim, indices[:, tap])
+            high_term = gathered * high_weights[:, tap].view(shape)
+            low_term = gathered * low_weights[:, tap].view(shape)
+            high = high_term if high is None else high + high_term
+            low = low_term if low is None else low + low_term
+    else:
+        moved = pixels.movedim(dim, -1)
+        gathered = moved.index_select(-1, indices.reshape(-1)).reshape(
+            *moved.shape[:-1], indices.shape[0], indices.shape[1]
+        )  # [..., out, K]
+        high = (gathered * high_weights).sum(dim=-1).movedim(-1, dim)
+        low = (gathered * low_weights).sum(dim=-1).movedim(-1, dim)
     high_shift = float(1 << (PIL_PRECISION_BITS - LOW_WEIGHT_BITS))
     whole = torch.floor(high / high_shift)
     rest = (high - whole * high_shift) * float(1 << LOW_WEIGHT_BITS) + low
@@ -591,6 +602,28 @@ def map_to_input_frame(
         maps.unsqueeze(1), grid, mode="bilinear", padding_mode="border", align_corners=False
     )
     return sampled.squeeze(1)
+
+
+def frame_sampling(
+    input_size: tuple[int, int], config: PreprocessingConfig
+) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """`map_to_input_frame`'s bilinear sampling as taps, per axis (rows, columns): indices
+    int64 [L, 2] into the model's frame and weights float32 [L, 2] for each of the L input
+    pixels, the two neighbours that grid sampling with border padding reads, computed the
+    way it computes them. A map's value at input pixel (y, x) is then
+    sum_ij rows.weights[y, i] * columns.weights[x, j] * map[rows.indices[y, i],
+    columns.indices[x, j]] (the form exported graphs of any input size use)."""
+    frame = frame_of(tuple(input_size), config)
+    axes = []
+    for coordinates, crop in zip(_crop_coordinates(frame, "cpu"), frame.size, strict=True):
+        grid = (2.0 * coordinates / crop - 1.0).float()
+        position = (((grid + 1.0) * crop - 1.0) / 2.0).clamp(0, crop - 1)
+        first = position.floor()
+        weight = position - first
+        first = first.long()
+        indices = torch.stack([first, (first + 1).clamp(max=crop - 1)], dim=1)
+        axes.append((indices, torch.stack([1.0 - weight, weight], dim=1)))
+    return axes[0], axes[1]
 
 
 # --------------------------------------------------------------------------- tiles

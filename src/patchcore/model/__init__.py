@@ -4,6 +4,7 @@ saving and loading, and the self-contained `PatchCoreModule`."""
 from patchcore.exports import lazy_exports
 
 __all__ = [
+    "AnySizePatchCore",
     "FixedSizePatchCore",
     "NormalStatistics",
     "PatchCore",
@@ -33,6 +34,7 @@ __getattr__, __dir__ = lazy_exports(
         "load_models": "patchcore.model.serialization",
         "PatchCoreModule": "patchcore.model.module",
         "FixedSizePatchCore": "patchcore.model.module",
+        "AnySizePatchCore": "patchcore.model.module",
         "load_backbone": "patchcore.model.backbones",
         "build_embedder": "patchcore.model.features",
         "build_sampler": "patchcore.model.samplers",

@@ -29,6 +29,7 @@ from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
+from torch.fx.experimental.symbolic_shapes import guard_or_true
 from torchvision.models.feature_extraction import create_feature_extractor
 
 from patchcore.config import PatchCoreConfig
@@ -208,12 +209,19 @@ class PatchFeatureAggregator(torch.nn.Module):
             )  # fmt: skip
             if grid is None:
                 grid = tuple(share.shape[-2:])
-            elif tuple(share.shape[-2:]) != grid:
+            elif _may_differ(tuple(share.shape[-2:]), grid):
                 share = F.interpolate(share, size=grid, mode="bilinear", align_corners=False)
             shares.append(share)
         features = torch.cat(_summed_segments(shares, poolings), dim=1)  # [B, T, h, w]
         features = features.permute(0, 2, 3, 1).reshape(-1, self.target_embed_dimension)
-        return features, (int(grid[0]), int(grid[1]))
+        return features, (grid[0], grid[1])
+
+
+def _may_differ(size: tuple, other: tuple) -> bool:
+    """Whether two grid sizes differ; True when it depends on a symbolic input size (an
+    export with dynamic height and width), where resizing to the same size changes nothing:
+    a bilinear resize to the same size copies each value exactly."""
+    return any(guard_or_true(a != b) for a, b in zip(size, other, strict=True))
 
 
 @dataclass(frozen=True)

@@ -24,23 +24,36 @@ value of the nearest crop edge. A map always has the input's height and width.
 `FixedSizePatchCore` is the same computation for one input size, with the threshold's
 decision inside: the graph that `patchcore-export` writes as ONNX and OpenVINO IR. Both run
 `PatchCoreModule.score`, so an exported graph computes what the module computes.
+`AnySizePatchCore` is the graph for inputs of any size (dynamic height, width and batch):
+the same scorer, with what depends on the input size alone (Pillow's resize windows, the
+tiles' places, the map's sampling back onto the input) given as inputs computed per size by
+`any_size_inputs`, and the map's upsampling and blur computed inside the graph.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import math
+from pathlib import Path
 
 import torch
 
 from patchcore import __version__
 from patchcore.config import PatchCoreConfig
 from patchcore.data.preprocessing import (
+    EIGHT_BIT_MAX,
     AxisGeometry,
     ResizeTaps,
+    apply_taps,
     check_model_input,
+    check_working_size,
+    frame_of,
+    frame_sampling,
     input_geometry,
     map_to_input_frame,
+    resamples_rows_first,
+    resize_taps,
+    tile_origins,
     to_model_input,
 )
 from patchcore.errors import DataError, ModelFormatError
@@ -48,7 +61,13 @@ from patchcore.model.calibration import NormalStatistics, decide
 from patchcore.model.chunked_search import DEFAULT_BANK_CHUNK_SIZE, BankChunkedSearch
 from patchcore.model.features import build_embedder
 from patchcore.model.patchcore import PatchCore
-from patchcore.model.scoring import memory_bank_problem, score_images
+from patchcore.model.scoring import (
+    DEFAULT_SIGMA,
+    memory_bank_problem,
+    resize_and_blur_matrix,
+    score_images,
+    score_patches,
+)
 from patchcore.model.serialization import (
     config_fields,
     config_from_meta,
@@ -341,6 +360,179 @@ class FixedSizePatchCore(torch.nn.Module):
                 f", got {list(images.shape)}"
             )
         scores, maps = self.module.score(images, self.geometry())
+        if self.threshold is None:
+            return scores, maps
+        return scores, maps, decide(scores, self.threshold)
+
+
+# ------------------------------------------------------------- any input size
+# The inputs of a graph for images of any size, after `images`: what depends on the image's
+# size only, computed outside the graph by `any_size_inputs` (patchcore.apps.runtimes does it
+# per image size). Pillow's 8-bit resize, which the model's preprocessing reproduces pixel for
+# pixel, places its windows by integer truncation of double-precision positions; OpenVINO
+# computes at float32, so those windows are computed here and given to the graph.
+# `resize1`..`resize3`: the passes of Pillow's resize (and the crop) as taps over columns,
+# rows, columns (the first or the last column pass is the identity, by Pillow's order);
+# each `_indices` int64 [out, K] and `_weights` float32 [2, out, K] (the high and low parts
+# of the fixed-point weights, `ResizeTaps`). `map_rows` / `map_columns`: how each input pixel
+# samples the map on the model's frame (`frame_sampling`), `_indices` int64 [L, 2] and
+# `_weights` float32 [L, 2]. With tiles, `tile_rows` / `tile_columns` int64 [T, tile]: the
+# working-image rows and columns of each row and column of tiles (`tile_origins`).
+RESIZE_PASSES = ("resize1", "resize2", "resize3")
+MAP_AXES = ("map_rows", "map_columns")
+TILE_INPUT_NAMES = ("tile_rows", "tile_columns")
+GEOMETRY_INPUT_NAMES = tuple(
+    f"{name}_{part}" for name in (*RESIZE_PASSES, *MAP_AXES) for part in ("indices", "weights")
+)
+
+
+def geometry_input_names(config: PatchCoreConfig) -> tuple[str, ...]:
+    """The inputs after `images` of an any-size graph of a model of `config`."""
+    tiles = TILE_INPUT_NAMES if config.preprocessing.tile is not None else ()
+    return GEOMETRY_INPUT_NAMES + tiles
+
+
+def any_size_inputs(
+    size: tuple[int, int], config: PatchCoreConfig, name: str | None = None
+) -> dict[str, torch.Tensor]:
+    """The geometry inputs (`geometry_input_names`) of an any-size graph for images of
+    (height, width) `size`: CPU tensors. A DataError (naming `name`, default the size) says
+    why a size cannot be scored: its working image is smaller than the patch grid needs or
+    than a tile, or holds more pixels than the working limit, or a resize shrinks it more
+    than can be computed exactly."""
+    preprocessing = config.preprocessing
+    height, width = int(size[0]), int(size[1])
+    check_working_size(Path(name or f"a {height}x{width} image"), (height, width), preprocessing)
+    frame = frame_of((height, width), preprocessing)
+    rows = resize_taps(height, frame.resized[0], frame.top, frame.size[0])
+    columns = resize_taps(width, frame.resized[1], frame.left, frame.size[1])
+    if resamples_rows_first((height, width), frame.resized):
+        passes = (resize_taps(width, width), rows, columns)
+    else:
+        passes = (columns, rows, resize_taps(frame.size[1], frame.size[1]))
+    inputs = {}
+    for key, taps in zip(RESIZE_PASSES, passes, strict=True):
+        inputs[f"{key}_indices"] = taps.indices
+        inputs[f"{key}_weights"] = torch.stack([taps.high, taps.low])
+    for key, (indices, weights) in zip(
+        MAP_AXES, frame_sampling((height, width), preprocessing), strict=True
+    ):
+        inputs[f"{key}_indices"] = indices
+        inputs[f"{key}_weights"] = weights
+    tile = preprocessing.tile
+    if tile is not None:
+        for key, length in zip(TILE_INPUT_NAMES, frame.size, strict=True):
+            origins = tile_origins(length, tile, preprocessing.tile_overlap)
+            inputs[key] = torch.tensor(origins)[:, None] + torch.arange(tile)[None, :]
+    return inputs
+
+
+def _sample(matrix: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Rows of `matrix` [N, C] mixed by taps: indices [L, 2], weights [L, 2] -> [L, C]."""
+    picked = matrix.index_select(0, indices.reshape(-1)).reshape(
+        indices.shape[0], indices.shape[1], matrix.shape[1]
+    )
+    return (picked * weights[:, :, None]).sum(dim=1)
+
+
+class AnySizePatchCore(torch.nn.Module):
+    """A `PatchCoreModule` for inputs of any (height, width): the exported graph with
+    dynamic spatial dimensions (and a dynamic batch).
+
+    `forward(images, *geometry)` takes float RGB [B, 3, H, W] in [0, 1] and the geometry
+    inputs of (H, W) (`any_size_inputs`, in the order of `geometry_input_names`), and
+    returns what `FixedSizePatchCore` returns: (pred_score [B], anomaly_map [B, H, W]) and,
+    with a threshold, pred_label [B]. Scores come from the module's own scorer
+    (`score_patches`); the resize, the tiles, the map's upsampling, blur and return to the
+    input's frame are written with the sizes as graph values, so one graph serves every size.
+    """
+
+    def __init__(self, module: PatchCoreModule, sigma: float = DEFAULT_SIGMA) -> None:
+        super().__init__()
+        self.config = module._require_config()
+        self.module = module
+        self.threshold = module.decision_threshold
+        self.sigma = sigma
+        self.input_names = ("images", *geometry_input_names(self.config))
+
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        return OUTPUT_NAMES if self.threshold is not None else OUTPUT_NAMES[:2]
+
+    def _model_input(self, images: torch.Tensor, taps: list[ResizeTaps]) -> torch.Tensor:
+        """`to_model_input` with the passes as given: columns, rows, columns."""
+        pixels = torch.round(images.float() * EIGHT_BIT_MAX)
+        for dim, pass_taps in zip((-1, -2, -1), taps, strict=True):
+            pixels = apply_taps(pixels, dim, pass_taps)
+        return pixels / EIGHT_BIT_MAX
+
+    def _tiles(
+        self, model_input: torch.Tensor, tile_rows: torch.Tensor, tile_columns: torch.Tensor
+    ) -> torch.Tensor:
+        """`cut_tiles` by index: [B, 3, h, w] -> [B * Tr * Tc, 3, tile, tile], image-major,
+        tiles in row-major order of their origins."""
+        batch, channels = model_input.shape[0], model_input.shape[1]
+        count_rows, tile = tile_rows.shape[0], tile_rows.shape[1]
+        count_columns = tile_columns.shape[0]
+        rows = model_input.index_select(2, tile_rows.reshape(-1))  # [B, 3, Tr*t, w]
+        both = rows.index_select(3, tile_columns.reshape(-1))  # [B, 3, Tr*t, Tc*t]
+        both = both.reshape(batch, channels, count_rows, tile, count_columns, tile)
+        return both.permute(0, 2, 4, 1, 3, 5).reshape(-1, channels, tile, tile)
+
+    def _stitched(
+        self,
+        patch_scores: torch.Tensor,
+        tile_rows: torch.Tensor,
+        tile_columns: torch.Tensor,
+        working: tuple,
+    ) -> torch.Tensor:
+        """`stitch_tiles` by placement matrices: tile patch scores [B*T, g, g] -> [B, h, w]."""
+        count_rows, tile = tile_rows.shape[0], tile_rows.shape[1]
+        count_columns = tile_columns.shape[0]
+        upsampled = torch.nn.functional.interpolate(
+            patch_scores.unsqueeze(1), size=(tile, tile), mode="bilinear", align_corners=False
+        ).reshape(-1, count_rows, count_columns, tile, tile)
+        device = patch_scores.device
+        place_rows = (
+            torch.arange(working[0], device=device)[None, :, None] == tile_rows[:, None, :]
+        ).to(upsampled.dtype)  # [Tr, h, t]
+        place_columns = (
+            torch.arange(working[1], device=device)[None, :, None] == tile_columns[:, None, :]
+        ).to(upsampled.dtype)  # [Tc, w, t]
+        partial = torch.einsum("rhi,brcij->bchj", place_rows, upsampled)
+        total = torch.einsum("bchj,cwj->bhw", partial, place_columns)
+        row_cover = place_rows.sum(dim=2).sum(dim=0)  # tiles covering each row
+        column_cover = place_columns.sum(dim=2).sum(dim=0)
+        coverage = row_cover[:, None] * column_cover[None, :]
+        return total / coverage
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor, *geometry: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        inputs = dict(zip(self.input_names[1:], geometry, strict=True))
+        taps = [
+            ResizeTaps(inputs[f"{name}_indices"], *inputs[f"{name}_weights"].unbind(0))
+            for name in RESIZE_PASSES
+        ]
+        model_input = self._model_input(images, taps)
+        working = (model_input.shape[-2], model_input.shape[-1])
+        search = BankChunkedSearch(self.module.memory_bank, self.module.bank_chunk_size)
+        if self.config.preprocessing.tile is None:
+            features, grid = self.module.embedder(model_input)
+            patch_scores, scores = score_patches(features, grid, search, self.config)
+            rows = resize_and_blur_matrix(grid[0], working[0], self.sigma, images.device)
+            columns = resize_and_blur_matrix(grid[1], working[1], self.sigma, images.device)
+            maps = patch_scores.float()
+        else:
+            tile_rows, tile_columns = inputs["tile_rows"], inputs["tile_columns"]
+            features, grid = self.module.embedder(self._tiles(model_input, tile_rows, tile_columns))
+            patch_scores, _ = score_patches(features, grid, search, self.config)
+            maps = self._stitched(patch_scores, tile_rows, tile_columns, working)
+            scores = maps.flatten(1).amax(dim=1)
+            rows = resize_and_blur_matrix(working[0], working[0], self.sigma, images.device)
+            columns = resize_and_blur_matrix(working[1], working[1], self.sigma, images.device)
+        rows = _sample(rows, inputs["map_rows_indices"], inputs["map_rows_weights"])
+        columns = _sample(columns, inputs["map_columns_indices"], inputs["map_columns_weights"])
+        maps = rows @ maps @ columns.T
         if self.threshold is None:
             return scores, maps
         return scores, maps, decide(scores, self.threshold)

@@ -142,8 +142,10 @@ def gaussian_kernel(sigma: float, device: torch.device) -> torch.Tensor:
 def _mirror_indices(size: int, radius: int, device: torch.device) -> torch.Tensor:
     """Indices padding an axis by `radius` on both sides as 'd c b a | a b c d | d c b a'."""
     positions = torch.arange(-radius, size + radius, device=device)
-    period = 2 * size
-    positions = positions % period
+    # the period as a tensor: with a symbolic size (an export with dynamic sizes) the
+    # remainder then has an ONNX form
+    period = positions.new_ones(()) * (2 * size)
+    positions = torch.remainder(positions, period)
     return torch.where(positions >= size, period - 1 - positions, positions)
 
 
