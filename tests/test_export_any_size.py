@@ -264,3 +264,17 @@ def test_input_size_any_and_what_export_refuses(whole_image_model, tmp_path):
     code, output = run(export_deployment_cli, tmp_path, "-o", tmp_path / "o", "-f", "onnx",
                        "--input_size", "big")  # fmt: skip
     assert code == 2 and "HEIGHTxWIDTH (e.g. 480x640), one number or 'any', got 'big'" in output
+
+
+@needs_onnxruntime
+def test_a_tiled_model_with_an_area_insensitive_image_score_is_refused_any_size(
+        whole_image_model, tmp_path):  # fmt: skip
+    """Its image score pools the stitched map to a size-dependent patch grid: one line, no file."""
+    tiled = variant(whole_image_model, dataclasses.replace(WHOLE_IMAGE, tile=48))
+    quantile = PatchCore(dataclasses.replace(tiled.config, image_score="quantile"))
+    quantile.set_memory_bank(whole_image_model.memory_bank)
+    with pytest.raises(ConfigurationError) as refused:
+        export_model(quantile, Path("tiled"), tmp_path, "tiled",
+                     ExportOptions(("onnx",), any_size=True))  # fmt: skip
+    assert "--image_score quantile exports for one input size only" in str(refused.value)
+    assert "\n" not in str(refused.value) and not list(tmp_path.iterdir())

@@ -56,7 +56,7 @@ from patchcore.data.preprocessing import (
     tile_origins,
     to_model_input,
 )
-from patchcore.errors import DataError, ModelFormatError
+from patchcore.errors import ConfigurationError, DataError, ModelFormatError
 from patchcore.model.calibration import NormalStatistics, decide
 from patchcore.model.chunked_search import DEFAULT_BANK_CHUNK_SIZE, BankChunkedSearch
 from patchcore.model.features import build_embedder
@@ -450,6 +450,13 @@ class AnySizePatchCore(torch.nn.Module):
     def __init__(self, module: PatchCoreModule, sigma: float = DEFAULT_SIGMA) -> None:
         super().__init__()
         self.config = module._require_config()
+        if self.config.preprocessing.tile is not None and self.config.image_score != "max":
+            # The tiled image score pools the stitched map to a patch grid whose size depends
+            # on the image's size; the graph has no size-generic form of that step.
+            raise ConfigurationError(
+                f"a tiled model with --image_score {self.config.image_score} exports for one "
+                "input size only; give --input_size HEIGHTxWIDTH"
+            )
         self.module = module
         self.threshold = module.decision_threshold
         self.sigma = sigma
