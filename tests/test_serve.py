@@ -495,3 +495,42 @@ def test_a_server_killed_mid_request_gives_the_client_an_error_not_an_accept(
     server.communicate(timeout=30)
     (answer,) = answers
     assert isinstance(answer, httpx.HTTPError), answer
+
+
+@pytest.mark.slow
+def test_ray_serve_runs_the_same_app_on_two_replicas(model_dir, test_images, predicted):
+    pytest.importorskip("ray.serve", reason="Ray Serve (ray[serve], the serve extra) is missing")
+    port = free_port()
+    command = [sys.executable, "-c", "from patchcore.cli.serve import serve_main; serve_main()",
+               str(model_dir), "--ray", "--replicas", "2", "--replica_cpus", "0.5",
+               "--port", str(port), "--no_progress", "--device", "cpu"]  # fmt: skip
+    environment = {**os.environ, "PYTHONPATH": f"{SOURCE}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, env=environment, start_new_session=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 75
+        ready = False
+        while not ready and time.monotonic() < deadline and server.poll() is None:
+            with contextlib.suppress(httpx.HTTPError):
+                ready = httpx.get(f"http://127.0.0.1:{port}/ready", timeout=1).status_code == 200
+            time.sleep(0.5)
+        if not ready:
+            server.kill()
+            output = server.communicate(timeout=30)[0]
+            pytest.skip(f"Ray Serve did not start here within 75 s: {output.strip()[-300:]}")
+        answers: list = []
+        threads = [post_in_thread(f"http://127.0.0.1:{port}{INSPECT}", path.read_bytes(),
+                                  answers) for path in test_images[:6]]  # fmt: skip
+        for thread in threads:
+            thread.join(60)
+        assert all(isinstance(answer, httpx.Response) for answer in answers), answers
+        scores = sorted(answer.json()["score"] for answer in answers)
+        expected = sorted(float(predicted[str(path)]["score"]) for path in test_images[:6])
+        np.testing.assert_allclose(scores, expected, rtol=1e-5)
+        server.send_signal(signal.SIGTERM)
+        output = server.communicate(timeout=60)[0]
+        assert server.returncode == 0, output[-3000:]
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.communicate(timeout=30)

@@ -782,7 +782,6 @@ def ray_application(options: ServeOptions, replicas: ReplicaSettings):
     FastAPI app; Ray Serve's proxies spread requests over the replicas."""
     from ray import serve
 
-    app = create_app()
     threads = max(1, int(replicas.cpus))
 
     @serve.deployment(
@@ -791,13 +790,18 @@ def ray_application(options: ServeOptions, replicas: ReplicaSettings):
         max_ongoing_requests=options.queue_size + options.max_batch,
         graceful_shutdown_timeout_s=30,
     )  # fmt: skip
-    @serve.ingress(app)
+    @serve.ingress()
     class PatchCoreReplica:
         def __init__(self, options: ServeOptions) -> None:
             torch.set_num_threads(threads)
             self.service = InspectionService.load(options)
             self.service.start()
+
+        def __serve_build_asgi_app__(self):
+            # Ray Serve builds the replica's app after __init__: this replica's service
+            app = create_app()
             app.state.service = self.service
+            return app
 
         def check_health(self) -> None:
             # Ray Serve's health check: an exception marks the replica unhealthy.
