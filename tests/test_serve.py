@@ -534,3 +534,32 @@ def test_ray_serve_runs_the_same_app_on_two_replicas(model_dir, test_images, pre
         if server.poll() is None:
             server.kill()
             server.communicate(timeout=30)
+
+
+def test_an_exported_model_is_served_as_predict_runs_it(model_dir, test_images, tmp_path):
+    """A `patchcore-export` file (the torch module, whole images in) through the exported
+    runtime's path: the same answers as predict with that file."""
+    from patchcore.apps.export import ExportOptions, export_model
+    from patchcore.config import SearchConfig
+    from patchcore.model.serialization import load_models
+
+    (model,) = load_models(model_dir, "cpu", SearchConfig(backend="torch"))
+    (exported,) = export_model(model, model_dir, tmp_path, "line", ExportOptions(("torch",)))
+    code, output = predict(exported, test_images[:4], tmp_path / "rows.csv")
+    assert code in (0, 3), output
+    rows = {row["path"]: row for row in read_rows(tmp_path / "rows.csv")}
+    models = serving.served_models([str(exported)])
+    assert models[0].category == "line" and models[0].runtime_name == "torch"
+
+    async def scenario():
+        service = serving.InspectionService.load(serving.ServeOptions(models=models))
+        async with client_of(service) as client:
+            return [(await client.post("/v1/categories/line/inspect",
+                                       content=path.read_bytes())).json()
+                    for path in test_images[:4]]  # fmt: skip
+
+    for path, body in zip(test_images[:4], run(scenario()), strict=True):
+        row = rows[str(path)]
+        assert body["decision"] == row["decision"] and body["model_id"] == row["model_id"]
+        assert body["model_format"] == row["model_format"]
+        assert math.isclose(body["score"], float(row["score"]), rel_tol=1e-5)
