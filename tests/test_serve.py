@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 pytest.importorskip("fastapi", reason="patchcore-serve needs the serve extra (fastapi)")
@@ -413,6 +414,8 @@ def test_options_name_categories_and_check_limits(model_dir, tmp_path, caplog):
         options_for(model_dir, max_batch=16, queue_size=8)
     with pytest.raises(ConfigurationError, match="--batch_wait_ms"):
         options_for(model_dir, batch_wait_ms=float("nan"))
+    assert serving.default_max_batch(torch.device("cpu")) == 1
+    assert serving.default_max_batch(torch.device("cuda")) == serving.GPU_MAX_BATCH
     options = options_for(model_dir)
     with caplog.at_level(logging.WARNING, logger="patchcore.apps.serve"):
         serving.warn_about_host("127.0.0.1", options)
@@ -461,7 +464,7 @@ def post_in_thread(url: str, data: bytes, answers: list) -> threading.Thread:
 def test_sigterm_answers_requests_in_flight_then_stops(model_dir, test_images, predicted):
     port = free_port()
     # a long batching window keeps the requests in flight when the signal arrives
-    server = start_server([str(model_dir), "--batch_wait_ms", "1000"], port)
+    server = start_server([str(model_dir), "--max_batch", "8", "--batch_wait_ms", "1000"], port)
     answers: list = []
     threads = [post_in_thread(f"http://127.0.0.1:{port}{INSPECT}", path.read_bytes(), answers)
                for path in test_images[:3]]  # fmt: skip
@@ -485,7 +488,7 @@ def test_a_server_killed_mid_request_gives_the_client_an_error_not_an_accept(
     model_dir, test_images
 ):  # fmt: skip
     port = free_port()
-    server = start_server([str(model_dir), "--batch_wait_ms", "1000"], port)
+    server = start_server([str(model_dir), "--max_batch", "8", "--batch_wait_ms", "1000"], port)
     answers: list = []
     thread = post_in_thread(f"http://127.0.0.1:{port}{INSPECT}", test_images[0].read_bytes(),
                             answers)  # fmt: skip

@@ -80,7 +80,10 @@ API_KEY_VARIABLE = "PATCHCORE_SERVE_API_KEY"
 API_KEY_HEADER = "x-api-key"
 DEFAULT_HOST = "127.0.0.1"
 LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
-DEFAULT_MAX_BATCH = 8
+# Measured by bench/bench_serve.py (docs/how-to/serve.md): on a 2-core CPU batches raised no
+# throughput and lengthened waits; on a GPU a batch costs little more than one image.
+DEFAULT_MAX_BATCH = 1
+GPU_MAX_BATCH = 8
 DEFAULT_BATCH_WAIT_MS = 5.0
 DEFAULT_QUEUE_SIZE = 64
 DEFAULT_MAX_REQUEST_BYTES = 32 * 1024 * 1024
@@ -167,6 +170,11 @@ def served_models(
             name, path, runtime, device or torch.device("cpu"), search or SearchConfig()
         )
     return tuple(models.values())
+
+
+def default_max_batch(device: torch.device) -> int:
+    """`--max_batch` when none is given: 1 on the CPU, GPU_MAX_BATCH on a GPU."""
+    return GPU_MAX_BATCH if torch.device(device).type == "cuda" else DEFAULT_MAX_BATCH
 
 
 def read_api_key(path: Path | None) -> str | None:
@@ -824,13 +832,17 @@ def serve_on_ray(options: ServeOptions, settings: ServerSettings, replicas: Repl
 
     warn_about_host(settings.host, options)
     stop = threading.Event()
+    handled = (signal.SIGTERM, signal.SIGINT)
     with ray_session(ClusterOptions(address=address)):
         from ray import serve
 
+        # Replicas answer (and /ready says so) before serve.run returns: a stop signal from
+        # then on must reach this handler, not Ray's, which aborts the driver.
+        previous = {number: signal.signal(number, lambda *_: stop.set()) for number in handled}
         serve.start(http_options={"host": settings.host, "port": settings.port})
         serve.run(ray_application(options, replicas), name="patchcore", route_prefix="/")
-        previous = {number: signal.signal(number, lambda *_: stop.set())
-                    for number in (signal.SIGTERM, signal.SIGINT)}  # fmt: skip
+        for number in handled:
+            signal.signal(number, lambda *_: stop.set())
         LOGGER.info("Serving %s on Ray Serve, %d replica(s), http://%s:%d",
                     ", ".join(model.category for model in options.models),
                     replicas.replicas, settings.host, settings.port)  # fmt: skip

@@ -23,8 +23,9 @@ from patchcore.config import RUNTIMES, SEARCH_BACKENDS
 @click.option("--api_key_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="File whose first line is the API key every /v1 and /metrics request must "
                    "carry; default: the PATCHCORE_SERVE_API_KEY variable, else no key.")
-@click.option("--max_batch", type=int, default=8, show_default=True,
-              help="Most images the model thread scores at once.")
+@click.option("--max_batch", type=int, default=None,
+              help="Most images the model thread scores at once; default 1 on the CPU (batches "
+                   "did not pay there, see docs/how-to/serve.md), 8 on a GPU.")
 @click.option("--batch_wait_ms", type=float, default=5.0, show_default=True,
               help="How long the model thread waits for more images to fill a batch.")
 @click.option("--queue_size", type=int, default=64, show_default=True,
@@ -66,7 +67,7 @@ def serve_cli(models, runtime, nn_backend, host, port, api_key_file, max_batch, 
             search = SearchConfig(backend=nn_backend)
             options = serving.ServeOptions(
                 models=serving.served_models(models, runtime, device, search),
-                max_batch=max_batch,
+                max_batch=serving.default_max_batch(device) if max_batch is None else max_batch,
                 batch_wait_ms=batch_wait_ms,
                 queue_size=queue_size,
                 max_request_bytes=int(max_request_mb * 1024 * 1024),
