@@ -21,8 +21,9 @@ bytes form of `open_image`: the same pixel and aspect limits, `PATCHCORE_MAX_IMA
 16-bit images scaled to 8 bits as predict scales them; `patchcore.apps.predict.model_input`)
 on a small pool of decoding threads. Prepared images wait in one bounded queue; a single model
 thread (`BatchingWorker`) takes the first waiting image, collects more for up to
-`batch_wait_ms` or until `max_batch`, and scores them in batches of one category and input
-size, so the model never competes with itself for the cores. A full queue is refused at once
+`batch_wait_ms` or until `max_batch` (default 1 on the CPU, where batches did not pay, 8 on
+a GPU: `default_max_batch`), and scores them in batches of one category and input size, so
+the model never competes with itself for the cores. A full queue is refused at once
 (503, `Retry-After`). Refusals are one line of JSON (`error`, `reason`, `decision: "error"`),
 counted by reason, and never an accept; a non-finite score is a reject (predict's rule) and
 answers 500.
