@@ -67,6 +67,7 @@ import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -255,19 +256,28 @@ class PredictionDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> LoadedImage:
         try:
             picture = open_image(self.paths[index], "RGB")
-            if self.preprocessing is None:
-                image = to_tensor(picture)
-            else:
-                check_working_size(
-                    self.paths[index], (picture.height, picture.width), self.preprocessing
-                )
-                image = image_tensor(picture, self.preprocessing)
+            image = model_input(picture, self.paths[index], self.preprocessing)
         except DataError as error:
             return LoadedImage(index, None, None, str(error))
-        original = None
-        if self.keep_originals:
-            original = torch.from_numpy(np.array(picture, dtype=np.uint8)).permute(2, 0, 1)
+        original = original_pixels(picture) if self.keep_originals else None
         return LoadedImage(index, image, original, "")
+
+
+def model_input(
+    picture: Image.Image, path: Path, preprocessing: PreprocessingConfig | None
+) -> torch.Tensor:
+    """A decoded RGB image as a scorer takes it: through `preprocessing`'s chain (its working
+    size checked, a DataError naming `path`), or whole as float RGB in [0, 1] when
+    `preprocessing` is None (exported graphs). `patchcore-serve` prepares uploads here too."""
+    if preprocessing is None:
+        return to_tensor(picture)
+    check_working_size(path, (picture.height, picture.width), preprocessing)
+    return image_tensor(picture, preprocessing)
+
+
+def original_pixels(picture: Image.Image) -> torch.Tensor:
+    """A decoded RGB image as uint8 [3, H, W], what heat maps are drawn on."""
+    return torch.from_numpy(np.array(picture, dtype=np.uint8)).permute(2, 0, 1)
 
 
 # ----------------------------------------------------------------------- outputs
@@ -327,31 +337,47 @@ class ImageOutputs:
         `maps_on_input_frame`. With a `score`, the heat map marks the map's peak (the most
         suspicious place) and a caption below the colour bar gives the score, the
         threshold and the decision, and why a reject shows no region above the threshold."""
+        full_map, seen = self._on_input_frame(original, model_map)
+        written = {"heatmap": "", "mask": ""}
+        if self.heatmaps is not None:
+            written["heatmap"] = str(self.heatmaps / f"{stem}.png")
+            heat = self._heatmap(original, full_map, seen, score, rejected)
+            write_png(Path(written["heatmap"]), heat)
+        if self.masks is not None:
+            mask = (decide(full_map, self.mask_threshold) & seen).astype(np.uint8) * 255
+            written["mask"] = str(self.masks / f"{stem}.png")
+            write_png(Path(written["mask"]), mask)
+        return written
+
+    def heatmap(
+        self, original: torch.Tensor, model_map, score: float | None = None,
+        rejected: bool = False,
+    ) -> np.ndarray:  # fmt: skip
+        """The heat map `write` draws, as a uint8 [H', W, 3] array (`patchcore-serve`)."""
+        full_map, seen = self._on_input_frame(original, model_map)
+        return self._heatmap(original, full_map, seen, score, rejected)
+
+    def _on_input_frame(self, original: torch.Tensor, model_map) -> tuple[np.ndarray, np.ndarray]:
+        """The map on the original's [H, W] frame, and the region the model inspected."""
         size = tuple(original.shape[-2:])
         if self.maps_on_input_frame:
             full_map = np.asarray(model_map, dtype=np.float32)
         else:
             full_map = map_to_input_frame(model_map[None].float(), size, self.preprocessing)
             full_map = full_map[0].numpy()
-        seen = inspected_region(size, self.preprocessing).numpy()
-        written = {"heatmap": "", "mask": ""}
-        if self.heatmaps is not None:
-            image = original.permute(1, 2, 0).numpy()
-            heat = grey_out(blend_heatmap(image, full_map, self.colour_range), image, seen)
-            parts = [heat, colour_bar_rgb(self.colour_range, self.threshold, heat.shape[1])]
-            if score is not None and self.threshold is not None:
-                parts[0] = mark_peak(heat, full_map, seen)
-                text = (f"score {score:.4g}, threshold {self.threshold:.4g}: "
-                        f"{decision_label(rejected)}. "
-                        f"{hidden_reject_note(rejected, full_map, self.threshold)}")  # fmt: skip
-                parts.append(decision_caption(heat.shape[1], text, rejected))
-            written["heatmap"] = str(self.heatmaps / f"{stem}.png")
-            write_png(Path(written["heatmap"]), np.concatenate(parts, axis=0))
-        if self.masks is not None:
-            mask = (decide(full_map, self.mask_threshold) & seen).astype(np.uint8) * 255
-            written["mask"] = str(self.masks / f"{stem}.png")
-            write_png(Path(written["mask"]), mask)
-        return written
+        return full_map, inspected_region(size, self.preprocessing).numpy()
+
+    def _heatmap(self, original, full_map, seen, score, rejected) -> np.ndarray:
+        image = original.permute(1, 2, 0).numpy()
+        heat = grey_out(blend_heatmap(image, full_map, self.colour_range), image, seen)
+        parts = [heat, colour_bar_rgb(self.colour_range, self.threshold, heat.shape[1])]
+        if score is not None and self.threshold is not None:
+            parts[0] = mark_peak(heat, full_map, seen)
+            text = (f"score {score:.4g}, threshold {self.threshold:.4g}: "
+                    f"{decision_label(rejected)}. "
+                    f"{hidden_reject_note(rejected, full_map, self.threshold)}")  # fmt: skip
+            parts.append(decision_caption(heat.shape[1], text, rejected))
+        return np.concatenate(parts, axis=0)
 
 
 # ---------------------------------------------------------------------- running
@@ -384,7 +410,18 @@ class Scorer:
     size_problem: Callable[[tuple[int, int], str], str] | None = None
 
 
-def load_scoring_models(options: PredictOptions) -> list[PatchCore]:
+class ScorerSource(Protocol):
+    """What loading a scorer reads from a job: `PredictOptions`, or one category of
+    `patchcore-serve` (`patchcore.apps.serve.ServedModel`)."""
+
+    model_dir: Path
+    runtime: str | None
+    device: torch.device
+    search: SearchConfig
+    threshold: float | None
+
+
+def load_scoring_models(options: ScorerSource) -> list[PatchCore]:
     """The model (or ensemble members) of MODEL_DIR; an ensemble's members must carry their
     normal-image statistics, the scale its scores are combined on."""
     models = load_models(options.model_dir, options.device, options.search)
@@ -403,7 +440,7 @@ def saved_decision_statistics(models: list[PatchCore], model_dir: Path) -> Norma
     return decision_statistics(models, load_ensemble_statistics(model_dir))
 
 
-def folder_scorer(options: PredictOptions) -> Scorer:
+def folder_scorer(options: ScorerSource) -> Scorer:
     """A saved model folder (or ensemble) scored by this library in torch."""
     models = load_scoring_models(options)
 
@@ -459,7 +496,7 @@ def _exported_file_in(folder: Path, runtime: str) -> Path:
     )
 
 
-def load_scorer(options: PredictOptions) -> Scorer:
+def load_scorer(options: ScorerSource) -> Scorer:
     """The scorer of MODEL and --runtime (see the module docstring)."""
     path = Path(options.model_dir)
     runtime = options.runtime
@@ -478,7 +515,7 @@ def load_scorer(options: PredictOptions) -> Scorer:
     return exported_scorer(model)
 
 
-def decision_threshold(scorer: Scorer, options: PredictOptions) -> float:
+def decision_threshold(scorer: Scorer, options: ScorerSource) -> float:
     """--threshold, else the model's saved threshold; an error naming both when neither."""
     if options.threshold is not None:
         return options.threshold
@@ -529,21 +566,30 @@ def _same_size_groups(items: list[LoadedImage]) -> list[list[LoadedImage]]:
     return list(groups.values())
 
 
-def _size_problem(job: _Job, item: LoadedImage) -> str:
-    """Why the scorer cannot take this image's size ('' when it can)."""
-    if job.scorer.size_problem is None:
+def size_problem(scorer: Scorer, path: Path | str, image: torch.Tensor) -> str:
+    """Why the scorer cannot take the input `image` [3, H, W] of `path` ('' when it can)."""
+    if scorer.size_problem is None:
         return ""
-    return job.scorer.size_problem(tuple(item.image.shape[-2:]), str(job.paths[item.index]))
+    return scorer.size_problem(tuple(image.shape[-2:]), str(path))
 
 
-def _record(job: _Job, index: int, **values) -> dict:
-    """One results row: the input, the decision and the model that made it."""
-    return {
-        "path": str(job.paths[index]), "score": None, "threshold": job.threshold,
-        "decision": ERROR, "heatmap": "", "mask": "", "error": "",
-        "model_id": job.scorer.identity, "model_format": job.scorer.model_format,
+def decision_fields(scorer: Scorer, threshold: float, score: float | None) -> dict:
+    """The decision part of a results row, shared by predict and `patchcore-serve`: the
+    score (None: not scored), the threshold, the decision (`decide`: above the threshold or
+    not finite is a reject; no score is `error`) and the model that made it."""
+    decision = ERROR if score is None else decision_label(bool(decide(score, threshold)))
+    return {"score": score, "threshold": threshold, "decision": decision,
+            "model_id": scorer.identity, "model_format": scorer.model_format}  # fmt: skip
+
+
+def _record(job: _Job, index: int, score: float | None = None, **values) -> dict:
+    """One results row (in COLUMNS order): the input, the decision and the model that made it."""
+    row = {
+        "path": str(job.paths[index]), "heatmap": "", "mask": "", "error": "",
+        **decision_fields(job.scorer, job.threshold, score),
         "inspection": ground_truth_note(job.paths[index], job.scorer.preprocessing), **values,
     }  # fmt: skip
+    return {column: row[column] for column in COLUMNS}
 
 
 def _score_batch(job: _Job, batch: list[LoadedImage], writer: ResultWriter) -> tuple[int, int]:
@@ -552,7 +598,11 @@ def _score_batch(job: _Job, batch: list[LoadedImage], writer: ResultWriter) -> t
     returns (scored, rejected)."""
     scorable, records = [], {}
     for item in batch:
-        problem = item.error if item.image is None else _size_problem(job, item)
+        problem = (
+            item.error
+            if item.image is None
+            else size_problem(job.scorer, job.paths[item.index], item.image)
+        )
         if problem:
             LOGGER.warning("Cannot score %s", problem)
             records[item.index] = _record(job, item.index, error=problem)
@@ -568,14 +618,29 @@ def _score_batch(job: _Job, batch: list[LoadedImage], writer: ResultWriter) -> t
             if job.draw:
                 written = job.images.write(item.original, model_map, job.stems[item.index],
                                            float(score), is_rejected)  # fmt: skip
-            records[item.index] = _record(
-                job, item.index, score=float(score), decision=decision_label(is_rejected),
-                **written,
-            )  # fmt: skip
+            records[item.index] = _record(job, item.index, score=float(score), **written)
         scored += len(group)
     for index in sorted(records):
         writer.write(records[index])
     return scored, rejected
+
+
+def image_outputs(
+    scorer: Scorer, threshold: float, heatmaps: Path | None = None, masks: Path | None = None,
+    mask_threshold: float | None = None,
+) -> ImageOutputs:  # fmt: skip
+    """How heat maps and masks of `scorer`'s images are drawn: on the model's colour scale,
+    the decision threshold marked (masks at `mask_threshold`, default the threshold)."""
+    statistics = scorer.statistics
+    return ImageOutputs(
+        heatmaps,
+        masks,
+        threshold if mask_threshold is None else mask_threshold,
+        colour_range(statistics.threshold if statistics else threshold, statistics),
+        scorer.preprocessing,
+        threshold,
+        maps_on_input_frame=scorer.whole_images,
+    )
 
 
 def run_prediction(options: PredictOptions) -> PredictionSummary:
@@ -585,17 +650,9 @@ def run_prediction(options: PredictOptions) -> PredictionSummary:
             check_writable(folder)
     paths = resolve_inputs(options.inputs)
     scorer = load_scorer(options)
-    statistics = scorer.statistics
     threshold = decision_threshold(scorer, options)
-    images = ImageOutputs(
-        options.heatmaps,
-        options.masks,
-        threshold if options.mask_threshold is None else options.mask_threshold,
-        colour_range(statistics.threshold if statistics else threshold, statistics),
-        scorer.preprocessing,
-        threshold,
-        maps_on_input_frame=scorer.whole_images,
-    )
+    images = image_outputs(scorer, threshold, options.heatmaps, options.masks,
+                           options.mask_threshold)  # fmt: skip
     job = _Job(scorer, threshold, paths, output_stems(paths), images, options.keeps_originals)
     scored = rejected = 0
     loader = _loader(paths, None if scorer.whole_images else scorer.preprocessing, options)

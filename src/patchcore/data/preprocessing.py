@@ -42,6 +42,7 @@ therefore the same tensor, bit for bit, whichever path made it (`tests/test_prep
 from __future__ import annotations
 
 import functools
+import io
 import logging
 import math
 from dataclasses import dataclass
@@ -104,6 +105,14 @@ def open_image(path: Path, mode: str = "RGB") -> Image.Image:
     return _decoded(path, lambda image: _eight_bit(path, image).convert(mode))
 
 
+def decode_image(data: bytes, name: str, mode: str = "RGB") -> Image.Image:
+    """`open_image` of an image file's bytes (an upload to `patchcore-serve`): the same size
+    checks and 8-bit rule; errors name the image as `name`."""
+    return _decoded(
+        Path(name), lambda image: _eight_bit(Path(name), image).convert(mode), io.BytesIO(data)
+    )
+
+
 def image_header_problem(size: tuple[int, int]) -> str | None:
     """What is wrong with an image of (width, height) `size`, read from its header: more
     pixels than an image may decode to, or sides more than MAX_ASPECT_RATIO times apart (see
@@ -119,11 +128,12 @@ def image_header_problem(size: tuple[int, int]) -> str | None:
     return None
 
 
-def _decoded(path: Path, convert) -> Image.Image:
-    """`convert` of the fully decoded image file `path`, its size checked from the header
-    before decoding (`image_header_problem`); a DataError names the file."""
+def _decoded(path: Path, convert, source: io.BytesIO | None = None) -> Image.Image:
+    """`convert` of the fully decoded image file `path` (or of the file's bytes in `source`),
+    its size checked from the header before decoding (`image_header_problem`); a DataError
+    names the file."""
     try:
-        with Image.open(path) as image:
+        with Image.open(path if source is None else source) as image:
             problem = image_header_problem(image.size)
             if problem is None:
                 image.load()
