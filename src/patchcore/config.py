@@ -74,8 +74,8 @@ def default_loader_workers(cores: int | None = None) -> int:
     """Image-decoding worker processes when --num_workers is not given: half the usable
     cores (`usable_cores`), at most MAX_DEFAULT_LOADER_WORKERS, none on one core. The
     backbone's torch threads take the other cores; more workers than that would only take
-    turns with them (on 2 cores: one worker, which keeps up with the backbone on images up
-    to about 1 megapixel, docs/explanations/performance-inference.md)."""
+    turns with them, and every parallel torch operation then waits for a descheduled thread
+    (on 2 cores: one worker; docs/explanations/performance-inference.md)."""
     cores = usable_cores() if cores is None else cores
     return min(MAX_DEFAULT_LOADER_WORKERS, cores // 2)
 

@@ -9,7 +9,7 @@ The spill's writes (a few milliseconds per 224 px image into the page cache) run
 thread beside the backbone, which releases the interpreter while it computes; at most
 SPILL_QUEUE_BATCHES appended batches wait for it, so resident memory stays bounded. The
 file holds the same bytes in the same order either way (`background=False` writes on the
-calling thread); a write's failure is raised by the next append, gather or close.
+calling thread); a write's failure is raised by the next append or gather.
 """
 
 from __future__ import annotations
