@@ -31,10 +31,11 @@ def test_other_configurations_are_validated_once_on_construction():
         DatasetConfig("kolektor", "/data", ("bottle",))
 
 
-def test_loader_workers_default_to_half_the_cores_so_a_two_core_machine_starts_one():
+def test_loader_workers_leave_the_cores_to_the_backbone_on_a_small_machine():
     from patchcore.config import MAX_DEFAULT_LOADER_WORKERS, default_loader_workers, usable_cores
 
-    assert [default_loader_workers(cores) for cores in (1, 2, 3, 4, 8, 64)] == [0, 1, 1, 2, 4, 4]
+    counts = [default_loader_workers(cores) for cores in (1, 2, 3, 4, 6, 8, 10, 64)]
+    assert counts == [0, 0, 0, 1, 2, 3, 4, 4]
     assert MAX_DEFAULT_LOADER_WORKERS == 4
     expected = default_loader_workers(usable_cores())
     assert DatasetConfig("mvtec", "data", ("a",)).num_workers == expected

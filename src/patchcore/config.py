@@ -71,13 +71,14 @@ def usable_cores() -> int:
 
 
 def default_loader_workers(cores: int | None = None) -> int:
-    """Image-decoding worker processes when --num_workers is not given: half the usable
-    cores (`usable_cores`), at most MAX_DEFAULT_LOADER_WORKERS, none on one core. The
-    backbone's torch threads take the other cores; more workers than that would only take
-    turns with them, and every parallel torch operation then waits for a descheduled thread
-    (on 2 cores: one worker; docs/explanations/performance-inference.md)."""
+    """Image-decoding worker processes when --num_workers is not given: one less than half
+    the usable cores (`usable_cores`), at most MAX_DEFAULT_LOADER_WORKERS; none below 4
+    cores. The backbone's torch threads use every core, so a worker takes turns with them
+    and every parallel torch operation may wait for a descheduled thread: on 2 cores, fitting
+    extracted fastest with no worker (18.5 ms per image against 22.8 with one and 28.4
+    with two, docs/explanations/performance-inference.md)."""
     cores = usable_cores() if cores is None else cores
-    return min(MAX_DEFAULT_LOADER_WORKERS, cores // 2)
+    return min(MAX_DEFAULT_LOADER_WORKERS, max(0, cores // 2 - 1))
 
 
 def check_loader_settings(batch_size: int, num_workers: int) -> None:

@@ -32,7 +32,7 @@ from patchcore.config import RUNTIMES, SEARCH_BACKENDS, default_loader_workers
 @click.option("--batch_size", type=int, default=8, show_default=True,
               help="Images per forward pass.")
 @click.option("--num_workers", type=int, default=default_loader_workers(), show_default=True,
-              help="Image-decoding processes (default: half the CPU cores, at most 4).")
+              help="Image-decoding processes (default: half the CPU cores less one, at most 4).")
 @click.option("--nn_backend", type=click.Choice(SEARCH_BACKENDS), default="rerank",
               show_default=True,
               help="Exact nearest-neighbour search: bfloat16 pass with float32 re-ranking "

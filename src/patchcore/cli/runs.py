@@ -274,7 +274,7 @@ def _dataset_command(group: click.Group, training: bool) -> click.Command:
         click.option("--batch_size", default=2 if training else 1, type=int, show_default=True,
                      help="Images per forward pass."),
         click.option("--num_workers", default=DEFAULT_NUM_WORKERS, type=int, show_default=True,
-                     help="Image-loading processes (default: half the CPU cores, at most 4)."),
+                     help="Image-loading processes (default: half the CPU cores less one, at most 4)."),
         click.option("--resize", default=None, type=int,
                      help="Shorter side is resized to this [256; evaluation: the model's]."),
         click.option("--imagesize", default=None, type=int,

@@ -32,7 +32,7 @@ from patchcore.config import BANK_STORAGES, default_loader_workers
 @click.option("--batch_size", type=int, default=4, show_default=True,
               help="Images per forward pass.")
 @click.option("--num_workers", type=int, default=default_loader_workers(), show_default=True,
-              help="Image-decoding processes (default: half the CPU cores, at most 4).")
+              help="Image-decoding processes (default: half the CPU cores less one, at most 4).")
 @click.option("--faiss_num_workers", type=int, default=4, show_default=True,
               help="Threads FAISS searches with.")
 @click.option("--bank_storage", type=click.Choice(BANK_STORAGES), default="memory",
