@@ -15,8 +15,8 @@ threads as configured): reading and decoding the file with the resize and crop
 coreset, and the write to the spill file (`SpilledFeatureStore` on the calling thread).
 
 Table 2, fitting as it runs: the extraction part of `PatchCore.fit` (`fit_seconds`) over a
-loader in batches of 2 with `--workers` decoding processes, the spill on its writer thread
-(and once on the calling thread, `spill`: `inline`), per image; beside it the backbone's
+loader in batches of 2 with `--workers` decoding processes, the spill on a writer thread
+(`spill`: `thread`; and once on the calling thread, `inline`), per image; beside it the backbone's
 own forward time per image at the same batch size (FIT_IMAGES_AT_ONCE images per call) on
 the same images decoded beforehand, measured in the same process right before, and the
 ratio of the two (`fit / backbone`: what extraction costs beyond the network itself).
@@ -136,8 +136,9 @@ def pipeline(root: Path, category: str, backbone: str, crop: str, count: int, wo
     model = PatchCore(config)
     forward = backbone_seconds(model, dataset)
     store_for = patchcore_module.feature_store_for
-    if inline_spill:  # the spill on the calling thread, as before the writer thread
-        patchcore_module.feature_store_for = lambda device: SpilledFeatureStore(background=False)
+    # the spill on the calling thread or on the writer thread, whichever the default is here
+    patchcore_module.feature_store_for = lambda device: SpilledFeatureStore(
+        background=not inline_spill)
     try:
         model.fit(loader)
     finally:

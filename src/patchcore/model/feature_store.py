@@ -5,8 +5,9 @@ the CPU the features are spilled to an anonymous temporary file as they are extr
 only the selected rows are read back: resident memory stays independent of the training
 set's size, and the values are bit-identical. On a GPU they stay in device memory.
 
-The spill's writes (a few milliseconds per 224 px image into the page cache) run on a writer
-thread beside the backbone, which releases the interpreter while it computes; at most
+The spill's writes (a few milliseconds per 224 px image into the page cache) can run on a
+writer thread beside the backbone, which releases the interpreter while it computes
+(`feature_store_for` chooses it where a core is free for it); at most
 SPILL_QUEUE_BATCHES appended batches wait for it, so resident memory stays bounded. The
 file holds the same bytes in the same order either way (`background=False` writes on the
 calling thread); a write's failure is raised by the next append or gather.
@@ -22,6 +23,7 @@ import threading
 import numpy as np
 import torch
 
+from patchcore.config import usable_cores
 from patchcore.errors import OutputError
 
 SPILL_QUEUE_BATCHES = 4  # appended batches that may wait for the writer thread
@@ -169,5 +171,10 @@ class SpilledFeatureStore:
 
 
 def feature_store_for(device: torch.device) -> InMemoryFeatureStore | SpilledFeatureStore:
-    """A spilling store on the CPU, an in-memory one on accelerators."""
-    return SpilledFeatureStore() if device.type == "cpu" else InMemoryFeatureStore()
+    """A spilling store on the CPU, an in-memory one on accelerators. The spill writes on a
+    writer thread only where a core is left beside torch's threads: on 2 cores with 2 torch
+    threads a third busy thread made every parallel torch operation wait for it (fitting's
+    extraction 25.4 -> 39.4 ms per image, docs/explanations/performance-inference.md)."""
+    if device.type != "cpu":
+        return InMemoryFeatureStore()
+    return SpilledFeatureStore(background=usable_cores() > torch.get_num_threads())
