@@ -3,7 +3,8 @@ import urllib.error
 import pytest
 import torch
 
-from patchcore.config import split_seeded_name
+from conftest import small_config
+from patchcore.config import PreprocessingConfig, SearchConfig, split_seeded_name
 from patchcore.errors import BackboneError, ConfigurationError
 from patchcore.model.backbones import (
     EFFICIENTNET_LITE_MEAN,
@@ -11,6 +12,7 @@ from patchcore.model.backbones import (
     load_backbone,
 )
 from patchcore.model.features import FeatureExtractor
+from patchcore.model.patchcore import PatchCore
 
 
 def test_reference_names_map_to_torchvision_architectures():
@@ -102,3 +104,35 @@ def test_seeded_backbone_names():
     assert split_seeded_name("resnet18") == ("resnet18", None)
     with pytest.raises(ConfigurationError, match="must be an integer"):
         split_seeded_name("resnet18.seed-x")
+
+
+@pytest.mark.parametrize("runtime", ["torchscript", "openvino"])
+def test_other_backbone_runtimes_score_like_eager_torch_within_rounding(runtime, random_images):
+    """A model whose backbone runs in TorchScript (oneDNN fusion) or OpenVINO (f32) gives
+    the eager model's scores within 1e-5 relative, for a batch of 1 and of several, images
+    of two sizes, and its maps within 1e-5 of their largest value."""
+    if runtime == "openvino":
+        pytest.importorskip("openvino")
+    config = small_config(preprocessing=PreprocessingConfig(resize=72, crop="none"))
+    eager = PatchCore(config, search=SearchConfig("torch"))
+    eager.fit([random_images])
+    other = PatchCore(config, search=SearchConfig("torch", backbone_runtime=runtime))
+    other.set_memory_bank(eager.memory_bank)
+    wide = torch.rand(2, 3, 64, 96, generator=torch.Generator().manual_seed(2))
+    for images in (random_images[:1], random_images, wide):
+        expected, got = eager.predict(images), other.predict(images)
+        torch.testing.assert_close(got.scores, expected.scores, rtol=1e-5, atol=0.0)
+        scale = float(expected.maps.abs().max())
+        torch.testing.assert_close(got.maps, expected.maps, rtol=0.0, atol=1e-5 * scale)
+    assert other.embedder.extractor.runtime == runtime
+
+
+def test_backbone_runtime_is_validated_and_cpu_only():
+    with pytest.raises(ConfigurationError, match="--backbone_runtime must be one of torch, "
+                                                 "torchscript, openvino, got 'tvm'"):  # fmt: skip
+        SearchConfig(backbone_runtime="tvm")
+    extractor = FeatureExtractor(load_backbone("resnet18", pretrained=False), ("layer2",))
+    extractor.mean = extractor.mean.to("meta")  # stands in for an accelerator's tensors
+    with pytest.raises(ConfigurationError, match="--backbone_runtime torchscript runs on the "
+                                                 "CPU only"):  # fmt: skip
+        extractor.use_runtime("torchscript")

@@ -29,3 +29,25 @@ def test_other_configurations_are_validated_once_on_construction():
         DatasetConfig("mvtec", "/data", ("bottle",), train_val_split=0.0)
     with pytest.raises(ConfigurationError, match="dataset must be one of mvtec, folder"):
         DatasetConfig("kolektor", "/data", ("bottle",))
+
+
+def test_loader_workers_leave_the_cores_to_the_backbone_on_a_small_machine():
+    from patchcore.config import MAX_DEFAULT_LOADER_WORKERS, default_loader_workers, usable_cores
+
+    counts = [default_loader_workers(cores) for cores in (1, 2, 3, 4, 6, 8, 10, 64)]
+    assert counts == [0, 0, 0, 1, 2, 3, 4, 4]
+    assert MAX_DEFAULT_LOADER_WORKERS == 4
+    expected = default_loader_workers(usable_cores())
+    assert DatasetConfig("mvtec", "data", ("a",)).num_workers == expected
+
+
+def test_every_command_defaults_its_loader_workers_to_the_same_rule():
+    from patchcore.cli.predict import predict_cli
+    from patchcore.cli.runs import evaluate_cli, train_cli
+    from patchcore.cli.update import update_cli
+    from patchcore.config import default_loader_workers
+
+    commands = [predict_cli, update_cli, train_cli.commands["dataset"],
+                evaluate_cli.commands["dataset"]]  # fmt: skip
+    defaults = [next(p.default for p in c.params if p.name == "num_workers") for c in commands]
+    assert defaults == [default_loader_workers()] * len(commands)

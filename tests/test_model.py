@@ -387,3 +387,34 @@ def test_fit_embeds_a_few_images_at_a_time_with_the_whole_batch_features(random_
     assert [len(part) for part in parts] == [2 * per_image, 2 * per_image, per_image]
     torch.testing.assert_close(torch.cat(parts), model.embed(random_images[:5])[0],
                                rtol=1e-5, atol=1e-6)  # fmt: skip
+
+
+def test_spilling_on_a_writer_thread_gives_the_bytes_of_spilling_in_place():
+    chunks = [torch.randn(257, 9) for _ in range(11)]  # more batches than the writer's queue
+    indices = torch.randperm(257 * 11)[:300]
+    gathered = []
+    for background in (True, False):
+        store = SpilledFeatureStore(background=background)
+        for chunk in chunks:
+            store.append(chunk)
+        gathered.append(store.gather(indices))
+        store._file.seek(0)
+        gathered.append(torch.frombuffer(bytearray(store._file.read()), dtype=torch.float32))
+        store.close()
+    assert torch.equal(gathered[0], torch.cat(chunks)[indices])
+    assert torch.equal(gathered[0], gathered[2]) and torch.equal(gathered[1], gathered[3])
+    assert torch.equal(gathered[1], torch.cat(chunks).flatten())
+
+
+def test_a_failed_background_spill_write_is_raised_on_the_callers_thread(monkeypatch):
+    from patchcore.errors import OutputError
+    from patchcore.model import feature_store
+
+    monkeypatch.setattr(feature_store.tempfile, "TemporaryFile",
+                        lambda **_: open("/dev/full", "r+b"))  # noqa: SIM115  # fmt: skip
+    store = SpilledFeatureStore(background=True)
+    with pytest.raises(OutputError, match="cannot write the temporary file"):
+        for _ in range(2 * feature_store.SPILL_QUEUE_BATCHES + 2):
+            store.append(torch.randn(4096, 16))
+        store.gather(torch.tensor([0]))
+    store.close()

@@ -360,7 +360,8 @@ def test_a_failing_optional_output_keeps_the_saved_model_and_results(
     def broken_overlays(*args, **kwargs):
         raise OutputError("overlay writer failed")
 
-    monkeypatch.setattr("patchcore.apps.runs.save_segmentation_images", broken_overlays)
+    monkeypatch.setattr("patchcore.evaluation.visualization.save_segmentation_images",
+                        broken_overlays)
     outcome = train(tmp_path, synthetic_root, SMALL_RANDOM,
                     ["--save_patchcore_model", "--save_segmentation_images"])  # fmt: skip
     assert one_error_line(outcome) == "Error: overlay writer failed"

@@ -22,6 +22,9 @@ SEARCH_BACKENDS = ("rerank", "faiss", "torch")
 # reference), "quantile" (the image_score_quantile quantile of the patch scores, numpy's
 # linear interpolation) or "top_k_mean" (the mean of the image_score_top_k largest).
 IMAGE_SCORES = ("max", "quantile", "top_k_mean")
+# What runs the backbone on the CPU (see patchcore.model.features.FeatureExtractor): eager torch
+# (the default), TorchScript frozen with oneDNN graph fusion, or OpenVINO's CPU runtime at f32.
+BACKBONE_RUNTIMES = ("torch", "torchscript", "openvino")
 INDEX_KINDS = ("exact", "ivf", "ivfpq", "hnsw")
 BANK_STORAGES = ("memory", "mmap")
 NORMALISATIONS = ("test_minmax", "normal_stats")
@@ -59,6 +62,27 @@ def check_threshold_quantile(quantile: float | None) -> None:
         quantile is None or (math.isfinite(quantile) and 0.0 <= quantile <= 1.0),
         f"--threshold_quantile must be a number in [0, 1], got {quantile}",
     )
+
+
+MAX_DEFAULT_LOADER_WORKERS = 4
+
+
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity where the system tells it)."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1
+
+
+def default_loader_workers(cores: int | None = None) -> int:
+    """Image-decoding worker processes when --num_workers is not given: one less than half
+    the usable cores (`usable_cores`), at most MAX_DEFAULT_LOADER_WORKERS; none below 4
+    cores. The backbone's torch threads use every core, so a worker takes turns with them
+    and every parallel torch operation may wait for a descheduled thread: on 2 cores, fitting
+    extracted fastest with no worker (18.5 ms per image against 22.8 with one and 28.4
+    with two, docs/explanations/performance-inference.md)."""
+    cores = usable_cores() if cores is None else cores
+    return min(MAX_DEFAULT_LOADER_WORKERS, max(0, cores // 2 - 1))
 
 
 def check_loader_settings(batch_size: int, num_workers: int) -> None:
@@ -388,6 +412,11 @@ class SearchConfig:
     bank file, or a temporary file under TMPDIR while fitting) instead of in RAM, searched
     by FAISS in blocks, so a bank larger than memory can be used. `index`, when given,
     replaces the model's saved `IndexConfig` for this run (the index is rebuilt from the bank).
+    `backbone_runtime` is what runs the backbone, also a run-time choice: `torch` (eager,
+    channels-last; the default), `torchscript` (traced, frozen, oneDNN graph fusion) or
+    `openvino` (OpenVINO's CPU runtime at f32; the `openvino` extra). Both others are CPU-only
+    and compute the same features up to float rounding (scores within 1e-5 relative,
+    docs/explanations/performance-inference.md).
     """
 
     backend: str = "rerank"
@@ -396,8 +425,14 @@ class SearchConfig:
     query_chunk_size: int = 4096
     bank_storage: str = "memory"
     index: IndexConfig | None = None
+    backbone_runtime: str = "torch"
 
     def __post_init__(self) -> None:
+        _require(
+            self.backbone_runtime in BACKBONE_RUNTIMES,
+            f"--backbone_runtime must be one of {', '.join(BACKBONE_RUNTIMES)}, "
+            f"got '{self.backbone_runtime}'",
+        )
         _require(
             self.backend in SEARCH_BACKENDS,
             f"nearest-neighbour backend must be one of {', '.join(SEARCH_BACKENDS)}, "
@@ -423,7 +458,7 @@ class DatasetConfig:
     categories: tuple[str, ...]
     train_val_split: float = 1.0
     batch_size: int = 2
-    num_workers: int = 8
+    num_workers: int = field(default_factory=default_loader_workers)
     preprocessing: PreprocessingConfig = field(default_factory=PreprocessingConfig)
     mask_rule: str = "reference"
 

@@ -74,7 +74,13 @@ import torch
 from PIL import Image
 
 from patchcore.apps.runtimes import EXPORT_FORMAT_NAME, ExportedModel, open_exported
-from patchcore.config import RUNTIMES, PreprocessingConfig, SearchConfig, check_loader_settings
+from patchcore.config import (
+    RUNTIMES,
+    PreprocessingConfig,
+    SearchConfig,
+    check_loader_settings,
+    default_loader_workers,
+)
 from patchcore.data.datasets import IMAGE_EXTENSIONS, image_files
 from patchcore.data.preprocessing import (
     check_working_size,
@@ -133,7 +139,7 @@ class PredictOptions:
     mask_threshold: float | None = None
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     batch_size: int = 8
-    num_workers: int = 4
+    num_workers: int = field(default_factory=default_loader_workers)
     search: SearchConfig = field(default_factory=SearchConfig)
     runtime: str | None = None
 

@@ -29,12 +29,10 @@ from patchcore.config import (
 from patchcore.data.datasets import list_samples, split_loader
 from patchcore.errors import ConfigurationError
 from patchcore.evaluation.ensemble import calibrate_ensemble, decision_statistics
-from patchcore.evaluation.plots import PLOTS_FOLDER, save_decision_plots
 from patchcore.evaluation.quality import inspection_coverage, record_quality, type_rows
 from patchcore.evaluation.records import write_predictions
 from patchcore.evaluation.reporting import merge_results_csv, write_results_csv
 from patchcore.evaluation.testset import TestSetResult, evaluate_models
-from patchcore.evaluation.visualization import save_segmentation_images
 from patchcore.files import check_writable, exclusive_lock_if_free, make_folder
 from patchcore.layout import RESULTS_FILE, RunLayout, new_run_folder
 from patchcore.model.calibration import (
@@ -131,6 +129,10 @@ def _write_optional_outputs(
     """Overlays and per-image predictions of one evaluated dataset, as asked. Both decide and
     colour with the statistics of the scale the scores are on (a single model's own, an
     ensemble's combined `normal_stats` scale; none on a test-set min-max scale)."""
+    # matplotlib (about 0.7 s to import) is loaded only by runs that draw
+    from patchcore.evaluation.plots import PLOTS_FOLDER, save_decision_plots
+    from patchcore.evaluation.visualization import save_segmentation_images
+
     statistics = decision_statistics(models, ensemble_statistics, output.ensemble_normalisation)
     threshold = None if statistics is None else statistics.threshold
     if output.save_predictions:

@@ -32,6 +32,7 @@ from patchcore.config import (
     SearchConfig,
     check_loader_settings,
     check_threshold_quantile,
+    default_loader_workers,
 )
 from patchcore.data.datasets import GOOD, ImageDataset, Sample, SizeGroupedBatchSampler
 from patchcore.errors import ConfigurationError, ModelFormatError
@@ -65,7 +66,7 @@ class UpdateOptions:
     threshold_quantile: float | None = None
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     batch_size: int = 4
-    num_workers: int = 2
+    num_workers: int = field(default_factory=default_loader_workers)
     search: SearchConfig = field(default_factory=SearchConfig)
 
     def __post_init__(self) -> None:

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from patchcore.config import IMAGE_SCORES, MAX_SEED, PatchCoreConfig
+from patchcore.config import BACKBONE_RUNTIMES, IMAGE_SCORES, MAX_SEED, PatchCoreConfig
 from patchcore.errors import ConfigurationError, PatchCoreError
 from patchcore.progress import disable_bars
 
@@ -183,6 +183,18 @@ def common_options(seed: SeedOption | None = None):
         return wrapper
 
     return decorate
+
+
+def backbone_runtime_option(function: Callable) -> Callable:
+    """`--backbone_runtime`, for the commands that run a model's backbone
+    (`patchcore.config.SearchConfig.backbone_runtime`)."""
+    return click.option(
+        "--backbone_runtime", type=click.Choice(BACKBONE_RUNTIMES), default="torch",
+        show_default=True,
+        help="What runs the backbone on the CPU: eager torch (torch), TorchScript with oneDNN "
+             "fusion (torchscript) or OpenVINO at f32 (openvino, the openvino extra); the "
+             "same scores up to float rounding.",
+    )(function)  # fmt: skip
 
 
 def resolve_device(gpu: tuple[int, ...], device: str | None) -> torch.device:

@@ -6,8 +6,13 @@ from pathlib import Path
 
 import click
 
-from patchcore.cli.common import common_options, run_guarded, usage_errors
-from patchcore.config import RUNTIMES, SEARCH_BACKENDS
+from patchcore.cli.common import (
+    backbone_runtime_option,
+    common_options,
+    run_guarded,
+    usage_errors,
+)
+from patchcore.config import RUNTIMES, SEARCH_BACKENDS, default_loader_workers
 
 
 @click.command()
@@ -26,12 +31,13 @@ from patchcore.config import RUNTIMES, SEARCH_BACKENDS
               help="Reject images scoring above this; default: the model's saved threshold.")
 @click.option("--batch_size", type=int, default=8, show_default=True,
               help="Images per forward pass.")
-@click.option("--num_workers", type=int, default=4, show_default=True,
-              help="Image-decoding processes.")
+@click.option("--num_workers", type=int, default=default_loader_workers(), show_default=True,
+              help="Image-decoding processes (default: half the CPU cores less one, at most 4).")
 @click.option("--nn_backend", type=click.Choice(SEARCH_BACKENDS), default="rerank",
               show_default=True,
               help="Exact nearest-neighbour search: bfloat16 pass with float32 re-ranking "
                    "(rerank), FAISS (faiss) or torch matrix products (torch).")
+@backbone_runtime_option
 @click.option("--runtime", type=click.Choice(RUNTIMES), default=None,
               help="What runs MODEL: torch (model folders, .pth; the default), onnxruntime "
                    "(.onnx) or openvino (.xml, .onnx); default: by the file's kind.")
@@ -39,7 +45,8 @@ from patchcore.config import RUNTIMES, SEARCH_BACKENDS
               help="Print MODEL's content hash, format and model card, and exit (no INPUTS).")
 @common_options()
 def predict_cli(model_dir, inputs, output, heatmaps, masks, mask_threshold, threshold,
-                batch_size, num_workers, nn_backend, runtime, describe, common):  # fmt: skip
+                batch_size, num_workers, nn_backend, backbone_runtime, runtime, describe,
+                common):  # fmt: skip
     """Score new images (INPUTS: files, folders, glob patterns) with MODEL, a saved model
     folder or a file written by patchcore-export (or that export's folder): one
     accept/reject decision per image, optional heat maps and masks. Every input gets a row;
@@ -70,7 +77,7 @@ def predict_cli(model_dir, inputs, output, heatmaps, masks, mask_threshold, thre
                 device=common.torch_device(),
                 batch_size=batch_size,
                 num_workers=num_workers,
-                search=SearchConfig(backend=nn_backend),
+                search=SearchConfig(backend=nn_backend, backbone_runtime=backbone_runtime),
                 runtime=runtime,
             )
         summary = run_prediction(options)

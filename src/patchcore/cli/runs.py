@@ -10,7 +10,6 @@ non-default values with the reason instead of silently ignoring them.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -22,6 +21,7 @@ from patchcore.cli.common import (
     CommonOptions,
     OrderHintGroup,
     SeedOption,
+    backbone_runtime_option,
     common_options,
     image_score_options,
     run_guarded,
@@ -44,6 +44,7 @@ from patchcore.config import (
     SamplerConfig,
     SearchConfig,
     default_layers,
+    default_loader_workers,
     split_seeded_name,
 )
 from patchcore.errors import ConfigurationError
@@ -51,7 +52,7 @@ from patchcore.errors import ConfigurationError
 if TYPE_CHECKING:
     from patchcore.apps.runs import PreprocessingRequest
 
-DEFAULT_NUM_WORKERS = min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+DEFAULT_NUM_WORKERS = default_loader_workers()
 
 
 RANDOM_WEIGHTS_SUFFIX = ".random"
@@ -227,6 +228,7 @@ def _output_options(function):
 
 
 def _search_options(function):
+    function = backbone_runtime_option(function)
     function = click.option(
         "--faiss_on_gpu", is_flag=True,
         help="Search with FAISS on the GPU (needs the gpu extra; falls back to the CPU).",
@@ -279,7 +281,7 @@ def _dataset_command(group: click.Group, training: bool) -> click.Command:
         click.option("--batch_size", default=2 if training else 1, type=int, show_default=True,
                      help="Images per forward pass."),
         click.option("--num_workers", default=DEFAULT_NUM_WORKERS, type=int, show_default=True,
-                     help="Image-loading processes (default: the CPU cores, at most 8)."),
+                     help="Image-loading processes (default: half the CPU cores less one, at most 4)."),
         click.option("--resize", default=None, type=int,
                      help="Shorter side is resized to this [256; evaluation: the model's]."),
         click.option("--imagesize", default=None, type=int,
@@ -446,7 +448,8 @@ def _patch_core(
     backbone_names, layers_to_extract_from, pretrain_embed_dimension, target_embed_dimension,
     preprocessing, aggregation, anomaly_scorer_num_nn, patchsize, patchscore, patchoverlap,
     patchsize_aggregate, distance, score_reweighting, random_backbone_weights,
-    backbone_statistics, image_score_config, faiss_on_gpu, faiss_num_workers, nn_backend,
+    backbone_statistics, image_score_config, backbone_runtime, faiss_on_gpu, faiss_num_workers,
+    nn_backend,
     **index_values,
 ):  # fmt: skip
     """Backbone(s), layers and patch-feature dimensions; nearest-neighbour search."""
@@ -472,7 +475,8 @@ def _patch_core(
         backbone_statistics=backbone_statistics,
         **image_score_config,
         search=SearchConfig(nn_backend, faiss_on_gpu, faiss_num_workers,
-                            bank_storage=index_values["bank_storage"]),
+                            bank_storage=index_values["bank_storage"],
+                            backbone_runtime=backbone_runtime),
         index=index_config(index_values, nn_backend),
     )
     return "patch_core", options
@@ -539,12 +543,13 @@ def _evaluate(commands, results_path, **params):
 @_search_options
 @index_options(training=False)
 @usage_errors()
-def _patch_core_loader(patch_core_paths, faiss_on_gpu, faiss_num_workers, nn_backend,
-                       **index_values):  # fmt: skip
+def _patch_core_loader(patch_core_paths, backbone_runtime, faiss_on_gpu, faiss_num_workers,
+                       nn_backend, **index_values):  # fmt: skip
     """Saved model folder(s) to evaluate; nearest-neighbour search."""
     storage = index_values["bank_storage"]
     search = SearchConfig(nn_backend, faiss_on_gpu, faiss_num_workers, bank_storage=storage,
-                          index=index_config(index_values, nn_backend))  # fmt: skip
+                          index=index_config(index_values, nn_backend),
+                          backbone_runtime=backbone_runtime)  # fmt: skip
     return "patch_core_loader", LoaderOptions(tuple(patch_core_paths), search)
 
 

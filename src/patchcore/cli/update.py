@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from patchcore.cli.common import QUANTILE, common_options, run_guarded, usage_errors
-from patchcore.config import BANK_STORAGES
+from patchcore.config import BANK_STORAGES, default_loader_workers
 
 
 @click.command()
@@ -31,8 +31,8 @@ from patchcore.config import BANK_STORAGES
               help="Quantile of the normal images' scores used as threshold [the saved one].")
 @click.option("--batch_size", type=int, default=4, show_default=True,
               help="Images per forward pass.")
-@click.option("--num_workers", type=int, default=2, show_default=True,
-              help="Image-decoding processes.")
+@click.option("--num_workers", type=int, default=default_loader_workers(), show_default=True,
+              help="Image-decoding processes (default: half the CPU cores less one, at most 4).")
 @click.option("--faiss_num_workers", type=int, default=4, show_default=True,
               help="Threads FAISS searches with.")
 @click.option("--bank_storage", type=click.Choice(BANK_STORAGES), default="memory",

@@ -4,17 +4,29 @@ Fitting needs every training feature once more only to copy out the selected row
 the CPU the features are spilled to an anonymous temporary file as they are extracted and
 only the selected rows are read back: resident memory stays independent of the training
 set's size, and the values are bit-identical. On a GPU they stay in device memory.
+
+The spill's writes (a few milliseconds per 224 px image into the page cache) can run on a
+writer thread beside the backbone, which releases the interpreter while it computes
+(`feature_store_for` chooses it where a core is free for it); at most
+SPILL_QUEUE_BATCHES appended batches wait for it, so resident memory stays bounded. The
+file holds the same bytes in the same order either way (`background=False` writes on the
+calling thread); a write's failure is raised by the next append or gather.
 """
 
 from __future__ import annotations
 
 import os
+import queue
 import tempfile
+import threading
 
 import numpy as np
 import torch
 
+from patchcore.config import usable_cores
 from patchcore.errors import OutputError
+
+SPILL_QUEUE_BATCHES = 4  # appended batches that may wait for the writer thread
 
 
 def gather_rows(chunks: list[torch.Tensor], indices: torch.Tensor) -> torch.Tensor:
@@ -53,9 +65,10 @@ class InMemoryFeatureStore:
 
 
 class SpilledFeatureStore:
-    """Writes appended float32 feature batches to an anonymous temporary file."""
+    """Writes appended float32 feature batches to an anonymous temporary file, on a writer
+    thread (`background=True`, see the module docstring) or on the calling thread."""
 
-    def __init__(self, directory: str | None = None) -> None:
+    def __init__(self, directory: str | None = None, background: bool = True) -> None:
         self._directory = directory or tempfile.gettempdir()
         try:
             # The store owns the file for its whole life and closes it in close().
@@ -66,19 +79,67 @@ class SpilledFeatureStore:
             raise self._error(error) from error
         self._rows = 0
         self._dimension: int | None = None
+        self._failure: OSError | None = None
+        self._pending: queue.Queue | None = None
+        self._writer: threading.Thread | None = None
+        if background:
+            self._pending = queue.Queue(maxsize=SPILL_QUEUE_BATCHES)
+            self._writer = threading.Thread(
+                target=self._write_pending, name="patchcore-feature-spill", daemon=True
+            )
+            self._writer.start()
 
     def __len__(self) -> int:
         return self._rows
 
     def append(self, features: torch.Tensor) -> None:
+        """Queues `features` [N, D] for the file. The store keeps a reference until the rows
+        are written: the caller must not modify the tensor afterwards (fit never does)."""
         array = features.detach().to("cpu", torch.float32).contiguous().numpy()
         if self._dimension is None:
             self._dimension = array.shape[1]
+        self._raise_failure()
+        if self._pending is None:
+            self._write(array)
+        else:
+            self._pending.put(array)  # waits while SPILL_QUEUE_BATCHES are queued
+        self._rows += len(array)
+
+    def _write(self, array: np.ndarray) -> None:
         try:
             self._file.write(array.data)
         except OSError as error:
             raise self._error(error) from error
-        self._rows += len(array)
+
+    def _write_pending(self) -> None:
+        """The writer thread: writes queued batches in order until the None that close()
+        queues; after a failure it only drains the queue (the failure is raised on the
+        caller's thread)."""
+        while True:
+            array = self._pending.get()
+            try:
+                if array is None:
+                    return
+                if self._failure is None:
+                    self._file.write(array.data)
+            except OSError as error:
+                self._failure = error
+            finally:
+                self._pending.task_done()
+
+    def _raise_failure(self) -> None:
+        if self._failure is not None:
+            raise self._error(self._failure) from self._failure
+
+    def _finish_writes(self) -> None:
+        """Waits until every appended batch is in the file, and flushes it."""
+        if self._pending is not None:
+            self._pending.join()
+        self._raise_failure()
+        try:
+            self._file.flush()
+        except OSError as error:
+            raise self._error(error) from error
 
     def _error(self, error: OSError) -> OutputError:
         return OutputError(
@@ -91,10 +152,7 @@ class SpilledFeatureStore:
 
         Rows are read one by one with pread rather than through a memory map, whose
         read-around would make much of the file resident."""
-        try:
-            self._file.flush()
-        except OSError as error:
-            raise self._error(error) from error
+        self._finish_writes()
         descriptor = self._file.fileno()
         row_bytes = self._dimension * 4
         rows = np.empty((len(indices), self._dimension), dtype=np.float32)
@@ -105,9 +163,18 @@ class SpilledFeatureStore:
         return torch.from_numpy(rows)
 
     def close(self) -> None:
+        """Stops the writer thread and deletes the file (whatever was written)."""
+        if self._writer is not None and self._writer.is_alive():
+            self._pending.put(None)
+            self._writer.join()
         self._file.close()
 
 
 def feature_store_for(device: torch.device) -> InMemoryFeatureStore | SpilledFeatureStore:
-    """A spilling store on the CPU, an in-memory one on accelerators."""
-    return SpilledFeatureStore() if device.type == "cpu" else InMemoryFeatureStore()
+    """A spilling store on the CPU, an in-memory one on accelerators. The spill writes on a
+    writer thread only where a core is left beside torch's threads: on 2 cores with 2 torch
+    threads a third busy thread made every parallel torch operation wait for it (fitting's
+    extraction 25.4 -> 39.4 ms per image, docs/explanations/performance-inference.md)."""
+    if device.type != "cpu":
+        return InMemoryFeatureStore()
+    return SpilledFeatureStore(background=usable_cores() > torch.get_num_threads())

@@ -2,6 +2,9 @@
 
 `FeatureExtractor` traces the backbone into a graph that ends at the deepest requested
 layer, so the forward pass computes nothing past it (no hooks, no exceptions to stop early).
+Eager torch runs that graph by default; `FeatureExtractor.use_runtime` hands it to another
+CPU runtime instead (`CompiledBackbone`: TorchScript with oneDNN graph fusion, or OpenVINO),
+which computes the same maps up to float rounding.
 
 `PatchFeatureAggregator` builds the locally aware patch features of the PatchCore paper and
 the reference implementation. For each layer: every position's p x p neighbourhood (zero
@@ -22,8 +25,10 @@ image that the reference's `PatchCore.load` makes before any feature is taken).
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import math
+import threading
 import warnings
 from dataclasses import dataclass, replace
 
@@ -33,7 +38,7 @@ from torch.fx.experimental.symbolic_shapes import guard_or_true
 from torchvision.models.feature_extraction import create_feature_extractor
 
 from patchcore.config import PatchCoreConfig
-from patchcore.errors import BackboneError, DataError
+from patchcore.errors import BackboneError, ConfigurationError, DataError, missing_dependency
 from patchcore.model.backbones import Backbone, load_backbone
 
 
@@ -60,6 +65,8 @@ class FeatureExtractor(torch.nn.Module):
         # layouts (EfficientNet-Lite0 extraction about 1.25x faster on CPU, docs/explanations/performance.md);
         # the same arithmetic up to float rounding.
         self.use_memory_format(torch.channels_last)
+        self.runtime = "torch"
+        self._compiled: CompiledBackbone | None = None
 
     def reproduce_reference_statistics(self, image_size: tuple[int, int]) -> None:
         """The reference implementation's statistics pass, which moves the backbone's
@@ -93,6 +100,21 @@ class FeatureExtractor(torch.nn.Module):
         is torch's default NCHW, the reference's)."""
         self.memory_format = memory_format
         self.graph.to(memory_format=memory_format)
+        self._compiled = None
+
+    def use_runtime(self, runtime: str) -> None:
+        """Runs the backbone with `runtime` (`patchcore.config.BACKBONE_RUNTIMES`) from the
+        next call on. A compiled form is built at that call from the weights and statistics
+        as they then are (after the reference's statistics pass), CPU only."""
+        if runtime != "torch" and self.mean.device.type != "cpu":
+            raise ConfigurationError(
+                f"--backbone_runtime {runtime} runs on the CPU only; use --backbone_runtime "
+                f"torch on {self.mean.device}"
+            )
+        if runtime == "openvino" and importlib.util.find_spec("openvino") is None:
+            raise missing_dependency("--backbone_runtime openvino", "openvino", "openvino")
+        self.runtime = runtime
+        self._compiled = None
 
     def train(self, mode: bool = True) -> FeatureExtractor:
         """The backbone stays frozen in eval mode whatever the caller asks."""
@@ -101,8 +123,89 @@ class FeatureExtractor(torch.nn.Module):
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
         """images: [B, 3, H, W] in [0, 1] -> one [B, C_i, H_i, W_i] map per layer, in order."""
         normalised = ((images - self.mean) / self.std).contiguous(memory_format=self.memory_format)
-        outputs = self.graph(normalised)
-        return [outputs[layer] for layer in self.layers]
+        if self.runtime == "torch":
+            outputs = self.graph(normalised)
+            return [outputs[layer] for layer in self.layers]
+        if self._compiled is None:
+            self._compiled = CompiledBackbone(self.runtime, LayerMaps(self.graph, self.layers),
+                                              normalised)  # fmt: skip
+        return self._compiled(normalised)
+
+
+class LayerMaps(torch.nn.Module):
+    """A feature-extraction graph's eval-mode pass with its layers' maps as a tuple, in the
+    layers' order (what tracers and converters take). torchvision's extractor holds a
+    training and an eval graph; the eval one becomes a plain GraphModule of its own (sharing
+    the submodules), which `torch.export` can follow."""
+
+    def __init__(self, graph: torch.nn.Module, layers: tuple[str, ...]) -> None:
+        super().__init__()
+        eval_graph = getattr(graph, "eval_graph", None)
+        # not named `graph`: an exported program's module has a `graph` attribute of its own
+        self.network = graph if eval_graph is None else torch.fx.GraphModule(graph, eval_graph)
+        self.layers = layers
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        outputs = self.network(images)
+        return tuple(outputs[layer] for layer in self.layers)
+
+
+class CompiledBackbone:
+    """`LayerMaps` compiled for a CPU runtime, once per input image size (each built from a
+    plain example of that size, the inputs' layout and a batch of 2; a plain object, so that
+    it never enters a module's state dict); calls are serialised:
+
+    - `torchscript`: traced, frozen (BatchNorm folded into the convolutions, weights
+      constant) and run with oneDNN graph fusion (`torch.jit.enable_onednn_fusion`, a
+      process-wide switch that affects TorchScript graphs only); under a second to build.
+    - `openvino`: exported (`torch.export`, dynamic batch), converted by
+      `openvino.convert_model` and compiled for the CPU at `precision` (f32: the same maps up
+      to float rounding) with torch's thread count; a few seconds to build.
+    """
+
+    def __init__(self, runtime: str, module: LayerMaps, example: torch.Tensor,
+                 precision: str = "f32") -> None:  # fmt: skip
+        self.runtime = runtime
+        self.precision = precision
+        self.module = module.eval()
+        self.memory_format = (torch.channels_last if example.is_contiguous(
+            memory_format=torch.channels_last) else torch.contiguous_format)  # fmt: skip
+        self._built: dict[tuple[int, int], object] = {}
+        self._lock = threading.Lock()
+
+    def __call__(self, images: torch.Tensor) -> list[torch.Tensor]:
+        size = (int(images.shape[-2]), int(images.shape[-1]))
+        with self._lock:
+            if size not in self._built:
+                self._built[size] = self._build(images)
+            return self._built[size](images)
+
+    def _build(self, images: torch.Tensor):
+        example = torch.zeros(2, *images.shape[1:]).contiguous(memory_format=self.memory_format)
+        with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the tracers' deprecation and layout notices
+            if self.runtime == "torchscript":
+                torch.jit.enable_onednn_fusion(True)
+                traced = torch.jit.freeze(torch.jit.trace(self.module, example))
+                return lambda batch: list(traced(batch))
+            import openvino
+
+            batch = torch.export.Dim("batch", min=1)
+            program = torch.export.export(self.module, (example,),
+                                          dynamic_shapes={"images": {0: batch}})  # fmt: skip
+            model = openvino.convert_model(program)
+        compiled = openvino.Core().compile_model(
+            model, "CPU",
+            {"INFERENCE_PRECISION_HINT": self.precision,
+             "INFERENCE_NUM_THREADS": torch.get_num_threads()},
+        )  # fmt: skip
+        request = compiled.create_infer_request()
+
+        def run(batch: torch.Tensor) -> list[torch.Tensor]:
+            results = request.infer({0: batch.contiguous().numpy()})
+            return [torch.from_numpy(results[output].copy()) for output in compiled.outputs]
+
+        return run
 
 
 def _end_at_last_layer(graph: torch.fx.Graph, layers: tuple[str, ...]) -> None:

@@ -149,6 +149,9 @@ class PatchCore:
         self.embedder = build_embedder(config).to(self.device)
         self.layer_shapes = probe_layer_shapes(self.embedder, self.device)
         check_against_backbone(config, self.layer_shapes)
+        self.embedder.extractor.use_runtime(search.backbone_runtime)
+        if search.backbone_runtime != "torch":
+            LOGGER.info("The backbone runs in %s (--backbone_runtime)", search.backbone_runtime)
         self.index = build_bank_index(config.index, search, self.device)
         self.memory_bank: torch.Tensor | None = None
         self.normal_statistics: NormalStatistics | None = None
