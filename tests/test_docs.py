@@ -8,7 +8,8 @@
 
   where NAME is one of `SETUPS` below (`my_parts`: a small synthetic category in the folder
   layout at `my_parts/widget`; `exported`: a small calibrated model exported as
-  `weights/bottle.pth` and `deploy/bottle.onnx`). Blocks without the comment get an empty
+  `weights/bottle.pth` and `deploy/bottle.onnx`; `any_size`: a small whole-image model
+  exported for any input size as `deploy/magnetic_tile.onnx`). Blocks without the comment get an empty
   folder. There is no way to skip a block, except that one importing `onnxruntime` or
   `openvino` is skipped where the `export`/`openvino` extra is not installed: an example
   that cannot run does not belong in the docs.
@@ -140,7 +141,34 @@ def _setup_exported(folder: Path) -> None:
         assert outcome.exit_code == 0, outcome.output
 
 
-SETUPS = {"my_parts": _setup_my_parts, "exported": _setup_exported}
+def _setup_any_size(folder: Path) -> None:
+    """A small random-weight whole-image model (`--crop none`), calibrated and exported by
+    `patchcore-export` for any input size as `deploy/magnetic_tile.onnx` (when ONNX Runtime
+    is installed)."""
+    import torch
+    from click.testing import CliRunner
+    from tests.conftest import small_config
+
+    from patchcore import PatchCore, save_models
+    from patchcore.cli.export import export_deployment_cli
+    from patchcore.config import PreprocessingConfig
+
+    model = PatchCore(small_config(preprocessing=PreprocessingConfig(72, 64, crop="none")))
+    images = torch.rand(4, 3, 72, 96, generator=torch.Generator().manual_seed(0))
+    model.fit([images[:3]])
+    model.calibrate([images[3:]])
+    save_models(folder / "models" / "magnetic_tile", [model])
+    if importlib.util.find_spec("onnxruntime") and importlib.util.find_spec("onnxscript"):
+        outcome = CliRunner().invoke(
+            export_deployment_cli,
+            [str(folder / "models" / "magnetic_tile"), "-o", str(folder / "deploy"),
+             "--format", "onnx"],
+        )  # fmt: skip
+        assert outcome.exit_code == 0, outcome.output
+
+
+SETUPS = {"my_parts": _setup_my_parts, "exported": _setup_exported,
+          "any_size": _setup_any_size}  # fmt: skip
 
 
 def _needs(block: Block) -> None:
