@@ -33,7 +33,7 @@ def demo_arguments(results: Path, data: Path, common: CommonOptions) -> list[str
         "--pretrain_embed_dimension", "1024", "--target_embed_dimension", "1024",
         "--anomaly_scorer_num_nn", "1", "--patchsize", "3",
         "sampler", "-p", "0.1", "approx_greedy_coreset",
-        "dataset", "--resize", "256", "--imagesize", "224", "--train_val_split", "0.9",
+        "dataset", "--resize", "256", "--imagesize", "224",
         *categories, "mvtec", str(data),
     ]  # fmt: skip
 
