@@ -15,9 +15,10 @@ layer; aggregation, search and maps stay the library's) on `--test-images` test 
   the first call of each shape compiles (the `build s` column);
 - `jit-onednn` (`--backbone_runtime torchscript`): `torch.jit.trace` + `torch.jit.freeze`
   with `torch.jit.enable_onednn_fusion` (oneDNN graph fusion), channels-last inputs;
-- `openvino` (`--backbone_runtime openvino`): the backbone part converted in process
-  (`torch.export` with a dynamic batch, then `openvino.convert_model` of the exported program) and compiled for the CPU at f32 precision
-  (`INFERENCE_PRECISION_HINT=f32`), torch's thread count;
+- `openvino`: the backbone part converted in process (`torch.export` with a dynamic batch,
+  then `openvino.convert_model` of the exported program) and compiled for the CPU at f32
+  precision (`INFERENCE_PRECISION_HINT=f32`), torch's thread count; measured only, not a
+  `--backbone_runtime` (see `patchcore.model.features.CompiledBackbone`);
 - `openvino-bf16` (where the CPU has bfloat16 instructions): the same at bf16 precision.
 
 Per runtime: build (conversion/compilation) seconds, the backbone's forward ms per image at
@@ -45,7 +46,7 @@ import torch
 from patchcore.cli.common import CommonOptions, configure_process
 from patchcore.config import PatchCoreConfig, PreprocessingConfig, SamplerConfig, default_layers
 from patchcore.data.datasets import ImageDataset, list_samples
-from patchcore.model.features import CompiledBackbone, FeatureExtractor, LayerMaps
+from patchcore.model.features import FeatureExtractor, LayerMaps
 from patchcore.model.patchcore import FIT_IMAGES_AT_ONCE, PatchCore
 
 RUNTIMES = ("eager-nchw", "eager-cl", "compile", "jit-onednn", "openvino", "openvino-bf16")
@@ -71,7 +72,39 @@ class _Runner(torch.nn.Module):
         return self.runner(images)
 
 
-LIBRARY_RUNTIMES = {"jit-onednn": "torchscript", "openvino": "openvino"}  # --backbone_runtime
+LIBRARY_RUNTIMES = {"jit-onednn": "torchscript"}  # --backbone_runtime
+
+
+def openvino_backbone(extractor: FeatureExtractor, precision: str):
+    """The extractor's backbone part (normalisation included) compiled by OpenVINO's CPU
+    runtime at `precision`, for inputs of any batch and the size of its first call."""
+    import openvino
+
+    extractor.use_memory_format(torch.contiguous_format)
+    module = LayerMaps(extractor.graph, extractor.layers).eval()
+    built: dict[tuple[int, ...], object] = {}
+
+    def build(shape: tuple[int, ...]):
+        example = torch.zeros(2, *shape[1:])
+        with torch.no_grad():
+            program = torch.export.export(module, (example,), dynamic_shapes={
+                "images": {0: torch.export.Dim("batch", min=1)}})  # fmt: skip
+        compiled = openvino.Core().compile_model(
+            openvino.convert_model(program), "CPU",
+            {"INFERENCE_PRECISION_HINT": precision,
+             "INFERENCE_NUM_THREADS": torch.get_num_threads()},
+        )  # fmt: skip
+        return compiled, compiled.create_infer_request()
+
+    def run(images: torch.Tensor) -> list[torch.Tensor]:
+        shape = tuple(images.shape)
+        if shape[1:] not in built:
+            built[shape[1:]] = build(shape)
+        compiled, request = built[shape[1:]]
+        results = request.infer({0: ((images - extractor.mean) / extractor.std).numpy()})
+        return [torch.from_numpy(results[output].copy()) for output in compiled.outputs]
+
+    return run
 
 
 def build_runtime(name: str, extractor: FeatureExtractor):
@@ -87,15 +120,8 @@ def build_runtime(name: str, extractor: FeatureExtractor):
     if name == "compile":
         compiled = torch.compile(extractor, dynamic=False)
         return lambda images: list(compiled(images))
-    if name == "openvino-bf16":  # not offered: see the table's differences
-        extractor.use_memory_format(torch.contiguous_format)
-        compiled = CompiledBackbone("openvino", LayerMaps(extractor.graph, extractor.layers),
-                                    torch.zeros(1, 3, 8, 8), precision="bf16")  # fmt: skip
-
-        def run(images: torch.Tensor) -> list[torch.Tensor]:
-            return compiled((images - extractor.mean) / extractor.std)
-
-        return run
+    if name in ("openvino", "openvino-bf16"):  # measured, not offered
+        return openvino_backbone(extractor, "bf16" if name == "openvino-bf16" else "f32")
     raise ValueError(name)
 
 

@@ -191,9 +191,8 @@ def backbone_runtime_option(function: Callable) -> Callable:
     return click.option(
         "--backbone_runtime", type=click.Choice(BACKBONE_RUNTIMES), default="torch",
         show_default=True,
-        help="What runs the backbone on the CPU: eager torch (torch), TorchScript with oneDNN "
-             "fusion (torchscript) or OpenVINO at f32 (openvino, the openvino extra); the "
-             "same scores up to float rounding.",
+        help="What runs the backbone on the CPU: eager torch (torch) or TorchScript with "
+             "oneDNN fusion (torchscript); the same scores up to float rounding.",
     )(function)  # fmt: skip
 
 

@@ -3,7 +3,7 @@
 `FeatureExtractor` traces the backbone into a graph that ends at the deepest requested
 layer, so the forward pass computes nothing past it (no hooks, no exceptions to stop early).
 Eager torch runs that graph by default; `FeatureExtractor.use_runtime` hands it to another
-CPU runtime instead (`CompiledBackbone`: TorchScript with oneDNN graph fusion, or OpenVINO),
+CPU runtime instead (`CompiledBackbone`: TorchScript with oneDNN graph fusion),
 which computes the same maps up to float rounding.
 
 `PatchFeatureAggregator` builds the locally aware patch features of the PatchCore paper and
@@ -25,7 +25,6 @@ image that the reference's `PatchCore.load` makes before any feature is taken).
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import math
 import threading
@@ -38,7 +37,7 @@ from torch.fx.experimental.symbolic_shapes import guard_or_true
 from torchvision.models.feature_extraction import create_feature_extractor
 
 from patchcore.config import PatchCoreConfig
-from patchcore.errors import BackboneError, ConfigurationError, DataError, missing_dependency
+from patchcore.errors import BackboneError, ConfigurationError, DataError
 from patchcore.model.backbones import Backbone, load_backbone
 
 
@@ -111,8 +110,6 @@ class FeatureExtractor(torch.nn.Module):
                 f"--backbone_runtime {runtime} runs on the CPU only; use --backbone_runtime "
                 f"torch on {self.mean.device}"
             )
-        if runtime == "openvino" and importlib.util.find_spec("openvino") is None:
-            raise missing_dependency("--backbone_runtime openvino", "openvino", "openvino")
         self.runtime = runtime
         self._compiled = None
 
@@ -127,8 +124,7 @@ class FeatureExtractor(torch.nn.Module):
             outputs = self.graph(normalised)
             return [outputs[layer] for layer in self.layers]
         if self._compiled is None:
-            self._compiled = CompiledBackbone(self.runtime, LayerMaps(self.graph, self.layers),
-                                              normalised)  # fmt: skip
+            self._compiled = CompiledBackbone(LayerMaps(self.graph, self.layers), normalised)
         return self._compiled(normalised)
 
 
@@ -151,22 +147,19 @@ class LayerMaps(torch.nn.Module):
 
 
 class CompiledBackbone:
-    """`LayerMaps` compiled for a CPU runtime, once per input image size (each built from a
-    plain example of that size, the inputs' layout and a batch of 2; a plain object, so that
-    it never enters a module's state dict); calls are serialised:
+    """`LayerMaps` traced for TorchScript, once per input image size (each from a plain
+    example of that size, the inputs' layout and a batch of 2; a plain object, so that it
+    never enters a module's state dict): frozen (BatchNorm folded into the convolutions,
+    weights constant) and run with oneDNN graph fusion (`torch.jit.enable_onednn_fusion`, a
+    process-wide switch that affects TorchScript graphs only); under a second to build.
+    Calls are serialised.
 
-    - `torchscript`: traced, frozen (BatchNorm folded into the convolutions, weights
-      constant) and run with oneDNN graph fusion (`torch.jit.enable_onednn_fusion`, a
-      process-wide switch that affects TorchScript graphs only); under a second to build.
-    - `openvino`: exported (`torch.export`, dynamic batch), converted by
-      `openvino.convert_model` and compiled for the CPU at `precision` (f32: the same maps up
-      to float rounding) with torch's thread count; a few seconds to build.
-    """
+    OpenVINO's CPU runtime is not offered for the backbone in process: in whole `predict` it
+    was no faster on 2 cores (1.00x eager), and a process that had compiled the backbone with
+    it later crashed (segmentation fault) in unrelated torch work, reproduced in the test
+    suite; bench/bench_backbone_runtimes.py still measures it."""
 
-    def __init__(self, runtime: str, module: LayerMaps, example: torch.Tensor,
-                 precision: str = "f32") -> None:  # fmt: skip
-        self.runtime = runtime
-        self.precision = precision
+    def __init__(self, module: LayerMaps, example: torch.Tensor) -> None:
         self.module = module.eval()
         self.memory_format = (torch.channels_last if example.is_contiguous(
             memory_format=torch.channels_last) else torch.contiguous_format)  # fmt: skip
@@ -183,29 +176,10 @@ class CompiledBackbone:
     def _build(self, images: torch.Tensor):
         example = torch.zeros(2, *images.shape[1:]).contiguous(memory_format=self.memory_format)
         with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the tracers' deprecation and layout notices
-            if self.runtime == "torchscript":
-                torch.jit.enable_onednn_fusion(True)
-                traced = torch.jit.freeze(torch.jit.trace(self.module, example))
-                return lambda batch: list(traced(batch))
-            import openvino
-
-            batch = torch.export.Dim("batch", min=1)
-            program = torch.export.export(self.module, (example,),
-                                          dynamic_shapes={"images": {0: batch}})  # fmt: skip
-            model = openvino.convert_model(program)
-        compiled = openvino.Core().compile_model(
-            model, "CPU",
-            {"INFERENCE_PRECISION_HINT": self.precision,
-             "INFERENCE_NUM_THREADS": torch.get_num_threads()},
-        )  # fmt: skip
-        request = compiled.create_infer_request()
-
-        def run(batch: torch.Tensor) -> list[torch.Tensor]:
-            results = request.infer({0: batch.contiguous().numpy()})
-            return [torch.from_numpy(results[output].copy()) for output in compiled.outputs]
-
-        return run
+            warnings.simplefilter("ignore")  # the tracer's deprecation and layout notices
+            torch.jit.enable_onednn_fusion(True)
+            traced = torch.jit.freeze(torch.jit.trace(self.module, example))
+        return lambda batch: list(traced(batch))
 
 
 def _end_at_last_layer(graph: torch.fx.Graph, layers: tuple[str, ...]) -> None:
