@@ -94,10 +94,10 @@ def test_default_backend_is_exact_and_falls_back_where_reranking_does_not_apply(
     from patchcore.model import search
 
     index = build_index(SearchConfig(), torch.device("cpu"))
-    expected = RerankedNearestNeighbours if reranking_applies(torch.device("cpu")) else (
+    expected = RerankedNearestNeighbours if search.reranking_pays(torch.device("cpu")) else (
         FaissNearestNeighbours)  # fmt: skip
     assert isinstance(index, expected)
-    monkeypatch.setattr(search, "reranking_applies", lambda device: False)
+    monkeypatch.setattr(search, "reranking_pays", lambda device: False)
     assert isinstance(build_index(SearchConfig(), torch.device("cpu")), FaissNearestNeighbours)
 
 

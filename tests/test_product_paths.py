@@ -23,6 +23,7 @@ from patchcore.model import native, samplers
 from patchcore.model.native import coreset_kernels
 from patchcore.model.samplers import (
     PRODUCT_PATHS,
+    PRODUCTS_VARIABLE,
     _LazyTiles,
     farthest_point_selection,
     native_product_paths,
@@ -237,10 +238,24 @@ def test_each_product_path_searches_exactly(path):
 
 
 @needs_kernels
-def test_reranking_is_the_default_search_on_any_cpu_with_a_compiler():
+def test_reranking_is_the_default_search_where_its_products_are_bfloat16_or_forced(monkeypatch):
+    """bfloat16 product passes (AMX, AVX512-BF16) make `rerank` the default; float32 ones do
+    FAISS's arithmetic and more, so FAISS stays the default there unless a path is forced."""
+    from patchcore.model.search import FaissNearestNeighbours
+
+    monkeypatch.delenv(PRODUCTS_VARIABLE, raising=False)
     index = build_index(SearchConfig(), torch.device("cpu"))
-    assert isinstance(index, RerankedNearestNeighbours)
-    assert index.path == NATIVE[0]
+    if NATIVE[0] in ("amx", "avx512bf16"):
+        assert isinstance(index, RerankedNearestNeighbours) and index.path == NATIVE[0]
+    else:
+        assert isinstance(index, FaissNearestNeighbours)
+    monkeypatch.setattr(samplers, "product_path", lambda kernels, requested=None: "avx2")
+    assert isinstance(build_index(SearchConfig(), torch.device("cpu")), FaissNearestNeighbours)
+    monkeypatch.undo()
+    monkeypatch.setenv(PRODUCTS_VARIABLE, NATIVE[-2] if len(NATIVE) > 1 else NATIVE[0])
+    forced = build_index(SearchConfig(), torch.device("cpu"))
+    assert isinstance(forced, RerankedNearestNeighbours)
+    assert forced.path == os.environ[PRODUCTS_VARIABLE]
 
 
 # ------------------------------------------------------------------ portable builds

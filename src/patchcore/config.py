@@ -404,9 +404,10 @@ class SearchConfig:
     """How nearest neighbours are searched at run time (not part of the saved model).
 
     `backend` is the exact search's engine; all backends are exact. `rerank` (default): a
-    low-precision product pass (bfloat16 on CPUs with bfloat16 instructions, float32
-    elsewhere) bounds every distance and only possible neighbours are ranked in float32
-    (falls back to `faiss` without a C compiler, or to `torch` on a GPU). `faiss`: FAISS IndexFlatL2, as the
+    low-precision product pass (bfloat16 on CPUs with bfloat16 instructions; float32 when a
+    float32 path is forced with $PATCHCORE_PRODUCTS) bounds every distance and only possible
+    neighbours are ranked in float32 (falls back to `faiss` without a C compiler or where the
+    CPU's fastest products are float32, which FAISS matched, and to `torch` on a GPU). `faiss`: FAISS IndexFlatL2, as the
     reference. `torch`: matrix products. Approximate indexes (`IndexConfig`) are always FAISS.
     `bank_storage="mmap"` keeps the memory bank in a memory-mapped file (the model folder's
     bank file, or a temporary file under TMPDIR while fitting) instead of in RAM, searched

@@ -227,15 +227,31 @@ def reranking_applies(device: torch.device) -> bool:
     return device.type == "cpu" and coreset_kernels() is not None
 
 
+def reranking_pays(device: torch.device) -> bool:
+    """Whether `rerank` is the search where it was asked for (the default): where it applies
+    and its product pass is bfloat16 (AMX, AVX512-BF16), or a product path is forced
+    ($PATCHCORE_PRODUCTS). With float32 products it does FAISS's arithmetic and more: on
+    magnetic tile's 59,662-feature bank it took 1,039 ms per image against FAISS's 627 ms
+    (docs/explanations/performance-kernels.md), so such CPUs keep FAISS by default."""
+    from patchcore.model.native import coreset_kernels
+    from patchcore.model.samplers import BFLOAT16_PATHS, PRODUCTS_VARIABLE, product_path
+
+    if not reranking_applies(device):
+        return False
+    return bool(os.environ.get(PRODUCTS_VARIABLE)) or (
+        product_path(coreset_kernels()) in BFLOAT16_PATHS
+    )
+
+
 def build_index(config: SearchConfig, device: torch.device):
-    """The search backend named in `config` (`rerank` where it applies: see SearchConfig)."""
+    """The search backend named in `config` (`rerank` where it pays: see SearchConfig)."""
     backend = config.backend
     if backend == "rerank":
-        if reranking_applies(device):
+        if reranking_pays(device):
             return RerankedNearestNeighbours()
         use_faiss = faiss_available() and (config.faiss_on_gpu or device.type != "cuda")
         backend = "faiss" if use_faiss else "torch"
-        LOGGER.debug("re-ranking search does not apply here; searching with %s", backend)
+        LOGGER.debug("re-ranking search does not pay here; searching with %s", backend)
     if backend == "torch":
         return TorchNearestNeighbours(device, config.query_chunk_size)
     return FaissNearestNeighbours(config.faiss_on_gpu, config.faiss_num_workers)
