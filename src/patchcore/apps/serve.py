@@ -560,7 +560,7 @@ class InspectionService:
         rejected = fields["decision"] != "accept"
         status, extra = 200, {}
         if not math.isfinite(score):
-            # predict's rule rejects it; JSON has no NaN, so the score is reported as text.
+            # predict's rule rejects it; JSON has no NaN, so the score is reported as null.
             status = 500
             extra = {"score": None, "error": f"the model gave a non-finite score ({score}); "
                      "the image is rejected", "reason": NON_FINITE_SCORE}  # fmt: skip
