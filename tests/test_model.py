@@ -381,7 +381,7 @@ def test_fit_embeds_a_few_images_at_a_time_with_the_whole_batch_features(random_
     from patchcore.model.patchcore import FIT_IMAGES_AT_ONCE
 
     model = PatchCore(small_config())
-    parts = list(model.training_features(random_images[:5]))
+    parts = [features for features, _ in model.training_features(random_images[:5])]
     per_image = len(model.embed(random_images[:1])[0])
     assert FIT_IMAGES_AT_ONCE == 2
     assert [len(part) for part in parts] == [2 * per_image, 2 * per_image, per_image]

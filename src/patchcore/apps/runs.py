@@ -255,13 +255,13 @@ def train_run(
                 LOGGER.info("%s: fitting %s", name, member)
             model = PatchCore(replace(config, preprocessing=dataset.preprocessing), device, search)
             model.check_fit_memory(train_loader.dataset.model_input_sizes(), name)
-            model.fit(train_loader)
-            if calibration_loader is train_loader:
-                calibrate = model.calibrate_leave_one_out
-            else:
-                calibrate = model.calibrate
-            if calibration_loader is not None:
-                calibration.append(calibrate(calibration_loader, output.threshold_quantile))
+            leave_one_out = calibration_loader is train_loader
+            model.fit(train_loader, keep_training_features=leave_one_out)
+            if leave_one_out:  # from the features fit() kept: no second backbone pass
+                calibration.append(model.calibrate_leave_one_out(
+                    quantile=output.threshold_quantile))  # fmt: skip
+            elif calibration_loader is not None:
+                calibration.append(model.calibrate(calibration_loader, output.threshold_quantile))
             problem = degenerate_problem(model)
             if problem:
                 LOGGER.warning("%s: %s %s; check its backbone weights and layers", name, member,

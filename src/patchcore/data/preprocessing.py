@@ -652,15 +652,20 @@ def tile_origins(length: int, tile: int, overlap: float) -> list[int]:
     return origins
 
 
+def tile_positions(size: tuple[int, int], tile: int, overlap: float) -> list[tuple[int, int]]:
+    """The (top, left) origins of the tiles covering an image of (height, width) `size`,
+    row by row (`tile_origins` along each side)."""
+    return [
+        (top, left)
+        for top in tile_origins(size[0], tile, overlap)
+        for left in tile_origins(size[1], tile, overlap)
+    ]
+
+
 def cut_tiles(images: torch.Tensor, tile: int, overlap: float) -> tuple[torch.Tensor, list]:
     """images [B, 3, H, W] -> tiles [B*T, 3, tile, tile] (image-major) and the T (top, left)
     origins shared by all images of the batch."""
-    height, width = images.shape[-2:]
-    origins = [
-        (top, left)
-        for top in tile_origins(int(height), tile, overlap)
-        for left in tile_origins(int(width), tile, overlap)
-    ]
+    origins = tile_positions((int(images.shape[-2]), int(images.shape[-1])), tile, overlap)
     tiles = torch.stack(
         [images[:, :, top : top + tile, left : left + tile] for top, left in origins], dim=1
     )

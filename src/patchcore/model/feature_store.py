@@ -19,6 +19,7 @@ import os
 import queue
 import tempfile
 import threading
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -59,6 +60,10 @@ class InMemoryFeatureStore:
 
     def gather(self, indices: torch.Tensor) -> torch.Tensor:
         return gather_rows(self.chunks, indices)
+
+    def span(self, start: int, count: int) -> torch.Tensor:
+        """The `count` rows from row `start` on, as one [count, D] tensor."""
+        return self.gather(torch.arange(start, start + count))
 
     def close(self) -> None:
         self.chunks.clear()
@@ -162,6 +167,14 @@ class SpilledFeatureStore:
             )
         return torch.from_numpy(rows)
 
+    def span(self, start: int, count: int) -> torch.Tensor:
+        """The `count` rows from row `start` on, as a float32 [count, D] tensor (one read)."""
+        self._finish_writes()
+        row_bytes = self._dimension * 4
+        data = os.pread(self._file.fileno(), count * row_bytes, start * row_bytes)
+        rows = np.frombuffer(bytearray(data), dtype=np.float32).reshape(count, self._dimension)
+        return torch.from_numpy(rows)
+
     def close(self) -> None:
         """Stops the writer thread and deletes the file (whatever was written)."""
         if self._writer is not None and self._writer.is_alive():
@@ -178,3 +191,37 @@ def feature_store_for(device: torch.device) -> InMemoryFeatureStore | SpilledFea
     if device.type != "cpu":
         return InMemoryFeatureStore()
     return SpilledFeatureStore(background=usable_cores() > torch.get_num_threads())
+
+
+@dataclass(frozen=True)
+class StoredImage:
+    """Where one training image's patch features lie in a feature store: `rows` rows from
+    `first_row` on (all its tiles' with tiled inspection, image-major), on a patch `grid`
+    (of a tile, when tiled), from a working image of (height, width) `size`."""
+
+    first_row: int
+    rows: int
+    grid: tuple[int, int]
+    size: tuple[int, int]
+
+
+class TrainingFeatures:
+    """The training images' patch features as `PatchCore.fit` extracted them, kept (in the
+    store fit spilled them to) so that leave-one-image-out calibration scores exactly the
+    features the memory bank was selected from, without a second pass of the backbone."""
+
+    def __init__(self, store: InMemoryFeatureStore | SpilledFeatureStore,
+                 images: list[StoredImage]) -> None:  # fmt: skip
+        self.store = store
+        self.images = images
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def features_of(self, image: int) -> torch.Tensor:
+        """The patch features [rows, D] of training image `image` (0-based, in fit order)."""
+        stored = self.images[image]
+        return self.store.span(stored.first_row, stored.rows)
+
+    def close(self) -> None:
+        self.store.close()

@@ -32,7 +32,7 @@ from patchcore.model.calibration import (
     NormalStatistics,
     measure_normal_statistics,
 )
-from patchcore.model.feature_store import feature_store_for
+from patchcore.model.feature_store import StoredImage, TrainingFeatures, feature_store_for
 from patchcore.model.features import build_embedder, patch_grid_size
 from patchcore.model.indexes import build_bank_index, gather_bank
 from patchcore.model.samplers import build_sampler
@@ -40,6 +40,7 @@ from patchcore.model.scoring import (
     ExcludingSearch,
     Prediction,
     memory_bank_problem,
+    score_embedded,
     score_images,
 )
 from patchcore.progress import track
@@ -161,6 +162,9 @@ class PatchCore:
         # How the threshold was calibrated (see calibrate*), for the model card; None if not.
         self.calibration_method: str | None = None
         self.num_training_images = 0  # images fit() read
+        # The training images' features, kept by fit(keep_training_features=True) until
+        # leave-one-image-out calibration has scored them; None otherwise.
+        self._training_features: TrainingFeatures | None = None
         self.fit_seconds: dict[str, float] = {}
 
     # ----------------------------------------------------------------- features
@@ -169,18 +173,21 @@ class PatchCore:
         """images [B, 3, H, W] in [0, 1] -> patch features [B*h*w, D] and the grid (h, w)."""
         return self.embedder(images.to(self.device, torch.float32))
 
-    def training_features(self, images: torch.Tensor) -> Iterator[torch.Tensor]:
-        """Patch features [N_i, D] a batch of normal images adds to the memory bank, in parts
-        of at most FIT_IMAGES_AT_ONCE images (or tiles, with tiled inspection): the
-        backbone's activations, not the loader's batch size, then bound the memory fitting
-        needs (WideResNet50 at 224 px holds about 15 MB of activations per image). The
-        features are those of the whole batch embedded at once, up to float rounding."""
+    def training_features(
+        self, images: torch.Tensor
+    ) -> Iterator[tuple[torch.Tensor, tuple[int, int]]]:
+        """Patch features [N_i, D] a batch of normal images adds to the memory bank, with
+        their patch grid (h, w), in parts of at most FIT_IMAGES_AT_ONCE images (or tiles,
+        with tiled inspection, image-major): the backbone's activations, not the loader's
+        batch size, then bound the memory fitting needs (WideResNet50 at 224 px holds about
+        15 MB of activations per image). The features are those of the whole batch embedded
+        at once, up to float rounding."""
         check_model_input(images)
         preprocessing = self.config.preprocessing
         if preprocessing.tile is not None:
             images = cut_tiles(images, preprocessing.tile, preprocessing.tile_overlap)[0]
         for part in images.split(FIT_IMAGES_AT_ONCE):
-            yield self.embed(part)[0]
+            yield self.embed(part)
 
     # ---------------------------------------------------------------------- fit
     def fit_memory_estimate(self, working_sizes: Iterable[tuple[int, int]]) -> FitMemoryEstimate:
@@ -220,25 +227,30 @@ class PatchCore:
             )
 
     @torch.inference_mode()
-    def fit(self, batches: Iterable) -> None:
+    def fit(self, batches: Iterable, keep_training_features: bool = False) -> None:
         """Builds the memory bank from batches of normal training images.
 
         One streaming pass: each batch's patch features go to a feature store (spilled to a
         temporary file on the CPU) and are projected for the sampler as they come; the bank
-        is read back from the store after selection.
+        is read back from the store after selection. With `keep_training_features` the
+        store stays open afterwards (`training_features_kept`), so that
+        `calibrate_leave_one_out` scores the training images from it without embedding them
+        again; it closes the store (as does `release_training_features`).
         """
+        self.release_training_features()
         sampler = build_sampler(self.config.sampler)
         store = feature_store_for(self.device)
-        projected, sources = [], []
+        projected, sources, stored_images = [], [], []
         num_images = 0
         start = time.perf_counter()
+        kept = False
         try:
             for number, batch in enumerate(
                 track(batches, "Extracting training features", unit="batch"), start=1
             ):
                 images = images_of(batch)
-                batch_rows = 0
-                for features in self.training_features(images):
+                first_row, batch_rows = len(store), 0
+                for features, grid in self.training_features(images):
                     if not bool(torch.isfinite(features).all()):
                         raise DataError(
                             f"training batch {number}: the backbone gives patch features that "
@@ -251,6 +263,11 @@ class PatchCore:
                 # Rows come image-major (tiles of one image together): equal shares per image.
                 per_image = batch_rows // len(images)
                 sources.append(num_images + torch.arange(batch_rows) // per_image)
+                size = (int(images.shape[-2]), int(images.shape[-1]))
+                stored_images.extend(
+                    StoredImage(first_row + position * per_image, per_image, grid, size)
+                    for position in range(len(images))
+                )
                 num_images += len(images)
             if not projected:
                 raise DataError("no training images: the memory bank would be empty")
@@ -263,8 +280,12 @@ class PatchCore:
             self.set_memory_bank(gather_bank(self.index, store, selected, self.device))
             self.bank_sources = torch.cat(sources)[selected.cpu()].to(torch.int32)
             self.num_training_images = num_images
+            if keep_training_features:
+                self._training_features = TrainingFeatures(store, stored_images)
+                kept = True
         finally:
-            store.close()
+            if not kept:
+                store.close()
         self.fit_seconds = {
             "extraction": extracted - start,
             "subsampling": time.perf_counter() - extracted,
@@ -279,6 +300,17 @@ class PatchCore:
             self.fit_seconds["extraction"],
             self.fit_seconds["subsampling"],
         )
+
+    @property
+    def training_features_kept(self) -> bool:
+        """Whether fit() kept the training images' features (`keep_training_features`)."""
+        return self._training_features is not None
+
+    def release_training_features(self) -> None:
+        """Closes the training features fit() kept, if any (their temporary file goes)."""
+        if self._training_features is not None:
+            self._training_features.close()
+            self._training_features = None
 
     def set_memory_bank(self, bank: torch.Tensor | MappedBank) -> None:
         """Makes `bank` [M, D] (in RAM, or a memory-mapped file) the memory bank; refuses
@@ -347,41 +379,54 @@ class PatchCore:
 
     @torch.inference_mode()
     def calibrate_leave_one_out(
-        self, batches: Iterable, quantile: float = DEFAULT_THRESHOLD_QUANTILE
+        self, batches: Iterable | None = None, quantile: float = DEFAULT_THRESHOLD_QUANTILE
     ) -> Prediction:
         """Calibrates on the training images themselves without their optimism: each image
-        (the loader fit() read, in the same order) is scored against the memory bank without
-        the bank features that came from it (`bank_sources`, `ExcludingSearch`), as a new
-        normal image would be. Needs no refit. Falls back to in-sample scores, with a warning,
-        when the bank without one image's features is smaller than the neighbourhoods that
-        scoring needs (e.g. a single training image)."""
+        is scored against the memory bank without the bank features that came from it
+        (`bank_sources`, `ExcludingSearch`), as a new normal image would be. Needs no refit.
+
+        The images' features are those fit() kept (`fit(..., keep_training_features=True)`:
+        the very features the bank was selected from, no second backbone pass; they are
+        released afterwards), or else those of `batches`, the loader fit() read in the same
+        order, embedded again one image at a time. Falls back to in-sample scores, with a
+        warning, when the bank without one image's features is smaller than the
+        neighbourhoods that scoring needs (e.g. a single training image)."""
+        try:
+            return self._calibrate_leave_one_out(batches, quantile)
+        finally:
+            self.release_training_features()
+
+    def _calibrate_leave_one_out(self, batches: Iterable | None, quantile: float) -> Prediction:
         if self.bank_sources is None:
             raise DataError(
                 "leave-one-image-out calibration needs the bank features' source images, which "
                 "only fit() records; calibrate on held-out normal images instead"
+            )
+        if self._training_features is None and batches is None:
+            raise DataError(
+                "leave-one-image-out calibration needs the training loader fit() read, or "
+                "features fit() kept (fit(..., keep_training_features=True))"
             )
         sources = self.bank_sources.long()
         needed = self.config.num_nn
         if self.config.score_reweighting:
             needed = max(needed, self.config.reweighting_neighbours)
         largest_share = int(torch.bincount(sources).max())
-        if len(sources) - largest_share < needed:
+        in_sample = len(sources) - largest_share < needed
+        if in_sample:
             LOGGER.warning(
                 "The memory bank without one training image's features holds %d features, "
                 "fewer than the %d scoring needs; calibrating on in-sample training scores, "
                 "which are optimistic (use more training images or --train_val_split)",
                 len(sources) - largest_share, needed,
             )  # fmt: skip
-            prediction = self.calibrate(batches, quantile)
-            self.calibration_method = "training images, in-sample (optimistic)"
-            return prediction
         parts, image = [], 0
-        for batch in track(batches, "Calibrating, leaving each training image out", unit="batch"):
-            for single in images_of(batch).split(1):
-                check_model_input(single)
-                search = ExcludingSearch(self.index, sources == image)
-                parts.append(score_images(self.embed, search, self.config, single).cpu())
-                image += 1
+        description = "Calibrating, leaving each training image out"
+        for features, grid, size in track(self._training_images_embedded(batches), description,
+                                          total=self.num_training_images, unit="image"):  # fmt: skip
+            search = self.index if in_sample else ExcludingSearch(self.index, sources == image)
+            parts.append(score_embedded(features, grid, search, self.config, size).cpu())
+            image += 1
         if image != self.num_training_images:
             raise DataError(
                 f"leave-one-image-out calibration got {image} images but the bank was built "
@@ -391,10 +436,27 @@ class PatchCore:
         self.normal_statistics = measure_normal_statistics(
             prediction.scores, prediction.maps, quantile
         )
-        self.calibration_method = "training images, leave-one-image-out"
+        self.calibration_method = ("training images, in-sample (optimistic)" if in_sample
+                                   else "training images, leave-one-image-out")  # fmt: skip
         LOGGER.info(
-            "Calibrated on leave-one-image-out scores of %d training images: threshold %.6g "
-            "(quantile %.3g)",
+            "Calibrated on %s scores of %d training images: threshold %.6g (quantile %.3g)",
+            "in-sample" if in_sample else "leave-one-image-out",
             image, self.normal_statistics.threshold, quantile,
         )  # fmt: skip
         return prediction
+
+    def _training_images_embedded(
+        self, batches: Iterable | None
+    ) -> Iterator[tuple[torch.Tensor, tuple[int, int], tuple[int, int]]]:
+        """Each training image's patch features, patch grid and working size, in fit order:
+        from the features fit() kept, or embedded again from `batches`, one image at a time."""
+        kept = self._training_features
+        if kept is not None:
+            for image, stored in enumerate(kept.images):
+                yield kept.features_of(image).to(self.device), stored.grid, stored.size
+            return
+        for batch in batches:
+            for single in images_of(batch).split(1):
+                parts = list(self.training_features(single))
+                features = torch.cat([features for features, _ in parts])
+                yield features, parts[0][1], (int(single.shape[-2]), int(single.shape[-1]))

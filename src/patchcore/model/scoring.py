@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from patchcore.config import PatchCoreConfig
-from patchcore.data.preprocessing import cut_tiles
+from patchcore.data.preprocessing import cut_tiles, tile_positions
 
 DEFAULT_SIGMA = 4.0
 TRUNCATE = 4.0
@@ -65,10 +65,12 @@ class ExcludingSearch:
     ([M] bool): what leave-one-image-out calibration scores a training image with (the bank
     without the features that came from that image), with no refit.
 
-    It asks `inner` for k plus the number of excluded rows, drops the excluded ones and keeps
-    the k nearest of the rest, so the result is exactly that of a search of the bank without
-    those rows. Indices stay those of the whole bank, so the scorer's distances, Eq. 7's
-    re-weighting and `bank_rows` work unchanged.
+    A search that can leave rows out itself (a method `search_excluding(queries, k,
+    excluded)`: the torch and re-ranking searches) does; of any other, it asks for k plus the
+    number of excluded rows, drops the excluded ones and keeps the k nearest of the rest.
+    Either way the result is exactly that of a search of the bank without those rows.
+    Indices stay those of the whole bank, so the scorer's distances, Eq. 7's re-weighting
+    and `bank_rows` work unchanged.
     """
 
     def __init__(self, inner: NearestNeighbourSearch, excluded: torch.Tensor) -> None:
@@ -81,9 +83,12 @@ class ExcludingSearch:
         gather = getattr(inner, "rows", None)
         if gather is not None:
             self.rows = gather
+        self._search_excluding = getattr(inner, "search_excluding", None)
 
     def search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         k = min(k, self.available)
+        if self._search_excluding is not None:
+            return self._search_excluding(queries, k, self.excluded)
         distances, indices = self.inner.search(queries, k + self.num_excluded)
         dropped = self.excluded[indices.cpu()].to(indices.device)
         # A stable sort puts the kept neighbours first, nearest first as the search found them.
@@ -389,11 +394,26 @@ def score_images(
     """Working-size images [B, 3, H, W] in [0, 1] -> their `Prediction`, whole or tiled."""
     image_size = (int(images.shape[-2]), int(images.shape[-1]))
     tile = config.preprocessing.tile
+    if tile is not None:
+        images = cut_tiles(images, tile, config.preprocessing.tile_overlap)[0]
+    features, grid = embed(images)
+    return score_embedded(features, grid, index, config, image_size, sigma)
+
+
+def score_embedded(
+    features: torch.Tensor,
+    grid: tuple[int, int],
+    index: NearestNeighbourSearch,
+    config: PatchCoreConfig,
+    image_size: tuple[int, int],
+    sigma: float = DEFAULT_SIGMA,
+) -> Prediction:
+    """The patch features [B*h*w, D] of a batch of working-size images of `image_size` (of
+    their tiles, image-major, with tiled inspection) -> their `Prediction`."""
+    tile = config.preprocessing.tile
     if tile is None:
-        features, grid = embed(images)
         return score_features(features, grid, index, config, image_size, sigma)
-    tiles, origins = cut_tiles(images, tile, config.preprocessing.tile_overlap)
-    features, grid = embed(tiles)
+    origins = tile_positions(image_size, tile, config.preprocessing.tile_overlap)
     patch_scores, _ = score_patches(features, grid, index, config)
     stitched = stitch_tiles(patch_scores, origins, tile, image_size)
     cell = tile / grid[0]

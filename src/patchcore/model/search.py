@@ -50,6 +50,14 @@ class TorchNearestNeighbours:
 
     def search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """queries [Q, D] -> (squared distances [Q, k], indices [Q, k]) on the bank's device."""
+        return self._search(queries, k, None)
+
+    def search_excluding(self, queries: torch.Tensor, k: int, excluded: torch.Tensor):
+        """`search` of the bank without the rows marked in `excluded` ([M] bool, at least k
+        rows left; see `scoring.ExcludingSearch`): their distances count as infinite."""
+        return self._search(queries, k, torch.nonzero(excluded.to(self.device)).squeeze(1))
+
+    def _search(self, queries: torch.Tensor, k: int, excluded: torch.Tensor | None):
         queries = queries.to(self.device, torch.float32)
         k = min(k, len(self.bank))
         distances, indices = [], []
@@ -58,6 +66,8 @@ class TorchNearestNeighbours:
                 self.bank_squared_norms[None, :], chunk, self.bank.T, beta=1.0, alpha=-2.0
             )
             squared += chunk.square().sum(dim=1, keepdim=True)
+            if excluded is not None:
+                squared[:, excluded] = float("inf")
             values, positions = torch.topk(squared, k, dim=1, largest=False, sorted=True)
             distances.append(values.clamp_min_(0.0))
             indices.append(positions)
@@ -139,6 +149,16 @@ class RerankedNearestNeighbours:
 
         The product pass uses torch's intra-op threads; the re-ranking splits the queries
         between as many threads: this one and kept helpers."""
+        return self._search(queries, k, None)
+
+    def search_excluding(self, queries: torch.Tensor, k: int, excluded: torch.Tensor):
+        """`search` of the bank without the rows marked in `excluded` ([M] bool, at least k
+        rows left; see `scoring.ExcludingSearch`). Their approximate distances are made
+        infinite after the product pass: the k smallest approximate values, and so the
+        bound, then come from the other rows, and an infinite value is never a candidate."""
+        return self._search(queries, k, torch.nonzero(excluded.cpu()).squeeze(1))
+
+    def _search(self, queries: torch.Tensor, k: int, excluded: torch.Tensor | None):
         queries = queries.detach().to("cpu", torch.float32).contiguous()
         k = min(k, len(self.bank))
         distances = torch.empty(len(queries), k)
@@ -152,6 +172,8 @@ class RerankedNearestNeighbours:
             chunk = queries[start : start + chunk_rows]
             copies, norms, errors = self._extended_copies(chunk, bank_side=False)
             approximate = self._products(copies)
+            if excluded is not None:
+                approximate[:, excluded] = float("inf")
             edges = [start + len(chunk) * part // threads for part in range(threads + 1)]
             parts = [(queries, approximate, norms, errors, start, first, last, k,
                       distances, indices) for first, last in itertools.pairwise(edges)]  # fmt: skip

@@ -134,7 +134,7 @@ def add_normal_images(
     if model.memory_bank is None:
         raise DataError("the model has no memory bank: fit or load it before updating")
     parts = [part for batch in track(batches, "Extracting new features", unit="batch")
-             for part in model.training_features(images_of(batch))]  # fmt: skip
+             for part, _ in model.training_features(images_of(batch))]  # fmt: skip
     if not parts:
         raise DataError("no new images to add")
     new_features = torch.cat(parts)
