@@ -34,7 +34,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from pathlib import Path
 
 import torch
 
@@ -45,12 +44,12 @@ from patchcore.data.preprocessing import (
     AxisGeometry,
     ResizeTaps,
     apply_taps,
-    check_model_input,
-    check_working_size,
     frame_of,
     frame_sampling,
     input_geometry,
+    input_size_problem,
     map_to_input_frame,
+    model_input_problem,
     resamples_rows_first,
     resize_taps,
     tile_origins,
@@ -288,11 +287,9 @@ class PatchCoreModule(torch.nn.Module):
                 "PatchCoreModule expects float RGB images [B, 3, H, W] in [0, 1], got "
                 f"{images.dtype} {list(images.shape)}"
             )
-        if _eager():
-            try:
-                check_model_input(images)
-            except DataError as error:
-                raise DataError(f"PatchCoreModule: {error}") from error
+        problem = model_input_problem(images) if _eager() else None
+        if problem is not None:
+            raise DataError(f"PatchCoreModule: {problem}")
         images = images.to(self.memory_bank.device, torch.float32)
         geometry = input_geometry(tuple(images.shape[-2:]), config.preprocessing)
         scores, maps = self.score(images, geometry)
@@ -396,16 +393,17 @@ def any_size_inputs(
     size: tuple[int, int], config: PatchCoreConfig, name: str | None = None
 ) -> dict[str, torch.Tensor]:
     """The geometry inputs (`geometry_input_names`) of an any-size graph for images of
-    (height, width) `size`: CPU tensors. A DataError (naming `name`, default the size) says
-    why a size cannot be scored: its working image is smaller than the patch grid needs or
-    than a tile, or holds more pixels than the working limit, or a resize shrinks it more
-    than can be computed exactly."""
+    (height, width) `size`: CPU tensors. A DataError for a size that cannot be scored, with
+    its `input_size_problem` (naming `name`, default the size): its working image is smaller
+    than the patch grid needs or than a tile, or holds more pixels than the working limit,
+    or a resize shrinks it more than can be computed exactly."""
     preprocessing = config.preprocessing
     height, width = int(size[0]), int(size[1])
-    check_working_size(Path(name or f"a {height}x{width} image"), (height, width), preprocessing)
+    problem = input_size_problem((height, width), preprocessing, name)
+    if problem is not None:
+        raise DataError(problem)
     frame = frame_of((height, width), preprocessing)
-    rows = resize_taps(height, frame.resized[0], frame.top, frame.size[0])
-    columns = resize_taps(width, frame.resized[1], frame.left, frame.size[1])
+    rows, columns = (resize_taps(*axis) for axis in frame.axis_resizes())
     if resamples_rows_first((height, width), frame.resized):
         passes = (resize_taps(width, width), rows, columns)
     else:
