@@ -730,19 +730,33 @@ def tile_origins(length: int, tile: int, overlap: float) -> list[int]:
     return origins
 
 
-def cut_tiles(images: torch.Tensor, tile: int, overlap: float) -> tuple[torch.Tensor, list]:
-    """images [B, 3, H, W] -> tiles [B*T, 3, tile, tile] (image-major) and the T (top, left)
-    origins shared by all images of the batch."""
-    height, width = images.shape[-2:]
-    origins = [
-        (top, left)
-        for top in tile_origins(int(height), tile, overlap)
-        for left in tile_origins(int(width), tile, overlap)
-    ]
-    tiles = torch.stack(
-        [images[:, :, top : top + tile, left : left + tile] for top, left in origins], dim=1
+def tile_indices(
+    size: tuple[int, int], tile: int, overlap: float, device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The tiles of a working image of (height, width) `size`: its rows of each row of tiles
+    and its columns of each column of tiles (int64 [Tr, tile] and [Tc, tile], from the
+    `tile_origins`), the form `cut_tiles` and `stitch_tiles` take."""
+    span = torch.arange(tile, device=device)
+    rows, columns = (
+        torch.tensor(tile_origins(int(length), tile, overlap), device=device)[:, None] + span
+        for length in size
     )
-    return tiles.reshape(-1, *tiles.shape[2:]), origins
+    return rows, columns
+
+
+def cut_tiles(
+    images: torch.Tensor, tile_rows: torch.Tensor, tile_columns: torch.Tensor
+) -> torch.Tensor:
+    """images [B, 3, H, W] -> tiles [B * Tr * Tc, 3, tile, tile], image-major, tiles in
+    row-major order of their places (`tile_indices`). Written by index, with the numbers
+    of tiles as tensor sizes, so that a graph of any input size cuts them the same way."""
+    batch, channels = images.shape[0], images.shape[1]
+    count_rows, tile = tile_rows.shape[0], tile_rows.shape[1]
+    count_columns = tile_columns.shape[0]
+    rows = images.index_select(2, tile_rows.reshape(-1))  # [B, 3, Tr*t, W]
+    both = rows.index_select(3, tile_columns.reshape(-1))  # [B, 3, Tr*t, Tc*t]
+    both = both.reshape(batch, channels, count_rows, tile, count_columns, tile)
+    return both.permute(0, 2, 4, 1, 3, 5).reshape(-1, channels, tile, tile)
 
 
 # ------------------------------------------------------------------- fixed sizes

@@ -23,6 +23,7 @@ from patchcore.data.preprocessing import (
     check_model_input,
     cut_tiles,
     smallest_model_input_side,
+    tile_indices,
     tile_origins,
 )
 from patchcore.errors import ConfigurationError, DataError
@@ -178,7 +179,9 @@ class PatchCore:
         check_model_input(images)
         preprocessing = self.config.preprocessing
         if preprocessing.tile is not None:
-            images = cut_tiles(images, preprocessing.tile, preprocessing.tile_overlap)[0]
+            size = (int(images.shape[-2]), int(images.shape[-1]))
+            tiles = tile_indices(size, preprocessing.tile, preprocessing.tile_overlap, images.device)
+            images = cut_tiles(images, *tiles)
         for part in images.split(FIT_IMAGES_AT_ONCE):
             yield self.embed(part)[0]
 
