@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import torch
+from tables import cpu_class, format_table
 
 from patchcore.cli.common import CommonOptions, configure_process
 from patchcore.config import (
@@ -37,7 +38,6 @@ from patchcore.config import (
 )
 from patchcore.data.datasets import ImageDataset, list_samples, make_loader
 from patchcore.model.patchcore import PatchCore
-from tables import cpu_class, format_table
 
 
 def measure(root: Path, category: str, arguments, crop: str) -> list[dict]:

@@ -25,7 +25,12 @@ from patchcore.cli.export import export_deployment_cli
 from patchcore.cli.predict import predict_cli
 from patchcore.config import PreprocessingConfig
 from patchcore.data.datasets import list_samples
-from patchcore.data.preprocessing import open_image, resamples_rows_first, to_tensor
+from patchcore.data.preprocessing import (
+    input_size_problem,
+    open_image,
+    resamples_rows_first,
+    to_tensor,
+)
 from patchcore.errors import ConfigurationError, DataError
 from patchcore.model.module import AnySizePatchCore, PatchCoreModule, any_size_inputs
 from patchcore.model.patchcore import PatchCore
@@ -140,6 +145,30 @@ def test_geometry_inputs_refuse_sizes_the_model_cannot_take(whole_image_model):
     tiled = variant(whole_image_model, dataclasses.replace(WHOLE_IMAGE, tile=48)).config
     with pytest.raises(DataError, match="--tile 48 is larger than the working image"):
         any_size_inputs((80, 200), tiled)
+
+
+@pytest.mark.parametrize(
+    ("preprocessing", "size", "reason"),
+    [(WHOLE_IMAGE, TOO_SMALL, "the working image is 45x20 pixels, smaller than the 32 pixels"),
+     (dataclasses.replace(WHOLE_IMAGE, tile=48), (80, 200), "--tile 48 is larger than"),
+     (PreprocessingConfig(48, crop="none"), (3300, 3200),
+      "a resize from 3300 to 49 pixels shrinks the image 67 times, more than the about 60")],
+    ids=["below-patch-grid", "below-tile", "shrinks-too-much"],
+)  # fmt: skip
+def test_input_size_problem_is_the_rule_the_geometry_inputs_raise(
+    whole_image_model, preprocessing, size, reason
+):
+    """One rule: the reason `input_size_problem` gives, naming the file or the size, is the
+    error `any_size_inputs` raises; sizes the model takes have none."""
+    config = dataclasses.replace(whole_image_model.config, preprocessing=preprocessing)
+    assert input_size_problem((200, 300), preprocessing) is None
+    problem = input_size_problem(size, preprocessing, "part.png")
+    assert problem.startswith(f"part.png: {reason}")
+    unnamed = input_size_problem(size, preprocessing)
+    assert unnamed == f"a {size[0]}x{size[1]} image: {problem.removeprefix('part.png: ')}"
+    with pytest.raises(DataError) as raised:
+        any_size_inputs(size, config, "part.png")
+    assert str(raised.value) == problem
 
 
 # ---------------------------------------------------------------- exported graphs

@@ -26,6 +26,7 @@ from patchcore.data.preprocessing import (
     pillow_resamples_rows_first_when_height_shrinks_most,
     resamples_rows_first,
     resize_taps,
+    tile_indices,
     tile_origins,
     to_model_input,
     to_tensor,
@@ -249,14 +250,42 @@ def test_tiles_cover_the_image_and_overlaps_are_averaged():
     assert tile_origins(100, 40, 0.5) == [0, 20, 40, 60]
     assert tile_origins(40, 40, 0.25) == [0]
     images = torch.arange(2 * 3 * 6 * 10, dtype=torch.float32).reshape(2, 3, 6, 10)
-    tiles, origins = cut_tiles(images, 6, 0.0)
-    assert origins == [(0, 0), (0, 4)] and tiles.shape == (4, 3, 6, 6)
+    tile_rows, tile_columns = tile_indices((6, 10), 6, 0.0)
+    assert tile_rows.tolist() == [list(range(6))]
+    assert tile_columns.tolist() == [list(range(6)), list(range(4, 10))]
+    tiles = cut_tiles(images, tile_rows, tile_columns)
+    assert tiles.shape == (4, 3, 6, 6)
     assert torch.equal(tiles[1], images[0, :, :, 4:10]) and torch.equal(tiles[2], images[1, :, :, :6])
     constant = torch.tensor([1.0, 3.0]).view(2, 1, 1).expand(2, 2, 2)  # one image, two tiles
-    stitched = stitch_tiles(constant, [(0, 0), (0, 4)], 6, (6, 10))
+    stitched = stitch_tiles(constant, tile_rows, tile_columns, (6, 10))
     assert stitched.shape == (1, 6, 10)
     assert torch.all(stitched[0, :, :4] == 1.0) and torch.all(stitched[0, :, 6:] == 3.0)
     assert torch.all(stitched[0, :, 4:6] == 2.0)  # the overlap: the mean of both tiles
+
+
+@pytest.mark.parametrize(("size", "tile", "overlap"), [((70, 93), 32, 0.5), ((64, 100), 24, 0.0)])
+def test_tiles_by_index_are_slices_and_stitch_like_a_loop_over_the_tiles(size, tile, overlap):
+    """`cut_tiles` and `stitch_tiles` (written by index, for graphs of any size) against the
+    plain loop over the tiles' slices: the same tiles, and on the CPU the same map bit for
+    bit (each pixel's sum in the tiles' order)."""
+    generator = torch.Generator().manual_seed(5)
+    images = torch.rand(2, 3, *size, generator=generator)
+    origins = [(top, left) for top in tile_origins(size[0], tile, overlap)
+               for left in tile_origins(size[1], tile, overlap)]  # fmt: skip
+    tile_rows, tile_columns = tile_indices(size, tile, overlap)
+    sliced = torch.stack([images[:, :, top : top + tile, left : left + tile]
+                          for top, left in origins], dim=1).reshape(-1, 3, tile, tile)  # fmt: skip
+    assert torch.equal(cut_tiles(images, tile_rows, tile_columns), sliced)
+    patch_scores = torch.rand(2 * len(origins), 4, 4, generator=generator) * 7.0
+    upsampled = torch.nn.functional.interpolate(
+        patch_scores.unsqueeze(1), size=(tile, tile), mode="bilinear", align_corners=False
+    ).reshape(2, len(origins), tile, tile)
+    total, coverage = torch.zeros(2, *size), torch.zeros(1, *size)
+    for position, (top, left) in enumerate(origins):
+        total[:, top : top + tile, left : left + tile] += upsampled[:, position]
+        coverage[:, top : top + tile, left : left + tile] += 1.0
+    assert coverage.max() > 1.0 or overlap == 0.0  # overlaps are averaged where there are any
+    assert torch.equal(stitch_tiles(patch_scores, tile_rows, tile_columns, size), total / coverage)
 
 
 def test_one_tile_over_the_whole_image_gives_the_whole_image_map(synthetic_root):

@@ -54,9 +54,9 @@ from patchcore.config import (
     PatchCoreConfig,
     SearchConfig,
 )
+from patchcore.data.preprocessing import input_size_problem
 from patchcore.errors import (
     ConfigurationError,
-    DataError,
     ModelFormatError,
     OutputError,
     missing_dependency,
@@ -393,10 +393,9 @@ def example_size(config: PatchCoreConfig) -> tuple[int, int]:
     base = 4 * max(MIN_IMAGE_SIDE, preprocessing.tile or 0) + 7  # deep maps of a few cells
     for factor in _EXAMPLE_FACTORS:
         size = (int(base * factor) + 1, int(base * factor * _EXAMPLE_ASPECT) + 3)
-        try:
-            inputs = any_size_inputs(size, config)
-        except DataError:
+        if input_size_problem(size, preprocessing) is not None:
             continue
+        inputs = any_size_inputs(size, config)
         lengths = [
             length
             for name, tensor in inputs.items()
@@ -494,12 +493,11 @@ def export_record(
 
 def _check_fixed_size(size: tuple[int, int], config: PatchCoreConfig, folder: Path) -> None:
     """A one-line ConfigurationError when the model cannot score inputs of `size`."""
-    try:
-        any_size_inputs(size, config)
-    except DataError as error:
+    problem = input_size_problem(size, config.preprocessing)
+    if problem is not None:
         raise ConfigurationError(
-            f"{folder}: --input_size {size[0]}x{size[1]} cannot be scored by this model ({error})"
-        ) from error
+            f"{folder}: --input_size {size[0]}x{size[1]} cannot be scored by this model ({problem})"
+        )
 
 
 def export_model(

@@ -16,8 +16,9 @@ at export (an input of another size is refused with a one-line error before it r
 runtime), or any size (`input_size` None): then the geometry inputs of each image size
 (`patchcore.model.module.any_size_inputs`) are computed here, kept for the
 `GEOMETRY_CACHE_SIZE` sizes used last, and fed with the images. `size_problem` says, before
-scoring, why an image size cannot be scored (the fixed size differs, or the working image is
-smaller than the patch grid or a tile needs); the torch runtime takes any size the model can.
+scoring, why an image size cannot be scored (the fixed size differs, or the size's
+`patchcore.data.preprocessing.input_size_problem`: the working image is smaller than the patch
+grid or a tile needs, ...); the torch runtime takes any size the model can.
 OpenVINO compiles with inference precision f32: on CPUs with bfloat16 units it would
 otherwise compute in bfloat16, which changes scores by about a percent.
 """
@@ -37,7 +38,7 @@ import torch
 
 from patchcore import __version__
 from patchcore.config import RUNTIMES, PatchCoreConfig
-from patchcore.data.preprocessing import check_working_size
+from patchcore.data.preprocessing import input_size_problem
 from patchcore.errors import ConfigurationError, DataError, ModelFormatError, missing_dependency
 from patchcore.model.calibration import NormalStatistics
 from patchcore.model.serialization import (
@@ -215,7 +216,8 @@ class ExportedModel:
 
     def size_problem(self, size: tuple[int, int], name: str = "image") -> str:
         """Why images of (height, width) `size` cannot be scored, naming `name` (the file),
-        or '' when they can."""
+        or '' when they can: another size than the one fixed at export, or the size's
+        `input_size_problem` (the rule `any_size_inputs` and the torch module apply)."""
         if self.input_size is not None:
             if tuple(size) == self.input_size:
                 return ""
@@ -224,15 +226,7 @@ class ExportedModel:
                 f"takes {self.input_size[0]}x{self.input_size[1]} images, the size fixed at "
                 "export; resize the images or export again with --input_size (any: every size)"
             )
-        try:
-            if self.any_size:
-                self._geometry(tuple(size), name)
-            else:
-                check_working_size(Path(name), tuple(size), self.config.preprocessing)
-        except DataError as error:
-            text = str(error)
-            return text if text.startswith(f"{name}: ") else f"{name}: {text}"
-        return ""
+        return input_size_problem(tuple(size), self.config.preprocessing, name) or ""
 
     def _geometry(self, size: tuple[int, int], name: str = "image") -> dict[str, np.ndarray]:
         """The geometry inputs of `size` for a graph of any size ({} for others), kept for

@@ -242,30 +242,39 @@ def working_size(size: tuple[int, int], config: PreprocessingConfig) -> tuple[in
     return resized_size(size, config.resize, config.max_size, config.scale)
 
 
-def check_working_size(path: Path, original: tuple[int, int], config: PreprocessingConfig) -> None:
-    """A DataError naming `path` when the image of (height, width) `original` would, once
-    resized, hold more pixels than the working limit, or its working image is smaller than
-    the model's smallest input or than a tile."""
+def working_size_problem(original: tuple[int, int], config: PreprocessingConfig) -> str | None:
+    """Why an image of (height, width) `original` cannot be preprocessed by `config`: once
+    resized it would hold more pixels than the working limit, or its working image is
+    smaller than the model's smallest input or than a tile; None when it can."""
     frame = frame_of(original, config)
     limit = working_pixel_limit()
     if frame.resized[0] * frame.resized[1] > limit:
-        raise DataError(
-            f"{path}: resized to {frame.resized[1]}x{frame.resized[0]} pixels, more than the "
+        return (
+            f"resized to {frame.resized[1]}x{frame.resized[0]} pixels, more than the "
             f"working limit of {limit} ({WORKING_PIXELS_VARIABLE}); use a smaller --resize, "
             "--scale or --max_size, or raise the limit"
         )
     size = frame.size
     if min(size) < MIN_IMAGE_SIDE:
-        raise DataError(
-            f"{path}: the working image is {size[1]}x{size[0]} pixels, smaller than the "
+        return (
+            f"the working image is {size[1]}x{size[0]} pixels, smaller than the "
             f"{MIN_IMAGE_SIDE} pixels the patch grid needs; use a larger --resize, --scale or "
             "--max_size"
         )
     if config.tile is not None and config.tile > min(size):
-        raise DataError(
-            f"{path}: --tile {config.tile} is larger than the working image ({size[1]}x{size[0]}); "
+        return (
+            f"--tile {config.tile} is larger than the working image ({size[1]}x{size[0]}); "
             "use a smaller --tile or a larger --resize or --scale"
         )
+    return None
+
+
+def check_working_size(path: Path, original: tuple[int, int], config: PreprocessingConfig) -> None:
+    """A DataError naming `path` for the `working_size_problem` of an image of (height,
+    width) `original`, if it has one."""
+    problem = working_size_problem(original, config)
+    if problem is not None:
+        raise DataError(f"{path}: {problem}")
 
 
 def smallest_model_input_side(config: PreprocessingConfig) -> int:
@@ -290,6 +299,17 @@ class Frame:
     top: int
     left: int
     size: tuple[int, int]
+
+    def axis_resizes(self) -> tuple[tuple[int, int, int, int], tuple[int, int, int, int]]:
+        """Per axis (rows, columns), the arguments of `resize_taps` for this frame: (input
+        length, resized length, first output kept, outputs kept)."""
+        rows, columns = (
+            (int(length), int(resized), int(offset), int(kept))
+            for length, resized, offset, kept in zip(
+                self.original, self.resized, (self.top, self.left), self.size, strict=True
+            )
+        )
+        return rows, columns
 
 
 def frame_of(size: tuple[int, int], config: PreprocessingConfig) -> Frame:
@@ -357,31 +377,40 @@ def load_image(path: Path, config: PreprocessingConfig) -> tuple[torch.Tensor, t
 INPUT_RANGE_TOLERANCE = 0.01  # rounding of resizes; far below 0..255 or normalised inputs
 
 
-def check_model_input(images: torch.Tensor) -> None:
-    """A DataError unless `images` is a non-empty float batch [B, 3, H, W] of finite values
-    in [0, 1] (within INPUT_RANGE_TOLERANCE): 0..255 pixels, mean/std-normalised images and
-    NaN or infinite values would otherwise give meaningless scores without a word."""
+def model_input_problem(images: torch.Tensor) -> str | None:
+    """What is wrong with `images` as a model's input, or None: it must be a non-empty float
+    batch [B, 3, H, W] of finite values in [0, 1] (within INPUT_RANGE_TOLERANCE), since
+    0..255 pixels, mean/std-normalised images and NaN or infinite values would otherwise give
+    meaningless scores without a word."""
     if images.ndim != 4 or images.shape[1] != 3 or not images.is_floating_point():
-        raise DataError(
+        return (
             "expected float RGB images [B, 3, H, W] in [0, 1], got "
             f"{images.dtype} {list(images.shape)}"
         )
     if images.shape[0] == 0:
-        raise DataError("expected at least one image, got an empty batch [0, 3, H, W]")
+        return "expected at least one image, got an empty batch [0, 3, H, W]"
     # One pass: the smallest and largest values are NaN or infinite exactly when some value
     # is (torch.isfinite(images).all() took 100x longer on a 256 x 256 image); the values
     # are counted only for the error message.
     low, high = (float(value) for value in torch.aminmax(images))
     if not (math.isfinite(low) and math.isfinite(high)):
-        raise DataError(
+        return (
             f"images hold {int((~torch.isfinite(images)).sum())} values that are not finite "
             "numbers (NaN or infinite); such an image cannot be scored"
         )
     if low < -INPUT_RANGE_TOLERANCE or high > 1.0 + INPUT_RANGE_TOLERANCE:
-        raise DataError(
+        return (
             f"expected images with values in [0, 1], got values from {low:.4g} to {high:.4g}; "
             "divide 8-bit pixels by 255 and do not normalise (the model does that itself)"
         )
+    return None
+
+
+def check_model_input(images: torch.Tensor) -> None:
+    """A DataError with the `model_input_problem` of `images`, if they have one."""
+    problem = model_input_problem(images)
+    if problem is not None:
+        raise DataError(problem)
 
 
 # --------------------------------------------------------------- tensors (export)
@@ -409,6 +438,51 @@ def _bilinear(distance: float) -> float:
     return 1.0 - distance if distance < 1.0 else 0.0
 
 
+# The widest window of taps whose fixed-point sums stay exact in float32 (`apply_taps`):
+# a resize that shrinks about 60 times or more needs wider ones.
+MAX_RESIZE_WINDOW = 1 << (24 - 2 * LOW_WEIGHT_BITS - 1)
+
+
+def _resize_windows(
+    in_length: int, out_length: int, first: int, count: int
+) -> list[tuple[int, int, float]]:
+    """Pillow's bilinear windows over the input of one axis resized from `in_length` to
+    `out_length`, for the `count` outputs from `first` on: (first input, length, centre)
+    each, computed in double precision as Pillow does."""
+    scale = in_length / out_length
+    support = max(scale, 1.0)  # the bilinear filter's support (1) times the filter scale
+    windows = []
+    for output in range(first, first + count):
+        centre = (output + 0.5) * scale
+        low = max(int(centre - support + 0.5), 0)
+        windows.append((low, min(int(centre + support + 0.5), in_length) - low, centre))
+    return windows
+
+
+def _windows_problem(
+    in_length: int, out_length: int, windows: list[tuple[int, int, float]]
+) -> str | None:
+    """Why taps over `windows` (`_resize_windows`) cannot be computed exactly: one is wider
+    than MAX_RESIZE_WINDOW; None when none is."""
+    if max((length for _, length, _ in windows), default=0) < MAX_RESIZE_WINDOW:
+        return None
+    return (
+        f"a resize from {in_length} to {out_length} pixels shrinks the image "
+        f"{in_length / out_length:.0f} times, more than the about 60 times whose "
+        "8-bit resize can be computed exactly; resize the image before scoring it"
+    )
+
+
+def resize_problem(
+    in_length: int, out_length: int, first: int = 0, count: int | None = None
+) -> str | None:
+    """Why `resize_taps` with the same arguments cannot compute its taps exactly (the
+    resize shrinks too much for float32 sums), or None when it can."""
+    count = out_length - first if count is None else count
+    windows = _resize_windows(in_length, out_length, first, count)
+    return _windows_problem(in_length, out_length, windows)
+
+
 @functools.lru_cache(maxsize=32)
 def resize_taps(
     in_length: int, out_length: int, first: int = 0, count: int | None = None
@@ -417,17 +491,15 @@ def resize_taps(
     to `out_length`, for the `count` outputs from `first` on (a crop): each output's
     window and weights computed in double precision and turned into 22-bit fixed point the
     way Pillow does, so `apply_taps` reproduces `Image.resize` pixel for pixel. Results are
-    cached CPU tensors; callers must not modify them."""
+    cached CPU tensors; callers must not modify them. A DataError for a `resize_problem`."""
     count = out_length - first if count is None else count
-    scale = in_length / out_length
-    filter_scale = max(scale, 1.0)
-    support = filter_scale  # the bilinear filter's support is 1
-    inverse_scale = 1.0 / filter_scale  # Pillow multiplies by the reciprocal
+    spans = _resize_windows(in_length, out_length, first, count)
+    problem = _windows_problem(in_length, out_length, spans)
+    if problem is not None:
+        raise DataError(problem)
+    inverse_scale = 1.0 / max(in_length / out_length, 1.0)  # Pillow multiplies by the reciprocal
     windows = []
-    for output in range(first, first + count):
-        centre = (output + 0.5) * scale
-        low = max(int(centre - support + 0.5), 0)
-        length = min(int(centre + support + 0.5), in_length) - low
+    for low, length, centre in spans:
         weights = [_bilinear((tap + low - centre + 0.5) * inverse_scale) for tap in range(length)]
         total = sum(weights)
         if total != 0.0:
@@ -440,12 +512,6 @@ def resize_taps(
         [[min(low + tap, in_length - 1) for tap in range(width)] for low, _ in windows]
     )
     weights = torch.tensor([fixed + [0] * (width - len(fixed)) for _, fixed in windows])
-    if width >= 1 << (24 - 2 * LOW_WEIGHT_BITS - 1):
-        raise DataError(
-            f"a resize from {in_length} to {out_length} pixels shrinks the image "
-            f"{in_length / out_length:.0f} times, more than the about 60 times whose "
-            "8-bit resize can be computed exactly; resize the image before scoring it"
-        )
     return ResizeTaps(
         indices,
         (weights >> LOW_WEIGHT_BITS).float(),
@@ -530,14 +596,26 @@ def input_geometry(
 ) -> tuple[AxisGeometry, AxisGeometry]:
     """(rows, columns) geometry taking a float input of (height, width) `size` to the
     model's input: `image_tensor`'s resize and crop, on tensors."""
-    frame = frame_of(tuple(size), config)
     axes = []
-    for length, resized, offset, crop in zip(
-        size, frame.resized, (frame.top, frame.left), frame.size, strict=True
-    ):
-        taps = None if resized == length else resize_taps(int(length), int(resized), offset, crop)
-        axes.append(AxisGeometry(offset, crop, taps, int(resized)))
+    for length, resized, offset, crop in frame_of(tuple(size), config).axis_resizes():
+        taps = None if resized == length else resize_taps(length, resized, offset, crop)
+        axes.append(AxisGeometry(offset, crop, taps, resized))
     return axes[0], axes[1]
+
+
+def input_size_problem(
+    size: tuple[int, int], config: PreprocessingConfig, name: str | None = None
+) -> str | None:
+    """Why a float input of (height, width) `size` cannot be scored on tensors by a model
+    of `config` (`input_geometry`, or an any-size graph's geometry inputs): its
+    `working_size_problem`, or a resize that shrinks it too much to compute exactly
+    (`resize_problem`). One line naming `name` (default the size), or None when it can."""
+    height, width = int(size[0]), int(size[1])
+    problem = working_size_problem((height, width), config)
+    for axis in frame_of((height, width), config).axis_resizes():
+        if problem is None:
+            problem = resize_problem(*axis)
+    return None if problem is None else f"{name or f'a {height}x{width} image'}: {problem}"
 
 
 def to_model_input(
@@ -652,25 +730,41 @@ def tile_origins(length: int, tile: int, overlap: float) -> list[int]:
     return origins
 
 
-def tile_positions(size: tuple[int, int], tile: int, overlap: float) -> list[tuple[int, int]]:
-    """The (top, left) origins of the tiles covering an image of (height, width) `size`,
-    row by row (`tile_origins` along each side)."""
-    return [
-        (top, left)
-        for top in tile_origins(size[0], tile, overlap)
-        for left in tile_origins(size[1], tile, overlap)
-    ]
-
-
-def cut_tiles(images: torch.Tensor, tile: int, overlap: float) -> tuple[torch.Tensor, list]:
-    """images [B, 3, H, W] -> tiles [B*T, 3, tile, tile] (image-major) and the T (top, left)
-    origins shared by all images of the batch."""
-    origins = tile_positions((int(images.shape[-2]), int(images.shape[-1])), tile, overlap)
-    tiles = torch.stack(
-        [images[:, :, top : top + tile, left : left + tile] for top, left in origins], dim=1
+def tile_indices(
+    size: tuple[int, int], tile: int, overlap: float, device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The tiles of a working image of (height, width) `size`: its rows of each row of tiles
+    and its columns of each column of tiles (int64 [Tr, tile] and [Tc, tile], from the
+    `tile_origins`), the form `cut_tiles` and `stitch_tiles` take."""
+    span = torch.arange(tile, device=device)
+    rows, columns = (
+        torch.tensor(tile_origins(int(length), tile, overlap), device=device)[:, None] + span
+        for length in size
     )
-    return tiles.reshape(-1, *tiles.shape[2:]), origins
+    return rows, columns
 
+
+def cut_tiles(
+    images: torch.Tensor, tile_rows: torch.Tensor, tile_columns: torch.Tensor
+) -> torch.Tensor:
+    """images [B, 3, H, W] -> tiles [B * Tr * Tc, 3, tile, tile], image-major, tiles in
+    row-major order of their places (`tile_indices`). Written by index, with the numbers
+    of tiles as tensor sizes, so that a graph of any input size cuts them the same way."""
+    batch, channels = images.shape[0], images.shape[1]
+    count_rows, tile = tile_rows.shape[0], tile_rows.shape[1]
+    count_columns = tile_columns.shape[0]
+    rows = images.index_select(2, tile_rows.reshape(-1))  # [B, 3, Tr*t, W]
+    both = rows.index_select(3, tile_columns.reshape(-1))  # [B, 3, Tr*t, Tc*t]
+    both = both.reshape(batch, channels, count_rows, tile, count_columns, tile)
+    return both.permute(0, 2, 4, 1, 3, 5).reshape(-1, channels, tile, tile)
+
+
+
+def tiles_of(images: torch.Tensor, tile: int, overlap: float) -> torch.Tensor:
+    """Working-size images [B, 3, H, W] -> their tiles [B * T, 3, tile, tile], image-major
+    (`tile_indices` of their size, cut by `cut_tiles`)."""
+    size = (int(images.shape[-2]), int(images.shape[-1]))
+    return cut_tiles(images, *tile_indices(size, tile, overlap, images.device))
 
 # ------------------------------------------------------------------- fixed sizes
 def fixed_size_pair(

@@ -34,7 +34,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from pathlib import Path
 
 import torch
 
@@ -45,15 +44,16 @@ from patchcore.data.preprocessing import (
     AxisGeometry,
     ResizeTaps,
     apply_taps,
-    check_model_input,
-    check_working_size,
+    cut_tiles,
     frame_of,
     frame_sampling,
     input_geometry,
+    input_size_problem,
     map_to_input_frame,
+    model_input_problem,
     resamples_rows_first,
     resize_taps,
-    tile_origins,
+    tile_indices,
     to_model_input,
 )
 from patchcore.errors import ConfigurationError, DataError, ModelFormatError
@@ -67,6 +67,7 @@ from patchcore.model.scoring import (
     resize_and_blur_matrix,
     score_images,
     score_patches,
+    stitch_tiles,
 )
 from patchcore.model.serialization import (
     config_fields,
@@ -288,11 +289,9 @@ class PatchCoreModule(torch.nn.Module):
                 "PatchCoreModule expects float RGB images [B, 3, H, W] in [0, 1], got "
                 f"{images.dtype} {list(images.shape)}"
             )
-        if _eager():
-            try:
-                check_model_input(images)
-            except DataError as error:
-                raise DataError(f"PatchCoreModule: {error}") from error
+        problem = model_input_problem(images) if _eager() else None
+        if problem is not None:
+            raise DataError(f"PatchCoreModule: {problem}")
         images = images.to(self.memory_bank.device, torch.float32)
         geometry = input_geometry(tuple(images.shape[-2:]), config.preprocessing)
         scores, maps = self.score(images, geometry)
@@ -377,7 +376,7 @@ class FixedSizePatchCore(torch.nn.Module):
 # of the fixed-point weights, `ResizeTaps`). `map_rows` / `map_columns`: how each input pixel
 # samples the map on the model's frame (`frame_sampling`), `_indices` int64 [L, 2] and
 # `_weights` float32 [L, 2]. With tiles, `tile_rows` / `tile_columns` int64 [T, tile]: the
-# working-image rows and columns of each row and column of tiles (`tile_origins`).
+# working-image rows and columns of each row and column of tiles (`tile_indices`).
 RESIZE_PASSES = ("resize1", "resize2", "resize3")
 MAP_AXES = ("map_rows", "map_columns")
 TILE_INPUT_NAMES = ("tile_rows", "tile_columns")
@@ -396,16 +395,17 @@ def any_size_inputs(
     size: tuple[int, int], config: PatchCoreConfig, name: str | None = None
 ) -> dict[str, torch.Tensor]:
     """The geometry inputs (`geometry_input_names`) of an any-size graph for images of
-    (height, width) `size`: CPU tensors. A DataError (naming `name`, default the size) says
-    why a size cannot be scored: its working image is smaller than the patch grid needs or
-    than a tile, or holds more pixels than the working limit, or a resize shrinks it more
-    than can be computed exactly."""
+    (height, width) `size`: CPU tensors. A DataError for a size that cannot be scored, with
+    its `input_size_problem` (naming `name`, default the size): its working image is smaller
+    than the patch grid needs or than a tile, or holds more pixels than the working limit,
+    or a resize shrinks it more than can be computed exactly."""
     preprocessing = config.preprocessing
     height, width = int(size[0]), int(size[1])
-    check_working_size(Path(name or f"a {height}x{width} image"), (height, width), preprocessing)
+    problem = input_size_problem((height, width), preprocessing, name)
+    if problem is not None:
+        raise DataError(problem)
     frame = frame_of((height, width), preprocessing)
-    rows = resize_taps(height, frame.resized[0], frame.top, frame.size[0])
-    columns = resize_taps(width, frame.resized[1], frame.left, frame.size[1])
+    rows, columns = (resize_taps(*axis) for axis in frame.axis_resizes())
     if resamples_rows_first((height, width), frame.resized):
         passes = (resize_taps(width, width), rows, columns)
     else:
@@ -419,11 +419,9 @@ def any_size_inputs(
     ):
         inputs[f"{key}_indices"] = indices
         inputs[f"{key}_weights"] = weights
-    tile = preprocessing.tile
-    if tile is not None:
-        for key, length in zip(TILE_INPUT_NAMES, frame.size, strict=True):
-            origins = tile_origins(length, tile, preprocessing.tile_overlap)
-            inputs[key] = torch.tensor(origins)[:, None] + torch.arange(tile)[None, :]
+    if preprocessing.tile is not None:
+        tiles = tile_indices(frame.size, preprocessing.tile, preprocessing.tile_overlap)
+        inputs.update(zip(TILE_INPUT_NAMES, tiles, strict=True))
     return inputs
 
 
@@ -443,8 +441,9 @@ class AnySizePatchCore(torch.nn.Module):
     inputs of (H, W) (`any_size_inputs`, in the order of `geometry_input_names`), and
     returns what `FixedSizePatchCore` returns: (pred_score [B], anomaly_map [B, H, W]) and,
     with a threshold, pred_label [B]. Scores come from the module's own scorer
-    (`score_patches`); the resize, the tiles, the map's upsampling, blur and return to the
-    input's frame are written with the sizes as graph values, so one graph serves every size.
+    (`score_patches`, and with tiles its own `cut_tiles` and `stitch_tiles`); the resize,
+    the map's upsampling, blur and return to the input's frame are written with the sizes as
+    graph values, so one graph serves every size.
     """
 
     def __init__(self, module: PatchCoreModule, sigma: float = DEFAULT_SIGMA) -> None:
@@ -473,46 +472,6 @@ class AnySizePatchCore(torch.nn.Module):
             pixels = apply_taps(pixels, dim, pass_taps)
         return pixels / EIGHT_BIT_MAX
 
-    def _tiles(
-        self, model_input: torch.Tensor, tile_rows: torch.Tensor, tile_columns: torch.Tensor
-    ) -> torch.Tensor:
-        """`cut_tiles` by index: [B, 3, h, w] -> [B * Tr * Tc, 3, tile, tile], image-major,
-        tiles in row-major order of their origins."""
-        batch, channels = model_input.shape[0], model_input.shape[1]
-        count_rows, tile = tile_rows.shape[0], tile_rows.shape[1]
-        count_columns = tile_columns.shape[0]
-        rows = model_input.index_select(2, tile_rows.reshape(-1))  # [B, 3, Tr*t, w]
-        both = rows.index_select(3, tile_columns.reshape(-1))  # [B, 3, Tr*t, Tc*t]
-        both = both.reshape(batch, channels, count_rows, tile, count_columns, tile)
-        return both.permute(0, 2, 4, 1, 3, 5).reshape(-1, channels, tile, tile)
-
-    def _stitched(
-        self,
-        patch_scores: torch.Tensor,
-        tile_rows: torch.Tensor,
-        tile_columns: torch.Tensor,
-        working: tuple,
-    ) -> torch.Tensor:
-        """`stitch_tiles` by placement matrices: tile patch scores [B*T, g, g] -> [B, h, w]."""
-        count_rows, tile = tile_rows.shape[0], tile_rows.shape[1]
-        count_columns = tile_columns.shape[0]
-        upsampled = torch.nn.functional.interpolate(
-            patch_scores.unsqueeze(1), size=(tile, tile), mode="bilinear", align_corners=False
-        ).reshape(-1, count_rows, count_columns, tile, tile)
-        device = patch_scores.device
-        place_rows = (
-            torch.arange(working[0], device=device)[None, :, None] == tile_rows[:, None, :]
-        ).to(upsampled.dtype)  # [Tr, h, t]
-        place_columns = (
-            torch.arange(working[1], device=device)[None, :, None] == tile_columns[:, None, :]
-        ).to(upsampled.dtype)  # [Tc, w, t]
-        partial = torch.einsum("rhi,brcij->bchj", place_rows, upsampled)
-        total = torch.einsum("bchj,cwj->bhw", partial, place_columns)
-        row_cover = place_rows.sum(dim=2).sum(dim=0)  # tiles covering each row
-        column_cover = place_columns.sum(dim=2).sum(dim=0)
-        coverage = row_cover[:, None] * column_cover[None, :]
-        return total / coverage
-
     @torch.no_grad()
     def forward(self, images: torch.Tensor, *geometry: torch.Tensor) -> tuple[torch.Tensor, ...]:
         inputs = dict(zip(self.input_names[1:], geometry, strict=True))
@@ -531,9 +490,9 @@ class AnySizePatchCore(torch.nn.Module):
             maps = patch_scores.float()
         else:
             tile_rows, tile_columns = inputs["tile_rows"], inputs["tile_columns"]
-            features, grid = self.module.embedder(self._tiles(model_input, tile_rows, tile_columns))
+            features, grid = self.module.embedder(cut_tiles(model_input, tile_rows, tile_columns))
             patch_scores, _ = score_patches(features, grid, search, self.config)
-            maps = self._stitched(patch_scores, tile_rows, tile_columns, working)
+            maps = stitch_tiles(patch_scores, tile_rows, tile_columns, working)
             scores = maps.flatten(1).amax(dim=1)
             rows = resize_and_blur_matrix(working[0], working[0], self.sigma, images.device)
             columns = resize_and_blur_matrix(working[1], working[1], self.sigma, images.device)

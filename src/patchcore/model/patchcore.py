@@ -21,9 +21,9 @@ import torch
 from patchcore.config import PatchCoreConfig, SearchConfig
 from patchcore.data.preprocessing import (
     check_model_input,
-    cut_tiles,
     smallest_model_input_side,
     tile_origins,
+    tiles_of,
 )
 from patchcore.errors import ConfigurationError, DataError
 from patchcore.model.bank_file import MappedBank
@@ -185,7 +185,7 @@ class PatchCore:
         check_model_input(images)
         preprocessing = self.config.preprocessing
         if preprocessing.tile is not None:
-            images = cut_tiles(images, preprocessing.tile, preprocessing.tile_overlap)[0]
+            images = tiles_of(images, preprocessing.tile, preprocessing.tile_overlap)
         for part in images.split(FIT_IMAGES_AT_ONCE):
             yield self.embed(part)
 

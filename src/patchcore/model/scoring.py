@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from patchcore.config import PatchCoreConfig
-from patchcore.data.preprocessing import cut_tiles, tile_positions
+from patchcore.data.preprocessing import tile_indices, tiles_of
 
 DEFAULT_SIGMA = 4.0
 TRUNCATE = 4.0
@@ -363,22 +363,30 @@ def score_features(
 
 def stitch_tiles(
     patch_scores: torch.Tensor,
-    origins: list[tuple[int, int]],
-    tile: int,
-    image_size: tuple[int, int],
+    tile_rows: torch.Tensor,
+    tile_columns: torch.Tensor,
+    image_size: tuple,
 ) -> torch.Tensor:
-    """Tile patch scores [B*T, g, g] (image-major) -> stitched maps [B, H, W]: each tile's
-    scores upsampled to its pixels, averaged where tiles overlap."""
+    """Tile patch scores [B*T, g, g] (image-major, the order of `cut_tiles`) -> stitched
+    maps [B, H, W]: each tile's scores upsampled to its pixels, averaged where tiles overlap.
+
+    The tiles' pixels are summed into the map by index (`index_add`, in the tiles' order:
+    on the CPU, the sums of a loop over the tiles, bit for bit; on a GPU, by atomic adds, so
+    where tiles overlap the last bit may vary from run to run), with the numbers of tiles
+    and the image size as tensor sizes, so that a graph of any input size stitches the same
+    way (ONNX ScatterND)."""
+    count_rows, tile = tile_rows.shape[0], tile_rows.shape[1]
+    count_columns = tile_columns.shape[0]
     upsampled = F.interpolate(
         patch_scores.unsqueeze(1), size=(tile, tile), mode="bilinear", align_corners=False
-    ).reshape(-1, len(origins), tile, tile)
-    batch = upsampled.shape[0]
-    total = patch_scores.new_zeros(batch, *image_size)
-    coverage = patch_scores.new_zeros(1, *image_size)
-    for position, (top, left) in enumerate(origins):
-        total[:, top : top + tile, left : left + tile] += upsampled[:, position]
-        coverage[:, top : top + tile, left : left + tile] += 1.0
-    return total / coverage
+    ).reshape(-1, count_rows * count_columns * tile * tile)
+    # The map pixel of each tile pixel, tiles in row-major order, rows then columns within.
+    pixels = (tile_rows[:, None, :, None] * image_size[1] + tile_columns[None, :, None, :]).reshape(-1)
+    flat_size = image_size[0] * image_size[1]
+    total = upsampled.new_zeros(upsampled.shape[0], flat_size).index_add(1, pixels, upsampled)
+    ones = torch.ones_like(pixels, dtype=upsampled.dtype)
+    coverage = upsampled.new_zeros(flat_size).index_add(0, pixels, ones)
+    return (total / coverage).reshape(-1, image_size[0], image_size[1])
 
 
 Embed = Callable[[torch.Tensor], tuple[torch.Tensor, tuple[int, int]]]
@@ -395,7 +403,7 @@ def score_images(
     image_size = (int(images.shape[-2]), int(images.shape[-1]))
     tile = config.preprocessing.tile
     if tile is not None:
-        images = cut_tiles(images, tile, config.preprocessing.tile_overlap)[0]
+        images = tiles_of(images, tile, config.preprocessing.tile_overlap)
     features, grid = embed(images)
     return score_embedded(features, grid, index, config, image_size, sigma)
 
@@ -413,9 +421,11 @@ def score_embedded(
     tile = config.preprocessing.tile
     if tile is None:
         return score_features(features, grid, index, config, image_size, sigma)
-    origins = tile_positions(image_size, tile, config.preprocessing.tile_overlap)
+    tile_rows, tile_columns = tile_indices(
+        image_size, tile, config.preprocessing.tile_overlap, features.device
+    )
     patch_scores, _ = score_patches(features, grid, index, config)
-    stitched = stitch_tiles(patch_scores, origins, tile, image_size)
+    stitched = stitch_tiles(patch_scores, tile_rows, tile_columns, image_size)
     cell = tile / grid[0]
     patch_grid = (max(1, round(image_size[0] / cell)), max(1, round(image_size[1] / cell)))
     stitched_patches = F.adaptive_avg_pool2d(stitched.unsqueeze(1), patch_grid).squeeze(1)
