@@ -418,3 +418,17 @@ def test_a_failed_background_spill_write_is_raised_on_the_callers_thread(monkeyp
             store.append(torch.randn(4096, 16))
         store.gather(torch.tensor([0]))
     store.close()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_non_finite_values_are_counted_like_isfinite(dtype):
+    from patchcore.tensors import count_non_finite
+
+    generator = torch.Generator().manual_seed(5)
+    values = torch.randn(300, 17, generator=generator).to(dtype)
+    assert count_non_finite(values) == 0
+    assert count_non_finite(values[:0]) == 0
+    for bad in ([float("nan")], [float("inf")], [-float("inf")], [float("nan"), float("inf"), -float("inf")]):
+        spoiled = values.clone()
+        spoiled.view(-1)[torch.randperm(spoiled.numel(), generator=generator)[: len(bad)]] = torch.tensor(bad, dtype=dtype)
+        assert count_non_finite(spoiled) == int((~torch.isfinite(spoiled)).sum()) == len(bad)

@@ -44,6 +44,7 @@ from patchcore.model.scoring import (
     score_images,
 )
 from patchcore.progress import track
+from patchcore.tensors import count_non_finite
 
 LOGGER = logging.getLogger(__name__)
 
@@ -251,7 +252,7 @@ class PatchCore:
                 images = images_of(batch)
                 first_row, batch_rows = len(store), 0
                 for features, grid in self.training_features(images):
-                    if not bool(torch.isfinite(features).all()):
+                    if count_non_finite(features):
                         raise DataError(
                             f"training batch {number}: the backbone gives patch features that "
                             "are not finite numbers (NaN or infinite); check the backbone's "

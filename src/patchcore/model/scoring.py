@@ -38,6 +38,7 @@ import torch.nn.functional as F
 
 from patchcore.config import PatchCoreConfig
 from patchcore.data.preprocessing import tile_indices, tiles_of
+from patchcore.tensors import count_non_finite
 
 DEFAULT_SIGMA = 4.0
 TRUNCATE = 4.0
@@ -255,7 +256,7 @@ def memory_bank_problem(bank: torch.Tensor, dimension: int) -> str | None:
     a few thousand rows at a time, so a memory-mapped bank is never read in whole."""
     if bank.ndim != 2 or bank.shape[1] != dimension or not len(bank):
         return f"must have shape [M > 0, {dimension}], got {list(bank.shape)}"
-    non_finite = sum(int((~torch.isfinite(bank[start : start + _CHECK_ROWS])).sum())
+    non_finite = sum(count_non_finite(bank[start : start + _CHECK_ROWS])
                      for start in range(0, len(bank), _CHECK_ROWS))  # fmt: skip
     if non_finite:
         return f"holds {non_finite} values that are not finite numbers (NaN or infinite)"

@@ -19,6 +19,7 @@ import torch
 
 from patchcore.config import SearchConfig
 from patchcore.errors import ConfigurationError, ModelFormatError
+from patchcore.tensors import count_non_finite
 
 LOGGER = logging.getLogger(__name__)
 
@@ -324,7 +325,7 @@ def read_memory_bank(path: Path) -> torch.Tensor:
         )
     vectors = index.reconstruct_n(0, index.ntotal) if index.ntotal else np.zeros((0, index.d))
     bank = torch.from_numpy(np.ascontiguousarray(vectors, dtype=np.float32))
-    bad = int((~torch.isfinite(bank)).sum())
+    bad = count_non_finite(bank)
     if bad:
         raise ModelFormatError(
             f"{path}: the memory bank holds {bad} values that are not finite numbers (NaN or "
