@@ -21,7 +21,7 @@ sized), so its floor is its arithmetic: 2 (D + 1) operations per (row, point) pa
 evaluates, at the matrix-product rate measured here with torch.mm at the lazy selection's
 shapes in the path's precision (bfloat16 for AMX and AVX512-BF16, float32 otherwise), on one
 thread, times the torch threads (both cores of a 2-core machine: the lazy selection's helper
-thread takes half of each tile update). The rate with every torch thread is printed too.
+thread takes chunks of each tile update). The rate with every torch thread is printed too.
 
 `--products` lists the product paths to run (`path[:march]`, see
 `patchcore.model.samplers.product_path`; default: this CPU's own): `avx2:x86-64-v3` runs the

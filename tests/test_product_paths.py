@@ -83,14 +83,15 @@ def test_each_product_path_selects_the_plain_sweeps_rows(path):
 def test_compiled_products_are_within_the_bound_of_their_path(path):
     """Each compiled kernel's products differ from the exact products of its copies by at
     most eta (|x|^2 + |c|^2) / 2, eta the path's bound (`products_rounding_eta`); point counts
-    and dimensions exercise every block shape and a vector tail."""
+    and dimensions exercise every block shape (AVX2: 16- and 8-point groups, then 1 to 7
+    points) and a vector tail."""
     if path not in NATIVE:
         pytest.skip(f"this CPU does not run {path} products (its rounding is emulated above)")
     bfloat16 = path in samplers.BFLOAT16_PATHS
     generator = torch.Generator().manual_seed(5)
     for dimension in (64,) if bfloat16 else (64, 37):
         eta = samplers.products_rounding_eta(dimension, bfloat16)
-        for count, points in ((40, 7), (33, 5), (17, 1), (16, 16)):
+        for count, points in ((40, 7), (33, 5), (17, 1), (16, 16), (45, 27), (50, 40)):
             scale = torch.logspace(-2, 2, count + 16)[:, None]
             rows = torch.randn(count + 16, dimension, generator=generator) * scale
             rows[count:] = 0  # the padding the kernels may read
@@ -114,7 +115,7 @@ def test_compiled_products_are_within_the_bound_of_their_path(path):
 @pytest.mark.parametrize("path", ["avx2", "portable"])
 def test_float32_paths_compute_every_batch_in_compiled_code(monkeypatch, path):
     """The AVX2 and portable paths never hand a batch back to torch.mm (the helper thread
-    can take half of every update)."""
+    can take part in every update)."""
     if path not in NATIVE:
         pytest.skip(f"this CPU does not run {path} products")
 
@@ -127,12 +128,12 @@ def test_float32_paths_compute_every_batch_in_compiled_code(monkeypatch, path):
 
 @needs_kernels
 def test_the_helper_thread_shares_float32_updates_and_selects_the_same(monkeypatch):
-    """With two torch threads the helper takes half of the rows of updates (counted) on a
+    """With two torch threads the helper takes chunks of the rows of updates (counted) on a
     path that computes every batch in compiled code; with one thread or switched off, none.
-    (A helper that a busy machine does not schedule leaves its halves to the calling
+    (A helper that a busy machine does not schedule leaves its chunks to the calling
     thread: three tries for it to take any.)"""
     if len(os.sched_getaffinity(0)) < 2:
-        pytest.skip("one CPU core: the calling thread would claim every half itself")
+        pytest.skip("one CPU core: the calling thread would claim every chunk itself")
     path = "avx2" if "avx2" in NATIVE else "portable"
     generator = torch.Generator().manual_seed(11)
     features = torch.randn(12000, 128, generator=generator)

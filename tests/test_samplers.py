@@ -246,7 +246,7 @@ def test_small_batches_products_select_as_torch_mm_does(monkeypatch, name, small
                                                         use_helper):  # fmt: skip
     """Tiles are brought up to date with batches of pending points whose products the compiled
     loop computes itself (on AMX tiles for every batch, or up to SMALL_BATCH points with
-    AVX512-BF16), with or without the helper thread taking half of each tile's rows, or
+    AVX512-BF16), with or without the helper thread taking chunks of each tile's rows, or
     torch.mm computes: any split selects what the plain sweep selects. Dimensions here are
     multiples of 32 (the compiled products' condition). A path this CPU cannot run is
     emulated (every batch by torch, rounded as the path rounds)."""

@@ -186,6 +186,27 @@ static inline float from_bfloat16(uint16_t half) {
    of its error against the exactly centred row. */
 static inline void centred_copy(const float* x, const float* centre, int64_t d, void* out,
                                 int half, float* squared_norm, float* error) {
+    float slack = 1.0f + (float)(d + 8) * 0x1p-24f;
+    if (!half) { /* the copy is the centred row itself: nothing lost (same sums, vectorised) */
+        float norm[LANES] = {0.0f}, sum = 0.0f;
+        float* copy = (float*)out;
+        int64_t j0 = 0;
+        for (; j0 + LANES <= d; j0 += LANES)
+            for (int l = 0; l < LANES; l++) {
+                float centred = x[j0 + l] - centre[j0 + l];
+                copy[j0 + l] = centred;
+                norm[l] += centred * centred;
+            }
+        for (int l = 0; j0 + l < d; l++) {
+            float centred = x[j0 + l] - centre[j0 + l];
+            copy[j0 + l] = centred;
+            norm[l] += centred * centred;
+        }
+        for (int l = 0; l < LANES; l++) sum += norm[l];
+        *squared_norm = sum / slack;
+        *error = sqrtf(sum) * 0x1p-23f * slack + 1e-30f;
+        return;
+    }
     float norm[LANES] = {0.0f}, lost[LANES] = {0.0f}, size[LANES] = {0.0f};
     for (int64_t j0 = 0; j0 < d; j0 += LANES) {
         int lanes = d - j0 < LANES ? (int)(d - j0) : LANES;
@@ -213,7 +234,6 @@ static inline void centred_copy(const float* x, const float* centre, int64_t d, 
         size_sum += size[l];
     }
     /* the centred value itself is within one unit roundoff of the exact difference */
-    float slack = 1.0f + (float)(d + 8) * 0x1p-24f;
     *squared_norm = norm_sum / slack;
     *error = (sqrtf(lost_sum) * slack + sqrtf(size_sum) * 0x1p-23f) * slack + 1e-30f;
 }
@@ -273,15 +293,16 @@ static void mark_stale(const float* c, const float* centres, const float* radii,
             stale[t] = 1;
 }
 
-/* The coreset points ids[0..count) that may change the tile, as centred low-precision copies
-   (out [*, d]) with their norms, error bounds and ids; returns how many. */
-static int64_t pending_points(const float* x, int64_t d, const int64_t* ids, int64_t count,
-                              const float* centre, float radius, float bound, float shrink,
-                              void* out, int half, float* squared_norms, float* errors,
-                              int64_t* kept_ids) {
+/* The coreset points ids[0..count) that may change the tile, their rows `points` [count, d]
+   (consecutive: read as a stream), as centred low-precision copies (out [*, d]) with their
+   norms, error bounds and ids; returns how many. */
+static int64_t pending_points(const float* points, int64_t d, const int64_t* ids,
+                              int64_t count, const float* centre, float radius, float bound,
+                              float shrink, void* out, int half, float* squared_norms,
+                              float* errors, int64_t* kept_ids) {
     int64_t kept = 0;
     for (int64_t q = 0; q < count; q++) {
-        const float* c = x + ids[q] * d;
+        const float* c = points + q * d;
         if (!may_lower(c, centre, d, radius, bound, shrink)) continue;
         void* copy = half ? (void*)((uint16_t*)out + kept * d) : (void*)((float*)out + kept * d);
         centred_copy(c, centre, d, copy, half, squared_norms + kept, errors + kept);
@@ -290,13 +311,67 @@ static int64_t pending_points(const float* x, int64_t d, const int64_t* ids, int
     return kept;
 }
 
+/* Exact squared distances (exact_squared_distance) of EXACT_WAYS pairs at once: each pair
+   its own sum in dimension order, so the values are the same; the independent sums overlap
+   where one alone would wait on each addition. */
+#define EXACT_WAYS 8
+static void exact_squared_distances_of_pairs(const float* const* a, const float* const* b,
+                                             int64_t d, float* out) {
+    float sum[EXACT_WAYS] = {0.0f};
+    for (int64_t j = 0; j < d; j++)
+        for (int k = 0; k < EXACT_WAYS; k++) {
+            float t = a[k][j] - b[k][j];
+            sum[k] += t * t;
+        }
+    for (int k = 0; k < EXACT_WAYS; k++) out[k] = sum[k];
+}
+
+/* Pairs (row, point) of apply_points waiting for their exact distance. */
+#define WAITING_PAIRS 64
+typedef struct {
+    const float* row[WAITING_PAIRS];
+    const float* point[WAITING_PAIRS];
+    int64_t index[WAITING_PAIRS]; /* the row's index in m */
+    int64_t count;
+} WaitingPairs;
+
+/* Computes the waiting pairs' exact distances, EXACT_WAYS at a time (the last group padded
+   with its last pair), and lowers each row's minimum distance m where one is smaller. */
+static void settle_pairs(WaitingPairs* waiting, int64_t d, float* m) {
+    for (int64_t k0 = 0; k0 < waiting->count; k0 += EXACT_WAYS) {
+        const float* a[EXACT_WAYS];
+        const float* b[EXACT_WAYS];
+        float exact[EXACT_WAYS];
+        for (int k = 0; k < EXACT_WAYS; k++) {
+            int64_t pair = k0 + k < waiting->count ? k0 + k : waiting->count - 1;
+            a[k] = waiting->row[pair];
+            b[k] = waiting->point[pair];
+        }
+        exact_squared_distances_of_pairs(a, b, d, exact);
+        for (int k = 0; k < EXACT_WAYS && k0 + k < waiting->count; k++) {
+            int64_t i = waiting->index[k0 + k];
+            if (exact[k] < m[i]) m[i] = exact[k];
+        }
+    }
+    waiting->count = 0;
+}
+
+/* The product at `offset` of a tile's products, bfloat16 bits (`half`) or float32. */
+static inline float product_value(const void* products, int half, int64_t offset) {
+    return half ? from_bfloat16(((const uint16_t*)products)[offset])
+                : ((const float*)products)[offset];
+}
+
 /* Applies p coreset points to a tile's rows[0..count). products[r * stride + q] is the
    low-precision product of the centred copies of row r and point q. A pair is computed
    exactly unless the product's rounding bound proves that the point cannot lower the row's
    minimum distance m:
        skip  <=>  (1 - eta) (|x~|^2 + |c~|^2) - 2 x~.c~  >=  (sqrt(m / shrink) + e_x + e_c)^2
    x~, c~ are the copies, e_x, e_c bound their errors (e_c: the largest point error), eta
-   bounds the product's rounding relative to (|x~|^2 + |c~|^2) / 2. Writes the tile's largest
+   bounds the product's rounding relative to (|x~|^2 + |c~|^2) / 2. A row with one pair not
+   skipped (the usual case) leaves it to wait with other rows' pairs (settle_pairs), which
+   lowers m to its exact distance where smaller; a row with several computes them one by
+   one, each tested with the minimum lowered so far. Writes the tile's largest
    minimum distance and its lowest row index; returns the number of exact computations. */
 int64_t apply_points(const float* x, int64_t d, const int64_t* rows, int64_t count,
                      const void* products, int half, int64_t p, int64_t stride,
@@ -304,8 +379,6 @@ int64_t apply_points(const float* x, int64_t d, const int64_t* rows, int64_t cou
                      const float* row_norms, const float* row_errors, float eta, float shrink,
                      float* scratch, float* m, float* best_value, int64_t* best_row) {
     int64_t checks = 0;
-    float best = -INFINITY;
-    int64_t best_index = -1;
     float* offsets = scratch; /* (1 - eta) |c~|^2 */
     float point_error = 0.0f;
     for (int64_t q = 0; q < p; q++) {
@@ -314,10 +387,11 @@ int64_t apply_points(const float* x, int64_t d, const int64_t* rows, int64_t cou
     }
     const uint16_t* half_products = (const uint16_t*)products;
     const float* full_products = (const float*)products;
+    WaitingPairs waiting;
+    waiting.count = 0;
     for (int64_t r = 0; r < count; r++) {
         int64_t i = rows[r];
-        float minimum = m[i];
-        float reach = sqrtf(minimum / shrink) + row_errors[r] + point_error + 1e-18f;
+        float reach = sqrtf(m[i] / shrink) + row_errors[r] + point_error + 1e-18f;
         float threshold = (1.0f - eta) * row_norms[r] - reach * reach;
         int any = 0;
         if (half) {
@@ -329,36 +403,52 @@ int64_t apply_points(const float* x, int64_t d, const int64_t* rows, int64_t cou
             for (int64_t q = 0; q < p; q++)
                 any |= 2.0f * row_products[q] - offsets[q] > threshold;
         }
-        /* blocks of LANES points: a vector test, then only the flagged pairs one by one */
+        /* blocks of LANES points: a vector test counts the flagged pairs */
+        int64_t flagged = 0, first = -1;
         for (int64_t q0 = 0; any && q0 < p; q0 += LANES) {
             int lanes = p - q0 < LANES ? (int)(p - q0) : LANES;
-            float values[LANES];
             unsigned flags = 0;
-            if (half) {
-                const uint16_t* row_products = half_products + r * stride + q0;
-                for (int l = 0; l < lanes; l++) values[l] = from_bfloat16(row_products[l]);
-            } else {
-                const float* row_products = full_products + r * stride + q0;
-                for (int l = 0; l < lanes; l++) values[l] = row_products[l];
-            }
             for (int l = 0; l < lanes; l++)
-                flags |= (unsigned)(2.0f * values[l] - offsets[q0 + l] > threshold) << l;
-            while (flags) {
-                int l = __builtin_ctz(flags);
-                flags &= flags - 1;
-                if (2.0f * values[l] - offsets[q0 + l] <= threshold) continue; /* lowered */
+                flags |= (unsigned)(2.0f * product_value(products, half, r * stride + q0 + l) -
+                                        offsets[q0 + l] >
+                                    threshold)
+                         << l;
+            if (flags && first < 0) first = q0 + __builtin_ctz(flags);
+            flagged += __builtin_popcount(flags);
+        }
+        const float* row = x + i * d;
+        if (flagged == 1) { /* the usual case: the pair waits, with others, for settle_pairs */
+            for (int64_t j = 0; j < d; j += 16) __builtin_prefetch(row + j);
+            waiting.row[waiting.count] = row;
+            waiting.point[waiting.count] = x + ids[first] * d;
+            waiting.index[waiting.count++] = i;
+            checks++;
+            if (waiting.count == WAITING_PAIRS) settle_pairs(&waiting, d, m);
+        } else if (flagged > 1) {
+            /* several: one by one, each tested with the minimum lowered so far */
+            float minimum = m[i];
+            for (int64_t q = first; q < p; q++) {
+                if (2.0f * product_value(products, half, r * stride + q) - offsets[q] <=
+                    threshold)
+                    continue;
                 checks++;
-                float exact = exact_squared_distance(x + i * d, x + ids[q0 + l] * d, d);
+                float exact = exact_squared_distance(row, x + ids[q] * d, d);
                 if (exact < minimum) {
                     minimum = exact;
                     reach = sqrtf(minimum / shrink) + row_errors[r] + point_error + 1e-18f;
                     threshold = (1.0f - eta) * row_norms[r] - reach * reach;
                 }
             }
+            m[i] = minimum;
         }
-        if (any) m[i] = minimum;
-        if (minimum > best || (minimum == best && i < best_index)) {
-            best = minimum;
+    }
+    settle_pairs(&waiting, d, m);
+    float best = -INFINITY;
+    int64_t best_index = -1;
+    for (int64_t r = 0; r < count; r++) {
+        int64_t i = rows[r];
+        if (m[i] > best || (m[i] == best && i < best_index)) {
+            best = m[i];
             best_index = i;
         }
     }
@@ -412,6 +502,39 @@ static void float32_products(const float* rows, int64_t count, int64_t d, const 
 }
 
 #if defined(X86_KERNELS)
+/* Points [0, p) in groups of eight, transposed for avx2_products:
+   packed[(g * d + j) * 8 + l] = points[(8 g + l) * d + j] for the p / 8 whole groups (the
+   last p % 8 points are not packed); blocks of 8 x 8 values are transposed in registers. */
+TARGET("avx2,fma")
+static void pack_point_groups(const float* points, int64_t p, int64_t d, float* packed) {
+    for (int64_t g = 0; g < p / 8; g++) {
+        const float* group = points + 8 * g * d;
+        float* out = packed + g * d * 8;
+        int64_t j = 0;
+        for (; j + 8 <= d; j += 8) {
+            __m256 r[8], t[8], u[8];
+            for (int l = 0; l < 8; l++) r[l] = _mm256_loadu_ps(group + l * d + j);
+            for (int l = 0; l < 8; l += 2) {
+                t[l] = _mm256_unpacklo_ps(r[l], r[l + 1]);
+                t[l + 1] = _mm256_unpackhi_ps(r[l], r[l + 1]);
+            }
+            for (int h = 0; h < 8; h += 4) {
+                u[h] = _mm256_shuffle_ps(t[h], t[h + 2], 0x44);
+                u[h + 1] = _mm256_shuffle_ps(t[h], t[h + 2], 0xee);
+                u[h + 2] = _mm256_shuffle_ps(t[h + 1], t[h + 3], 0x44);
+                u[h + 3] = _mm256_shuffle_ps(t[h + 1], t[h + 3], 0xee);
+            }
+            for (int k = 0; k < 4; k++) {
+                _mm256_storeu_ps(out + (j + k) * 8, _mm256_permute2f128_ps(u[k], u[k + 4], 0x20));
+                _mm256_storeu_ps(out + (j + k + 4) * 8,
+                                 _mm256_permute2f128_ps(u[k], u[k + 4], 0x31));
+            }
+        }
+        for (; j < d; j++)
+            for (int l = 0; l < 8; l++) out[j * 8 + l] = group[l * d + j];
+    }
+}
+
 /* Sums of four vectors' lanes, [sum a, sum b, sum c, sum d]: three additions per lane. */
 TARGET("avx2,fma") static inline __m128 lane_sums(__m256 a, __m256 b, __m256 c, __m256 d) {
     __m256 ab = _mm256_hadd_ps(a, b), cd = _mm256_hadd_ps(c, d);
@@ -419,10 +542,11 @@ TARGET("avx2,fma") static inline __m128 lane_sums(__m256 a, __m256 b, __m256 c, 
     return _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1));
 }
 
-/* A block of NR rows x NP points (2 x 4, 2 x 3, 4 x 2 or 8 x 1: at most 8 accumulators, so
-   the block fits the 16 vector registers of AVX2 with the points' vectors): NR x NP
-   accumulators of eight lanes (fused multiply-adds), the last partial vector of dimensions
-   loaded under `tail`; each sum's lanes joined in three additions (lane_sums). */
+/* Dot-product form, for the last 1 to 7 points: a block of NR rows x NP points (2 x 4, 2 x 3,
+   4 x 2 or 8 x 1: at most 8 accumulators, so the block fits the 16 vector registers of AVX2
+   with the points' vectors): NR x NP accumulators of eight lanes (fused multiply-adds), the
+   last partial vector of dimensions loaded under `tail`; each sum's lanes joined in three
+   additions (lane_sums). */
 #define AVX2_STEP(NR, NP, LOAD)                                                               \
     do {                                                                                      \
         __m256 c[NP];                                                                         \
@@ -458,17 +582,58 @@ TARGET("avx2,fma") static inline __m128 lane_sums(__m256 a, __m256 b, __m256 c, 
         }                                                                                     \
     } while (0)
 
+/* Outer-product form, for whole groups of eight points: a block of NR rows x NG groups
+   (6 x 2 or 8 x 1: 12 or 8 accumulators, the groups' vectors and one broadcast row value fit
+   the 16 vector registers of AVX2). Accumulator (i, g) holds row i's products with the eight
+   points of group g in its lanes, each summed over dimensions in order with fused
+   multiply-adds (d roundings per term), so nothing is joined across lanes. */
+#define AVX2_OUTER_BLOCK(NR, NG)                                                              \
+    do {                                                                                      \
+        __m256 acc[NR][NG];                                                                   \
+        for (int i = 0; i < NR; i++)                                                          \
+            for (int g = 0; g < NG; g++) acc[i][g] = _mm256_setzero_ps();                     \
+        for (int64_t j = 0; j < d; j++) {                                                     \
+            __m256 c[NG];                                                                     \
+            for (int g = 0; g < NG; g++) c[g] = _mm256_loadu_ps(group + g * d * 8 + j * 8);   \
+            for (int i = 0; i < NR; i++) {                                                    \
+                __m256 x = _mm256_broadcast_ss(row + i * d + j);                              \
+                for (int g = 0; g < NG; g++) acc[i][g] = _mm256_fmadd_ps(x, c[g], acc[i][g]); \
+            }                                                                                 \
+        }                                                                                     \
+        for (int i = 0; i < NR && r + i < count; i++)                                         \
+            for (int g = 0; g < NG; g++)                                                      \
+                _mm256_storeu_ps(out + (r + i) * p + q + 8 * g, acc[i][g]);                   \
+    } while (0)
+
 /* out[r * p + q]: the float32 product of float32 rows[r] and points[q] with AVX2 fused
-   multiply-adds, in blocks of 2 rows x 4 points (the last 1 to 3 points in blocks of 2 x 3,
-   4 x 2 or 8 x 1): the float32 bound above holds (ceil(d / 8) + 3 roundings per term).
-   Reads up to 7 rows past rows[count - 1] (the caller's copies are padded) and ignores
-   them. */
+   multiply-adds. The whole groups of eight points, transposed in `packed`
+   (pack_point_groups), in outer-product blocks of 6 rows x 16 points (an odd last group: 8
+   rows x 8 points), each sum in dimension order (d roundings per term); the last p % 8
+   points in dot-product blocks of 2 rows x 4 points (the last 1 to 3 in blocks of 2 x 3,
+   4 x 2 or 8 x 1; ceil(d / 8) + 3 roundings per term; every point, where `packed` is NULL).
+   Both are within the float32 bound above. Reads up to 7 rows past rows[count - 1] (the
+   caller's copies are padded) and ignores them. */
 TARGET("avx2,fma")
 static void avx2_products(const float* rows, int64_t count, int64_t d, const float* points,
-                          int64_t p, float* out) {
+                          const float* packed, int64_t p, float* out) {
+    int64_t groups = packed ? p / 8 : 0, q = 0;
+    for (; q + 16 <= 8 * groups; q += 16) {
+        const float* group = packed + q * d;
+        for (int64_t r = 0; r < count; r += 6) {
+            const float* row = rows + r * d;
+            AVX2_OUTER_BLOCK(6, 2);
+        }
+    }
+    if (q < 8 * groups) {
+        const float* group = packed + q * d;
+        for (int64_t r = 0; r < count; r += 8) {
+            const float* row = rows + r * d;
+            AVX2_OUTER_BLOCK(8, 1);
+        }
+        q += 8;
+    }
     __m256i tail = _mm256_cmpgt_epi32(_mm256_set1_epi32((int)(d % 8)),
                                       _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-    int64_t q = 0;
     for (; q + 4 <= p; q += 4) {
         const float* point = points + q * d;
         for (int64_t r = 0; r < count; r += 2) {
@@ -632,9 +797,14 @@ int64_t tile_products(int64_t path, const void* rows, int64_t count, int64_t d,
         bfloat16_products(rows, count, d, points, p, out);
         return 0;
 #endif
-    case PATH_AVX2:
-        avx2_products(rows, count, d, points, p, out);
+    case PATH_AVX2: {
+        /* without memory for the packed groups, the dot-product form does every point */
+        float* packed = p >= 8 ? malloc((size_t)(p / 8 * 8 * d) * sizeof(float)) : NULL;
+        if (packed) pack_point_groups(points, p, d, packed);
+        avx2_products(rows, count, d, points, packed, p, out);
+        free(packed);
         return 0;
+    }
 #endif
     case PATH_PORTABLE:
         float32_products(rows, count, d, points, p, out);
@@ -686,6 +856,7 @@ typedef struct {
     int64_t *argmax, *applied;
     float* m;
     int64_t* selected;
+    float* selected_rows; /* [step, d]: the selected rows of x, in selection order */
     int64_t half, small, path, pending_batch, has_stop, helper;
     double eta, shrink, stop_at;
     void* point_copies;
@@ -694,8 +865,8 @@ typedef struct {
     float* scratch;
     void* products;
     void* point_pairs; /* AMX scratch: d x 16 bfloat16 */
-    /* progress: steps done; the batch left to the caller; counters (shared: updates whose
-       upper half the helper thread computed) */
+    /* progress: steps done; the batch left to the caller; counters (shared: updates in which
+       the helper thread applied rows) */
     int64_t step, tile, start, kept, updates, pairs, checks, shared;
 } LazySelection;
 
@@ -736,12 +907,25 @@ typedef struct {
     int64_t checks;   /* exact distances computed */
 } RowsUpdate;
 
+/* Joins the update of other rows into `into`: the larger minimum distance, the lower row
+   index on a tie (so the joined result does not depend on which thread did which rows). */
+static inline void join_update(RowsUpdate* into, RowsUpdate other) {
+    into->checks += other.checks;
+    if (other.best_value > into->best_value ||
+        (other.best_value == into->best_value && other.best_row < into->best_row)) {
+        into->best_value = other.best_value;
+        into->best_row = other.best_row;
+    }
+}
+
 /* Applies the pending batch (s->point_copies, point_norms, point_errors, point_ids: `kept`
-   points) to rows [begin, end) of tile t: their products (`kind`, not PATH_TORCH) into their
-   own part of s->products, then apply_points. `pairs` and `scratch` are the calling thread's
-   scratch (AMX pair layout: d x 16 bfloat16; kept floats). */
+   points; on the AVX2 path their whole groups of eight also in `packed`, see
+   pack_point_groups, or NULL) to rows [begin, end) of tile t: their products (`kind`, not
+   PATH_TORCH) into their own part of s->products, then apply_points. `pairs` and `scratch`
+   are the calling thread's scratch (AMX pair layout: d x 16 bfloat16; kept floats). */
 static RowsUpdate update_rows(const LazySelection* s, int64_t t, int64_t begin, int64_t end,
-                              int64_t kept, int kind, void* pairs, float* scratch) {
+                              int64_t kept, int kind, const float* packed, void* pairs,
+                              float* scratch) {
     int64_t d = s->d, low = s->edges[t] + begin, count = end - begin;
     size_t size = s->half ? sizeof(uint16_t) : sizeof(float);
     void* products = (char*)s->products + (size_t)(begin * kept) * size;
@@ -760,13 +944,14 @@ static RowsUpdate update_rows(const LazySelection* s, int64_t t, int64_t begin, 
         break;
 #endif
     case PATH_AVX2:
-        avx2_products(rows, count, d, points, kept, products);
+        avx2_products(rows, count, d, points, packed, kept, products);
         break;
 #endif
     default: /* PATH_PORTABLE */
         float32_products(rows, count, d, points, kept, products);
     }
     (void)pairs;
+    (void)packed;
     RowsUpdate update;
     update.checks = apply_points(s->x, d, s->order + low, count, products, (int)s->half, kept,
                                  kept, s->point_ids, s->point_norms, s->point_errors,
@@ -776,23 +961,48 @@ static RowsUpdate update_rows(const LazySelection* s, int64_t t, int64_t begin, 
     return update;
 }
 
-/* A second thread for one lazy_steps call (s->helper): it updates the upper half of a
-   tile's rows while the calling thread updates the lower half. The halves touch disjoint
-   rows of m and s->products and only read the rest, so the selection is the same as with
-   one thread. The helper waits for work by spinning (a tile update takes tens of
-   microseconds, less than a sleeping thread takes to wake), yielding the core at each turn
-   after SPIN_TURNS turns. A posted half is claimed by whichever thread comes first: the
-   helper, or the calling thread once its own half is done, so a helper that a busy machine
-   has not scheduled never holds the selection up. */
+/* An update's rows are applied in chunks of CHUNK_ROWS (a multiple of 16, the AMX blocks,
+   and of 6 and 8, the AVX2 blocks), each claimed by whichever thread asks first. */
+#define CHUNK_ROWS 48
+
+/* The posted update of a tile (rows [0, rows) of tile t, `kept` points) as one thread takes
+   part in it: claims chunks from `next` (shared by the threads) until none is left and
+   applies them; returns their joined result and adds the number claimed to *claimed. */
+static RowsUpdate update_chunks(const LazySelection* s, int64_t t, int64_t rows, int64_t kept,
+                                int kind, const float* packed, _Atomic int64_t* next,
+                                void* pairs, float* scratch, int64_t* claimed) {
+    RowsUpdate joined = {-INFINITY, -1, 0};
+    for (;;) {
+        int64_t begin = atomic_fetch_add_explicit(next, 1, memory_order_relaxed) * CHUNK_ROWS;
+        if (begin >= rows) break;
+        int64_t end = rows - begin < CHUNK_ROWS ? rows : begin + CHUNK_ROWS;
+        join_update(&joined, update_rows(s, t, begin, end, kept, kind, packed, pairs, scratch));
+        (*claimed)++;
+    }
+    return joined;
+}
+
+/* A second thread for one lazy_steps call (s->helper): while the calling thread applies a
+   tile update, it claims chunks of the same update's rows (dynamically: the thread that
+   runs faster takes more). Chunks touch disjoint rows of m and s->products and only read
+   the rest, and their results are joined independently of who applied them, so the
+   selection is the same as with one thread. The helper waits for work by spinning (a tile
+   update takes tens of microseconds, less than a sleeping thread takes to wake), yielding
+   the core at each turn after SPIN_TURNS turns. A posted update is joined by the helper
+   only if it comes before the calling thread has finished it, so a helper that a busy
+   machine has not scheduled never holds the selection up. */
 enum { HELPER_WAITING, HELPER_POSTED, HELPER_RUNNING, HELPER_DONE, HELPER_QUIT };
 
 typedef struct {
     const LazySelection* s;
     pthread_t thread;
     atomic_int state;
-    int64_t t, begin, end, kept; /* the posted rows */
+    _Atomic int64_t next;       /* the posted update's next unclaimed chunk */
+    int64_t t, rows, kept;      /* the posted update */
     int kind;
-    RowsUpdate result;
+    const float* packed;
+    RowsUpdate result;          /* the helper's chunks, joined */
+    int64_t claimed;            /* how many chunks it applied */
     void* pairs;
     float* scratch;
 } Helper;
@@ -822,8 +1032,9 @@ static void* helper_loop(void* argument) {
             continue;
         }
         turn = 0;
-        h->result = update_rows(h->s, h->t, h->begin, h->end, h->kept, h->kind, h->pairs,
-                                h->scratch);
+        h->claimed = 0;
+        h->result = update_chunks(h->s, h->t, h->rows, h->kept, h->kind, h->packed, &h->next,
+                                  h->pairs, h->scratch, &h->claimed);
         atomic_store_explicit(&h->state, HELPER_DONE, memory_order_release);
     }
 }
@@ -832,6 +1043,7 @@ static void* helper_loop(void* argument) {
 static int start_helper(Helper* h, const LazySelection* s) {
     h->s = s;
     atomic_init(&h->state, HELPER_WAITING);
+    atomic_init(&h->next, 0);
     h->pairs = malloc((size_t)s->d * 16 * sizeof(uint16_t));
     h->scratch = (float*)malloc((size_t)s->pending_batch * sizeof(float));
     if (h->pairs && h->scratch && pthread_create(&h->thread, NULL, helper_loop, h) == 0)
@@ -849,15 +1061,17 @@ static void stop_helper(Helper* h) {
 }
 
 /* Brings tile t up to date (every selected point applied), in batches of pending points.
-   Batches whose products are computed here (see product_kind) are applied here, the upper
-   half of the rows by the helper when there is one; any other batch is left to the caller:
-   returns 1, with applied[t] at the batch's start and the batch in s->tile, s->start,
-   s->kept (its copies in point_copies). */
-static int bring_up_to_date(LazySelection* s, int64_t t, Helper* helper) {
+   Batches whose products are computed here (see product_kind) are applied here, in chunks
+   shared with the helper when there is one; any other batch is left to the caller: returns
+   1, with applied[t] at the batch's start and the batch in s->tile, s->start, s->kept (its
+   copies in point_copies). `packed`: room for the AVX2 path's packed point groups (or
+   NULL). */
+static int bring_up_to_date(LazySelection* s, int64_t t, Helper* helper, float* packed) {
     int64_t d = s->d, low = s->edges[t], rows = s->edges[t + 1] - low;
     for (int64_t start = s->applied[t]; start < s->step; start += s->pending_batch) {
         int64_t count = s->step - start < s->pending_batch ? s->step - start : s->pending_batch;
-        int64_t kept = pending_points(s->x, d, s->selected + start, count, s->centres + t * d,
+        int64_t kept = pending_points(s->selected_rows + start * d, d, s->selected + start,
+                                      count, s->centres + t * d,
                                       s->radii[t], s->bounds[t], (float)s->shrink,
                                       s->point_copies, (int)s->half, s->point_norms,
                                       s->point_errors, s->point_ids);
@@ -870,39 +1084,40 @@ static int bring_up_to_date(LazySelection* s, int64_t t, Helper* helper) {
             s->kept = kept;
             return 1;
         }
-        /* the halves split at a multiple of 16 rows (AMX blocks) */
-        int64_t split = helper && rows >= 32 ? rows / 32 * 16 : rows;
-        if (split < rows) {
+        const float* groups = NULL;
+#if defined(X86_KERNELS)
+        if (kind == PATH_AVX2 && packed && kept >= 8) {
+            pack_point_groups(s->point_copies, kept, d, packed);
+            groups = packed;
+        }
+#endif
+        int shared = helper && rows > CHUNK_ROWS;
+        _Atomic int64_t alone;
+        _Atomic int64_t* next = shared ? &helper->next : &alone;
+        atomic_store_explicit(next, 0, memory_order_relaxed);
+        if (shared) {
             helper->t = t;
-            helper->begin = split;
-            helper->end = rows;
+            helper->rows = rows;
             helper->kept = kept;
             helper->kind = kind;
+            helper->packed = groups;
             atomic_store_explicit(&helper->state, HELPER_POSTED, memory_order_release);
         }
-        RowsUpdate update = update_rows(s, t, 0, split, kept, kind, s->point_pairs, s->scratch);
-        if (split < rows) {
-            RowsUpdate upper;
-            int posted = HELPER_POSTED;
-            if (atomic_compare_exchange_strong_explicit(&helper->state, &posted, HELPER_WAITING,
-                                                        memory_order_acquire,
-                                                        memory_order_relaxed)) {
-                /* not claimed yet: this thread takes the upper half too */
-                upper = update_rows(s, t, split, rows, kept, kind, s->point_pairs, s->scratch);
-            } else {
-                for (int64_t turn = 0;
-                     atomic_load_explicit(&helper->state, memory_order_acquire) != HELPER_DONE;
-                     turn++)
-                    relax(turn);
-                upper = helper->result;
-                s->shared++;
-            }
-            update.checks += upper.checks;
-            if (upper.best_value > update.best_value ||
-                (upper.best_value == update.best_value && upper.best_row < update.best_row)) {
-                update.best_value = upper.best_value;
-                update.best_row = upper.best_row;
-            }
+        int64_t claimed = 0;
+        RowsUpdate update = update_chunks(s, t, rows, kept, kind, groups, next, s->point_pairs,
+                                          s->scratch, &claimed);
+        int posted = HELPER_POSTED;
+        if (shared && !atomic_compare_exchange_strong_explicit(&helper->state, &posted,
+                                                               HELPER_WAITING,
+                                                               memory_order_acquire,
+                                                               memory_order_relaxed)) {
+            /* the helper joined: wait for its last chunk */
+            for (int64_t turn = 0;
+                 atomic_load_explicit(&helper->state, memory_order_acquire) != HELPER_DONE;
+                 turn++)
+                relax(turn);
+            join_update(&update, helper->result);
+            s->shared += helper->claimed > 0;
         }
         s->checks += update.checks;
         s->bounds[t] = update.best_value;
@@ -924,13 +1139,19 @@ int64_t lazy_steps(LazySelection* s, int64_t until) {
     /* a helper only where this build computes products itself (see product_kind) */
     int shared = s->helper && product_kind(s, 1) != PATH_TORCH;
     Helper* h = shared && start_helper(&helper, s) ? &helper : NULL;
+    /* the AVX2 path's packed point groups (without memory: its dot-product form only) */
+    float* packed = NULL;
+#if defined(X86_KERNELS)
+    if (product_kind(s, 1) == PATH_AVX2)
+        packed = malloc((size_t)(s->pending_batch * s->d) * sizeof(float));
+#endif
     int64_t outcome = LAZY_DONE;
     while (outcome == LAZY_DONE && s->step < until) {
         int64_t tile = -1, row = -1;
         int handed_back = 0;
         while (!handed_back && next_tile(s->bounds, s->stale, s->argmax, s->num_tiles, &tile,
                                          &row))
-            handed_back = bring_up_to_date(s, tile, h);
+            handed_back = bring_up_to_date(s, tile, h, packed);
         if (handed_back) {
             outcome = LAZY_NEEDS_PRODUCT;
         } else if (s->has_stop && (double)s->m[row] <= s->stop_at) {
@@ -938,12 +1159,15 @@ int64_t lazy_steps(LazySelection* s, int64_t until) {
             outcome = LAZY_STOPPED;
         } else {
             s->selected[s->step] = row;
+            memcpy(s->selected_rows + s->step * s->d, s->x + row * s->d,
+                   (size_t)s->d * sizeof(float));
             mark_stale(s->x + row * s->d, s->centres, s->radii, s->bounds, s->num_tiles, s->d,
                        (float)s->shrink, s->stale);
             s->step++;
         }
     }
     if (h) stop_helper(h);
+    free(packed);
     return outcome;
 }
 

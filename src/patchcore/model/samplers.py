@@ -344,7 +344,8 @@ def pruned_farthest_point_selection(
 _PENDING_BATCH = 4096  # coreset points per matrix product
 _PRODUCT_WIDTHS = [16 * 2 ** (k // 2) * (3 if k % 2 else 2) // 2 for k in range(24)]
 SMALL_BATCH = 16  # pending points up to which AVX512-BF16 computes a tile's products itself
-# A second thread updates half of each tile's rows where torch may use two or more threads.
+# A second thread shares each tile update's rows (in chunks) where torch may use two or more
+# threads.
 USE_HELPER_THREAD = True
 _UNIT_ROUNDOFF = 2.0**-24
 
@@ -472,10 +473,11 @@ class _LazyTiles:
         The steps run in the compiled `lazy_steps`; it hands back only the batches of
         pending points whose products it does not compute itself (none on the AMX, AVX2 and
         portable paths), for `_LargeBatches` to compute with `torch.mm`. Where torch may use
-        two or more threads, a second thread of `lazy_steps` updates half of each tile's rows
+        two or more threads, a second thread of `lazy_steps` takes chunks of each tile's rows
         (the same selection). torch's thread count is restored afterwards."""
         self.selected = torch.empty(num_samples, dtype=torch.long)
         large = _LargeBatches(self, num_samples)
+        selected_rows = torch.empty(num_samples, self.dimension)  # read as a stream in C
         previous_threads = torch.get_num_threads()
         state = _LazySelectionState(
             x=self.features.data_ptr(), d=self.dimension, num_tiles=self.num_tiles,
@@ -485,7 +487,8 @@ class _LazyTiles:
             radii=self.radii.ctypes.data, bounds=self.bounds.ctypes.data,
             stale=self.stale.ctypes.data, argmax=self.argmax.ctypes.data,
             applied=self.applied.ctypes.data, m=self.minimum.data_ptr(),
-            selected=self.selected.data_ptr(), half=self.half,
+            selected=self.selected.data_ptr(), selected_rows=selected_rows.data_ptr(),
+            half=self.half,
             small=SMALL_BATCH, path=self.native_path,
             pending_batch=_PENDING_BATCH, has_stop=int(stop_at is not None),
             helper=int(USE_HELPER_THREAD and previous_threads >= 2),
@@ -524,7 +527,7 @@ class _LazySelectionState(ctypes.Structure):
         ("x", ctypes.c_void_p), ("d", ctypes.c_int64), ("num_tiles", ctypes.c_int64),
         *[(name, ctypes.c_void_p) for name in (
             "order", "edges", "copies", "row_norms", "row_errors", "centres", "radii",
-            "bounds", "stale", "argmax", "applied", "m", "selected")],
+            "bounds", "stale", "argmax", "applied", "m", "selected", "selected_rows")],
         *[(name, ctypes.c_int64) for name in ("half", "small", "path", "pending_batch",
                                               "has_stop", "helper")],
         *[(name, ctypes.c_double) for name in ("eta", "shrink", "stop_at")],
