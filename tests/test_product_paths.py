@@ -197,6 +197,40 @@ def test_a_forced_path_is_validated_with_a_one_line_error(monkeypatch):
     assert tiles.path == "torch"
 
 
+class _CpuRunning:
+    """Kernels stand-in: a build whose CPU runs exactly the named paths."""
+
+    def __init__(self, *paths):
+        self.mask = sum(1 << PRODUCT_PATHS.index(path) for path in paths)
+
+    def product_paths(self):
+        return self.mask
+
+
+@pytest.mark.parametrize(
+    ("runs", "selection", "search"),
+    [
+        (("amx", "avx512bf16", "avx2", "portable", "torch"), "amx", "amx"),
+        (("avx512bf16", "avx2", "portable", "torch"), "avx2", "avx512bf16"),
+        (("avx2", "portable", "torch"), "avx2", "avx2"),
+        (("portable", "torch"), "portable", "portable"),
+    ],
+    ids=["sapphire-rapids", "zen4", "avx2-only", "arm64"],
+)
+def test_each_use_defaults_to_its_fastest_path_on_each_cpu_class(monkeypatch, runs, selection,
+                                                                  search):  # fmt: skip
+    """The lazy selection prefers AVX2 float32 to AVX512-BF16 (its faster kernel where both
+    run); the search prefers bfloat16 products; AMX first for both."""
+    from patchcore.model.samplers import SEARCH_PREFERENCE, product_path
+
+    monkeypatch.delenv("PATCHCORE_PRODUCTS", raising=False)
+    kernels = _CpuRunning(*runs)
+    assert product_path(kernels) == selection
+    assert product_path(kernels, preference=SEARCH_PREFERENCE) == search
+    monkeypatch.setenv("PATCHCORE_PRODUCTS", runs[-1])  # a forced path wins for both uses
+    assert product_path(kernels) == product_path(kernels, preference=SEARCH_PREFERENCE) == runs[-1]
+
+
 # ------------------------------------------------------------------ the search
 def _banks():
     generator = torch.Generator().manual_seed(4)
@@ -250,7 +284,7 @@ def test_reranking_is_the_default_search_where_its_products_are_bfloat16_or_forc
         assert isinstance(index, RerankedNearestNeighbours) and index.path == NATIVE[0]
     else:
         assert isinstance(index, FaissNearestNeighbours)
-    monkeypatch.setattr(samplers, "product_path", lambda kernels, requested=None: "avx2")
+    monkeypatch.setattr(samplers, "product_path", lambda kernels, requested=None, preference=None: "avx2")
     assert isinstance(build_index(SearchConfig(), torch.device("cpu")), FaissNearestNeighbours)
     monkeypatch.undo()
     monkeypatch.setenv(PRODUCTS_VARIABLE, NATIVE[-2] if len(NATIVE) > 1 else NATIVE[0])

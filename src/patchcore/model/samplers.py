@@ -353,6 +353,13 @@ _UNIT_ROUNDOFF = 2.0**-24
 PRODUCT_PATHS = ("torch", "amx", "avx512bf16", "avx2", "portable")
 BFLOAT16_PATHS = ("amx", "avx512bf16")
 _PREFERENCE = ("amx", "avx512bf16", "avx2", "portable", "torch")
+# The default path of each use, fastest first where both run. The lazy selection's AVX2
+# kernel (outer products, 6 rows x 16 points) beat its AVX512-BF16 kernel (one dot product
+# per pair) on the AVX512-BF16 CPU measured, 9.4 s against 11.3 s at 1 % of magnetic tile
+# (docs/explanations/performance-kernels.md); the search's bfloat16 pass (one torch.mm)
+# beats its float32 one.
+SELECTION_PREFERENCE = ("amx", "avx2", "avx512bf16", "portable", "torch")
+SEARCH_PREFERENCE = _PREFERENCE
 PRODUCTS_VARIABLE = "PATCHCORE_PRODUCTS"
 
 
@@ -361,15 +368,15 @@ def _product_width(count: int) -> int:
     return _PRODUCT_WIDTHS[bisect.bisect_left(_PRODUCT_WIDTHS, count)]
 
 
-def native_product_paths(kernels) -> tuple[str, ...]:
+def native_product_paths(kernels, preference: tuple[str, ...] = _PREFERENCE) -> tuple[str, ...]:
     """The product paths that `kernels` (a build of coreset_kernels.c, or None) run on this
-    CPU, fastest first: AMX tiles (x86-64 with AMX-BF16, where Linux grants the process the
-    tile state), AVX512-BF16 dot products, AVX2/FMA float32 products, portable C float32
-    products (any CPU), torch.mm (always)."""
+    CPU, in the order of `preference` (by default: AMX tiles (x86-64 with AMX-BF16, where
+    Linux grants the process the tile state), AVX512-BF16 dot products, AVX2/FMA float32
+    products, portable C float32 products (any CPU), torch.mm (always))."""
     if kernels is None:
         return ("torch",)
     mask = int(kernels.product_paths())
-    return tuple(name for name in _PREFERENCE if mask >> PRODUCT_PATHS.index(name) & 1)
+    return tuple(name for name in preference if mask >> PRODUCT_PATHS.index(name) & 1)
 
 
 def check_product_path(name: str, source: str) -> str:
@@ -381,14 +388,17 @@ def check_product_path(name: str, source: str) -> str:
     return name
 
 
-def product_path(kernels, requested: str | None = None) -> str:
-    """The product path of the lazy selection and the re-ranking search: `requested`, else
-    $PATCHCORE_PRODUCTS, else the fastest that `kernels` run on this CPU. A path named that
-    this CPU or build cannot run is a ConfigurationError."""
+def product_path(
+    kernels, requested: str | None = None, preference: tuple[str, ...] = SELECTION_PREFERENCE
+) -> str:
+    """The product path of the lazy selection (or, with `SEARCH_PREFERENCE`, of the
+    re-ranking search): `requested`, else $PATCHCORE_PRODUCTS, else the first of
+    `preference` that `kernels` run on this CPU. A path named that this CPU or build cannot
+    run is a ConfigurationError."""
     source = "products"
     if requested is None and os.environ.get(PRODUCTS_VARIABLE):
         requested, source = os.environ[PRODUCTS_VARIABLE], PRODUCTS_VARIABLE
-    available = native_product_paths(kernels)
+    available = native_product_paths(kernels, preference)
     if requested is None:
         return available[0]
     check_product_path(requested, source)

@@ -100,13 +100,18 @@ class RerankedNearestNeighbours:
     def __init__(self, max_chunk_rows: int = 1024, products: str | None = None,
                  emulate: bool = False, kernels=None) -> None:  # fmt: skip
         from patchcore.model.native import coreset_kernels
-        from patchcore.model.samplers import BFLOAT16_PATHS, check_product_path, product_path
+        from patchcore.model.samplers import (
+            BFLOAT16_PATHS,
+            SEARCH_PREFERENCE,
+            check_product_path,
+            product_path,
+        )
 
         self.kernels = kernels if kernels is not None else coreset_kernels()
         if emulate:
             self.path = check_product_path(products, "products")
         else:
-            self.path = product_path(self.kernels, products)
+            self.path = product_path(self.kernels, products, SEARCH_PREFERENCE)
         self.emulated = emulate
         self.half = self.path in BFLOAT16_PATHS
         self.dtype = torch.bfloat16 if self.half else torch.float32
@@ -257,12 +262,17 @@ def reranking_pays(device: torch.device) -> bool:
     magnetic tile's 59,662-feature bank it took 1,039 ms per image against FAISS's 627 ms
     (docs/explanations/performance-kernels.md), so such CPUs keep FAISS by default."""
     from patchcore.model.native import coreset_kernels
-    from patchcore.model.samplers import BFLOAT16_PATHS, PRODUCTS_VARIABLE, product_path
+    from patchcore.model.samplers import (
+        BFLOAT16_PATHS,
+        PRODUCTS_VARIABLE,
+        SEARCH_PREFERENCE,
+        product_path,
+    )
 
     if not reranking_applies(device):
         return False
     return bool(os.environ.get(PRODUCTS_VARIABLE)) or (
-        product_path(coreset_kernels()) in BFLOAT16_PATHS
+        product_path(coreset_kernels(), preference=SEARCH_PREFERENCE) in BFLOAT16_PATHS
     )
 
 
