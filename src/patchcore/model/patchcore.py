@@ -14,7 +14,6 @@ import math
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 import torch
 
@@ -43,6 +42,7 @@ from patchcore.model.scoring import (
     score_embedded,
     score_images,
 )
+from patchcore.model.search import available_memory_bytes
 from patchcore.progress import track
 
 LOGGER = logging.getLogger(__name__)
@@ -108,26 +108,12 @@ def check_against_backbone(config: PatchCoreConfig, maps: list[torch.Size]) -> N
         )
 
 
-def available_memory_bytes(device: torch.device) -> int | None:
-    """Memory a fit can still use on `device`: the GPU's free memory, or on the CPU Linux's
-    MemAvailable (free memory plus caches it can drop); None where it cannot be told."""
-    if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
-    meminfo = Path("/proc/meminfo")
-    if not meminfo.is_file():
-        return None
-    for line in meminfo.read_text().splitlines():
-        name, _, value = line.partition(":")
-        if name == "MemAvailable" and value.split() and value.split()[0].isdigit():
-            return int(value.split()[0]) * 1024
-    return None
-
-
 @dataclass(frozen=True)
 class FitMemoryEstimate:
     """What fitting on a set of images holds in memory at its peak, roughly: the sampler's
-    projections of every patch feature and its distances, and the memory bank (the patch
-    features themselves wait in a temporary file on the CPU, see `feature_store`)."""
+    projections of every patch feature and its distances, and the memory bank; on a GPU also
+    the patch features themselves (on the CPU they wait in a temporary file, see
+    `feature_store.feature_store_for`)."""
 
     patch_features: int
     bytes: int
@@ -210,7 +196,8 @@ class PatchCore:
         fraction = sampler.percentage if subsampled else 1.0
         per_feature = (sampler.projection_dimension + 3) * 4 if subsampled else 0
         bank = math.ceil(count * fraction) * self.config.target_embed_dimension * 4
-        return FitMemoryEstimate(count, count * per_feature + bank)
+        stored = 0 if self.device.type == "cpu" else count * self.config.target_embed_dimension * 4
+        return FitMemoryEstimate(count, count * per_feature + bank + stored)
 
     def check_fit_memory(self, working_sizes: Iterable[tuple[int, int]], name: str) -> None:
         """A ConfigurationError, before any work, when fitting on images of `working_sizes`
