@@ -263,9 +263,11 @@ class PatchCore:
             projected = torch.cat(projected)  # the per-batch parts are freed here
             selected = sampler.select_projected(projected)
             del projected
+            selected_rows = selected.cpu()  # waits for a GPU's selection to finish
+            selection_done = time.perf_counter()
             num_features = len(store)
             self.set_memory_bank(gather_bank(self.index, store, selected, self.device))
-            self.bank_sources = torch.cat(sources)[selected.cpu()].to(torch.int32)
+            self.bank_sources = torch.cat(sources)[selected_rows].to(torch.int32)
             self.num_training_images = num_images
             if keep_training_features:
                 self._training_features = TrainingFeatures(store, stored_images)
@@ -273,9 +275,14 @@ class PatchCore:
         finally:
             if not kept:
                 store.close()
+        finished = time.perf_counter()
+        # subsampling = coreset (projection's concatenation and the selection) + bank (the
+        # selected rows gathered, checked and handed to the search index)
         self.fit_seconds = {
             "extraction": extracted - start,
-            "subsampling": time.perf_counter() - extracted,
+            "subsampling": finished - extracted,
+            "coreset": selection_done - extracted,
+            "bank": finished - selection_done,
         }
         LOGGER.info(
             "Memory bank: %d of %d patch features (%s, dimension %d); extraction %.1f s, "
