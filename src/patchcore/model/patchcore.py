@@ -14,7 +14,6 @@ import math
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 import torch
 
@@ -43,6 +42,7 @@ from patchcore.model.scoring import (
     score_embedded,
     score_images,
 )
+from patchcore.model.search import available_memory_bytes
 from patchcore.progress import track
 from patchcore.tensors import count_non_finite
 
@@ -109,26 +109,12 @@ def check_against_backbone(config: PatchCoreConfig, maps: list[torch.Size]) -> N
         )
 
 
-def available_memory_bytes(device: torch.device) -> int | None:
-    """Memory a fit can still use on `device`: the GPU's free memory, or on the CPU Linux's
-    MemAvailable (free memory plus caches it can drop); None where it cannot be told."""
-    if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
-    meminfo = Path("/proc/meminfo")
-    if not meminfo.is_file():
-        return None
-    for line in meminfo.read_text().splitlines():
-        name, _, value = line.partition(":")
-        if name == "MemAvailable" and value.split() and value.split()[0].isdigit():
-            return int(value.split()[0]) * 1024
-    return None
-
-
 @dataclass(frozen=True)
 class FitMemoryEstimate:
     """What fitting on a set of images holds in memory at its peak, roughly: the sampler's
-    projections of every patch feature and its distances, and the memory bank (the patch
-    features themselves wait in a temporary file on the CPU, see `feature_store`)."""
+    projections of every patch feature and its distances, and the memory bank; on a GPU also
+    the patch features themselves (on the CPU they wait in a temporary file, see
+    `feature_store.feature_store_for`)."""
 
     patch_features: int
     bytes: int
@@ -211,7 +197,8 @@ class PatchCore:
         fraction = sampler.percentage if subsampled else 1.0
         per_feature = (sampler.projection_dimension + 3) * 4 if subsampled else 0
         bank = math.ceil(count * fraction) * self.config.target_embed_dimension * 4
-        return FitMemoryEstimate(count, count * per_feature + bank)
+        stored = 0 if self.device.type == "cpu" else count * self.config.target_embed_dimension * 4
+        return FitMemoryEstimate(count, count * per_feature + bank + stored)
 
     def check_fit_memory(self, working_sizes: Iterable[tuple[int, int]], name: str) -> None:
         """A ConfigurationError, before any work, when fitting on images of `working_sizes`
@@ -277,9 +264,11 @@ class PatchCore:
             projected = torch.cat(projected)  # the per-batch parts are freed here
             selected = sampler.select_projected(projected)
             del projected
+            selected_rows = selected.cpu()  # waits for a GPU's selection to finish
+            selection_done = time.perf_counter()
             num_features = len(store)
             self.set_memory_bank(gather_bank(self.index, store, selected, self.device))
-            self.bank_sources = torch.cat(sources)[selected.cpu()].to(torch.int32)
+            self.bank_sources = torch.cat(sources)[selected_rows].to(torch.int32)
             self.num_training_images = num_images
             if keep_training_features:
                 self._training_features = TrainingFeatures(store, stored_images)
@@ -287,9 +276,14 @@ class PatchCore:
         finally:
             if not kept:
                 store.close()
+        finished = time.perf_counter()
+        # subsampling = coreset (projection's concatenation and the selection) + bank (the
+        # selected rows gathered, checked and handed to the search index)
         self.fit_seconds = {
             "extraction": extracted - start,
-            "subsampling": time.perf_counter() - extracted,
+            "subsampling": finished - extracted,
+            "coreset": selection_done - extracted,
+            "bank": finished - selection_done,
         }
         LOGGER.info(
             "Memory bank: %d of %d patch features (%s, dimension %d); extraction %.1f s, "

@@ -7,6 +7,7 @@ so model folders stay readable by the reference implementation and vice versa.
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import itertools
 import logging
@@ -28,26 +29,102 @@ def faiss_available() -> bool:
     return importlib.util.find_spec("faiss") is not None
 
 
-def faiss_has_gpu() -> bool:
+FAISS_GPU_DISTRIBUTIONS = ("faiss-gpu", "faiss-gpu-cu12", "faiss-gpu-cu11")
+
+
+def faiss_gpu_problem() -> str | None:
+    """Why FAISS cannot search on a GPU here, in one line, or None when it can.
+
+    faiss-cpu (a dependency of this package) and faiss-gpu (the `gpu` extra) both install the
+    module `faiss`; pip installs faiss-cpu after faiss-gpu, so its CPU build replaces the GPU
+    build's files. `pip install --force-reinstall --no-deps faiss-gpu` puts them back."""
     if not faiss_available():
-        return False
+        return "faiss is not installed (pip install faiss-gpu, the gpu extra)"
     import faiss
 
-    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+    if not hasattr(faiss, "StandardGpuResources"):
+        installed = {(d.metadata["Name"] or "").lower() for d in importlib.metadata.distributions()}
+        gpu_builds = [name for name in FAISS_GPU_DISTRIBUTIONS if name in installed]
+        if gpu_builds:
+            return (
+                f"{gpu_builds[0]} is installed but the module faiss is a CPU build (faiss-cpu, "
+                "installed after it, replaced its files); run pip install --force-reinstall "
+                f"--no-deps {gpu_builds[0]}"
+            )
+        return "this faiss is a CPU build; install faiss-gpu (the gpu extra: pip install -e '.[gpu]')"
+    if faiss.get_num_gpus() == 0:
+        return "faiss has GPU support but sees no CUDA device"
+    return None
+
+
+def faiss_has_gpu() -> bool:
+    return faiss_gpu_problem() is None
+
+
+def available_memory_bytes(device: torch.device) -> int | None:
+    """Memory still usable on `device`: on a GPU the driver's free memory plus what torch's
+    caching allocator holds unused, on the CPU Linux's MemAvailable (free memory plus caches
+    it can drop); None where it cannot be told."""
+    if device.type == "cuda":
+        unused_cache = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return int(torch.cuda.mem_get_info(device)[0]) + int(unused_cache)
+    meminfo = Path("/proc/meminfo")
+    if not meminfo.is_file():
+        return None
+    for line in meminfo.read_text().splitlines():
+        name, _, value = line.partition(":")
+        if name == "MemAvailable" and value.split() and value.split()[0].isdigit():
+            return int(value.split()[0]) * 1024
+    return None
+
+
+# bytes of the [queries x bank] distance products one search step holds at most (fewer
+# queries per step for large banks, one at least)
+SEARCH_PRODUCT_BUDGET = 256 * 2**20
+
+
+def check_bank_fits_on_gpu(rows: int, dimension: int, device: torch.device, engine: str) -> None:
+    """A one-line ConfigurationError, before anything is copied, when a memory bank of
+    `rows` x `dimension` float32 values, its squared norms and one search step's products
+    (SEARCH_PRODUCT_BUDGET at most) do not fit in the memory still usable on the GPU
+    `device` (`available_memory_bytes`); nothing is checked on the CPU."""
+    if device.type != "cuda":
+        return
+    needed = rows * (dimension + 1) * 4 + min(SEARCH_PRODUCT_BUDGET, rows * 4 * 4096)
+    available = available_memory_bytes(device)
+    if available is not None and needed > available:
+        raise ConfigurationError(
+            f"the memory bank ({rows} features x {dimension}, with the search about "
+            f"{needed / 2**30:.2f} GiB) does not fit in the {available / 2**30:.2f} GiB free on "
+            f"{device} for {engine}; search on the CPU (--gpu -1 or --device cpu, without "
+            "--faiss_on_gpu), keep the bank in a file (--bank_storage mmap), or fit a smaller "
+            "bank (sampler -p)"
+        )
 
 
 class TorchNearestNeighbours:
-    """Exact search by chunked matrix products on the bank's device (CPU or CUDA)."""
+    """Exact search by chunked matrix products on the bank's device (CPU or CUDA).
+
+    Queries are searched in chunks of at most `query_chunk_size` rows, fewer when the
+    chunk's products with the bank would exceed SEARCH_PRODUCT_BUDGET, so memory stays
+    bounded for large banks. On a GPU, a bank that does not fit is refused in one line
+    (`check_bank_fits_on_gpu`) instead of failing with a CUDA out-of-memory error."""
 
     def __init__(self, device: torch.device, query_chunk_size: int = 4096) -> None:
-        self.device = device
+        self.device = torch.device(device)
         self.query_chunk_size = query_chunk_size
         self.bank = torch.empty(0, 0)
         self.bank_squared_norms = torch.empty(0)
 
     def fit(self, bank: torch.Tensor) -> None:
+        check_bank_fits_on_gpu(bank.shape[0], bank.shape[1], self.device, "the torch search")
         self.bank = bank.to(self.device, torch.float32).contiguous()
         self.bank_squared_norms = self.bank.square().sum(dim=1)
+
+    def chunk_rows(self) -> int:
+        """Queries per search step: `query_chunk_size`, fewer for large banks."""
+        affordable = SEARCH_PRODUCT_BUDGET // (4 * max(1, len(self.bank)))
+        return max(1, min(self.query_chunk_size, affordable))
 
     def search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """queries [Q, D] -> (squared distances [Q, k], indices [Q, k]) on the bank's device."""
@@ -62,7 +139,7 @@ class TorchNearestNeighbours:
         queries = queries.to(self.device, torch.float32)
         k = min(k, len(self.bank))
         distances, indices = [], []
-        for chunk in queries.split(self.query_chunk_size):
+        for chunk in queries.split(self.chunk_rows()):
             squared = torch.addmm(
                 self.bank_squared_norms[None, :], chunk, self.bank.T, beta=1.0, alpha=-2.0
             )
@@ -223,16 +300,19 @@ class FaissNearestNeighbours:
 
         self._faiss = faiss
         faiss.omp_set_num_threads(num_workers)
-        self.on_gpu = on_gpu and faiss_has_gpu()
-        if on_gpu and not self.on_gpu:
-            LOGGER.warning(
-                "--faiss_on_gpu given but this faiss has no GPU support; searching on CPU"
-            )
+        problem = faiss_gpu_problem() if on_gpu else None
+        self.on_gpu = on_gpu and problem is None
+        if problem is not None:
+            LOGGER.warning("--faiss_on_gpu given, but %s; searching on the CPU", problem)
         self._gpu_resources = faiss.StandardGpuResources() if self.on_gpu else None
         self.index = None
         self.bank = torch.empty(0, 0)
 
     def fit(self, bank: torch.Tensor) -> None:
+        if self.on_gpu:
+            check_bank_fits_on_gpu(
+                bank.shape[0], bank.shape[1], torch.device("cuda", 0), "FAISS (--faiss_on_gpu)"
+            )
         self.bank = bank.detach().to("cpu", torch.float32).contiguous()
         index = self._faiss.IndexFlatL2(self.bank.shape[1])
         index.add(self.bank.numpy())
