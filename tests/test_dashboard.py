@@ -327,16 +327,23 @@ def test_a_damaged_model_meta_file_falls_back_to_the_map_size(tmp_path):
     assert data.saved_preprocessing(None) is None
 
 
-def test_scoring_new_images_lists_unreadable_files(dashboard_run, tmp_path):
+def test_scoring_new_images_lists_unreadable_files(dashboard_run, tmp_path, monkeypatch):
     _, run_folder = dashboard_run
     models = load_models(run_folder / "models" / CATEGORY, "cpu")
     saved = read_predictions(run_folder / "predictions" / CATEGORY)
     good = [Path(path) for path in saved.image_paths if Path(path).parent.name == "good"][:2]
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"\x89PNG but not really")
-    scored = data.score_images(models, [good[0], broken, good[1]], batch_size=2)
+    # A strip whose resized working image would exceed the working-pixel limit (lowered
+    # here): refused by predict's rule, listed with the file's name, the others still scored.
+    monkeypatch.setenv("PATCHCORE_MAX_WORKING_PIXELS", "200000")
+    sliver = tmp_path / "strip.png"
+    Image.new("RGB", (2400, 30), (90, 90, 90)).save(sliver)
+    scored = data.score_images(models, [good[0], broken, sliver, good[1]], batch_size=2)
     assert scored.paths == [str(good[0]), str(good[1])]
-    assert [path for path, _ in scored.unreadable] == [str(broken)]
+    assert [path for path, _ in scored.unreadable] == [str(broken), str(sliver)]
+    assert str(sliver) in scored.unreadable[1][1]
+    assert "more than the working limit" in scored.unreadable[1][1]
     assert [m.shape for m in scored.maps] == [(128, 128)] * 2
     assert [i.shape for i in scored.images] == [(128, 128, 3)] * 2
     for path, score in zip(scored.paths, scored.scores, strict=True):

@@ -678,6 +678,7 @@ def score_images(models: list[PatchCore], paths: Sequence[Path], batch_size: int
     see `patchcore.evaluation.ensemble.predict_new_images`)."""
     import torch
 
+    from patchcore.apps.predict import model_input
     from patchcore.evaluation.ensemble import predict_new_images
 
     preprocessing = models[0].config.preprocessing
@@ -686,7 +687,9 @@ def score_images(models: list[PatchCore], paths: Sequence[Path], batch_size: int
         loaded = []
         for path in paths[start : start + batch_size]:
             try:
-                loaded.append((str(path), image_tensor(open_image(Path(path), "RGB"), preprocessing)))
+                # predict's own preparation: the working size checked, one line naming the file
+                picture = open_image(Path(path), "RGB")
+                loaded.append((str(path), model_input(picture, Path(path), preprocessing)))
             except DataError as error:
                 LOGGER.warning("Skipping %s", error)
                 unreadable.append((str(path), str(error)))
