@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -35,12 +34,8 @@ from patchcore.errors import ConfigurationError, DataError
 from patchcore.model.module import AnySizePatchCore, PatchCoreModule, any_size_inputs
 from patchcore.model.patchcore import PatchCore
 from test_deploy import fit_small_model
+from test_export import HAVE_ONNXRUNTIME, HAVE_OPENVINO, needs_onnxruntime
 
-HAVE_ONNXRUNTIME = all(importlib.util.find_spec(name) for name in ("onnxruntime", "onnxscript"))
-HAVE_OPENVINO = HAVE_ONNXRUNTIME and importlib.util.find_spec("openvino") is not None
-needs_onnxruntime = pytest.mark.skipif(
-    not HAVE_ONNXRUNTIME, reason="needs the export extra (onnx, onnxscript, onnxruntime)"
-)
 RUNTIMES = {"onnxruntime": ".onnx", "openvino": ".xml"}
 
 SCORE_RTOL = 1e-4

@@ -170,9 +170,13 @@ class SpilledFeatureStore:
     def span(self, start: int, count: int) -> torch.Tensor:
         """The `count` rows from row `start` on, as a float32 [count, D] tensor (one read)."""
         self._finish_writes()
-        row_bytes = self._dimension * 4
-        data = os.pread(self._file.fileno(), count * row_bytes, start * row_bytes)
-        rows = np.frombuffer(bytearray(data), dtype=np.float32).reshape(count, self._dimension)
+        rows = np.empty((count, self._dimension), dtype=np.float32)
+        read = os.preadv(self._file.fileno(), [rows], start * rows.itemsize * self._dimension)
+        if read != rows.nbytes:
+            raise OutputError(
+                f"{self._directory}: the temporary file of training features ends before row "
+                f"{start + count}; it was changed or truncated while in use"
+            )
         return torch.from_numpy(rows)
 
     def close(self) -> None:
@@ -214,9 +218,6 @@ class TrainingFeatures:
                  images: list[StoredImage]) -> None:  # fmt: skip
         self.store = store
         self.images = images
-
-    def __len__(self) -> int:
-        return len(self.images)
 
     def features_of(self, image: int) -> torch.Tensor:
         """The patch features [rows, D] of training image `image` (0-based, in fit order)."""

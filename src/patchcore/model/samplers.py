@@ -352,14 +352,13 @@ _UNIT_ROUNDOFF = 2.0**-24
 # Product paths, numbered as in coreset_kernels.c (PATH_*), and the order of preference.
 PRODUCT_PATHS = ("torch", "amx", "avx512bf16", "avx2", "portable")
 BFLOAT16_PATHS = ("amx", "avx512bf16")
-_PREFERENCE = ("amx", "avx512bf16", "avx2", "portable", "torch")
 # The default path of each use, fastest first where both run. The lazy selection's AVX2
 # kernel (outer products, 6 rows x 16 points) beat its AVX512-BF16 kernel (one dot product
 # per pair) on the AVX512-BF16 CPU measured, 9.4 s against 11.3 s at 1 % of magnetic tile
 # (docs/explanations/performance-kernels.md); the search's bfloat16 pass (one torch.mm)
 # beats its float32 one.
 SELECTION_PREFERENCE = ("amx", "avx2", "avx512bf16", "portable", "torch")
-SEARCH_PREFERENCE = _PREFERENCE
+SEARCH_PREFERENCE = ("amx", "avx512bf16", "avx2", "portable", "torch")
 PRODUCTS_VARIABLE = "PATCHCORE_PRODUCTS"
 
 
@@ -368,7 +367,9 @@ def _product_width(count: int) -> int:
     return _PRODUCT_WIDTHS[bisect.bisect_left(_PRODUCT_WIDTHS, count)]
 
 
-def native_product_paths(kernels, preference: tuple[str, ...] = _PREFERENCE) -> tuple[str, ...]:
+def native_product_paths(
+    kernels, preference: tuple[str, ...] = SEARCH_PREFERENCE
+) -> tuple[str, ...]:
     """The product paths that `kernels` (a build of coreset_kernels.c, or None) run on this
     CPU, in the order of `preference` (by default: AMX tiles (x86-64 with AMX-BF16, where
     Linux grants the process the tile state), AVX512-BF16 dot products, AVX2/FMA float32
@@ -383,7 +384,7 @@ def check_product_path(name: str, source: str) -> str:
     """`name` if it names a product path, else a ConfigurationError naming `source`."""
     if name not in PRODUCT_PATHS:
         raise ConfigurationError(
-            f"{source}: unknown product path {name!r}; expected one of {', '.join(_PREFERENCE)}"
+            f"{source}: unknown product path {name!r}; expected one of {', '.join(SEARCH_PREFERENCE)}"
         )
     return name
 
