@@ -4,13 +4,17 @@
     python bench/bench_backbone_runtimes.py ROOT CATEGORY [--backbone efficientnet_lite0]
         [--train-images 100] [--test-images 20] [--rounds 3] [--runtimes ...]
 
-One process. A model is fitted with this library's default path (eager torch, channels-last)
-on the first `--train-images` training images of the category (10 % coreset), then each
-runtime runs the backbone part (normalisation and the traced graph up to the last extracted
-layer; aggregation, search and maps stay the library's) on `--test-images` test images:
+One process. A model is fitted with this library's default path (eager torch, channels-last,
+BatchNorm folded) on the first `--train-images` training images of the category (10 %
+coreset), then each runtime runs the backbone part (normalisation and the traced graph up
+to the last extracted layer; aggregation, search and maps stay the library's) on
+`--test-images` test images:
 
-- `eager-nchw`: eager torch in torch's default NCHW layout (the reference's);
-- `eager-cl`: eager torch channels-last (this library's default);
+- `eager-nchw`: eager torch over the network's own layers in torch's default NCHW layout
+  (the reference's);
+- `eager-cl` (`--backbone_runtime torch-unfolded`): the same, channels-last;
+- `eager-folded` (`--backbone_runtime torch`, the default): eager torch channels-last with
+  BatchNorm folded into the convolutions (`patchcore.model.folding`);
 - `compile`: `torch.compile` (inductor, `dynamic=False`) of the channels-last extractor;
   the first call of each shape compiles (the `build s` column);
 - `jit-onednn` (`--backbone_runtime torchscript`): `torch.jit.trace` + `torch.jit.freeze`
@@ -49,7 +53,8 @@ from patchcore.data.datasets import ImageDataset, list_samples
 from patchcore.model.features import FeatureExtractor, LayerMaps
 from patchcore.model.patchcore import FIT_IMAGES_AT_ONCE, PatchCore
 
-RUNTIMES = ("eager-nchw", "eager-cl", "compile", "jit-onednn", "openvino", "openvino-bf16")
+RUNTIMES = ("eager-nchw", "eager-cl", "eager-folded", "compile", "jit-onednn", "openvino",
+            "openvino-bf16")  # fmt: skip
 
 
 def resident_gib() -> float:
@@ -72,7 +77,8 @@ class _Runner(torch.nn.Module):
         return self.runner(images)
 
 
-LIBRARY_RUNTIMES = {"jit-onednn": "torchscript"}  # --backbone_runtime
+# --backbone_runtime
+LIBRARY_RUNTIMES = {"eager-cl": "torch-unfolded", "eager-folded": "torch", "jit-onednn": "torchscript"}
 
 
 def openvino_backbone(extractor: FeatureExtractor, precision: str):
@@ -110,9 +116,8 @@ def openvino_backbone(extractor: FeatureExtractor, precision: str):
 def build_runtime(name: str, extractor: FeatureExtractor):
     """A callable images [B, 3, H, W] in [0, 1] -> list of layer maps, for runtime `name`."""
     if name == "eager-nchw":
+        extractor.use_runtime("torch-unfolded")
         extractor.use_memory_format(torch.contiguous_format)
-        return extractor
-    if name == "eager-cl":
         return extractor
     if name in LIBRARY_RUNTIMES:
         extractor.use_runtime(LIBRARY_RUNTIMES[name])

@@ -22,8 +22,9 @@ values), the configuration is the reference's IM224 WR50 10 % one (layers 2 and 
    (2 * 784 * M * 1024 at IM224), at `--peak_tflops` (default 67, an H100 SXM's FP32
    rate without tensor cores: torch's float32 matrix products do not use TF32 unless asked),
    against the measured search time per image at batch 1.
-4. Backbone variants at batch 32, as options only (the library runs fp32 channels-last):
-   NCHW layout, bfloat16 / float16 autocast of the backbone, torch.compile of the backbone;
+4. Backbone variants at batch 32, as options only (the library runs fp32 channels-last with
+   BatchNorm folded into the convolutions; the variants run the network's layers as they
+   are, `--backbone_runtime torch-unfolded`): NCHW layout, bfloat16 / float16 autocast of the backbone, torch.compile of the backbone;
    images/s against part 2's batch 32 (the library's fp32 channels-last), the largest
    relative image-score difference from its scores, and whether it is within the
    variant's stated tolerance (VARIANT_TOLERANCE).
@@ -155,6 +156,7 @@ def set_variant(model: PatchCore, variant: str, graph: torch.nn.Module) -> None:
     """Runs `model`'s backbone as `variant` (from the fp32 channels-last `graph`)."""
     extractor = model.embedder.extractor
     extractor.graph = graph
+    extractor.use_runtime("torch" if variant == "fp32" else "torch-unfolded")
     extractor.use_memory_format(torch.contiguous_format if variant == "nchw"
                                 else torch.channels_last)  # fmt: skip
     if variant in ("bf16", "fp16"):

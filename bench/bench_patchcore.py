@@ -12,8 +12,8 @@ surfaces whose features prune poorly). Each variant runs in its own process, so 
 memory is its own:
 
 - `baseline`: the reference implementation's structure, built from this library's pieces.
-  The backbone runs in torch's default NCHW layout, as the reference's does (this library
-  runs it channels-last). Fit: every training feature concatenated in float32, projected,
+  The backbone runs its own layers in torch's default NCHW layout, as the reference's does
+  (this library runs it channels-last, BatchNorm folded into the convolutions). Fit: every training feature concatenated in float32, projected,
   and the approximate greedy coreset as the reference loops it (each iteration recomputes
   all squared norms with batched products, takes square-rooted distances to the new point,
   concatenates them to the running minima and takes the minimum). Inference: backbone; the
@@ -234,7 +234,9 @@ def run_variant(args, variant: str, root: str, category: str, percentage: float)
                "sweep_s": math.nan}  # fmt: skip
     resident_before_fit = resident_gib()
     if variant == "baseline":
-        model.embedder.extractor.use_memory_format(torch.contiguous_format)  # the reference's
+        # the reference's: the network's own layers, NCHW
+        model.embedder.extractor.use_runtime("torch-unfolded")
+        model.embedder.extractor.use_memory_format(torch.contiguous_format)
         figures.update(baseline_fit(model, loader, args.baseline_iterations))
         predict = ReferenceStructuredScorer(model).predict
     else:
@@ -285,6 +287,7 @@ def paired_inference(args, root: str, category: str, percentage: float) -> dict:
         predictors[variant] = (model.predict, model.config.preprocessing)
         if variant == "patchcore":
             reference = PatchCore(model.config)
+            reference.embedder.extractor.use_runtime("torch-unfolded")
             reference.embedder.extractor.use_memory_format(torch.contiguous_format)
             reference.set_memory_bank(model.memory_bank)
             predictors["baseline"] = (ReferenceStructuredScorer(reference).predict,

@@ -106,13 +106,14 @@ def test_seeded_backbone_names():
         split_seeded_name("resnet18.seed-x")
 
 
-@pytest.mark.parametrize("runtime", ["torchscript"])
+@pytest.mark.parametrize("runtime", ["torch", "torchscript"])
 def test_other_backbone_runtimes_score_like_eager_torch_within_rounding(runtime, random_images):
-    """A model whose backbone runs in TorchScript (oneDNN fusion) gives the eager model's
-    scores within 1e-5 relative, for a batch of 1 and of several, images of two sizes, and
-    its maps within 1e-5 of their largest value."""
+    """A model whose backbone runs with BatchNorm folded (the default) or in TorchScript
+    (oneDNN fusion) gives the scores of eager torch over the network's own layers within
+    1e-5 relative, for a batch of 1 and of several, images of two sizes, and its maps
+    within 1e-5 of their largest value."""
     config = small_config(preprocessing=PreprocessingConfig(resize=72, crop="none"))
-    eager = PatchCore(config, search=SearchConfig("torch"))
+    eager = PatchCore(config, search=SearchConfig("torch", backbone_runtime="torch-unfolded"))
     eager.fit([random_images])
     other = PatchCore(config, search=SearchConfig("torch", backbone_runtime=runtime))
     other.set_memory_bank(eager.memory_bank)
@@ -127,7 +128,7 @@ def test_other_backbone_runtimes_score_like_eager_torch_within_rounding(runtime,
 
 def test_backbone_runtime_is_validated_and_cpu_only():
     with pytest.raises(ConfigurationError, match="--backbone_runtime must be one of torch, "
-                                                 "torchscript, got 'tvm'"):  # fmt: skip
+                                                 "torch-unfolded, torchscript, got 'tvm'"):  # fmt: skip
         SearchConfig(backbone_runtime="tvm")
     extractor = FeatureExtractor(load_backbone("resnet18", pretrained=False), ("layer2",))
     extractor.mean = extractor.mean.to("meta")  # stands in for an accelerator's tensors

@@ -24,7 +24,7 @@ SEARCH_BACKENDS = ("rerank", "faiss", "torch")
 IMAGE_SCORES = ("max", "quantile", "top_k_mean")
 # What runs the backbone on the CPU (see patchcore.model.features.FeatureExtractor): eager torch
 # (the default), TorchScript frozen with oneDNN graph fusion, or OpenVINO's CPU runtime at f32.
-BACKBONE_RUNTIMES = ("torch", "torchscript")
+BACKBONE_RUNTIMES = ("torch", "torch-unfolded", "torchscript")
 INDEX_KINDS = ("exact", "ivf", "ivfpq", "hnsw")
 BANK_STORAGES = ("memory", "mmap")
 NORMALISATIONS = ("test_minmax", "normal_stats")
@@ -414,9 +414,10 @@ class SearchConfig:
     by FAISS in blocks, so a bank larger than memory can be used. `index`, when given,
     replaces the model's saved `IndexConfig` for this run (the index is rebuilt from the bank).
     `backbone_runtime` is what runs the backbone, also a run-time choice: `torch` (eager,
-    channels-last; the default) or `torchscript` (traced, frozen, oneDNN graph fusion), which
-    is CPU-only and computes the same features up to float rounding (scores within 1e-5 relative,
-    docs/explanations/performance-inference.md).
+    channels-last, BatchNorm folded into the convolutions; the default), `torch-unfolded`
+    (eager, channels-last, the network's layers as they are) or `torchscript` (traced,
+    frozen, oneDNN graph fusion; CPU only). All compute the same features up to float
+    rounding (scores within 1e-5 relative, docs/explanations/performance-inference.md).
     """
 
     backend: str = "rerank"

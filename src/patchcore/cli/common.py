@@ -191,8 +191,10 @@ def backbone_runtime_option(function: Callable) -> Callable:
     return click.option(
         "--backbone_runtime", type=click.Choice(BACKBONE_RUNTIMES), default="torch",
         show_default=True,
-        help="What runs the backbone on the CPU: eager torch (torch) or TorchScript with "
-             "oneDNN fusion (torchscript); the same scores up to float rounding.",
+        help="What runs the backbone: eager torch with BatchNorm folded into the "
+             "convolutions (torch), eager torch over the network's layers as they are "
+             "(torch-unfolded), or TorchScript with oneDNN fusion, CPU only (torchscript); "
+             "the same scores up to float rounding.",
     )(function)  # fmt: skip
 
 

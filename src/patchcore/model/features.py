@@ -2,9 +2,11 @@
 
 `FeatureExtractor` traces the backbone into a graph that ends at the deepest requested
 layer, so the forward pass computes nothing past it (no hooks, no exceptions to stop early).
-Eager torch runs that graph by default; `FeatureExtractor.use_runtime` hands it to another
-CPU runtime instead (`CompiledBackbone`: TorchScript with oneDNN graph fusion),
-which computes the same maps up to float rounding.
+Eager torch runs that graph by default, with its BatchNorm layers folded into the
+convolutions before them (`FoldedBackbone`, `patchcore.model.folding`);
+`FeatureExtractor.use_runtime` runs the graph's layers as they are instead, or hands it to
+another CPU runtime (`CompiledBackbone`: TorchScript with oneDNN graph fusion). All compute
+the same maps up to float rounding.
 
 `PatchFeatureAggregator` builds the locally aware patch features of the PatchCore paper and
 the reference implementation. For each layer: every position's p x p neighbourhood (zero
@@ -39,6 +41,7 @@ from torchvision.models.feature_extraction import create_feature_extractor
 from patchcore.config import PatchCoreConfig
 from patchcore.errors import BackboneError, ConfigurationError, DataError
 from patchcore.model.backbones import Backbone, load_backbone
+from patchcore.model.folding import fold_batch_norms
 
 
 class FeatureExtractor(torch.nn.Module):
@@ -60,6 +63,7 @@ class FeatureExtractor(torch.nn.Module):
         self.generator_state = backbone.generator_state
         self.register_buffer("mean", torch.tensor(backbone.mean).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(backbone.std).view(1, 3, 1, 1))
+        self._folded: FoldedBackbone | None = None
         # Channels-last (NHWC) weights and inputs: oneDNN's and cuDNN's fastest convolution
         # layouts (EfficientNet-Lite0 extraction about 1.25x faster on CPU, docs/explanations/performance.md);
         # the same arithmetic up to float rounding.
@@ -100,11 +104,14 @@ class FeatureExtractor(torch.nn.Module):
         self.memory_format = memory_format
         self.graph.to(memory_format=memory_format)
         self._compiled = None
+        self._folded = None
 
     def use_runtime(self, runtime: str) -> None:
         """Runs the backbone with `runtime` (`patchcore.config.BACKBONE_RUNTIMES`) from the
-        next call on. A compiled form is built at that call from the weights and statistics
-        as they then are (after the reference's statistics pass), CPU only."""
+        next call on: `torch` (the default) eager over the graph with BatchNorm folded,
+        `torch-unfolded` eager over the graph's own layers, `torchscript` compiled (CPU
+        only). A folded or compiled form is built at that call from the weights and
+        statistics as they then are (after the reference's statistics pass)."""
         if runtime != "torch" and self.mean.device.type != "cpu":
             raise ConfigurationError(
                 f"--backbone_runtime {runtime} runs on the CPU only; use --backbone_runtime "
@@ -112,16 +119,34 @@ class FeatureExtractor(torch.nn.Module):
             )
         self.runtime = runtime
         self._compiled = None
+        self._folded = None
 
     def train(self, mode: bool = True) -> FeatureExtractor:
         """The backbone stays frozen in eval mode whatever the caller asks."""
         return super().train(False)
 
+    def _apply(self, fn, recurse=True):
+        # moving or casting the weights (`to`, `cuda`, `float`, ...) makes the folded copy stale
+        self._folded = None
+        return super()._apply(fn, recurse)
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        # so do new weights or statistics
+        self._folded = None
+        super()._load_from_state_dict(*args, **kwargs)
+
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
         """images: [B, 3, H, W] in [0, 1] -> one [B, C_i, H_i, W_i] map per layer, in order."""
         normalised = ((images - self.mean) / self.std).contiguous(memory_format=self.memory_format)
-        if self.runtime == "torch":
+        if self.runtime == "torch-unfolded" or _tracing():
+            # graphs traced or exported for other runtimes take the layers as they are
+            # (ONNX Runtime and OpenVINO fold BatchNorm themselves)
             outputs = self.graph(normalised)
+            return [outputs[layer] for layer in self.layers]
+        if self.runtime == "torch":
+            if self._folded is None:
+                self._folded = FoldedBackbone(self.graph, self.layers)
+            outputs = self._folded.network(normalised)
             return [outputs[layer] for layer in self.layers]
         if self._compiled is None:
             self._compiled = CompiledBackbone(LayerMaps(self.graph, self.layers), normalised)
@@ -144,6 +169,25 @@ class LayerMaps(torch.nn.Module):
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
         outputs = self.network(images)
         return tuple(outputs[layer] for layer in self.layers)
+
+
+def _tracing() -> bool:
+    """Whether this call is being traced or exported (torch.export, dynamo, the ONNX
+    exporter, TorchScript's tracer)."""
+    return torch.compiler.is_compiling() or torch.jit.is_tracing()
+
+
+class FoldedBackbone:
+    """A feature-extraction graph's eval-mode pass with BatchNorm folded into the
+    convolutions (`patchcore.model.folding.fold_batch_norms`), built from the weights and
+    statistics as they are; a plain object, so that it never enters a module's state dict
+    (the extractor saves and loads the graph's own layers). It shares every weight but the
+    folded convolutions' with the graph. On EfficientNet-Lite0 it runs in about 0.8x the
+    time of the layers as they are; maps within 1e-5 relative of theirs."""
+
+    def __init__(self, graph: torch.nn.Module, layers: tuple[str, ...]) -> None:
+        with torch.inference_mode(False), torch.no_grad():
+            self.network = fold_batch_norms(LayerMaps(graph, layers).network)
 
 
 class CompiledBackbone:
