@@ -12,14 +12,20 @@ MVTec-layout category each, the large files users bring.
 Table 1, stages (one process, no loader workers, each stage timed on its own, torch's
 threads as configured): reading and decoding the file with the resize and crop
 (`ImageDataset`, PIL), the backbone, the patch aggregation, the random projection for the
-coreset, and the write to the spill file (`SpilledFeatureStore` on the calling thread).
+coreset, and the write to the spill file on the calling thread: of the features
+(`SpilledFeatureStore`, `spill`) and of the layer maps instead (`SpilledLayerMaps`,
+`spill maps`; not counted in `ms/image`).
 
 Table 2, fitting as it runs: the extraction part of `PatchCore.fit` (`fit_seconds`) over a
-loader in batches of 2 with `--workers` decoding processes, the spill on a writer thread
-(`spill`: `thread`; and once on the calling thread, `inline`), per image; beside it the backbone's
-own forward time per image at the same batch size (FIT_IMAGES_AT_ONCE images per call) on
-the same images decoded beforehand, measured in the same process right before, and the
-ratio of the two (`fit / backbone`: what extraction costs beyond the network itself).
+loader in batches of 2 with `--workers` decoding processes, per image, with each spill
+(`spill`): the layer maps (`maps`, on the calling thread; fit's default where the maps are
+much smaller than the features), the features on the calling thread (`features`) and on a
+writer thread (`features-thread`); `gather ms/img`: reading the bank's rows back (for
+`maps`, every part aggregated again; `fit_seconds["bank"]`). Beside them the backbone's own
+forward time per image at the same batch size (FIT_IMAGES_AT_ONCE images per call) on the
+same images decoded beforehand, measured in the same process right before, and the ratios
+`fit / backbone` (what extraction costs beyond the network itself) and `+gather /
+backbone` (the same with the gather).
 """
 
 from __future__ import annotations
@@ -44,11 +50,12 @@ from patchcore.config import (
     default_loader_workers,
 )
 from patchcore.data.datasets import ImageDataset, list_samples, make_loader
-from patchcore.model.feature_store import SpilledFeatureStore
+from patchcore.model.feature_store import SpilledFeatureStore, SpilledLayerMaps
 from patchcore.model.patchcore import FIT_IMAGES_AT_ONCE, PatchCore
 from patchcore.model.samplers import build_sampler
 
 STAGES = ("decode", "backbone", "aggregate", "project", "spill")
+SPILLS = ("maps", "features", "features-thread")
 BACKBONES = ("efficientnet_lite0", "wideresnet50")
 LARGE_SIZE = (2000, 1500)  # width, height
 
@@ -67,6 +74,8 @@ def stages(root: Path, category: str, backbone: str, crop: str, count: int) -> d
     dataset = ImageDataset(list_samples(root, category, "train")[:count], config.preprocessing)
     seconds = dict.fromkeys(STAGES, 0.0)
     store = SpilledFeatureStore(background=False)
+    map_store = SpilledLayerMaps(model.embedder.aggregator, background=False)
+    map_seconds = 0.0
 
     def timed(stage, function, *arguments):
         start = time.perf_counter()
@@ -77,10 +86,14 @@ def stages(root: Path, category: str, backbone: str, crop: str, count: int) -> d
     pending: list[torch.Tensor] = []  # images of one size, embedded together as in fit
 
     def embed_pending():
+        nonlocal map_seconds
         maps = timed("backbone", model.embedder.extractor, torch.stack(pending))
         features, _ = timed("aggregate", model.embedder.aggregator, maps)
         timed("project", sampler.project, features)
         timed("spill", store.append, features)
+        start = time.perf_counter()
+        map_store.append(features, maps)
+        map_seconds += time.perf_counter() - start
         pending.clear()
 
     try:
@@ -96,8 +109,10 @@ def stages(root: Path, category: str, backbone: str, crop: str, count: int) -> d
                 embed_pending()
     finally:
         store.close()
+        map_store.close()
     total = sum(seconds.values())
-    row = {"crop": crop, "images": len(dataset), "total": 1e3 * total / len(dataset)}
+    row = {"crop": crop, "images": len(dataset), "total": 1e3 * total / len(dataset),
+           "spill_maps": 1e3 * map_seconds / len(dataset)}  # fmt: skip
     for stage in STAGES:
         row[stage] = 1e3 * seconds[stage] / len(dataset)
         row[f"{stage}_share"] = seconds[stage] / total
@@ -127,7 +142,7 @@ def backbone_seconds(model: PatchCore, dataset: ImageDataset) -> float:
 
 
 def pipeline(root: Path, category: str, backbone: str, crop: str, count: int, workers: int,
-             inline_spill: bool) -> dict:  # fmt: skip
+             spill: str) -> dict:  # fmt: skip
     config = model_config(backbone, crop)
     dataset = ImageDataset(list_samples(root, category, "train")[:count], config.preprocessing)
     loader = make_loader(dataset, DatasetConfig("mvtec", str(root), (category,), batch_size=2,
@@ -136,18 +151,19 @@ def pipeline(root: Path, category: str, backbone: str, crop: str, count: int, wo
     model = PatchCore(config)
     forward = backbone_seconds(model, dataset)
     store_for = patchcore_module.feature_store_for
-    # the spill on the calling thread or on the writer thread, whichever the default is here
-    patchcore_module.feature_store_for = lambda device: SpilledFeatureStore(
-        background=not inline_spill)
+    # each spill, whatever fit's default is here
+    patchcore_module.feature_store_for = lambda device, aggregate: (
+        SpilledLayerMaps(model.embedder.aggregator, background=False) if spill == "maps"
+        else SpilledFeatureStore(background=spill == "features-thread"))  # fmt: skip
     try:
         model.fit(loader)
     finally:
         patchcore_module.feature_store_for = store_for
-    extraction = model.fit_seconds["extraction"]
-    return {"crop": crop, "images": len(dataset), "workers": workers,
-            "spill": "inline" if inline_spill else "thread",
-            "fit": 1e3 * extraction / len(dataset), "backbone": 1e3 * forward / len(dataset),
-            "ratio": extraction / forward}  # fmt: skip
+    extraction, gather = model.fit_seconds["extraction"], model.fit_seconds["bank"]
+    return {"crop": crop, "images": len(dataset), "workers": workers, "spill": spill,
+            "fit": 1e3 * extraction / len(dataset), "gather": 1e3 * gather / len(dataset),
+            "backbone": 1e3 * forward / len(dataset), "ratio": extraction / forward,
+            "with_gather": (extraction + gather) / forward}  # fmt: skip
 
 
 def make_large_categories(root: Path, category: str, count: int, folder: Path) -> list[tuple]:
@@ -190,20 +206,20 @@ def main() -> None:
                 stage_rows.append({"data": name, **stages(root, category, args.backbone, crop,
                                                           count)})  # fmt: skip
                 for workers in args.workers:
-                    pipeline_rows.append({"data": name, **pipeline(
-                        root, category, args.backbone, crop, count, workers, False)})
-                pipeline_rows.append({"data": name, **pipeline(
-                    root, category, args.backbone, crop, count, max(args.workers), True)})
+                    for spill in SPILLS:
+                        pipeline_rows.append({"data": name, **pipeline(
+                            root, category, args.backbone, crop, count, workers, spill)})
     columns = [("data", "{data}"), ("crop", "{crop}"), ("images", "{images}"),
                ("ms/image", "{total:.1f}")] + [
         (stage, f"{{{stage}:.1f}} ({{{stage}_share:.0%}})") for stage in STAGES
-    ]  # fmt: skip
+    ] + [("spill maps", "{spill_maps:.1f}")]  # fmt: skip
     print(tables.format_table(columns, stage_rows))
     print("stages timed one by one, no loader workers; milliseconds per image (share)\n")
     columns = [("data", "{data}"), ("crop", "{crop}"), ("images", "{images}"),
                ("workers", "{workers}"), ("spill", "{spill}"), ("fit ms/img", "{fit:.1f}"),
-               ("backbone ms/img", "{backbone:.1f}"),
-               ("fit / backbone", "{ratio:.2f}")]  # fmt: skip
+               ("gather ms/img", "{gather:.1f}"), ("backbone ms/img", "{backbone:.1f}"),
+               ("fit / backbone", "{ratio:.2f}"),
+               ("+gather / backbone", "{with_gather:.2f}")]  # fmt: skip
     print(tables.format_table(columns, pipeline_rows))
     print(f"fit's extraction over a loader (batch 2) against the backbone's forward at "
           f"{FIT_IMAGES_AT_ONCE} images per call, same process")

@@ -398,8 +398,8 @@ def test_spilling_on_a_writer_thread_gives_the_bytes_of_spilling_in_place():
         for chunk in chunks:
             store.append(chunk)
         gathered.append(store.gather(indices))
-        store._file.seek(0)
-        gathered.append(torch.frombuffer(bytearray(store._file.read()), dtype=torch.float32))
+        store._file.handle.seek(0)
+        gathered.append(torch.frombuffer(bytearray(store._file.handle.read()), dtype=torch.float32))
         store.close()
     assert torch.equal(gathered[0], torch.cat(chunks)[indices])
     assert torch.equal(gathered[0], gathered[2]) and torch.equal(gathered[1], gathered[3])

@@ -5,6 +5,12 @@ the CPU the features are spilled to an anonymous temporary file as they are extr
 only the selected rows are read back: resident memory stays independent of the training
 set's size, and the values are bit-identical. On a GPU they stay in device memory.
 
+Where the backbone's layer maps are much smaller than the patch features computed from them
+(EfficientNet-Lite0: 68 values per patch against 1,024), the maps are spilled instead
+(`SpilledLayerMaps`), and a part's features are computed again from its maps, by the same
+aggregation on the same bytes in the same layout, when its rows are read back: bit-identical
+to the features fit projected, at a fifteenth of the writes.
+
 The spill's writes (a few milliseconds per 224 px image into the page cache) can run on a
 writer thread beside the backbone, which releases the interpreter while it computes
 (`feature_store_for` chooses it where a core is free for it); at most
@@ -19,6 +25,7 @@ import os
 import queue
 import tempfile
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,6 +35,11 @@ from patchcore.config import usable_cores
 from patchcore.errors import OutputError
 
 SPILL_QUEUE_BATCHES = 4  # appended batches that may wait for the writer thread
+# Layer maps are spilled instead of the features where they take at most this share of the
+# features' bytes: the saving must pay for computing every part's features again when the
+# bank is gathered (EfficientNet-Lite0: 7 % of the bytes, 0.55 ms per 224 px image to
+# aggregate again; WideResNet50's layer2 + layer3: 75 %, 1.3 ms, so its features are spilled).
+MAP_SPILL_MAX_SHARE = 0.25
 
 
 def gather_rows(chunks: list[torch.Tensor], indices: torch.Tensor) -> torch.Tensor:
@@ -55,7 +67,7 @@ class InMemoryFeatureStore:
     def __len__(self) -> int:
         return sum(len(chunk) for chunk in self.chunks)
 
-    def append(self, features: torch.Tensor) -> None:
+    def append(self, features: torch.Tensor, maps: list[torch.Tensor] | None = None) -> None:
         self.chunks.append(features)
 
     def gather(self, indices: torch.Tensor) -> torch.Tensor:
@@ -69,21 +81,21 @@ class InMemoryFeatureStore:
         self.chunks.clear()
 
 
-class SpilledFeatureStore:
-    """Writes appended float32 feature batches to an anonymous temporary file, on a writer
-    thread (`background=True`, see the module docstring) or on the calling thread."""
+class SpillFile:
+    """An anonymous temporary file that float32 arrays are appended to (on a writer thread,
+    `background=True`, see the module docstring, or on the calling thread) and read back
+    from by byte offset; deleted by close()."""
 
     def __init__(self, directory: str | None = None, background: bool = True) -> None:
-        self._directory = directory or tempfile.gettempdir()
+        self.directory = directory or tempfile.gettempdir()
         try:
-            # The store owns the file for its whole life and closes it in close().
-            self._file = tempfile.TemporaryFile(  # noqa: SIM115
+            # The spill owns the file for its whole life and closes it in close().
+            self.handle = tempfile.TemporaryFile(  # noqa: SIM115
                 prefix="patchcore-features-", dir=directory
             )
         except OSError as error:
             raise self._error(error) from error
-        self._rows = 0
-        self._dimension: int | None = None
+        self.size = 0  # bytes appended
         self._failure: OSError | None = None
         self._pending: queue.Queue | None = None
         self._writer: threading.Thread | None = None
@@ -94,30 +106,23 @@ class SpilledFeatureStore:
             )
             self._writer.start()
 
-    def __len__(self) -> int:
-        return self._rows
-
-    def append(self, features: torch.Tensor) -> None:
-        """Queues `features` [N, D] for the file. The store keeps a reference until the rows
-        are written: the caller must not modify the tensor afterwards (fit never does)."""
-        array = features.detach().to("cpu", torch.float32).contiguous().numpy()
-        if self._dimension is None:
-            self._dimension = array.shape[1]
+    def append(self, array: np.ndarray) -> int:
+        """Queues a contiguous `array` for the file and returns its byte offset there. The
+        file keeps a reference until it is written: the caller must not modify it."""
         self._raise_failure()
         if self._pending is None:
-            self._write(array)
+            try:
+                self.handle.write(array.data)
+            except OSError as error:
+                raise self._error(error) from error
         else:
             self._pending.put(array)  # waits while SPILL_QUEUE_BATCHES are queued
-        self._rows += len(array)
-
-    def _write(self, array: np.ndarray) -> None:
-        try:
-            self._file.write(array.data)
-        except OSError as error:
-            raise self._error(error) from error
+        offset = self.size
+        self.size += array.nbytes
+        return offset
 
     def _write_pending(self) -> None:
-        """The writer thread: writes queued batches in order until the None that close()
+        """The writer thread: writes queued arrays in order until the None that close()
         queues; after a failure it only drains the queue (the failure is raised on the
         caller's thread)."""
         while True:
@@ -126,7 +131,7 @@ class SpilledFeatureStore:
                 if array is None:
                     return
                 if self._failure is None:
-                    self._file.write(array.data)
+                    self.handle.write(array.data)
             except OSError as error:
                 self._failure = error
             finally:
@@ -136,29 +141,73 @@ class SpilledFeatureStore:
         if self._failure is not None:
             raise self._error(self._failure) from self._failure
 
-    def _finish_writes(self) -> None:
-        """Waits until every appended batch is in the file, and flushes it."""
+    def finish_writes(self) -> int:
+        """Waits until every appended array is in the file, flushes it, and returns its
+        descriptor for reads."""
         if self._pending is not None:
             self._pending.join()
         self._raise_failure()
         try:
-            self._file.flush()
+            self.handle.flush()
         except OSError as error:
             raise self._error(error) from error
+        return self.handle.fileno()
+
+    def read_into(self, array: np.ndarray, offset: int) -> np.ndarray:
+        """Fills the contiguous `array` from byte `offset` on (one read)."""
+        read = os.preadv(self.finish_writes(), [array], offset)
+        if read != array.nbytes:
+            raise OutputError(
+                f"{self.directory}: the temporary file of training features ends before byte "
+                f"{offset + array.nbytes}; it was changed or truncated while in use"
+            )
+        return array
 
     def _error(self, error: OSError) -> OutputError:
         return OutputError(
-            f"{self._directory}: cannot write the temporary file of training features "
+            f"{self.directory}: cannot write the temporary file of training features "
             f"({error.strerror}); free space there, or set TMPDIR to a folder with room"
         )
+
+    @property
+    def closed(self) -> bool:
+        return self.handle.closed
+
+    def close(self) -> None:
+        """Stops the writer thread and deletes the file (whatever was written)."""
+        if self._writer is not None and self._writer.is_alive():
+            self._pending.put(None)
+            self._writer.join()
+        self.handle.close()
+
+
+class SpilledFeatureStore:
+    """Writes appended float32 feature batches to a `SpillFile`."""
+
+    def __init__(self, directory: str | None = None, background: bool = True) -> None:
+        self._file = SpillFile(directory, background)
+        self._rows = 0
+        self._dimension: int | None = None
+
+    def __len__(self) -> int:
+        return self._rows
+
+    def append(self, features: torch.Tensor, maps: list[torch.Tensor] | None = None) -> None:
+        """Queues `features` [N, D] for the file (the layer maps are not kept). The store
+        keeps a reference until the rows are written: the caller must not modify the
+        tensor afterwards (fit never does)."""
+        array = features.detach().to("cpu", torch.float32).contiguous().numpy()
+        if self._dimension is None:
+            self._dimension = array.shape[1]
+        self._file.append(array)
+        self._rows += len(array)
 
     def gather(self, indices: torch.Tensor) -> torch.Tensor:
         """The rows `indices` (in that order) as a float32 [len(indices), D] tensor.
 
         Rows are read one by one with pread rather than through a memory map, whose
         read-around would make much of the file resident."""
-        self._finish_writes()
-        descriptor = self._file.fileno()
+        descriptor = self._file.finish_writes()
         row_bytes = self._dimension * 4
         rows = np.empty((len(indices), self._dimension), dtype=np.float32)
         for position, index in enumerate(indices.cpu().tolist()):
@@ -169,32 +218,128 @@ class SpilledFeatureStore:
 
     def span(self, start: int, count: int) -> torch.Tensor:
         """The `count` rows from row `start` on, as a float32 [count, D] tensor (one read)."""
-        self._finish_writes()
         rows = np.empty((count, self._dimension), dtype=np.float32)
-        read = os.preadv(self._file.fileno(), [rows], start * rows.itemsize * self._dimension)
-        if read != rows.nbytes:
-            raise OutputError(
-                f"{self._directory}: the temporary file of training features ends before row "
-                f"{start + count}; it was changed or truncated while in use"
-            )
-        return torch.from_numpy(rows)
+        return torch.from_numpy(self._file.read_into(rows, start * rows.itemsize * self._dimension))
 
     def close(self) -> None:
-        """Stops the writer thread and deletes the file (whatever was written)."""
-        if self._writer is not None and self._writer.is_alive():
-            self._pending.put(None)
-            self._writer.join()
         self._file.close()
 
 
-def feature_store_for(device: torch.device) -> InMemoryFeatureStore | SpilledFeatureStore:
-    """A spilling store on the CPU, an in-memory one on accelerators. The spill writes on a
-    writer thread only where a core is left beside torch's threads: on 2 cores with 2 torch
-    threads a third busy thread made every parallel torch operation wait for it (fitting's
-    extraction 25.4 -> 39.4 ms per image, docs/explanations/performance-inference.md)."""
+@dataclass(frozen=True)
+class SpilledPart:
+    """One appended part in `SpilledLayerMaps`: its feature rows [first_row, first_row +
+    rows), and its layer maps at byte `offset` of the file, each of `shapes[i]` ([B, C, H,
+    W]) stored in its own memory layout (`channels_last[i]`: as [B, H, W, C])."""
+
+    first_row: int
+    rows: int
+    offset: int
+    shapes: tuple[tuple[int, ...], ...]
+    channels_last: tuple[bool, ...]
+
+
+class SpilledLayerMaps:
+    """Writes appended parts' layer maps to a `SpillFile` and gives their features back by
+    computing them again with `aggregate` (maps -> (features [N, D], grid)), the
+    aggregation that made them: the same function on the same bytes in the same layout, so
+    bit-identical rows (see the module docstring). The last part computed is kept, so that
+    reading the images of one part one after another aggregates it once."""
+
+    def __init__(self, aggregate: Callable[[list[torch.Tensor]], tuple], directory: str | None = None,
+                 background: bool = True) -> None:  # fmt: skip
+        self._aggregate = aggregate
+        self._file = SpillFile(directory, background)
+        self._parts: list[SpilledPart] = []
+        self._rows = 0
+        self._last: tuple[int, torch.Tensor] | None = None
+
+    def __len__(self) -> int:
+        return self._rows
+
+    def append(self, features: torch.Tensor, maps: list[torch.Tensor] | None = None) -> None:
+        """Writes the layer `maps` that `features` [N, D] were aggregated from (the
+        features themselves are not kept). The store keeps references until the maps are
+        written: the caller must not modify them."""
+        shapes, layouts, offset = [], [], self._file.size
+        for layer_map in maps:
+            layer_map = layer_map.detach().to("cpu")
+            channels_last = (layer_map.is_contiguous(memory_format=torch.channels_last)
+                             and not layer_map.is_contiguous())  # fmt: skip
+            stored = layer_map.permute(0, 2, 3, 1) if channels_last else layer_map
+            self._file.append(stored.contiguous().numpy())
+            shapes.append(tuple(layer_map.shape))
+            layouts.append(channels_last)
+        self._parts.append(SpilledPart(self._rows, len(features), offset, tuple(shapes),
+                                       tuple(layouts)))  # fmt: skip
+        self._rows += len(features)
+
+    def _features_of(self, number: int) -> torch.Tensor:
+        """The features of part `number`, aggregated again from its stored maps."""
+        if self._last is not None and self._last[0] == number:
+            return self._last[1]
+        part = self._parts[number]
+        maps, offset = [], part.offset
+        for shape, channels_last in zip(part.shapes, part.channels_last, strict=True):
+            batch, channels, height, width = shape
+            stored = (batch, height, width, channels) if channels_last else shape
+            values = self._file.read_into(np.empty(stored, dtype=np.float32), offset)
+            offset += values.nbytes
+            layer_map = torch.from_numpy(values)
+            maps.append(layer_map.permute(0, 3, 1, 2) if channels_last else layer_map)
+        with torch.inference_mode():
+            features = self._aggregate(maps)[0]
+        if len(features) != part.rows:
+            raise OutputError(
+                f"{self._file.directory}: part {number} of the temporary file of training "
+                f"features gives {len(features)} rows, not {part.rows}"
+            )
+        self._last = (number, features)
+        return features
+
+    def gather(self, indices: torch.Tensor) -> torch.Tensor:
+        """The rows `indices` (in that order) as a float32 [len(indices), D] tensor; each
+        part holding any of them is aggregated once."""
+        indices = indices.cpu()
+        ends = torch.tensor([part.first_row + part.rows for part in self._parts])
+        part_of_row = torch.searchsorted(ends, indices, right=True)
+        rows = None
+        for number in torch.unique(part_of_row).tolist():
+            wanted = torch.nonzero(part_of_row == number)[:, 0]
+            features = self._features_of(number)
+            if rows is None:
+                rows = torch.empty(len(indices), features.shape[1], dtype=torch.float32)
+            rows[wanted] = features[indices[wanted] - self._parts[number].first_row]
+        return rows if rows is not None else torch.empty(0, 0)
+
+    def span(self, start: int, count: int) -> torch.Tensor:
+        """The `count` rows from row `start` on, as a float32 [count, D] tensor."""
+        return self.gather(torch.arange(start, start + count))
+
+    def close(self) -> None:
+        self._last = None
+        self._file.close()
+
+
+def feature_store_for(device: torch.device, aggregate: Callable | None = None) -> (
+        InMemoryFeatureStore | SpilledFeatureStore | SpilledLayerMaps):  # fmt: skip
+    """A spilling store on the CPU, an in-memory one on accelerators. On the CPU the layer
+    maps are spilled where `aggregate` is given (see `spills_layer_maps`), the features
+    otherwise. The spill writes on a writer thread only where a core is left beside torch's
+    threads: on 2 cores with 2 torch threads a third busy thread made every parallel torch
+    operation wait for it (fitting's extraction 25.4 -> 39.4 ms per image,
+    docs/explanations/performance-inference.md)."""
     if device.type != "cpu":
         return InMemoryFeatureStore()
-    return SpilledFeatureStore(background=usable_cores() > torch.get_num_threads())
+    background = usable_cores() > torch.get_num_threads()
+    if aggregate is not None:
+        return SpilledLayerMaps(aggregate, background=background)
+    return SpilledFeatureStore(background=background)
+
+
+def spills_layer_maps(map_values_per_patch: float, feature_dimension: int) -> bool:
+    """Whether a fit spills layer maps rather than features: where the maps take at most
+    MAP_SPILL_MAX_SHARE of the features' bytes."""
+    return map_values_per_patch <= MAP_SPILL_MAX_SHARE * feature_dimension
 
 
 @dataclass(frozen=True)

@@ -31,9 +31,14 @@ from patchcore.model.calibration import (
     NormalStatistics,
     measure_normal_statistics,
 )
-from patchcore.model.feature_store import StoredImage, TrainingFeatures, feature_store_for
+from patchcore.model.feature_store import (
+    StoredImage,
+    TrainingFeatures,
+    feature_store_for,
+    spills_layer_maps,
+)
 from patchcore.model.features import build_embedder, patch_grid_size
-from patchcore.model.indexes import build_bank_index, gather_bank
+from patchcore.model.indexes import bank_storage_of, build_bank_index, gather_bank
 from patchcore.model.samplers import build_sampler
 from patchcore.model.scoring import (
     ExcludingSearch,
@@ -169,12 +174,31 @@ class PatchCore:
         batch size, then bound the memory fitting needs (WideResNet50 at 224 px holds about
         15 MB of activations per image). The features are those of the whole batch embedded
         at once, up to float rounding."""
+        for _, features, grid in self.training_parts(images):
+            yield features, grid
+
+    @torch.inference_mode()
+    def training_parts(self, images: torch.Tensor) -> Iterator[tuple]:
+        """`training_features`' parts as (layer maps, patch features, grid)."""
         check_model_input(images)
         preprocessing = self.config.preprocessing
         if preprocessing.tile is not None:
             images = tiles_of(images, preprocessing.tile, preprocessing.tile_overlap)
         for part in images.split(FIT_IMAGES_AT_ONCE):
-            yield self.embed(part)
+            yield self.embedder.maps_and_features(part.to(self.device, torch.float32))
+
+    def spills_layer_maps(self) -> bool:
+        """Whether fit() on the CPU spills the backbone's layer maps rather than the patch
+        features (`feature_store.spills_layer_maps`: maps much smaller than the features).
+        Not for a memory-mapped bank, which is gathered in blocks that would each aggregate
+        every part again."""
+        if bank_storage_of(self.index) == "mmap":
+            return False
+        first = self.layer_shapes[0]
+        patches = math.prod(patch_grid_size(side, self.config.patchsize, self.config.patchstride)
+                            for side in first[-2:])  # fmt: skip
+        values = sum(math.prod(shape[1:]) for shape in self.layer_shapes)
+        return spills_layer_maps(values / patches, self.config.target_embed_dimension)
 
     # ---------------------------------------------------------------------- fit
     def fit_memory_estimate(self, working_sizes: Iterable[tuple[int, int]]) -> FitMemoryEstimate:
@@ -219,15 +243,18 @@ class PatchCore:
         """Builds the memory bank from batches of normal training images.
 
         One streaming pass: each batch's patch features go to a feature store (spilled to a
-        temporary file on the CPU) and are projected for the sampler as they come; the bank
-        is read back from the store after selection. With `keep_training_features` the
+        temporary file on the CPU; as the layer maps they come from where those are much
+        smaller, see `spills_layer_maps`) and are projected for the sampler as they come;
+        the bank is read back from the store after selection. With `keep_training_features` the
         store stays open afterwards (`training_features_kept`), so that
         `calibrate_leave_one_out` scores the training images from it without embedding them
         again; it closes the store (as does `release_training_features`).
         """
         self.release_training_features()
         sampler = build_sampler(self.config.sampler)
-        store = feature_store_for(self.device)
+        store = feature_store_for(
+            self.device, self.embedder.aggregator if self.spills_layer_maps() else None
+        )
         projected, sources, stored_images = [], [], []
         num_images = 0
         start = time.perf_counter()
@@ -238,14 +265,14 @@ class PatchCore:
             ):
                 images = images_of(batch)
                 first_row, batch_rows = len(store), 0
-                for features, grid in self.training_features(images):
+                for maps, features, grid in self.training_parts(images):
                     if count_non_finite(features):
                         raise DataError(
                             f"training batch {number}: the backbone gives patch features that "
                             "are not finite numbers (NaN or infinite); check the backbone's "
                             "weights"
                         )
-                    store.append(features)
+                    store.append(features, maps)
                     projected.append(sampler.project(features))
                     batch_rows += len(features)
                 # Rows come image-major (tiles of one image together): equal shares per image.
