@@ -490,3 +490,21 @@ def test_saved_models_carry_a_model_card_that_predict_describes(trained_run, syn
     assert described.exit_code == 0, described.output
     assert f"Content hash (model_id): {model_identity(folder)}" in described.output
     assert "Format: patchcore-model/" in described.output and card in described.output
+
+
+def test_a_run_that_draws_nothing_does_not_import_matplotlib(synthetic_root, tmp_path):
+    """matplotlib (0.6 to 0.7 s of every run's start) is imported only by runs that draw
+    (--save_plots, --save_segmentation_images); checked in a fresh interpreter."""
+    arguments = ["--gpu", "-1", str(tmp_path), "patch_core", *SMALL_RANDOM, "sampler", "-p",
+                 "0.1", "approx_greedy_coreset", "dataset", *SMALL_DATA, "-d", "texture",
+                 "mvtec", str(synthetic_root)]  # fmt: skip
+    script = (
+        "import sys\n"
+        "from patchcore.cli.runs import train_cli\n"
+        f"train_cli({arguments!r}, standalone_mode=False)\n"
+        "print('matplotlib imported:', 'matplotlib' in sys.modules)\n"
+    )
+    finished = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                              timeout=600, check=False)  # fmt: skip
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    assert "matplotlib imported: False" in finished.stdout
