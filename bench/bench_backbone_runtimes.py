@@ -78,7 +78,8 @@ class _Runner(torch.nn.Module):
 
 
 # --backbone_runtime
-LIBRARY_RUNTIMES = {"eager-cl": "torch-unfolded", "eager-folded": "torch", "jit-onednn": "torchscript"}
+LIBRARY_RUNTIMES = {"eager-cl": "torch-unfolded", "eager-folded": "torch",
+                    "jit-onednn": "torchscript"}  # fmt: skip
 
 
 def openvino_backbone(extractor: FeatureExtractor, precision: str):

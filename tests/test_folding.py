@@ -84,13 +84,16 @@ def test_folding_gives_the_same_outputs_and_leaves_the_original_alone():
 
 
 def test_an_unfoldable_network_comes_back_unchanged_in_results():
-    network = torch.fx.symbolic_trace(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU()))
+    plain = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU())
+    network = torch.fx.symbolic_trace(plain)
     images = torch.rand(1, 3, 8, 8)
     assert torch.equal(fold_batch_norms(network)(images), network(images))
 
 
-@pytest.mark.parametrize("name, layers", [("resnet18", ("layer2", "layer3")),
-                                          ("efficientnet_lite0", ("_blocks.4", "_blocks.10"))])  # fmt: skip
+@pytest.mark.parametrize(
+    "name, layers",
+    [("resnet18", ("layer2", "layer3")), ("efficientnet_lite0", ("_blocks.4", "_blocks.10"))],
+)
 def test_the_extractor_folds_by_default_within_float_rounding(name, layers):
     """The default runtime folds every BatchNorm of these backbones (EfficientNet-Lite0 with
     its ImageNet weights; ResNet18's random ones with statistics made other than the

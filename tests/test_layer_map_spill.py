@@ -27,18 +27,19 @@ class CountingAggregation:
         return torch.cat([first * 1.5, second], dim=2).reshape(-1, 7), maps[0].shape[-2:]
 
 
-@pytest.mark.parametrize("background", [False, True])
-def test_spilled_layer_maps_give_back_each_parts_features(background):
+@pytest.mark.parametrize("background, dtype", [(False, torch.float32), (True, torch.float32),
+                                               (False, torch.float64)])  # fmt: skip
+def test_spilled_layer_maps_give_back_each_parts_features(background, dtype):
     generator = torch.Generator().manual_seed(0)
     aggregate = CountingAggregation()
     store = SpilledLayerMaps(aggregate, background=background)
     expected = []
     for number in range(5):
         batch = 1 + number % 2
-        first = torch.randn(batch, 4, 3, 5, generator=generator)
+        first = torch.randn(batch, 4, 3, 5, generator=generator, dtype=dtype)
         if number % 2:  # both layouts are kept as they were
             first = first.contiguous(memory_format=torch.channels_last)
-        second = torch.randn(batch, 3, 2, 2, generator=generator)
+        second = torch.randn(batch, 3, 2, 2, generator=generator, dtype=dtype)
         features = aggregate([first, second])[0]
         store.append(features, [first, second])
         expected.append(features)
@@ -46,7 +47,8 @@ def test_spilled_layer_maps_give_back_each_parts_features(background):
     assert len(store) == len(expected)
     aggregate.calls = 0
     indices = torch.randperm(len(expected), generator=generator)[:40]
-    assert torch.equal(store.gather(indices), expected[indices])
+    gathered = store.gather(indices)
+    assert gathered.dtype == dtype and torch.equal(gathered, expected[indices])
     assert aggregate.calls == len(torch.unique(torch.searchsorted(
         torch.tensor([15, 45, 60, 90, 105]), indices, right=True)))  # fmt: skip
     # a span across parts; the last part aggregated is kept

@@ -229,12 +229,14 @@ class SpilledFeatureStore:
 class SpilledPart:
     """One appended part in `SpilledLayerMaps`: its feature rows [first_row, first_row +
     rows), and its layer maps at byte `offset` of the file, each of `shapes[i]` ([B, C, H,
-    W]) stored in its own memory layout (`channels_last[i]`: as [B, H, W, C])."""
+    W]) and numpy `dtypes[i]`, stored in its own memory layout (`channels_last[i]`: as
+    [B, H, W, C])."""
 
     first_row: int
     rows: int
     offset: int
     shapes: tuple[tuple[int, ...], ...]
+    dtypes: tuple[np.dtype, ...]
     channels_last: tuple[bool, ...]
 
 
@@ -245,8 +247,8 @@ class SpilledLayerMaps:
     bit-identical rows (see the module docstring). The last part computed is kept, so that
     reading the images of one part one after another aggregates it once."""
 
-    def __init__(self, aggregate: Callable[[list[torch.Tensor]], tuple], directory: str | None = None,
-                 background: bool = True) -> None:  # fmt: skip
+    def __init__(self, aggregate: Callable[[list[torch.Tensor]], tuple],
+                 directory: str | None = None, background: bool = True) -> None:  # fmt: skip
         self._aggregate = aggregate
         self._file = SpillFile(directory, background)
         self._parts: list[SpilledPart] = []
@@ -260,17 +262,19 @@ class SpilledLayerMaps:
         """Writes the layer `maps` that `features` [N, D] were aggregated from (the
         features themselves are not kept). The store keeps references until the maps are
         written: the caller must not modify them."""
-        shapes, layouts, offset = [], [], self._file.size
+        shapes, dtypes, layouts, offset = [], [], [], self._file.size
         for layer_map in maps:
             layer_map = layer_map.detach().to("cpu")
             channels_last = (layer_map.is_contiguous(memory_format=torch.channels_last)
                              and not layer_map.is_contiguous())  # fmt: skip
             stored = layer_map.permute(0, 2, 3, 1) if channels_last else layer_map
-            self._file.append(stored.contiguous().numpy())
+            array = stored.contiguous().numpy()
+            self._file.append(array)
             shapes.append(tuple(layer_map.shape))
+            dtypes.append(array.dtype)
             layouts.append(channels_last)
         self._parts.append(SpilledPart(self._rows, len(features), offset, tuple(shapes),
-                                       tuple(layouts)))  # fmt: skip
+                                       tuple(dtypes), tuple(layouts)))  # fmt: skip
         self._rows += len(features)
 
     def _features_of(self, number: int) -> torch.Tensor:
@@ -279,10 +283,11 @@ class SpilledLayerMaps:
             return self._last[1]
         part = self._parts[number]
         maps, offset = [], part.offset
-        for shape, channels_last in zip(part.shapes, part.channels_last, strict=True):
+        for shape, dtype, channels_last in zip(part.shapes, part.dtypes, part.channels_last,
+                                               strict=True):  # fmt: skip
             batch, channels, height, width = shape
             stored = (batch, height, width, channels) if channels_last else shape
-            values = self._file.read_into(np.empty(stored, dtype=np.float32), offset)
+            values = self._file.read_into(np.empty(stored, dtype=dtype), offset)
             offset += values.nbytes
             layer_map = torch.from_numpy(values)
             maps.append(layer_map.permute(0, 3, 1, 2) if channels_last else layer_map)
@@ -307,7 +312,7 @@ class SpilledLayerMaps:
             wanted = torch.nonzero(part_of_row == number)[:, 0]
             features = self._features_of(number)
             if rows is None:
-                rows = torch.empty(len(indices), features.shape[1], dtype=torch.float32)
+                rows = torch.empty(len(indices), features.shape[1], dtype=features.dtype)
             rows[wanted] = features[indices[wanted] - self._parts[number].first_row]
         return rows if rows is not None else torch.empty(0, 0)
 

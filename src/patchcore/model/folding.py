@@ -26,6 +26,7 @@ import operator
 import torch
 import torch.nn.functional as F
 from torch.fx import GraphModule, Node
+from torch.nn import ZeroPad2d
 
 CONVOLUTION_FUNCTIONS = (torch.conv2d, F.conv2d)
 
@@ -41,7 +42,7 @@ def fold_batch_norms(network: GraphModule) -> GraphModule:
         if node.op == "call_module" and _is_eval_batch_norm(folded, node.target):
             _fold_batch_norm(folded, node, f"folded_{position}")
     for node in list(folded.graph.nodes):
-        if node.op == "call_module" and type(folded.get_submodule(node.target)) is torch.nn.ZeroPad2d:
+        if node.op == "call_module" and type(folded.get_submodule(node.target)) is ZeroPad2d:
             _fold_zero_padding(folded, node)
     folded.graph.eliminate_dead_code()
     folded.graph.lint()
@@ -119,7 +120,7 @@ def _fold_batch_norm(module: GraphModule, node: Node, name: str) -> None:
 
 
 def _fold_zero_padding(module: GraphModule, node: Node) -> None:
-    left, right, top, bottom = module.get_submodule(node.target).padding
+    left, right, top, bottom = module.get_submodule(node.target).padding  # a ZeroPad2d
     users = list(node.users)
     if left != right or top != bottom or len(users) != 1 or len(node.args) != 1:
         return

@@ -245,8 +245,8 @@ class PatchCore:
         One streaming pass: each batch's patch features go to a feature store (spilled to a
         temporary file on the CPU; as the layer maps they come from where those are much
         smaller, see `spills_layer_maps`) and are projected for the sampler as they come;
-        the bank is read back from the store after selection. With `keep_training_features` the
-        store stays open afterwards (`training_features_kept`), so that
+        the bank is read back from the store after selection. With `keep_training_features`
+        the store stays open afterwards (`training_features_kept`), so that
         `calibrate_leave_one_out` scores the training images from it without embedding them
         again; it closes the store (as does `release_training_features`).
         """
