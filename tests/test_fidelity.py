@@ -156,3 +156,30 @@ def test_one_file_gets_one_score_from_the_folder_and_every_export(tmp_path):
         expected = reference[first_file.name]
         assert abs(float(score) - expected) / expected < RELATIVE_TOLERANCE, suffix
     assert np.isfinite(list(reference.values())).all()
+
+
+def test_the_coreset_projection_is_the_references_linear_layer():
+    """The coreset's random projection is the weight the reference's sampler draws: its
+    global generator seeded by fix_seeds(seed), then the backbone built (ResNet18's random
+    initialisation draws from it), its statistics pass, one base seed drawn by the training
+    DataLoader's iterator, then `torch.nn.Linear(D, 128, bias=False)`."""
+    import torchvision
+
+    from conftest import small_config
+    from patchcore.model.patchcore import PatchCore
+    from patchcore.model.samplers import build_sampler
+
+    config = small_config(seed=3, pretrain_embed_dimension=64, target_embed_dimension=64)
+    model = PatchCore(config)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(3)
+        torchvision.models.resnet18()
+        next(iter(torch.utils.data.DataLoader([torch.zeros(3)] * 4, batch_size=2)))
+        expected = torch.nn.Linear(64, 128, bias=False).weight.detach()
+    sampler = build_sampler(config.sampler, model.reference_projection_state())
+    assert torch.equal(sampler._projection(64, torch.device("cpu")), expected)
+    # a different seed draws another projection
+    other = PatchCore(small_config(seed=4, pretrain_embed_dimension=64,
+                                   target_embed_dimension=64))  # fmt: skip
+    assert not torch.equal(build_sampler(other.config.sampler, other.reference_projection_state())
+                           ._projection(64, torch.device("cpu")), expected)  # fmt: skip

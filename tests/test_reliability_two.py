@@ -190,7 +190,7 @@ def test_preprocessing_options_without_effect_are_refused_naming_both(
     (["--threshold_quantile", "nan"], ("Invalid value for '--threshold_quantile': 'nan' is not "
                                       "a number in [0, 1]")),
     (["--seed", "99999999999999999999999"], ("Invalid value for '--seed': 99999999999999999999999"
-                                            " is not in the range 0<=x<=9223372036854775806")),
+                                            " is not in the range 0<=x<=4294967295")),
 ])  # fmt: skip
 def test_a_nan_quantile_and_a_huge_seed_are_one_line(synthetic_root, tmp_path, options, message):
     from click.testing import CliRunner

@@ -45,7 +45,9 @@ def _require(condition: bool, message: str) -> None:
         raise ConfigurationError(message)
 
 
-MAX_SEED = 2**63 - 2  # torch generators take 64-bit seeds; samplers also use seed + 1
+# numpy's legacy generator, which draws the coreset's starting points as the reference's
+# np.random.seed(seed) does, takes 32-bit seeds (torch's take 64-bit ones)
+MAX_SEED = 2**32 - 1
 
 
 def check_seed(seed: int, option: str = "--seed") -> None:

@@ -61,6 +61,9 @@ class FeatureExtractor(torch.nn.Module):
         self.graph.eval()
         self.graph.requires_grad_(False)
         self.generator_state = backbone.generator_state
+        # the generator's state after what the reference draws while building the model:
+        # the backbone, then its statistics pass (reproduce_reference_statistics)
+        self.later_generator_state = backbone.generator_state
         self.register_buffer("mean", torch.tensor(backbone.mean).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(backbone.std).view(1, 3, 1, 1))
         self._folded: FoldedBackbone | None = None
@@ -86,7 +89,9 @@ class FeatureExtractor(torch.nn.Module):
         reference's pass reaches), NCHW layout as the reference, without gradients, on
         the CPU, drawing from the generator as it stood after the backbone was built
         (`Backbone.generator_state`); then back to eval mode. Deterministic: the same
-        configuration always gives the same statistics.
+        configuration always gives the same statistics. The generator's state after the
+        pass is kept as `later_generator_state`: where the reference's global generator
+        stands next (see `PatchCore.reference_projection_state`).
         """
         layout = self.memory_format
         self.use_memory_format(torch.contiguous_format)
@@ -96,6 +101,8 @@ class FeatureExtractor(torch.nn.Module):
             self.graph.train(True)
             self.graph(torch.ones(1, 3, *image_size, device=self.mean.device))
             self.graph.train(False)
+            if self.generator_state is not None:
+                self.later_generator_state = torch.get_rng_state()
         self.use_memory_format(layout)
 
     def use_memory_format(self, memory_format: torch.memory_format) -> None:

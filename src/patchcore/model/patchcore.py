@@ -187,6 +187,21 @@ class PatchCore:
         for part in images.split(FIT_IMAGES_AT_ONCE):
             yield self.embedder.maps_and_features(part.to(self.device, torch.float32))
 
+    def reference_projection_state(self) -> torch.Tensor | None:
+        """The CPU generator state the coreset's random projection is drawn from: where the
+        reference's global generator stands when its sampler builds the projection layer.
+        The reference seeds it (`fix_seeds(seed)`) before building the backbone; after the
+        backbone and its statistics pass (`FeatureExtractor.later_generator_state`), its
+        training DataLoader draws one base seed when fit iterates it; then the layer is
+        initialised. None for a backbone built without a seed."""
+        state = self.embedder.extractor.later_generator_state
+        if state is None:
+            return None
+        generator = torch.Generator()
+        generator.set_state(state)
+        torch.empty((), dtype=torch.int64).random_(generator=generator)  # the base seed
+        return generator.get_state()
+
     def spills_layer_maps(self) -> bool:
         """Whether fit() on the CPU spills the backbone's layer maps rather than the patch
         features (`feature_store.spills_layer_maps`: maps much smaller than the features).
@@ -251,7 +266,7 @@ class PatchCore:
         again; it closes the store (as does `release_training_features`).
         """
         self.release_training_features()
-        sampler = build_sampler(self.config.sampler)
+        sampler = build_sampler(self.config.sampler, self.reference_projection_state())
         store = feature_store_for(
             self.device, self.embedder.aggregator if self.spills_layer_maps() else None
         )

@@ -70,17 +70,27 @@ class GreedyCoresetSampler(IdentitySampler):
     as in the reference.
     """
 
-    def __init__(self, percentage: float, projection_dimension: int = 128, seed: int = 0):
+    def __init__(self, percentage: float, projection_dimension: int = 128, seed: int = 0,
+                 projection_state: torch.Tensor | None = None) -> None:  # fmt: skip
         self.percentage = percentage
         self.projection_dimension = projection_dimension
         self.seed = seed
+        self.projection_state = projection_state
 
     def _projection(self, dimension: int, device: torch.device) -> torch.Tensor:
-        """[projection_dimension, dimension] weights drawn like torch.nn.Linear's default
-        initialisation, U(-1/sqrt(D), 1/sqrt(D)), from the sampler's seed."""
-        bound = 1.0 / math.sqrt(dimension)
+        """[projection_dimension, dimension] weights drawn as the reference's
+        `torch.nn.Linear(dimension, projection_dimension, bias=False)` initialises its weight
+        (`kaiming_uniform_` with a = sqrt(5): U(-1/sqrt(D), 1/sqrt(D))), from the CPU
+        generator state `projection_state` (where the reference's global generator stands
+        when its sampler builds that layer: `PatchCore.reference_projection_state`) or,
+        without one, from a generator seeded with the sampler's seed."""
+        generator = torch.Generator()
+        if self.projection_state is None:
+            generator.manual_seed(self.seed)
+        else:
+            generator.set_state(self.projection_state)
         weights = torch.empty(self.projection_dimension, dimension)
-        weights.uniform_(-bound, bound, generator=torch.Generator().manual_seed(self.seed))
+        torch.nn.init.kaiming_uniform_(weights, a=math.sqrt(5), generator=generator)
         return weights.to(device)
 
     def project(self, features: torch.Tensor) -> torch.Tensor:
@@ -128,16 +138,18 @@ class ApproximateGreedyCoresetSampler(GreedyCoresetSampler):
         projection_dimension: int = 128,
         seed: int = 0,
         num_starting_points: int = 10,
+        projection_state: torch.Tensor | None = None,
     ):
-        super().__init__(percentage, projection_dimension, seed)
+        super().__init__(percentage, projection_dimension, seed, projection_state)
         self.num_starting_points = num_starting_points
 
     def _starting_squared_distances(
         self, projected: torch.Tensor, squared_norms: torch.Tensor
     ) -> torch.Tensor:
+        # the reference's draw, numpy's legacy generator seeded by its fix_seeds(seed)
         count = min(self.num_starting_points, len(projected))
-        generator = torch.Generator().manual_seed(self.seed + 1)
-        starts = torch.randperm(len(projected), generator=generator)[:count].to(projected.device)
+        chosen = numpy.random.RandomState(self.seed).choice(len(projected), count, replace=False)
+        starts = torch.as_tensor(chosen, dtype=torch.long, device=projected.device)
         squared = squared_distances_to_points(projected, squared_norms, starts)
         return squared.sqrt().mean(dim=1).square()
 
@@ -603,12 +615,14 @@ class _LargeBatches:
         state.checks += checks
 
 
-def build_sampler(config: SamplerConfig):
-    """The sampler named in `config`."""
+def build_sampler(config: SamplerConfig, projection_state: torch.Tensor | None = None):
+    """The sampler named in `config`; `projection_state`: see `GreedyCoresetSampler`."""
     if config.name == "identity":
         return IdentitySampler()
     if config.name == "greedy_coreset":
-        return GreedyCoresetSampler(config.percentage, config.projection_dimension, config.seed)
+        return GreedyCoresetSampler(config.percentage, config.projection_dimension, config.seed,
+                                    projection_state)  # fmt: skip
     return ApproximateGreedyCoresetSampler(
-        config.percentage, config.projection_dimension, config.seed, config.num_starting_points
-    )
+        config.percentage, config.projection_dimension, config.seed, config.num_starting_points,
+        projection_state,
+    )  # fmt: skip
