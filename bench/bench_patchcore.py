@@ -131,7 +131,7 @@ def baseline_fit(model: PatchCore, loader, iterations: int | None) -> dict:
     start = time.perf_counter()
     features = torch.cat([model.embed(batch["image"])[0] for batch in loader])
     extracted = time.perf_counter()
-    sampler = build_sampler(model.config.sampler)
+    sampler = build_sampler(model.config.sampler, model.reference_projection_state())
     projected = sampler.project(features)
     count = sampler.num_samples(len(projected))
     projected_s = time.perf_counter() - extracted

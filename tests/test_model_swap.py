@@ -204,8 +204,9 @@ def test_the_next_update_recovers_the_old_model_and_keeps_no_leftover(
     shutil.copytree(source, path)
     _killed_between_the_renames(path)
     image = max((synthetic_root / "texture" / "test").glob("*/*.png"))
-    outcome = CliRunner().invoke(update_cli, [str(path), str(image), "--gpu", "-1",
-                                              "--num_workers", "0"])  # fmt: skip
+    # --target_score 0: the image's features are added whatever the model's threshold
+    outcome = CliRunner().invoke(update_cli, [str(path), str(image), "--gpu", "-1", "--num_workers",
+                                              "0", "--target_score", "0"])  # fmt: skip
     assert outcome.exit_code == 0, outcome.output
     assert len(load_models(path)[0].memory_bank) > len(model.memory_bank)
     assert [name for name in visible_leftovers(path) if name != ".model.lock"] == []
@@ -245,8 +246,8 @@ def test_an_update_through_a_symbolic_link_updates_its_target(two_models, synthe
     link = tmp_path / "deployed"
     link.symlink_to(target, target_is_directory=True)
     image = max((synthetic_root / "texture" / "test").glob("*/*.png"))
-    outcome = CliRunner().invoke(update_cli, [str(link), str(image), "--gpu", "-1",
-                                              "--num_workers", "0"])  # fmt: skip
+    outcome = CliRunner().invoke(update_cli, [str(link), str(image), "--gpu", "-1", "--num_workers",
+                                              "0", "--target_score", "0"])  # fmt: skip
     assert outcome.exit_code == 0, outcome.output
     assert link.is_symlink() and os.readlink(link) == str(target)
     assert len(load_models(target)[0].memory_bank) > len(model.memory_bank)
