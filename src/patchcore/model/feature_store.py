@@ -44,17 +44,27 @@ MAP_SPILL_MAX_SHARE = 0.25
 
 def gather_rows(chunks: list[torch.Tensor], indices: torch.Tensor) -> torch.Tensor:
     """Rows `indices` of the row-wise concatenation of `chunks`, without concatenating them."""
-    sizes = torch.tensor([len(chunk) for chunk in chunks])
+    return gather_chunk_rows([len(chunk) for chunk in chunks], chunks.__getitem__, indices)
+
+
+def gather_chunk_rows(sizes: list[int], chunk: Callable[[int], torch.Tensor],
+                      indices: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    """Rows `indices` of the row-wise concatenation of chunks of `sizes` rows, chunk `i`
+    being `chunk(i)`: each chunk that holds any of the rows is asked for once."""
+    sizes = torch.tensor(sizes)
     ends = torch.cumsum(sizes, 0)
     indices = indices.cpu()
     chunk_of_row = torch.searchsorted(ends, indices, right=True)
     offsets = indices - (ends - sizes)[chunk_of_row]
-    rows = torch.empty(len(indices), chunks[0].shape[1], dtype=chunks[0].dtype,
-                       device=chunks[0].device)  # fmt: skip
-    for position, chunk in enumerate(chunks):
+    rows = None
+    for position in torch.unique(chunk_of_row).tolist() or [0]:
+        values = chunk(position)
+        if rows is None:
+            rows = torch.empty(len(indices), values.shape[1], dtype=values.dtype,
+                               device=values.device)  # fmt: skip
         wanted = torch.nonzero(chunk_of_row == position)[:, 0]
         if len(wanted):
-            rows[wanted.to(rows.device)] = chunk[offsets[wanted].to(chunk.device)]
+            rows[wanted.to(rows.device)] = values[offsets[wanted].to(values.device)]
     return rows
 
 
@@ -153,15 +163,16 @@ class SpillFile:
             raise self._error(error) from error
         return self.handle.fileno()
 
-    def read_into(self, array: np.ndarray, offset: int) -> np.ndarray:
-        """Fills the contiguous `array` from byte `offset` on (one read)."""
-        read = os.preadv(self.finish_writes(), [array], offset)
-        if read != array.nbytes:
+    def read_into(self, arrays: list[np.ndarray], offset: int) -> list[np.ndarray]:
+        """Fills the contiguous `arrays`, one after another, from byte `offset` on (one
+        read)."""
+        size = sum(array.nbytes for array in arrays)
+        if os.preadv(self.finish_writes(), arrays, offset) != size:
             raise OutputError(
                 f"{self.directory}: the temporary file of training features ends before byte "
-                f"{offset + array.nbytes}; it was changed or truncated while in use"
+                f"{offset + size}; it was changed or truncated while in use"
             )
-        return array
+        return arrays
 
     def _error(self, error: OSError) -> OutputError:
         return OutputError(
@@ -219,7 +230,8 @@ class SpilledFeatureStore:
     def span(self, start: int, count: int) -> torch.Tensor:
         """The `count` rows from row `start` on, as a float32 [count, D] tensor (one read)."""
         rows = np.empty((count, self._dimension), dtype=np.float32)
-        return torch.from_numpy(self._file.read_into(rows, start * rows.itemsize * self._dimension))
+        self._file.read_into([rows], start * rows.itemsize * self._dimension)
+        return torch.from_numpy(rows)
 
     def close(self) -> None:
         self._file.close()
@@ -282,15 +294,18 @@ class SpilledLayerMaps:
         if self._last is not None and self._last[0] == number:
             return self._last[1]
         part = self._parts[number]
-        maps, offset = [], part.offset
+        stored = []
         for shape, dtype, channels_last in zip(part.shapes, part.dtypes, part.channels_last,
                                                strict=True):  # fmt: skip
             batch, channels, height, width = shape
-            stored = (batch, height, width, channels) if channels_last else shape
-            values = self._file.read_into(np.empty(stored, dtype=dtype), offset)
-            offset += values.nbytes
-            layer_map = torch.from_numpy(values)
-            maps.append(layer_map.permute(0, 3, 1, 2) if channels_last else layer_map)
+            layout = (batch, height, width, channels) if channels_last else shape
+            stored.append(np.empty(layout, dtype=dtype))
+        maps = [
+            torch.from_numpy(values).permute(0, 3, 1, 2) if channels_last
+            else torch.from_numpy(values)
+            for values, channels_last in zip(self._file.read_into(stored, part.offset),
+                                             part.channels_last, strict=True)
+        ]  # fmt: skip
         with torch.inference_mode():
             features = self._aggregate(maps)[0]
         if len(features) != part.rows:
@@ -304,17 +319,8 @@ class SpilledLayerMaps:
     def gather(self, indices: torch.Tensor) -> torch.Tensor:
         """The rows `indices` (in that order) as a float32 [len(indices), D] tensor; each
         part holding any of them is aggregated once."""
-        indices = indices.cpu()
-        ends = torch.tensor([part.first_row + part.rows for part in self._parts])
-        part_of_row = torch.searchsorted(ends, indices, right=True)
-        rows = None
-        for number in torch.unique(part_of_row).tolist():
-            wanted = torch.nonzero(part_of_row == number)[:, 0]
-            features = self._features_of(number)
-            if rows is None:
-                rows = torch.empty(len(indices), features.shape[1], dtype=features.dtype)
-            rows[wanted] = features[indices[wanted] - self._parts[number].first_row]
-        return rows if rows is not None else torch.empty(0, 0)
+        sizes = [part.rows for part in self._parts]
+        return gather_chunk_rows(sizes, self._features_of, indices)
 
     def span(self, start: int, count: int) -> torch.Tensor:
         """The `count` rows from row `start` on, as a float32 [count, D] tensor."""
